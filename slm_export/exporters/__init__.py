@@ -1,0 +1,1 @@
+"""Graph exporters: one module per graph format behind the ``Exporter`` protocol."""

@@ -1,0 +1,192 @@
+"""Decoder-only LM -> standard ONNX with a KV cache (past in, present out; one graph for prefill and decode).
+
+Inputs:  input_ids [batch, seq], attention_mask [batch, total], position_ids [batch, seq],
+         past_key_values.{i}.key/value [batch, kv_heads, past, head_dim]
+Outputs: logits [batch, seq, vocab], present.{i}.key/value [batch, kv_heads, total, head_dim]
+
+Only standard-domain ops, opset 13 and up, so TensorRT, TVM and the FPGA flow can take the same graph.
+Grouped-query attention is done by reshaping the queries into kv-head groups instead of repeating the
+cache, so no step copies the cache more than the one Concat that appends to it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import TensorProto
+
+from slm_export.exporters.graph import GraphBuilder
+from slm_export.models.adapters import DecoderSpec
+
+F32, I64 = TensorProto.FLOAT, TensorProto.INT64
+MASK_VALUE = -1e9  # finite, so a fully masked (left-padding) row cannot turn into NaN
+
+
+class _Weights:
+    """Stores weights in the artifact's precision and hands back float32 tensor names."""
+
+    def __init__(self, b: GraphBuilder, precision: str) -> None:
+        self.b, self.store = b, (np.float16 if precision == "fp16" else np.float32)
+
+    def __call__(self, name: str, fn) -> str:  # type: ignore[no-untyped-def]
+        init = self.b.init(name, lambda: np.asarray(fn(), dtype=np.float32).astype(self.store, copy=False))
+        if self.store is np.float32:
+            return init
+        return self.b.op("Cast", [init], to=F32, name=name + "_f32")  # type: ignore[return-value]
+
+
+def rope_tables(theta: float, dim: int, max_pos: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos and signed sin, [max_pos, dim], computed in float32 the way transformers does."""
+    inv_freq = (1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))).astype(np.float32)
+    freqs = np.arange(max_pos, dtype=np.float32)[:, None] * inv_freq[None, :]
+    cos, sin = np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
+    return np.concatenate([cos, cos], -1), np.concatenate([-sin, sin], -1)
+
+
+def build_decoder(spec: DecoderSpec, opset: int, precision: str, max_seq_len: int) -> GraphBuilder:
+    """Build the graph; weights are written only when the builder is saved."""
+    b = GraphBuilder(f"{spec.model_type}_decoder", opset)
+    W = _Weights(b, precision)
+    kv, d = spec.kv_heads, spec.head_dim
+    ids = b.input("input_ids", I64, ["batch", "seq"])
+    mask_in = b.input("attention_mask", I64, ["batch", "total"])
+    pos = b.input("position_ids", I64, ["batch", "seq"])
+
+    ids_shape = b.op("Shape", [ids])
+    seq = b.op("Gather", [ids_shape, b.const(1)], axis=0)
+    total = b.op("Gather", [b.op("Shape", [mask_in]), b.const(1)], axis=0)
+    past_len = b.op("Sub", [total, seq])
+    causal = b.op("LessOrEqual", [b.op("Range", [b.const(0), total, b.const(1)]),
+                                  b.op("Unsqueeze", [b.op("Range", [past_len, total, b.const(1)]), b.const([1])])])
+    pad = b.op("Unsqueeze", [b.op("Cast", [mask_in], to=TensorProto.BOOL), b.const([1, 2])])
+    mask = b.op("Where", [b.op("And", [causal, pad]), b.const(0.0, np.float32), b.const(MASK_VALUE, np.float32)])
+
+    embed = W("model.embed", lambda: spec.embed)
+    x = b.op("Gather", [embed, ids], axis=0)
+    if spec.embed_scale != 1.0:
+        x = b.op("Mul", [x, b.const(np.float32(spec.embed_scale), np.float32)])
+    if spec.pos_embed is not None:
+        x = b.op("Add", [x, b.op("Gather", [W("model.pos_embed", lambda: spec.pos_embed), pos], axis=0)])
+    rope = None
+    if spec.rope_theta is not None:
+        cos_t, sin_t = rope_tables(spec.rope_theta, spec.rotary_dim, max_seq_len)
+        cos = b.op("Unsqueeze", [b.op("Gather", [b.init("rope.cos", lambda: cos_t), pos], axis=0), b.const([1])])
+        sin = b.op("Unsqueeze", [b.op("Gather", [b.init("rope.sin", lambda: sin_t), pos], axis=0), b.const([1])])
+        rope = (cos, sin)
+
+    for i, layer in enumerate(spec.layers):
+        p = f"layers.{i}"
+        h = _norm(b, W, spec, x, layer.norm1, f"{p}.norm1")
+        attn = _attention(b, W, spec, h, layer, i, mask, rope)
+        x = b.op("Add", [x, attn])
+        h = _norm(b, W, spec, x, layer.norm2, f"{p}.norm2")
+        x = b.op("Add", [x, _mlp(b, W, spec, h, layer, p)])
+        b.output(f"present.{i}.key", F32, ["batch", kv, "total", d])
+        b.output(f"present.{i}.value", F32, ["batch", kv, "total", d])
+
+    x = _norm(b, W, spec, x, spec.final_norm, "final_norm")
+    if spec.lm_head is None:  # tied: Gemm with transB reads the embedding table as stored, no copy
+        flat = b.op("Reshape", [x, b.const([-1, spec.hidden])])
+        logits2d = b.op("Gemm", [flat, embed], transB=1)
+        out_shape = b.op("Concat", [ids_shape, b.const([spec.vocab])], axis=0)
+        b.op_to("Reshape", [logits2d, out_shape], ["logits"])
+    else:
+        b.op_to("MatMul", [x, W("lm_head", lambda: spec.lm_head.T)], ["logits"])  # type: ignore[union-attr]
+    b.output("logits", F32, ["batch", "seq", spec.vocab])
+    return b
+
+
+def _norm(b: GraphBuilder, W: _Weights, spec: DecoderSpec, x: str, wb, name: str) -> str:  # type: ignore[no-untyped-def]
+    weight, bias = wb
+    offset = spec.norm_offset
+    w = W(f"{name}.weight", lambda: weight + offset if offset else weight)
+    eps = b.const(np.float32(spec.eps), np.float32)
+    if spec.norm == "layer":
+        bias_name = W(f"{name}.bias", lambda: bias)
+        if b.opset >= 17:
+            return b.op("LayerNormalization", [x, w, bias_name], axis=-1, epsilon=spec.eps)  # type: ignore[return-value]
+        x = b.op("Sub", [x, b.reduce_mean(x, [-1])])
+    var = b.reduce_mean(b.op("Mul", [x, x]), [-1])  # type: ignore[arg-type]
+    y = b.op("Mul", [b.op("Div", [x, b.op("Sqrt", [b.op("Add", [var, eps])])]), w])
+    if spec.norm == "layer":
+        y = b.op("Add", [y, bias_name])
+    return y  # type: ignore[return-value]
+
+
+def _linear(b: GraphBuilder, W: _Weights, x: str, name: str, weights: tuple, bias: tuple | None) -> str:  # type: ignore[type-arg]
+    """One MatMul for several projections of the same input (q/k/v, gate/up): fewer, larger GEMMs."""
+    w = W(f"{name}.weight", lambda: np.concatenate(weights, 0).T if len(weights) > 1 else weights[0].T)
+    y = b.op("MatMul", [x, w])
+    if bias is not None:
+        y = b.op("Add", [y, W(f"{name}.bias", lambda: np.concatenate(bias, 0))])
+    return y  # type: ignore[return-value]
+
+
+def _rotary(b: GraphBuilder, spec: DecoderSpec, x: str, rope: tuple[str, str]) -> str:
+    cos, sin = rope
+    rd, d = spec.rotary_dim, spec.head_dim
+    x_rot, x_pass = (b.split(x, [rd, d - rd], axis=-1) if rd < d else (x, None))
+    x1, x2 = b.split(x_rot, [rd // 2, rd // 2], axis=-1)
+    swapped = b.op("Concat", [x2, x1], axis=-1)
+    out = b.op("Add", [b.op("Mul", [x_rot, cos]), b.op("Mul", [swapped, sin])])
+    return b.op("Concat", [out, x_pass], axis=-1) if x_pass else out  # type: ignore[return-value]
+
+
+def _attention(b: GraphBuilder, W: _Weights, spec: DecoderSpec, h: str, layer, i: int,  # type: ignore[no-untyped-def]
+               mask: str, rope: tuple[str, str] | None) -> str:
+    nh, kv, d = spec.heads, spec.kv_heads, spec.head_dim
+    qkv = _linear(b, W, h, f"layers.{i}.qkv", layer.qkv, layer.qkv_bias)
+    q, k, v = b.split(qkv, [nh * d, kv * d, kv * d], axis=-1)
+    perm = [0, 2, 1, 3]
+    q = b.op("Transpose", [b.op("Reshape", [q, b.const([0, 0, nh, d])])], perm=perm)
+    k = b.op("Transpose", [b.op("Reshape", [k, b.const([0, 0, kv, d])])], perm=perm)
+    v = b.op("Transpose", [b.op("Reshape", [v, b.const([0, 0, kv, d])])], perm=perm)
+    if rope is not None:
+        q, k = _rotary(b, spec, q, rope), _rotary(b, spec, k, rope)
+    past_k = b.input(f"past_key_values.{i}.key", F32, ["batch", kv, "past", d])
+    past_v = b.input(f"past_key_values.{i}.value", F32, ["batch", kv, "past", d])
+    b.op_to("Concat", [past_k, k], [f"present.{i}.key"], axis=2)
+    b.op_to("Concat", [past_v, v], [f"present.{i}.value"], axis=2)
+    k_all, v_all = f"present.{i}.key", f"present.{i}.value"
+    q = b.op("Mul", [q, b.const(np.float32(d ** -0.5), np.float32)])
+    grouped = nh != kv
+    if grouped:  # [B, nh, S, d] -> [B, kv, rep*S, d]: each kv head serves its group of query heads
+        q = b.op("Reshape", [q, b.const([0, kv, -1, d])])
+    scores = b.op("MatMul", [q, b.op("Transpose", [k_all], perm=[0, 1, 3, 2])])
+    if grouped:
+        scores = b.op("Reshape", [scores, b.const([0, nh, -1, 0])])
+    probs = b.op("Softmax", [b.op("Add", [scores, mask])], axis=-1)
+    if grouped:
+        probs = b.op("Reshape", [probs, b.const([0, kv, -1, 0])])
+    ctx = b.op("MatMul", [probs, v_all])
+    if grouped:
+        ctx = b.op("Reshape", [ctx, b.const([0, nh, -1, d])])
+    ctx = b.op("Reshape", [b.op("Transpose", [ctx], perm=perm), b.const([0, 0, nh * d])])
+    return _linear(b, W, ctx, f"layers.{i}.o", (layer.o,), (layer.o_bias,) if layer.o_bias is not None else None)
+
+
+def _act(b: GraphBuilder, x: str, act: str) -> str:
+    if act == "silu":
+        return b.op("Mul", [x, b.op("Sigmoid", [x])])  # type: ignore[return-value]
+    if act == "relu":
+        return b.op("Relu", [x])  # type: ignore[return-value]
+    half = b.const(np.float32(0.5), np.float32)
+    one = b.const(np.float32(1.0), np.float32)
+    if act == "gelu":
+        inner = b.op("Erf", [b.op("Mul", [x, b.const(np.float32(2 ** -0.5), np.float32)])])
+    else:  # tanh approximation
+        cube = b.op("Mul", [b.op("Mul", [x, x]), x])
+        poly = b.op("Add", [x, b.op("Mul", [cube, b.const(np.float32(0.044715), np.float32)])])
+        inner = b.op("Tanh", [b.op("Mul", [poly, b.const(np.float32((2 / np.pi) ** 0.5), np.float32)])])
+    return b.op("Mul", [b.op("Mul", [x, half]), b.op("Add", [inner, one])])  # type: ignore[return-value]
+
+
+def _mlp(b: GraphBuilder, W: _Weights, spec: DecoderSpec, h: str, layer, p: str) -> str:  # type: ignore[no-untyped-def]
+    up = _linear(b, W, h, f"{p}.up", layer.up, (layer.up_bias,) if layer.up_bias is not None else None)
+    if spec.gated:
+        inter = layer.up[0].shape[0]
+        gate, up = b.split(up, [inter, inter], axis=-1)
+        act = b.op("Mul", [_act(b, gate, spec.act), up])
+    else:
+        act = _act(b, up, spec.act)
+    bias = (layer.down_bias,) if layer.down_bias is not None else None
+    return _linear(b, W, act, f"{p}.down", (layer.down,), bias)  # type: ignore[arg-type]

@@ -1,0 +1,207 @@
+"""Architecture adapters: turn a Hugging Face config + weights into one normalised spec.
+
+The exporter reads only these specs, so a new architecture is one adapter here, not a new exporter.
+Linear weights keep the Hugging Face ``[out, in]`` layout (GPT-2's Conv1D is transposed to match).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from slm_export.errors import ExportError
+from slm_export.registry import Registry
+
+Array = np.ndarray
+
+
+@dataclass(frozen=True)
+class DecoderLayer:
+    qkv: tuple[Array, Array, Array]
+    qkv_bias: tuple[Array, Array, Array] | None
+    o: Array
+    o_bias: Array | None
+    up: tuple[Array, ...]  # (gate, up) for gated MLPs, (fc,) otherwise
+    up_bias: Array | None
+    down: Array
+    down_bias: Array | None
+    norm1: tuple[Array, Array | None]
+    norm2: tuple[Array, Array | None]
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    model_type: str
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    norm: str  # "rms" or "layer"
+    eps: float
+    norm_offset: float  # Gemma's RMSNorm multiplies by (1 + w)
+    act: str  # "silu", "gelu", "gelu_tanh"
+    rope_theta: float | None  # None: learned absolute positions
+    rotary_dim: int
+    embed: Array
+    embed_scale: float
+    pos_embed: Array | None
+    lm_head: Array | None  # None: tied to ``embed``
+    final_norm: tuple[Array, Array | None]
+    layers: tuple[DecoderLayer, ...]
+
+    @property
+    def gated(self) -> bool:
+        return len(self.layers[0].up) == 2
+
+
+@dataclass(frozen=True)
+class EncoderLayer:
+    qkv: tuple[Array, Array, Array]
+    qkv_bias: tuple[Array, Array, Array]
+    o: Array
+    o_bias: Array
+    norm1: tuple[Array, Array]
+    fc: Array
+    fc_bias: Array
+    down: Array
+    down_bias: Array
+    norm2: tuple[Array, Array]
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    hidden: int
+    heads: int
+    eps: float
+    act: str
+    word: Array
+    pos: Array
+    token_type: Array
+    emb_norm: tuple[Array, Array]
+    layers: tuple[EncoderLayer, ...]
+
+
+Adapter = Callable[[Any, Mapping[str, Array]], Any]
+ADAPTERS: Registry[Adapter] = Registry("architecture adapter")
+
+
+def spec_for(config: Any, weights: Mapping[str, Any]) -> DecoderSpec | EncoderSpec:
+    """Run the adapter registered for ``config.model_type`` on numpy views of ``weights``."""
+    arrays = {k: (v.detach().numpy() if hasattr(v, "detach") else v) for k, v in weights.items()}
+    return ADAPTERS.get(config.model_type)(config, arrays)
+
+
+def _rope_theta(cfg: Any) -> float:
+    params = getattr(cfg, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", "default")
+    if rope_type != "default":
+        raise ExportError(f"rope type {rope_type!r} of {cfg.model_type} is not supported yet (only 'default')")
+    return float(params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
+
+
+def _opt(w: Mapping[str, Array], key: str) -> Array | None:
+    return w.get(key)
+
+
+def _llama_like(cfg: Any, w: Mapping[str, Array], *, gemma: bool = False) -> DecoderSpec:
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    layers = []
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        if p + "self_attn.qkv_proj.weight" in w:  # Phi-3 stores q, k, v and gate, up fused
+            qkv = w[p + "self_attn.qkv_proj.weight"]
+            nq, nkv = heads * head_dim, cfg.num_key_value_heads * head_dim
+            q, k, v = qkv[:nq], qkv[nq:nq + nkv], qkv[nq + nkv:]
+            gu = w[p + "mlp.gate_up_proj.weight"]
+            up = (gu[: gu.shape[0] // 2], gu[gu.shape[0] // 2:])
+        else:
+            q, k, v = (w[p + f"self_attn.{n}_proj.weight"] for n in "qkv")
+            up = (w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"])
+        bias = None
+        if p + "self_attn.q_proj.bias" in w:
+            bias = tuple(w[p + f"self_attn.{n}_proj.bias"] for n in "qkv")
+        layers.append(DecoderLayer(
+            qkv=(q, k, v), qkv_bias=bias, o=w[p + "self_attn.o_proj.weight"],
+            o_bias=_opt(w, p + "self_attn.o_proj.bias"), up=up, up_bias=None,
+            down=w[p + "mlp.down_proj.weight"], down_bias=None,
+            norm1=(w[p + "input_layernorm.weight"], None), norm2=(w[p + "post_attention_layernorm.weight"], None),
+        ))
+    act_name = getattr(cfg, "hidden_activation", None) or cfg.hidden_act
+    acts = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
+    if act_name not in acts:
+        raise ExportError(f"activation {act_name!r} of {cfg.model_type} is not supported")
+    tied = getattr(cfg, "tie_word_embeddings", False) or "lm_head.weight" not in w
+    rotary = int(head_dim * getattr(cfg, "partial_rotary_factor", 1.0))
+    return DecoderSpec(
+        model_type=cfg.model_type, hidden=cfg.hidden_size, heads=heads, kv_heads=cfg.num_key_value_heads,
+        head_dim=head_dim, vocab=cfg.vocab_size, norm="rms", eps=float(cfg.rms_norm_eps),
+        norm_offset=1.0 if gemma else 0.0, act=acts[act_name], rope_theta=_rope_theta(cfg), rotary_dim=rotary,
+        embed=w["model.embed_tokens.weight"], embed_scale=float(cfg.hidden_size) ** 0.5 if gemma else 1.0,
+        pos_embed=None, lm_head=None if tied else w["lm_head.weight"],
+        final_norm=(w["model.norm.weight"], None), layers=tuple(layers),
+    )
+
+
+def _gpt2(cfg: Any, w: Mapping[str, Array]) -> DecoderSpec:
+    h = cfg.n_embd
+    pre = "transformer." if "transformer.wte.weight" in w else ""
+    layers = []
+    for i in range(cfg.n_layer):
+        p = f"{pre}h.{i}."
+        qkv, qkv_b = w[p + "attn.c_attn.weight"].T, w[p + "attn.c_attn.bias"]  # Conv1D: [in, out]
+        layers.append(DecoderLayer(
+            qkv=(qkv[:h], qkv[h:2 * h], qkv[2 * h:]), qkv_bias=(qkv_b[:h], qkv_b[h:2 * h], qkv_b[2 * h:]),
+            o=w[p + "attn.c_proj.weight"].T, o_bias=w[p + "attn.c_proj.bias"],
+            up=(w[p + "mlp.c_fc.weight"].T,), up_bias=w[p + "mlp.c_fc.bias"],
+            down=w[p + "mlp.c_proj.weight"].T, down_bias=w[p + "mlp.c_proj.bias"],
+            norm1=(w[p + "ln_1.weight"], w[p + "ln_1.bias"]), norm2=(w[p + "ln_2.weight"], w[p + "ln_2.bias"]),
+        ))
+    acts = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
+    if cfg.activation_function not in acts:
+        raise ExportError(f"activation {cfg.activation_function!r} of gpt2 is not supported")
+    return DecoderSpec(
+        model_type="gpt2", hidden=h, heads=cfg.n_head, kv_heads=cfg.n_head, head_dim=h // cfg.n_head,
+        vocab=cfg.vocab_size, norm="layer", eps=float(cfg.layer_norm_epsilon), norm_offset=0.0,
+        act=acts[cfg.activation_function], rope_theta=None, rotary_dim=0, embed=w[pre + "wte.weight"],
+        embed_scale=1.0, pos_embed=w[pre + "wpe.weight"],
+        lm_head=None if "lm_head.weight" not in w or cfg.tie_word_embeddings else w["lm_head.weight"],
+        final_norm=(w[pre + "ln_f.weight"], w[pre + "ln_f.bias"]), layers=tuple(layers),
+    )
+
+
+def _bert(cfg: Any, w: Mapping[str, Array]) -> EncoderSpec:
+    pre = "bert." if "bert.embeddings.word_embeddings.weight" in w else ""
+    if cfg.hidden_act not in ("gelu", "relu"):
+        raise ExportError(f"activation {cfg.hidden_act!r} of bert is not supported")
+    layers = []
+    for i in range(cfg.num_hidden_layers):
+        p = f"{pre}encoder.layer.{i}."
+        a = p + "attention.self."
+        layers.append(EncoderLayer(
+            qkv=tuple(w[a + f"{n}.weight"] for n in ("query", "key", "value")),  # type: ignore[arg-type]
+            qkv_bias=tuple(w[a + f"{n}.bias"] for n in ("query", "key", "value")),  # type: ignore[arg-type]
+            o=w[p + "attention.output.dense.weight"], o_bias=w[p + "attention.output.dense.bias"],
+            norm1=(w[p + "attention.output.LayerNorm.weight"], w[p + "attention.output.LayerNorm.bias"]),
+            fc=w[p + "intermediate.dense.weight"], fc_bias=w[p + "intermediate.dense.bias"],
+            down=w[p + "output.dense.weight"], down_bias=w[p + "output.dense.bias"],
+            norm2=(w[p + "output.LayerNorm.weight"], w[p + "output.LayerNorm.bias"]),
+        ))
+    e = pre + "embeddings."
+    return EncoderSpec(
+        hidden=cfg.hidden_size, heads=cfg.num_attention_heads, eps=float(cfg.layer_norm_eps), act=cfg.hidden_act,
+        word=w[e + "word_embeddings.weight"], pos=w[e + "position_embeddings.weight"],
+        token_type=w[e + "token_type_embeddings.weight"],
+        emb_norm=(w[e + "LayerNorm.weight"], w[e + "LayerNorm.bias"]), layers=tuple(layers),
+    )
+
+
+for _name in ("llama", "mistral", "qwen2", "phi3"):
+    ADAPTERS.register(_name, _llama_like)
+ADAPTERS.register("gemma", lambda cfg, w: _llama_like(cfg, w, gemma=True))
+ADAPTERS.register("gpt2", _gpt2)
+ADAPTERS.register("bert", _bert)

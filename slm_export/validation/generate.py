@@ -1,0 +1,107 @@
+"""The project's own generation loop over an exported decoder (ONNX Runtime, KV cache kept in OrtValues).
+
+Each decode step binds the previous step's present tensors as the next step's past without a copy
+through NumPy; only the last position's logits come back to Python.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class GenerationTiming:
+    """Timings of one greedy generation (seconds)."""
+
+    prefill_s: float
+    decode_s: list[float]
+
+
+def make_session(model_path: str | Path, threads: int = 0, optimize: bool = True) -> Any:
+    """An ONNX Runtime CPU session with the given intra-op thread count (0: all cores)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+
+
+class OnnxDecoder:
+    """Runs an exported decoder: full forward for scoring, and greedy generation with a KV cache."""
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+        self.past_names = [i.name for i in session.get_inputs() if i.name.startswith("past_key_values.")]
+        self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
+        first = next(i for i in session.get_inputs() if i.name.startswith("past_key_values."))
+        self.kv_heads, self.head_dim = int(first.shape[1]), int(first.shape[3])
+        self.past_dtype = np.float16 if "float16" in first.type else np.float32
+
+    def _empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), self.past_dtype)
+        return {n: empty for n in self.past_names}
+
+    def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+        """Logits for every position of ``input_ids`` [batch, seq] (no cache)."""
+        mask = np.ones_like(input_ids) if attention_mask is None else attention_mask
+        positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+        feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": mask.astype(np.int64),
+                "position_ids": positions.astype(np.int64), **self._empty_past(input_ids.shape[0])}
+        return self.session.run(["logits"], feed)[0]
+
+    def generate(self, prompt: list[int], max_new_tokens: int, eos_token_id: int | None = None,
+                 on_token: Callable[[int], None] | None = None) -> tuple[list[int], GenerationTiming]:
+        """Greedy decoding of up to ``max_new_tokens`` after ``prompt`` (batch 1)."""
+        import onnxruntime as ort
+
+        sess = self.session
+        binding = sess.io_binding()
+        n = len(prompt)
+        ids = np.asarray([prompt], dtype=np.int64)
+        feeds: dict[str, Any] = {"input_ids": ids, "attention_mask": np.ones((1, n), np.int64),
+                                 "position_ids": np.arange(n, dtype=np.int64)[None], **self._empty_past(1)}
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        for name in ["logits", *self.present_names]:
+            binding.bind_output(name)
+        out: list[int] = []
+        decode_s: list[float] = []
+        t0 = time.perf_counter()
+        sess.run_with_iobinding(binding)
+        prefill_s = time.perf_counter() - t0
+        total = n
+        while True:
+            outputs = binding.get_outputs()
+            logits = outputs[0].numpy()
+            token = int(logits[0, -1].argmax())
+            out.append(token)
+            if on_token:
+                on_token(token)
+            if len(out) >= max_new_tokens or token == eos_token_id:
+                break
+            t = time.perf_counter()
+            binding = sess.io_binding()
+            binding.bind_cpu_input("input_ids", np.asarray([[token]], np.int64))
+            binding.bind_cpu_input("attention_mask", np.ones((1, total + 1), np.int64))
+            binding.bind_cpu_input("position_ids", np.asarray([[total]], np.int64))
+            for past, present in zip(self.past_names, outputs[1:], strict=True):
+                binding.bind_ortvalue_input(past, present)
+            for name in ["logits", *self.present_names]:
+                binding.bind_output(name)
+            sess.run_with_iobinding(binding)
+            decode_s.append(time.perf_counter() - t)
+            total += 1
+        del ort
+        return out, GenerationTiming(prefill_s, decode_s)
