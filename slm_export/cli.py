@@ -1,0 +1,214 @@
+"""Command line: ``slm-export --target jetson --model smollm2-135m --out build/jetson`` and subcommands.
+
+Exit codes: 0 pass, 1 goals missed, 2 user error, 3 environment (missing backend or device).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+from slm_export.errors import SlmExportError, ValidationFailed
+
+SUBCOMMANDS = ("export", "targets", "validate")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="slm-export", description="Make a small language model ready for a device.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    sub = p.add_subparsers(dest="command")
+    e = sub.add_parser("export", help="export, compile and validate a model for a target (the default command)")
+    e.add_argument("--model", "-m", required=True, help="built-in name, GGUF file or Hugging Face folder")
+    e.add_argument("--target", "-t", default=None, help="target id or alias (see `slm-export targets`)")
+    e.add_argument("--target-file", help="a TOML profile of your own device")
+    e.add_argument("--out", "-o", help="artifact folder (default: build/<target>)")
+    e.add_argument("--precision", choices=("fp32", "fp16", "bf16", "int8", "int4"),
+                   help="override the profile's default precision")
+    e.add_argument("--eval-data", help="evaluation text (.txt, or .jsonl with a \"text\" field)")
+    e.add_argument("--dry-run", action="store_true", help="print the plan and stop")
+    e.add_argument("--no-validate", action="store_true", help="skip validation")
+    e.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads for validation (0: all cores)")
+    e.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    t = sub.add_parser("targets", help="list built-in targets, or `targets show NAME`")
+    t.add_argument("action", nargs="?", choices=("list", "show"), default="list")
+    t.add_argument("name", nargs="?")
+    t.add_argument("--json", action="store_true")
+    v = sub.add_parser("validate", help="re-run validation of an existing artifact")
+    v.add_argument("artifact")
+    v.add_argument("--eval-data")
+    v.add_argument("--threads", type=int, default=0)
+    v.add_argument("--json", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # The literal form `slm-export --target jetson --model ...` (no subcommand) is the export command.
+    if not any(a in SUBCOMMANDS for a in argv[:2]) and not {"-h", "--help"} & set(argv[:1]):
+        argv = [a for a in argv if a == "--debug"] + ["export"] + [a for a in argv if a != "--debug"]
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "targets":
+            return _targets(args)
+        if args.command == "validate":
+            return _validate(args)
+        if args.command == "export":
+            return _export(args)
+        _parser().print_help()
+        return 2
+    except ValidationFailed as exc:
+        _error(f"FAIL: {exc}")
+        if getattr(args, "json", False) and exc.report is not None:
+            print(json.dumps(exc.report, indent=2, default=str))
+        return exc.exit_code
+    except SlmExportError as exc:
+        _error(f"error: {exc}")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        _error("interrupted: no artifact was written")
+        return 130
+    except Exception as exc:  # an internal bug: say so plainly, traceback only with --debug
+        if args.debug:
+            raise
+        _error(f"internal error ({type(exc).__name__}): {exc}. Re-run with --debug for the traceback.")
+        return 4
+
+
+def _error(msg: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True, highlight=False).print(msg, style="bold red", markup=False)
+
+
+def _progress() -> tuple[Any, Any]:
+    """Bars on a terminal, plain lines otherwise. Returns (callback, closer)."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        return (lambda stage, what: print(f"[slm-export] {stage}: {what}", file=sys.stderr, flush=True)), None
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console)
+    bar.start()
+    tasks: dict[str, Any] = {}
+
+    def update(stage: str, what: str) -> None:
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(stage, total=1)
+        if what == "done":
+            bar.update(tasks[stage], completed=1, description=f"{stage} [green]done")
+        else:
+            bar.update(tasks[stage], description=f"{stage}: {what}")
+
+    return update, bar.stop
+
+
+def _export(args: argparse.Namespace) -> int:
+    from slm_export.pipeline import make_plan, run
+    from slm_export.targets import get_target
+    from slm_export.validation.validate import ValidationSettings
+
+    profile = get_target(args.target, args.target_file)
+    out = args.out or f"build/{profile.id}"
+    plan = make_plan(profile, args.model, out, args.precision, args.eval_data, not args.no_validate)
+    if args.dry_run:
+        print(json.dumps({"plan": plan.to_dict(), "target": profile.id}, indent=2))
+        return 0
+    progress, close = _progress()
+    try:
+        result = run(plan, profile, progress, ValidationSettings(threads=args.threads))
+    finally:
+        if close:
+            close()
+    return _finish(result.report, args.json, out)
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from slm_export.pipeline import revalidate
+    from slm_export.validation.validate import ValidationSettings
+
+    progress, close = _progress()
+    try:
+        result = revalidate(args.artifact, args.eval_data, progress, ValidationSettings(threads=args.threads))
+    finally:
+        if close:
+            close()
+    return _finish(result.report, args.json, args.artifact)
+
+
+def _finish(report: dict[str, Any], as_json: bool, out: str) -> int:
+    if as_json:
+        print(json.dumps(report, indent=2, default=str))
+        return 0
+    from rich.console import Console
+
+    c = Console(highlight=False)
+    c.print(f"[bold]{report['verdict']}[/bold]  {report['model']['name']} -> {report['target']['id']}  ({out})")
+    for g in report["goals"]:
+        c.print(f"  {g['status']}  {g['metric']} = {g.get('value')} (goal {g['op']} {g['threshold']})", markup=False)
+    for name in ("decode_tokens_per_s_p50", "ttft_ms_p50", "latency_ms_p50", "artifact_bytes", "peak_rss_mb"):
+        m = report["metrics"].get(name)
+        if m:
+            c.print(f"  {name}: {m['value']:.4g} {m['unit']}  [{m['where']}]", markup=False)
+    c.print(f"  report: {out}/report.md")
+    return 0
+
+
+def _targets(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from slm_export.targets import get_target, registry
+
+    reg = registry()
+    c = Console()
+    if args.action == "show":
+        if not args.name:
+            raise SystemExit("usage: slm-export targets show NAME")
+        profile = get_target(args.name)
+        data = profile.to_dict()
+        if args.json:
+            print(json.dumps(data, indent=2))
+            return 0
+        c.print(f"[bold]{profile.id}[/bold]: {profile.name}\n{profile.description}\n")
+        sources = data.pop("sources")
+        table = Table("field", "value", title="profile")
+        for key, value in _flatten(data):
+            table.add_row(key, str(value))
+        c.print(table)
+        src = Table("profile field", "source (and how sure)", title="sources")
+        for key, value in sources.items():
+            src.add_row(key, value)
+        c.print(src)
+        return 0
+    rows = [reg.get(n) for n in reg.names()]
+    if args.json:
+        print(json.dumps([{"id": p.id, "aliases": list(p.aliases), "backends": list(p.backends),
+                           "precisions": list(p.precisions), "default": p.default_precision} for p in rows]))
+        return 0
+    table = Table("id", "aliases", "backends", "precisions (default)", "validation", "name")
+    for p in rows:
+        table.add_row(p.id, ", ".join(p.aliases), ", ".join(p.backends),
+                      f"{', '.join(p.precisions)} ({p.default_precision})", p.validation, p.name)
+    c.print(table)
+    return 0
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for k, v in data.items():
+        if isinstance(v, dict) and v and k not in ("peak_gflops", "refused_precisions"):
+            out += _flatten(v, f"{prefix}{k}.")
+        else:
+            out.append((f"{prefix}{k}", v))
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

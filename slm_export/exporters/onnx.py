@@ -1,0 +1,78 @@
+"""ONNX exporter: writes the graph, its external data, the tokenizer and an artifact manifest."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from slm_export.errors import ExportError
+from slm_export.exporters.decoder import build_decoder
+from slm_export.exporters.encoder import build_encoder
+from slm_export.models.adapters import DecoderSpec, spec_for
+from slm_export.models.loader import LoadedModel
+from slm_export.plan import Plan
+
+MODEL_FILE = "model.onnx"
+MANIFEST_FILE = "artifact.json"
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What the export stage produced."""
+
+    model_path: Path
+    files: tuple[str, ...]
+    bytes: int
+    weight_bytes_per_token: int
+    flops_per_token: int
+    graph_ops: str
+    opset: int
+
+
+class OnnxExporter:
+    """The ``Exporter`` protocol: ``export(model, plan, out_dir) -> ExportResult``."""
+
+    name = "onnx"
+
+    def export(self, model: LoadedModel, plan: Plan, out_dir: Path) -> ExportResult:
+        """Export ``model`` into ``out_dir`` (which the caller created and will rename into place)."""
+        try:
+            spec = spec_for(model.config, model.weights)
+        except KeyError as exc:
+            raise ExportError(f"{model.path}: weight {exc} missing for {model.model_type}") from None
+        if isinstance(spec, DecoderSpec):
+            builder = build_decoder(spec, plan.opset, plan.precision, plan.max_seq_len)
+            per_token = _decoder_bytes_per_token(spec, plan.precision)
+        else:
+            builder = build_encoder(spec, plan.opset, plan.precision)
+            per_token = 0
+        path = out_dir / MODEL_FILE
+        model_bytes, data_bytes = builder.save(path)
+        model.tokenizer.save_pretrained(out_dir / "tokenizer")
+        model.config.to_json_file(out_dir / "config.json")
+        manifest = {
+            "kind": model.kind, "model_type": model.model_type, "precision": plan.precision,
+            "graph_ops": plan.graph_ops, "opset": plan.opset, "source_model": model.path,
+            "model_name": model.name, "fingerprint": model.fingerprint, "max_seq_len": plan.max_seq_len,
+            "eos_token_id": _eos(model), "files": [MODEL_FILE, MODEL_FILE + ".data", "tokenizer", "config.json"],
+        }
+        (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+        flops = 2 * per_token // (2 if plan.precision == "fp16" else 4)
+        return ExportResult(path, tuple(manifest["files"]), model_bytes + data_bytes, per_token, flops,
+                            plan.graph_ops, plan.opset)
+
+
+def _decoder_bytes_per_token(spec: DecoderSpec, precision: str) -> int:
+    """Weight bytes read per decoded token: every linear layer and the LM head (embedding rows: 1)."""
+    n = 0
+    for layer in spec.layers:
+        n += sum(w.size for w in layer.qkv) + layer.o.size + sum(w.size for w in layer.up) + layer.down.size
+    n += (spec.lm_head if spec.lm_head is not None else spec.embed).size
+    return n * (2 if precision == "fp16" else 4)
+
+
+def _eos(model: LoadedModel) -> Any:
+    eos = getattr(model.config, "eos_token_id", None)
+    return eos if eos is not None else getattr(model.tokenizer, "eos_token_id", None)

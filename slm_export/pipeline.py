@@ -1,0 +1,279 @@
+"""Plan and run: target profile -> load -> compress -> export -> compile -> validate -> report.
+
+Each stage records its time, the process's peak RSS so far, and its output size. Everything is
+written into a temporary folder beside the destination and renamed into place only at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from slm_export.errors import ConfigError, SlmExportError, ValidationFailed
+from slm_export.plan import IMPLEMENTED_PRECISIONS, Plan
+from slm_export.report import SCHEMA_VERSION, default_goals, write_report
+from slm_export.targets import TargetProfile
+from slm_export.validation.validate import ValidationSettings, peak_rss_mb
+
+Progress = Callable[[str, str], None]  # (stage, message)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What ``run`` returns: the report and whether every goal passed."""
+
+    report: dict[str, Any]
+    out: Path | None
+
+    @property
+    def passed(self) -> bool:
+        return self.report["verdict"] == "PASS"
+
+
+def make_plan(profile: TargetProfile, model: str, out: str | Path, precision: str | None = None,
+              eval_data: str | None = None, validate: bool = True) -> Plan:
+    """Fill every decision the user did not make from the profile, then let the profile check it."""
+    notes = []
+    if precision is None:
+        precision = profile.default_precision
+        if precision not in IMPLEMENTED_PRECISIONS:
+            fallback = "fp16" if profile.gpu is not None and "fp16" in profile.precisions else "fp32"
+            if fallback not in profile.precisions:
+                raise ConfigError(
+                    f"{profile.id} runs only {', '.join(profile.precisions)}, which needs the compression "
+                    f"stage that this version does not have yet; nothing this version makes can run there"
+                )
+            notes.append(f"profile default precision {precision} needs the compression stage, not in this "
+                         f"version; using {fallback}")
+            precision = fallback
+    plan = Plan(
+        target=profile.id, model=model, out=str(out), precision=precision, backend=profile.backends[0],
+        graph_ops="standard", opset=profile.opset, static_shapes=profile.static_shapes,
+        max_seq_len=profile.max_seq_len, validation=profile.validation, eval_data=eval_data,
+        validate=validate, notes=tuple(notes),
+    )
+    profile.check(plan)
+    if profile.static_shapes:
+        plan = replace(plan, notes=(*plan.notes, "static shapes requested by the profile are not applied "
+                                    "in this version: the graph keeps dynamic batch and sequence axes"))
+    if profile.validation != "host" and validate:
+        plan = replace(plan, notes=(*plan.notes, f"{profile.id} validates on {profile.validation}; this version "
+                                    "validates on the host instead, and says so on every figure"))
+    _check_writable(Path(out))
+    return plan
+
+
+def _check_writable(out: Path) -> None:
+    parent = out.resolve().parent
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        raise ConfigError(f"cannot write the output folder {out}: {probe} is not writable")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output {out} exists and is not a folder")
+
+
+class _Stages:
+    def __init__(self, progress: Progress | None) -> None:
+        self.records: list[dict[str, Any]] = []
+        self.progress = progress
+
+    def run(self, name: str, fn: Callable[[], Any], size: Callable[[Any], int] | None = None) -> Any:
+        if self.progress:
+            self.progress(name, "start")
+        t = time.perf_counter()
+        try:
+            result = fn()
+        except BaseException:
+            self.records.append({"name": name, "status": "failed", "seconds": time.perf_counter() - t,
+                                 "peak_rss_mb": peak_rss_mb()})
+            raise
+        rec = {"name": name, "status": "done", "seconds": time.perf_counter() - t, "peak_rss_mb": peak_rss_mb()}
+        if size is not None:
+            rec["output_bytes"] = size(result)
+        self.records.append(rec)
+        if self.progress:
+            self.progress(name, "done")
+        return result
+
+    def skip(self, name: str, note: str) -> None:
+        self.records.append({"name": name, "status": "skipped", "seconds": 0.0, "peak_rss_mb": peak_rss_mb(),
+                             "note": note})
+
+
+def run(plan: Plan, profile: TargetProfile, progress: Progress | None = None,
+        settings: ValidationSettings | None = None) -> RunResult:
+    """Execute ``plan``. Raises ``ValidationFailed`` (carrying the report) when a goal is missed."""
+    from slm_export.backends import compile_artifact
+    from slm_export.exporters.onnx import OnnxExporter
+    from slm_export.models import load_model
+
+    settings = settings or ValidationSettings()
+    out = Path(plan.out)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    stages = _Stages(progress)
+    try:
+        tmp.mkdir(parents=True, exist_ok=False)
+        model = stages.run("load", lambda: load_model(plan.model), lambda m: m.weight_bytes)
+        stages.skip("compress", f"{plan.precision} needs no calibration")
+        exported = stages.run("export", lambda: OnnxExporter().export(model, plan, tmp), lambda e: e.bytes)
+        compiled = stages.run("compile", lambda: compile_artifact(plan.backend, exported.model_path))
+        if compiled.status != "done":
+            stages.records[-1].update(status="not run", note=compiled.note)
+        metrics: dict[str, Any] = {}
+        if plan.validate:
+            metrics = stages.run("validate", lambda: _validate(model, exported.model_path, plan, settings, progress))
+        else:
+            stages.skip("validate", "--no-validate")
+        report = _report(plan, profile, model, exported, compiled, metrics, stages.records)
+        write_report(report, tmp)
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    result = RunResult(report, out)
+    if report["verdict"] == "FAIL":
+        raise ValidationFailed(_failed_message(report), report)
+    return result
+
+
+def _validate(model: Any, path: Path, plan: Plan, settings: ValidationSettings, progress: Progress | None) -> Any:
+    from slm_export.validation.text import load_text
+    from slm_export.validation.validate import validate_decoder, validate_encoder
+
+    text = load_text(plan.eval_data, "evaluation")
+    fn = validate_decoder if model.kind == "decoder" else validate_encoder
+    step = (lambda what: progress("validate", what)) if progress else None
+    metrics = fn(path, model.torch_module(), model.tokenizer, text, settings, step)
+    metrics["eval_text"] = {"value": text.name, "unit": f"sha256 {text.sha256[:16]}", "where": "input"}
+    return metrics
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Move the finished artifact into place; an older artifact there is replaced only now."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _failed_message(report: dict[str, Any]) -> str:
+    failed = [g for g in report["goals"] if g["status"] == "FAIL"]
+    parts = [f"{g['metric']} = {g.get('value')} (goal {g['op']} {g['threshold']})" for g in failed]
+    return "goals missed: " + "; ".join(parts)
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version(), "machine": platform.machine()}
+    for pkg in ("slm-export", "torch", "transformers", "onnx", "onnxruntime", "numpy", "gguf"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def _report(plan: Plan, profile: TargetProfile, model: Any, exported: Any, compiled: Any,
+            metrics: dict[str, Any], stages: list[dict[str, Any]]) -> dict[str, Any]:
+    goals = [g.evaluate(metrics) for g in default_goals(model.kind, plan.precision)] if metrics else []
+    verdict = "NOT VALIDATED" if not metrics else ("PASS" if all(g["status"] == "PASS" for g in goals) else "FAIL")
+    roof = {}
+    if model.kind == "decoder":
+        est = profile.roofline(exported.weight_bytes_per_token, exported.flops_per_token, plan.precision)
+        roof = {f"{profile.id}_decode_tokens_per_s_bound": est["decode_tokens_per_s"],
+                f"{profile.id}_prefill_tokens_per_s_bound": est["prefill_tokens_per_s"],
+                "weight_bytes_read_per_token": exported.weight_bytes_per_token,
+                "bandwidth_gbs": est["bandwidth_gbs"], "peak_gflops": est["peak_gflops"],
+                "source": f"{profile.id} profile: memory.bandwidth_gbs, compute.{plan.precision}"}
+    artifact_bytes = sum(f.stat().st_size for f in Path(exported.model_path).parent.rglob("*") if f.is_file())
+    metrics = {**metrics,
+               "artifact_bytes": {"value": artifact_bytes, "unit": "bytes", "where": "artifact folder"},
+               "peak_rss_mb": {"value": peak_rss_mb(), "unit": "MB",
+                               "where": "measured on host: whole run (load, export, validation) in one process"}}
+    return {
+        "schema_version": SCHEMA_VERSION, "verdict": verdict, "notes": list(plan.notes),
+        "target": {"id": profile.id, "name": profile.name, "origin": profile.origin},
+        "model": {"name": model.name, "path": model.path, "format": model.fmt, "kind": model.kind,
+                  "architecture": model.model_type, "fingerprint": model.fingerprint,
+                  "float32_weight_bytes": model.weight_bytes},
+        "plan": plan.to_dict(), "artifact": {"files": list(exported.files), "bytes": exported.bytes,
+                                             "graph_ops": exported.graph_ops, "opset": exported.opset},
+        "compile": {"backend": compiled.backend, "status": compiled.status, "note": compiled.note},
+        "stages": stages, "metrics": metrics, "goals": goals, "roofline": roof, "versions": versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def load_manifest(artifact: Path) -> dict[str, Any]:
+    """Read an artifact's manifest, for ``validate``."""
+    from slm_export.exporters.onnx import MANIFEST_FILE
+
+    path = artifact / MANIFEST_FILE
+    if not path.is_file():
+        raise ConfigError(f"{artifact} is not an slm-export artifact (no {MANIFEST_FILE})")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is corrupt: {exc}") from None
+
+
+__all__ = ["RunResult", "SlmExportError", "make_plan", "run"]
+
+
+def revalidate(artifact: str | Path, eval_data: str | None = None, progress: Progress | None = None,
+               settings: ValidationSettings | None = None) -> RunResult:
+    """Re-run validation of an existing artifact and rewrite its reports (atomically, file by file)."""
+    from slm_export.exporters.onnx import MODEL_FILE, ExportResult
+    from slm_export.models import load_model
+    from slm_export.targets import TargetProfile, get_target
+
+    artifact = Path(artifact)
+    manifest = load_manifest(artifact)
+    old = json.loads((artifact / "report.json").read_text()) if (artifact / "report.json").is_file() else {}
+    old_plan = old.get("plan", {})
+    origin = old.get("target", {}).get("origin", "built-in")
+    profile: TargetProfile = get_target(old_plan.get("target", "host")) if origin == "built-in" \
+        else get_target(target_file=origin)
+    plan = Plan(**{**old_plan, "notes": tuple(old_plan.get("notes", ())), "eval_data": eval_data,
+                   "validate": True}) if old_plan else make_plan(profile, manifest["source_model"], artifact,
+                                                                 manifest["precision"], eval_data)
+    stages = _Stages(progress)
+    model = stages.run("load", lambda: load_model(manifest["source_model"]), lambda m: m.weight_bytes)
+    if model.fingerprint != manifest["fingerprint"]:
+        raise ConfigError(f"the model at {manifest['source_model']} changed since {artifact} was exported "
+                          "(fingerprint differs); export again")
+    path = artifact / MODEL_FILE
+    metrics = stages.run("validate", lambda: _validate(model, path, plan, settings or ValidationSettings(), progress))
+    exported = ExportResult(path, tuple(manifest["files"]), old.get("artifact", {}).get("bytes", 0),
+                            old.get("roofline", {}).get("weight_bytes_read_per_token", 0), 0,
+                            manifest["graph_ops"], manifest["opset"])
+    from slm_export.backends import CompileResult
+
+    compiled = CompileResult(**old["compile"]) if "compile" in old else CompileResult(plan.backend, "not run", "")
+    report = _report(plan, profile, model, exported, compiled, metrics, old.get("stages", []) + stages.records)
+    report["roofline"] = old.get("roofline", report["roofline"])
+    tmp = artifact / f".report.partial-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        write_report(report, tmp)
+        for name in ("report.json", "report.md"):
+            (tmp / name).replace(artifact / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    result = RunResult(report, artifact)
+    if report["verdict"] == "FAIL":
+        raise ValidationFailed(_failed_message(report), report)
+    return result

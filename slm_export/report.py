@@ -1,0 +1,90 @@
+"""Reports: ``report.json`` (stable keys, schema version) and ``report.md`` for people."""
+
+from __future__ import annotations
+
+import json
+import operator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+_OPS = {"<=": operator.le, ">=": operator.ge, "==": operator.eq}
+
+
+@dataclass(frozen=True)
+class Goal:
+    """A threshold on one metric: ``metric op threshold``."""
+
+    metric: str
+    op: str
+    threshold: Any
+    why: str
+
+    def evaluate(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        m = metrics.get(self.metric)
+        if m is None:
+            return {**self.as_dict(), "value": None, "status": "FAIL", "note": "metric was not measured"}
+        value = m["value"]
+        ok = _OPS[self.op](abs(value) if self.metric.endswith("change_pct") else value, self.threshold)
+        return {**self.as_dict(), "value": value, "where": m["where"], "status": "PASS" if ok else "FAIL"}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"metric": self.metric, "op": self.op, "threshold": self.threshold, "why": self.why}
+
+
+def default_goals(kind: str, precision: str) -> list[Goal]:
+    """Goals a float artifact must meet against the float32 reference."""
+    if kind == "encoder":
+        floor = 0.9999 if precision == "fp32" else 0.999
+        return [Goal("embedding_cosine_min", ">=", floor, "sentence embeddings must match the reference")]
+    if precision == "fp32":
+        return [Goal("greedy_match", "==", True, "float32 must continue text exactly as PyTorch does"),
+                Goal("perplexity_change_pct", "<=", 0.1, "float32 export must not change perplexity"),
+                Goal("top1_agreement", ">=", 0.999, "next-token choice must agree with PyTorch")]
+    return [Goal("perplexity_change_pct", "<=", 1.0, "fp16 rounding of weights costs at most 1% perplexity"),
+            Goal("top1_agreement", ">=", 0.97, "next-token choice must mostly agree with PyTorch")]
+
+
+def write_report(report: dict[str, Any], out_dir: Path) -> None:
+    """Write both report files into ``out_dir``."""
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    (out_dir / "report.md").write_text(render_markdown(report))
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def render_markdown(r: dict[str, Any]) -> str:
+    """The report for people: verdict first, then goals, metrics, roofline, stages, plan."""
+    lines = [f"# slm-export report: {r['model']['name']} for {r['target']['id']}", ""]
+    lines += [f"**Verdict: {r['verdict']}**", ""]
+    for note in r.get("notes", []):
+        lines.append(f"- {note}")
+    if r.get("goals"):
+        lines += ["", "## Goals", "", "| metric | goal | value | where | status |", "|---|---|---|---|---|"]
+        for g in r["goals"]:
+            lines.append(f"| {g['metric']} | {g['op']} {_fmt(g['threshold'])} | {_fmt(g.get('value'))} | "
+                         f"{g.get('where', '')} | {g['status']} |")
+    if r.get("metrics"):
+        lines += ["", "## Metrics", "", "| metric | value | unit | where |", "|---|---|---|---|"]
+        for name, m in r["metrics"].items():
+            value = m["value"] if not isinstance(m["value"], str) else m["value"].replace("\n", " ")[:120]
+            lines.append(f"| {name} | {_fmt(value)} | {m['unit']} | {m['where']} |")
+    if r.get("roofline"):
+        lines += ["", "## Roofline (estimated from the target profile, not measured)", ""]
+        for k, v in r["roofline"].items():
+            lines.append(f"- {k}: {_fmt(v)}")
+    lines += ["", "## Stages", "", "| stage | status | seconds | peak RSS MB (process high-water) | output bytes |",
+              "|---|---|---|---|---|"]
+    for s in r["stages"]:
+        lines.append(f"| {s['name']} | {s['status']} | {s['seconds']:.2f} | {s['peak_rss_mb']:.0f} | "
+                     f"{s.get('output_bytes', '')} |")
+        if s.get("note"):
+            lines.append(f"|  | {s['note']} | | | |")
+    lines += ["", "## Plan", "", "```json", json.dumps(r["plan"], indent=2), "```", ""]
+    lines += ["## Versions", ""] + [f"- {k}: {v}" for k, v in r["versions"].items()] + [""]
+    return "\n".join(lines)

@@ -1,0 +1,129 @@
+"""Validate an exported artifact against the PyTorch float32 reference, on the host.
+
+Every figure carries where it was measured. Host figures come from ONNX Runtime on this machine,
+whatever the target; the target's own speed appears only as the profile's roofline estimate.
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slm_export.validation.generate import OnnxDecoder, make_session, torch_greedy
+from slm_export.validation.metrics import cosine, decoder_accuracy
+from slm_export.validation.text import TextSource, token_windows
+
+
+@dataclass(frozen=True)
+class ValidationSettings:
+    """How much to measure. Defaults match ../shared/baselines.md (8 windows of 512 tokens)."""
+
+    windows: int = 8
+    window_len: int = 512
+    greedy_tokens: int = 32
+    prompt_tokens: int = 128
+    decode_tokens: int = 64
+    repeats: int = 5
+    threads: int = 0
+
+
+def where_host() -> str:
+    import onnxruntime as ort
+
+    return f"measured on host ({platform.machine()}, onnxruntime {ort.__version__} CPU)"
+
+
+def metric(value: Any, unit: str, where: str) -> dict[str, Any]:
+    return {"value": value, "unit": unit, "where": where}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def validate_decoder(model_path: Path, module: Any, tokenizer: Any, text: TextSource,
+                     s: ValidationSettings, progress: Any = None) -> dict[str, Any]:
+    """Accuracy, greedy continuation and latency of a decoder artifact."""
+    import torch
+
+    torch.set_num_threads(s.threads or torch.get_num_threads())
+    host = where_host()
+    session = make_session(model_path, s.threads)
+    dec = OnnxDecoder(session)
+    windows = token_windows(tokenizer, text, s.windows, s.window_len)
+
+    def reference(ids: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return module(torch.from_numpy(ids)).logits.float().numpy()
+
+    acc = decoder_accuracy(reference, dec, windows)
+    out: dict[str, Any] = {k: metric(v, "", host) for k, v in acc.items()}
+    out["perplexity_change_pct"]["unit"] = "%"
+    if progress:
+        progress("accuracy")
+
+    prompt = windows[0][: min(s.prompt_tokens, len(windows[0]) // 2)]
+    ref = torch_greedy(module, prompt, s.greedy_tokens)
+    got, _ = dec.generate(prompt, s.greedy_tokens)
+    same = next((i for i, (a, b) in enumerate(zip(ref, got, strict=False)) if a != b), min(len(ref), len(got)))
+    out["greedy_match"] = metric(same == s.greedy_tokens and len(got) == s.greedy_tokens, "bool", host)
+    out["greedy_matching_prefix"] = metric(same, "tokens", host)
+    out["greedy_text"] = metric(tokenizer.decode(got), "text", host)
+    if progress:
+        progress("greedy")
+
+    long_prompt = (windows[0] * 2)[: s.prompt_tokens]
+    dec.generate(long_prompt, 8)  # warm-up
+    ttft, rates = [], []
+    for _ in range(s.repeats):
+        _, timing = dec.generate(long_prompt, s.decode_tokens)
+        ttft.append(timing.prefill_s * 1000)
+        rates.append(len(timing.decode_s) / sum(timing.decode_s))
+    out["ttft_ms_p50"] = metric(float(np.percentile(ttft, 50)), "ms", host + f", {len(long_prompt)}-token prompt")
+    out["ttft_ms_p90"] = metric(float(np.percentile(ttft, 90)), "ms", host + f", {len(long_prompt)}-token prompt")
+    out["decode_tokens_per_s_p50"] = metric(float(np.percentile(rates, 50)), "tokens/s",
+                                            host + f", greedy, KV cache, {s.decode_tokens} tokens")
+    # p90 of throughput is the slow end: the 10th percentile of tokens/s.
+    out["decode_tokens_per_s_p90"] = metric(float(np.percentile(rates, 10)), "tokens/s",
+                                            host + ", slowest 10% of runs")
+    out["threads"] = metric(s.threads or session.get_session_options().intra_op_num_threads or "all", "", host)
+    return out
+
+
+def validate_encoder(model_path: Path, module: Any, tokenizer: Any, text: TextSource,
+                     s: ValidationSettings, progress: Any = None) -> dict[str, Any]:
+    """Cosine similarity of sentence embeddings, and latency, of an encoder artifact."""
+    import torch
+
+    host = where_host()
+    session = make_session(model_path, s.threads)
+    lines = [ln.strip() for ln in text.text.splitlines() if len(ln.strip()) > 20][:64]
+    enc = tokenizer(lines, padding=True, truncation=True, max_length=128, return_tensors="np")
+    feed = {k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
+    got = session.run(["sentence_embedding"], feed)[0]
+    with torch.no_grad():
+        hidden = module(**{k: torch.from_numpy(v) for k, v in feed.items()}).last_hidden_state.numpy()
+    m = feed["attention_mask"][..., None].astype(np.float32)
+    ref = (hidden * m).sum(1) / np.maximum(m.sum(1), 1e-9)
+    cos = cosine(ref, got)
+    if progress:
+        progress("accuracy")
+    one = {k: v[:1] for k, v in feed.items()}
+    session.run(None, one)
+    times = []
+    for _ in range(max(s.repeats, 5)):
+        t = time.perf_counter()
+        session.run(None, one)
+        times.append((time.perf_counter() - t) * 1000)
+    return {
+        "embedding_cosine_min": metric(float(cos.min()), "", host + f", {len(lines)} sentences"),
+        "embedding_cosine_mean": metric(float(cos.mean()), "", host),
+        "latency_ms_p50": metric(float(np.percentile(times, 50)), "ms", host + f", 1 x {one['input_ids'].shape[1]} tokens"),
+        "latency_ms_p90": metric(float(np.percentile(times, 90)), "ms", host),
+    }
