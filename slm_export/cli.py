@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from typing import Any
 
@@ -51,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     if not any(a in SUBCOMMANDS for a in argv[:2]) and not {"-h", "--help"} & set(argv[:1]):
         argv = [a for a in argv if a == "--debug"] + ["export"] + [a for a in argv if a != "--debug"]
     args = _parser().parse_args(argv)
+    # A CI timeout sends SIGTERM: unwind like Ctrl-C so the temporary artifact folder is removed.
+    signal.signal(signal.SIGTERM, _terminate)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "targets":
@@ -77,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         _error(f"internal error ({type(exc).__name__}): {exc}. Re-run with --debug for the traceback.")
         return 4
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _error(msg: str) -> None:

@@ -71,14 +71,20 @@ def make_plan(profile: TargetProfile, model: str, out: str | Path, precision: st
 
 
 def _check_writable(out: Path) -> None:
-    parent = out.resolve().parent
-    probe = parent
+    """Fail before any work if the artifact cannot be written (root ignores permission bits, so try it)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"cannot write the output folder {out}: it exists and is not a folder")
+    probe = out.resolve().parent
     while not probe.exists():
         probe = probe.parent
-    if not os.access(probe, os.W_OK):
-        raise ConfigError(f"cannot write the output folder {out}: {probe} is not writable")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output {out} exists and is not a folder")
+    if not probe.is_dir():
+        raise ConfigError(f"cannot write the output folder {out}: {probe} is a file, not a folder")
+    try:
+        test = probe / f".slm-export-probe-{os.getpid()}"
+        test.mkdir()
+        test.rmdir()
+    except OSError as exc:
+        raise ConfigError(f"cannot write the output folder {out}: {probe} is not writable ({exc.strerror})") from None
 
 
 class _Stages:
@@ -238,7 +244,7 @@ def revalidate(artifact: str | Path, eval_data: str | None = None, progress: Pro
     """Re-run validation of an existing artifact and rewrite its reports (atomically, file by file)."""
     from slm_export.exporters.onnx import MODEL_FILE, ExportResult
     from slm_export.models import load_model
-    from slm_export.targets import TargetProfile, get_target
+    from slm_export.targets import get_target
 
     artifact = Path(artifact)
     manifest = load_manifest(artifact)

@@ -17,6 +17,7 @@ TINY_DECODERS = ("llama", "mistral", "qwen2", "phi3", "gemma", "gpt2")
 def _tokenizer(folder: Path):  # type: ignore[no-untyped-def]
     """A byte-level BPE tokenizer trained on the built-in text: small, deterministic."""
     from pydoc_data.topics import topics
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

@@ -68,12 +68,11 @@ def load_text(path: str | None, part: str = "evaluation") -> TextSource:
 
 
 def token_windows(tokenizer, source: TextSource, n_windows: int, length: int) -> list[list[int]]:  # type: ignore[no-untyped-def]
-    """Up to ``n_windows`` disjoint windows of ``length`` tokens, spread evenly over the text."""
+    """Up to ``n_windows`` consecutive, disjoint windows of ``length`` tokens from the start of the text."""
     ids = tokenizer(source.text, add_special_tokens=False).input_ids
     if len(ids) < length + 1:
         if len(ids) < 16:
             raise ConfigError(f"{source.name} has only {len(ids)} tokens; evaluation needs at least 16")
         return [ids]
-    available = len(ids) // length
-    step = max(1, available // n_windows)
-    return [ids[i * step * length:(i * step + 1) * length] for i in range(min(n_windows, available))]
+    count = min(n_windows, len(ids) // length)
+    return [ids[i * length:(i + 1) * length] for i in range(count)]

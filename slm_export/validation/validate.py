@@ -124,6 +124,7 @@ def validate_encoder(model_path: Path, module: Any, tokenizer: Any, text: TextSo
     return {
         "embedding_cosine_min": metric(float(cos.min()), "", host + f", {len(lines)} sentences"),
         "embedding_cosine_mean": metric(float(cos.mean()), "", host),
-        "latency_ms_p50": metric(float(np.percentile(times, 50)), "ms", host + f", 1 x {one['input_ids'].shape[1]} tokens"),
+        "latency_ms_p50": metric(float(np.percentile(times, 50)), "ms",
+                                 host + f", 1 x {one['input_ids'].shape[1]} tokens"),
         "latency_ms_p90": metric(float(np.percentile(times, 90)), "ms", host),
     }

@@ -68,7 +68,8 @@ def test_fp16_artifact_stores_half_weights(tiny_models: dict[str, Path], tmp_pat
     graph = onnx.load(str(r16.model_path), load_external_data=False)
     big = [t for t in graph.graph.initializer
            if t.data_location == onnx.TensorProto.EXTERNAL and not t.name.startswith("rope.")]
-    assert big and all(t.data_type == onnx.TensorProto.FLOAT16 for t in big)
+    assert big
+    assert all(t.data_type == onnx.TensorProto.FLOAT16 for t in big)
     ids = np.asarray([[5, 17, 99, 3]], dtype=np.int64)
     a = OnnxDecoder(make_session(r32.model_path, 1)).logits(ids)
     b = OnnxDecoder(make_session(r16.model_path, 1)).logits(ids)

@@ -1,0 +1,113 @@
+"""The real built-in models end to end through the CLI and the Python API (slow; CI runs them)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from slm_export.cli import main
+from slm_export.models.builtin import BUILTIN_MODELS
+
+pytestmark = pytest.mark.slow
+
+
+def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = main(argv)
+    cap = capsys.readouterr()
+    return code, cap.out + cap.err
+
+
+@pytest.fixture(scope="module")
+def rpi4_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("real") / "rpi4"
+    assert main(["--target", "rpi4", "--model", "smollm2-135m", "--out", str(out), "--threads", "2"]) == 0
+    return out
+
+
+def test_rpi4_default_export(rpi4_artifact: Path) -> None:
+    report = json.loads((rpi4_artifact / "report.json").read_text())
+    assert report["schema_version"] == 1
+    assert report["verdict"] == "PASS"
+    assert report["plan"]["precision"] == "fp32"
+    assert any("int4 needs the compression stage" in n for n in report["notes"])
+    assert report["metrics"]["greedy_match"]["value"] is True
+    assert abs(report["metrics"]["perplexity_change_pct"]["value"]) < 0.1
+    assert report["metrics"]["decode_tokens_per_s_p50"]["where"].startswith("measured on host")
+    assert report["roofline"]["rpi4b_decode_tokens_per_s_bound"] > 0
+    assert [s["name"] for s in report["stages"]] == ["load", "compress", "export", "compile", "validate"]
+    assert all(k in report["versions"] for k in ("torch", "onnxruntime", "transformers"))
+    assert (rpi4_artifact / "report.md").read_text().startswith("# slm-export report")
+    assert (rpi4_artifact / "tokenizer" / "tokenizer.json").is_file()
+    assert not list(rpi4_artifact.parent.glob(".rpi4.partial-*"))
+
+
+def test_validate_existing_artifact(rpi4_artifact: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = _cli(["validate", str(rpi4_artifact), "--json", "--threads", "2"], capsys)
+    assert code == 0, out
+    report = json.loads(out[out.index("{"):])
+    assert report["verdict"] == "PASS"
+    assert [s["name"] for s in report["stages"]][-2:] == ["load", "validate"]
+
+
+def test_gguf_path_with_user_eval_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pydoc_data.topics import topics
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("\n\n".join(topics[k] for k in sorted(topics)[-30:]))
+    gguf = BUILTIN_MODELS.get("smollm2-135m").path()
+    code, out = _cli(["--target", "host", "--model", str(gguf), "--precision", "fp32", "--eval-data", str(notes),
+                      "--out", str(tmp_path / "h32"), "--json", "--threads", "2"], capsys)
+    assert code == 0, out
+    report = json.loads(out[out.index("{"):])
+    assert report["metrics"]["eval_text"]["value"] == str(notes)
+    assert report["model"]["format"] == "gguf"
+    assert report["metrics"]["top1_agreement"]["value"] >= 0.999
+
+
+def test_jetson_fp16_portable_graph(tmp_path: Path) -> None:
+    import onnx
+
+    import slm_export
+
+    out = tmp_path / "jetson"
+    result = slm_export.export("smollm2-135m", target="jetson", out=out)
+    assert result.passed, result.report["goals"]
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert graph.opset_import[0].version == 13
+    assert all(n.domain == "" for n in graph.graph.node)
+    assert result.report["compile"]["status"] == "not run"
+    assert result.report["metrics"]["artifact_bytes"]["value"] < 0.6 * result.report["model"]["float32_weight_bytes"]
+
+
+def test_python_api_encoder(tmp_path: Path) -> None:
+    import slm_export
+
+    r = slm_export.export("minilm-l6", target="host", out=tmp_path / "x")
+    assert r.passed
+    assert r.report["metrics"]["embedding_cosine_min"]["value"] > 0.9999
+
+
+def test_interrupted_run_leaves_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "interrupted"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "slm_export.cli", "--target", "host", "--model", "smollm2-135m",
+                             "--out", str(out)], stderr=subprocess.PIPE, text=True, env=env)
+    assert proc.stderr is not None
+    deadline = time.time() + 300
+    for line in proc.stderr:
+        if "validate: start" in line:
+            break
+        assert time.time() < deadline
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) == 130, rest
+    assert "interrupted" in rest
+    assert not out.exists()
+    assert not list(tmp_path.glob(".interrupted.partial-*"))
