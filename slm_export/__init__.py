@@ -26,8 +26,12 @@ __version__ = "0.1.0"
 
 def export(model: str, target: str = "host", out: str | Path = "build/out", precision: str | None = None,
            eval_data: str | None = None, target_file: str | Path | None = None, validate: bool = True,
-           raise_on_fail: bool = False) -> RunResult:
+           raise_on_fail: bool = False, **options: object) -> RunResult:
     """Run the whole flow for ``model`` on ``target``; returns the result (``.passed``, ``.report``).
+
+    ``options`` are the compression settings of the CLI, by their Python names: ``method``,
+    ``group_size``, ``symmetric``, ``calib_data``, ``calib_samples``, ``calib_seqlen``, ``seed``,
+    ``accuracy_level``, ``lm_head_bits``.
 
     Goals missed return a result with ``passed == False`` unless ``raise_on_fail`` is set, in which
     case ``ValidationFailed`` is raised. Other errors raise their ``SlmExportError`` subclass.
@@ -36,7 +40,7 @@ def export(model: str, target: str = "host", out: str | Path = "build/out", prec
     from slm_export.targets import get_target
 
     profile = get_target(target, target_file)
-    plan = make_plan(profile, model, out, precision, eval_data, validate)
+    plan = make_plan(profile, model, out, precision, eval_data, validate, **options)
     try:
         return run(plan, profile)
     except ValidationFailed as exc:

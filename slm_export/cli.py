@@ -29,6 +29,19 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--precision", choices=("fp32", "fp16", "bf16", "int8", "int4"),
                    help="override the profile's default precision")
     e.add_argument("--eval-data", help="evaluation text (.txt, or .jsonl with a \"text\" field)")
+    q = e.add_argument_group("compression (int8, int4)")
+    q.add_argument("--method", choices=("rtn", "gptq", "awq"), help="weight quantization method "
+                   "(default: awq for int4, rtn for int8)")
+    q.add_argument("--group-size", type=int, help="weights per quantization group along the input (default 32)")
+    q.add_argument("--symmetric", action="store_true", default=None, help="symmetric quantization (no zero points)")
+    q.add_argument("--calib-data", help="calibration text: .txt, .jsonl with \"text\", or a `datasets` folder "
+                   "(default: the built-in calibration half, disjoint from evaluation)")
+    q.add_argument("--calib-samples", type=int, help="calibration samples (default 64)")
+    q.add_argument("--calib-seqlen", type=int, help="tokens per calibration sample (default 512)")
+    q.add_argument("--seed", type=int, help="seed for drawing calibration samples (default 0)")
+    q.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4),
+                   help="ONNX Runtime MatMulNBits accuracy level (4: int8 compute; default 4)")
+    q.add_argument("--lm-head-bits", type=int, choices=(0, 4, 8), help="quantize the LM head too (default 0: float)")
     e.add_argument("--dry-run", action="store_true", help="print the plan and stop")
     e.add_argument("--no-validate", action="store_true", help="skip validation")
     e.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads for validation (0: all cores)")
@@ -87,9 +100,10 @@ def _terminate(signum: int, frame: Any) -> None:
 
 
 def _error(msg: str) -> None:
-    from rich.console import Console
-
-    Console(stderr=True, highlight=False).print(msg, style="bold red", markup=False)
+    """One unwrapped line (CI logs are grepped); red only on a terminal."""
+    if sys.stderr.isatty():
+        msg = f"\033[1;31m{msg}\033[0m"
+    print(msg, file=sys.stderr, flush=True)
 
 
 def _progress() -> tuple[Any, Any]:
@@ -123,7 +137,9 @@ def _export(args: argparse.Namespace) -> int:
 
     profile = get_target(args.target, args.target_file)
     out = args.out or f"build/{profile.id}"
-    plan = make_plan(profile, args.model, out, args.precision, args.eval_data, not args.no_validate)
+    options = {k: getattr(args, k) for k in ("method", "group_size", "symmetric", "calib_data", "calib_samples",
+                                             "calib_seqlen", "seed", "accuracy_level", "lm_head_bits")}
+    plan = make_plan(profile, args.model, out, args.precision, args.eval_data, not args.no_validate, **options)
     if args.dry_run:
         print(json.dumps({"plan": plan.to_dict(), "target": profile.id}, indent=2))
         return 0
@@ -155,7 +171,7 @@ def _finish(report: dict[str, Any], as_json: bool, out: str) -> int:
         return 0
     from rich.console import Console
 
-    c = Console(highlight=False)
+    c = Console(highlight=False, soft_wrap=True)
     c.print(f"[bold]{report['verdict']}[/bold]  {report['model']['name']} -> {report['target']['id']}  ({out})")
     for g in report["goals"]:
         c.print(f"  {g['status']}  {g['metric']} = {g.get('value')} (goal {g['op']} {g['threshold']})", markup=False)

@@ -16,8 +16,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from slm_export.errors import ConfigError, SlmExportError, ValidationFailed
-from slm_export.plan import IMPLEMENTED_PRECISIONS, Plan
+from slm_export.errors import ConfigError, SlmExportError, UnsupportedByTarget, ValidationFailed
+from slm_export.plan import IMPLEMENTED_PRECISIONS, QUANTIZED, Plan
 from slm_export.report import SCHEMA_VERSION, default_goals, write_report
 from slm_export.targets import TargetProfile
 from slm_export.validation.validate import ValidationSettings, peak_rss_mb
@@ -37,37 +37,62 @@ class RunResult:
         return self.report["verdict"] == "PASS"
 
 
+DEFAULT_METHOD = {"int4": "awq", "int8": "rtn"}
+
+
 def make_plan(profile: TargetProfile, model: str, out: str | Path, precision: str | None = None,
-              eval_data: str | None = None, validate: bool = True) -> Plan:
-    """Fill every decision the user did not make from the profile, then let the profile check it."""
+              eval_data: str | None = None, validate: bool = True, **options: Any) -> Plan:
+    """Fill every decision the user did not make from the profile, then let the profile check it.
+
+    ``options`` are further ``Plan`` fields (method, group_size, calib_data, calib_samples, ...).
+    """
     notes = []
     if precision is None:
         precision = profile.default_precision
         if precision not in IMPLEMENTED_PRECISIONS:
             fallback = "fp16" if profile.gpu is not None and "fp16" in profile.precisions else "fp32"
-            if fallback not in profile.precisions:
-                raise ConfigError(
-                    f"{profile.id} runs only {', '.join(profile.precisions)}, which needs the compression "
-                    f"stage that this version does not have yet; nothing this version makes can run there"
-                )
-            notes.append(f"profile default precision {precision} needs the compression stage, not in this "
-                         f"version; using {fallback}")
+            notes.append(f"profile default precision {precision} is not produced by this version; using {fallback}")
             precision = fallback
+    if profile.static_shapes:
+        raise UnsupportedByTarget(
+            f"{profile.id} needs static shapes and int8 power-of-two Q/DQ activations (a DPU-class flow), "
+            "which this version does not produce yet"
+        )
+    unknown = set(options) - set(Plan.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(f"unknown option(s): {', '.join(sorted(unknown))}")
+    options = {k: v for k, v in options.items() if v is not None}
+    if precision in QUANTIZED:
+        options.setdefault("method", DEFAULT_METHOD[precision])
+        if precision == "int8" and profile.graph_ops == "standard":
+            notes.append("int8 here is weight-only (activations stay float); W8A8 static Q/DQ with "
+                         "SmoothQuant is not in this version")
+    elif options.get("method"):
+        raise ConfigError(f"--method applies to int8 and int4, not {precision}")
     plan = Plan(
         target=profile.id, model=model, out=str(out), precision=precision, backend=profile.backends[0],
-        graph_ops="standard", opset=profile.opset, static_shapes=profile.static_shapes,
+        graph_ops=profile.graph_ops, opset=profile.opset, static_shapes=profile.static_shapes,
         max_seq_len=profile.max_seq_len, validation=profile.validation, eval_data=eval_data,
-        validate=validate, notes=tuple(notes),
+        validate=validate, notes=tuple(notes), **options,
     )
+    if precision in QUANTIZED:
+        compress_config(plan)  # validates method, group size, samples before any work
     profile.check(plan)
-    if profile.static_shapes:
-        plan = replace(plan, notes=(*plan.notes, "static shapes requested by the profile are not applied "
-                                    "in this version: the graph keeps dynamic batch and sequence axes"))
     if profile.validation != "host" and validate:
         plan = replace(plan, notes=(*plan.notes, f"{profile.id} validates on {profile.validation}; this version "
                                     "validates on the host instead, and says so on every figure"))
     _check_writable(Path(out))
     return plan
+
+
+def compress_config(plan: Plan) -> Any:
+    """The compress stage's config for a quantized plan."""
+    from slm_export.calibration.compress import CompressConfig
+
+    return CompressConfig(precision=plan.precision, method=plan.method or DEFAULT_METHOD[plan.precision],
+                          group_size=plan.group_size, symmetric=plan.symmetric, calib_data=plan.calib_data,
+                          calib_samples=plan.calib_samples, calib_seqlen=plan.calib_seqlen, seed=plan.seed,
+                          lm_head_bits=plan.lm_head_bits)
 
 
 def _check_writable(out: Path) -> None:
@@ -129,8 +154,17 @@ def run(plan: Plan, profile: TargetProfile, progress: Progress | None = None,
     try:
         tmp.mkdir(parents=True, exist_ok=False)
         model = stages.run("load", lambda: load_model(plan.model), lambda m: m.weight_bytes)
-        stages.skip("compress", f"{plan.precision} needs no calibration")
-        exported = stages.run("export", lambda: OnnxExporter().export(model, plan, tmp), lambda e: e.bytes)
+        compressed = None
+        if plan.precision in QUANTIZED:
+            from slm_export.calibration.compress import compress
+
+            cfg = compress_config(plan)
+            step = (lambda what: progress("compress", what)) if progress else None
+            compressed = stages.run("compress", lambda: compress(model, cfg, step))
+        else:
+            stages.skip("compress", f"{plan.precision} needs no calibration")
+        weights = compressed.weights if compressed else None
+        exported = stages.run("export", lambda: OnnxExporter().export(model, plan, tmp, weights), lambda e: e.bytes)
         compiled = stages.run("compile", lambda: compile_artifact(plan.backend, exported.model_path))
         if compiled.status != "done":
             stages.records[-1].update(status="not run", note=compiled.note)
@@ -140,6 +174,7 @@ def run(plan: Plan, profile: TargetProfile, progress: Progress | None = None,
         else:
             stages.skip("validate", "--no-validate")
         report = _report(plan, profile, model, exported, compiled, metrics, stages.records)
+        report["compression"] = _compression_section(compressed)
         write_report(report, tmp)
         _replace(tmp, out)
     except BaseException:
@@ -161,6 +196,15 @@ def _validate(model: Any, path: Path, plan: Plan, settings: ValidationSettings, 
     metrics = fn(path, model.torch_module(), model.tokenizer, text, settings, step)
     metrics["eval_text"] = {"value": text.name, "unit": f"sha256 {text.sha256[:16]}", "where": "input"}
     return metrics
+
+
+def _compression_section(result: Any) -> dict[str, Any] | None:
+    if result is None:
+        return None
+    layers = sorted(result.layers, key=lambda e: e.get("output_sqnr_db", e["weight_sqnr_db"]))
+    return {"calibration": result.calibration, "seconds": result.seconds, "bits_per_weight": result.bits_per_weight,
+            "notes": result.notes, "layers": result.layers,
+            "least_accurate_layers": [e["layer"] for e in layers[:5]]}
 
 
 def _replace(tmp: Path, out: Path) -> None:
@@ -194,7 +238,7 @@ def versions() -> dict[str, str]:
 
 def _report(plan: Plan, profile: TargetProfile, model: Any, exported: Any, compiled: Any,
             metrics: dict[str, Any], stages: list[dict[str, Any]]) -> dict[str, Any]:
-    goals = [g.evaluate(metrics) for g in default_goals(model.kind, plan.precision)] if metrics else []
+    goals = [g.evaluate(metrics) for g in default_goals(model.kind, plan.precision, plan.method)] if metrics else []
     verdict = "NOT VALIDATED" if not metrics else ("PASS" if all(g["status"] == "PASS" for g in goals) else "FAIL")
     roof = {}
     if model.kind == "decoder":

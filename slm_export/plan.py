@@ -7,7 +7,8 @@ from typing import Any
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 # Precisions this version of the tool can produce; the others are refused with a clear message.
-IMPLEMENTED_PRECISIONS = ("fp32", "fp16")
+IMPLEMENTED_PRECISIONS = ("fp32", "fp16", "int8", "int4")
+QUANTIZED = ("int8", "int4")
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,14 @@ class Plan:
     eval_data: str | None = None
     sparsity: str | None = None
     method: str | None = None
+    group_size: int = 32
+    accuracy_level: int = 4
+    symmetric: bool = False
+    calib_data: str | None = None
+    calib_samples: int = 64
+    calib_seqlen: int = 512
+    seed: int = 0
+    lm_head_bits: int = 0
     validate: bool = True
     notes: tuple[str, ...] = field(default_factory=tuple)
 

@@ -33,8 +33,8 @@ class Goal:
         return {"metric": self.metric, "op": self.op, "threshold": self.threshold, "why": self.why}
 
 
-def default_goals(kind: str, precision: str) -> list[Goal]:
-    """Goals a float artifact must meet against the float32 reference."""
+def default_goals(kind: str, precision: str, method: str | None = None) -> list[Goal]:
+    """Goals an artifact must meet against the float32 reference."""
     if kind == "encoder":
         floor = 0.9999 if precision == "fp32" else 0.999
         return [Goal("embedding_cosine_min", ">=", floor, "sentence embeddings must match the reference")]
@@ -42,6 +42,10 @@ def default_goals(kind: str, precision: str) -> list[Goal]:
         return [Goal("greedy_match", "==", True, "float32 must continue text exactly as PyTorch does"),
                 Goal("perplexity_change_pct", "<=", 0.1, "float32 export must not change perplexity"),
                 Goal("top1_agreement", ">=", 0.999, "next-token choice must agree with PyTorch")]
+    if precision == "int8":
+        return [Goal("perplexity_change_pct", "<=", 1.0, "int8 weights cost at most 1% perplexity")]
+    if precision == "int4":
+        return [Goal("perplexity_change_pct", "<=", 10.0, f"int4 with {method} costs at most 10% perplexity")]
     return [Goal("perplexity_change_pct", "<=", 1.0, "fp16 rounding of weights costs at most 1% perplexity"),
             Goal("top1_agreement", ">=", 0.97, "next-token choice must mostly agree with PyTorch")]
 
@@ -74,6 +78,21 @@ def render_markdown(r: dict[str, Any]) -> str:
         for name, m in r["metrics"].items():
             value = m["value"] if not isinstance(m["value"], str) else m["value"].replace("\n", " ")[:120]
             lines.append(f"| {name} | {_fmt(value)} | {m['unit']} | {m['where']} |")
+    comp = r.get("compression")
+    if comp:
+        lines += ["", "## Compression", ""]
+        bpw = comp["bits_per_weight"]
+        lines.append(f"- mean bits per weight (linear layers and LM head, scales included): {bpw:.2f}")
+        lines.append(f"- time: {comp['seconds']:.1f} s")
+        if comp.get("calibration"):
+            c = comp["calibration"]
+            lines.append(f"- calibration: {c['samples']} x {c['seqlen']} tokens from {c['source']} "
+                         f"(seed {c['seed']}, sha256 {c['sha256'][:16]})")
+        lines += [f"- {n}" for n in comp.get("notes", [])]
+        lines += ["", "| layer | bits | group | weight SQNR dB | output SQNR dB |", "|---|---|---|---|---|"]
+        for e in comp["layers"]:
+            lines.append(f"| {e['layer']} | {e['bits']} | {e['group']} | {e['weight_sqnr_db']} | "
+                         f"{e.get('output_sqnr_db', '')} |")
     if r.get("roofline"):
         lines += ["", "## Roofline (estimated from the target profile, not measured)", ""]
         for k, v in r["roofline"].items():

@@ -14,7 +14,9 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
+from slm_export.calibration.quant import QuantizedTensor
 from slm_export.exporters.graph import GraphBuilder
+from slm_export.exporters.quantized import quantized_matmul
 from slm_export.models.adapters import DecoderSpec
 
 F32, I64 = TensorProto.FLOAT, TensorProto.INT64
@@ -24,8 +26,9 @@ MASK_VALUE = -1e9  # finite, so a fully masked (left-padding) row cannot turn in
 class _Weights:
     """Stores weights in the artifact's precision and hands back float32 tensor names."""
 
-    def __init__(self, b: GraphBuilder, precision: str) -> None:
+    def __init__(self, b: GraphBuilder, precision: str, graph_ops: str = "standard", accuracy_level: int = 4) -> None:
         self.b, self.store = b, (np.float16 if precision == "fp16" else np.float32)
+        self.graph_ops, self.accuracy_level = graph_ops, accuracy_level
 
     def __call__(self, name: str, fn) -> str:  # type: ignore[no-untyped-def]
         init = self.b.init(name, lambda: np.asarray(fn(), dtype=np.float32).astype(self.store, copy=False))
@@ -42,10 +45,11 @@ def rope_tables(theta: float, dim: int, max_pos: int) -> tuple[np.ndarray, np.nd
     return np.concatenate([cos, cos], -1), np.concatenate([-sin, sin], -1)
 
 
-def build_decoder(spec: DecoderSpec, opset: int, precision: str, max_seq_len: int) -> GraphBuilder:
+def build_decoder(spec: DecoderSpec, opset: int, precision: str, max_seq_len: int, graph_ops: str = "standard",
+                  accuracy_level: int = 4) -> GraphBuilder:
     """Build the graph; weights are written only when the builder is saved."""
     b = GraphBuilder(f"{spec.model_type}_decoder", opset)
-    W = _Weights(b, precision)
+    W = _Weights(b, precision, graph_ops, accuracy_level)
     kv, d = spec.kv_heads, spec.head_dim
     ids = b.input("input_ids", I64, ["batch", "seq"])
     mask_in = b.input("attention_mask", I64, ["batch", "total"])
@@ -89,6 +93,9 @@ def build_decoder(spec: DecoderSpec, opset: int, precision: str, max_seq_len: in
         logits2d = b.op("Gemm", [flat, embed], transB=1)
         out_shape = b.op("Concat", [ids_shape, b.const([spec.vocab])], axis=0)
         b.op_to("Reshape", [logits2d, out_shape], ["logits"])
+    elif isinstance(spec.lm_head, QuantizedTensor):
+        y = quantized_matmul(b, x, spec.lm_head, "lm_head.qmatmul", W.graph_ops, W.accuracy_level)
+        b.op_to("Identity", [y], ["logits"])
     else:
         b.op_to("MatMul", [x, W("lm_head", lambda: spec.lm_head.T)], ["logits"])  # type: ignore[union-attr]
     b.output("logits", F32, ["batch", "seq", spec.vocab])
@@ -114,6 +121,12 @@ def _norm(b: GraphBuilder, W: _Weights, spec: DecoderSpec, x: str, wb, name: str
 
 def _linear(b: GraphBuilder, W: _Weights, x: str, name: str, weights: tuple, bias: tuple | None) -> str:  # type: ignore[type-arg]
     """One MatMul for several projections of the same input (q/k/v, gate/up): fewer, larger GEMMs."""
+    if isinstance(weights[0], QuantizedTensor):
+        q = QuantizedTensor.concat(list(weights))
+        y = quantized_matmul(W.b, x, q, f"{name}.qmatmul", W.graph_ops, W.accuracy_level)
+        if bias is not None:
+            y = b.op("Add", [y, W(f"{name}.bias", lambda: np.concatenate(bias, 0))])
+        return y
     w = W(f"{name}.weight", lambda: np.concatenate(weights, 0).T if len(weights) > 1 else weights[0].T)
     y = b.op("MatMul", [x, w])
     if bias is not None:

@@ -32,7 +32,7 @@ class GraphBuilder:
         self.nodes: list[onnx.NodeProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
-        self._inits: list[tuple[str, ArrayFn]] = []
+        self._inits: list[tuple[str, ArrayFn, int | None]] = []
         self._names: set[str] = set()
         self._consts: dict[tuple[str, bytes], str] = {}
         self._count = 0
@@ -50,12 +50,12 @@ class GraphBuilder:
     def output(self, name: str, elem: int, shape: Sequence[int | str]) -> None:
         self.outputs.append(helper.make_tensor_value_info(name, elem, list(shape)))
 
-    def init(self, name: str, fn: ArrayFn) -> str:
-        """Register a lazily produced initializer (a weight)."""
+    def init(self, name: str, fn: ArrayFn, elem: int | None = None) -> str:
+        """Register a lazily produced initializer (a weight). ``elem`` packs uint8 values as UINT4/INT4."""
         if name in self._names:
             raise ValueError(f"duplicate initializer {name}")
         self._names.add(name)
-        self._inits.append((name, fn))
+        self._inits.append((name, fn, elem))
         return name
 
     def const(self, value: float | int | Sequence[int] | np.ndarray, dtype: type = np.int64) -> str:
@@ -97,10 +97,14 @@ class GraphBuilder:
         data_path = path.parent / data_name
         initializers = []
         with open(data_path, "wb") as fh:
-            for name, fn in self._inits:
+            for name, fn, elem in self._inits:
                 arr = np.asarray(fn())
                 arr = arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)  # keeps 0-d scalars 0-d
-                tensor = TensorProto(name=name, data_type=_NP_TO_ONNX[arr.dtype], dims=list(arr.shape))
+                tensor = TensorProto(name=name, data_type=elem or _NP_TO_ONNX[arr.dtype], dims=list(arr.shape))
+                if elem in (TensorProto.UINT4, TensorProto.INT4):  # two 4-bit values a byte, low first
+                    flat = arr.reshape(-1).astype(np.uint8) & 0x0F
+                    flat = np.concatenate([flat, np.zeros(flat.size % 2, np.uint8)])
+                    arr = flat[0::2] | (flat[1::2] << 4)
                 if arr.nbytes >= EXTERNAL_MIN_BYTES:
                     pad = (-fh.tell()) % ALIGN
                     fh.write(b"\0" * pad)
@@ -121,6 +125,7 @@ class GraphBuilder:
         if self.ms_opset:
             opsets.append(helper.make_opsetid("com.microsoft", 1))
         model = helper.make_model(graph, opset_imports=opsets, producer_name="slm-export")
-        model.ir_version = min(model.ir_version, 10)
+        # The lowest IR version that carries the opset: older runtimes (TensorRT 8.x) read it.
+        model.ir_version = 7 if self.opset <= 15 else 8 if self.opset <= 18 else 10
         onnx.save_model(model, str(path))
         return path.stat().st_size, data_path.stat().st_size

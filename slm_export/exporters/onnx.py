@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from slm_export.calibration.quant import QuantizedTensor
 from slm_export.errors import ExportError
 from slm_export.exporters.decoder import build_decoder
 from slm_export.exporters.encoder import build_encoder
@@ -36,18 +38,23 @@ class OnnxExporter:
 
     name = "onnx"
 
-    def export(self, model: LoadedModel, plan: Plan, out_dir: Path) -> ExportResult:
-        """Export ``model`` into ``out_dir`` (which the caller created and will rename into place)."""
+    def export(self, model: LoadedModel, plan: Plan, out_dir: Path,
+               weights: Mapping[str, Any] | None = None) -> ExportResult:
+        """Export ``model`` into ``out_dir`` (which the caller created and will rename into place).
+
+        ``weights`` replaces the model's own (the compress stage's output: quantized tensors included).
+        """
         try:
-            spec = spec_for(model.config, model.weights)
+            spec = spec_for(model.config, weights if weights is not None else model.weights)
         except KeyError as exc:
             raise ExportError(f"{model.path}: weight {exc} missing for {model.model_type}") from None
         if isinstance(spec, DecoderSpec):
-            builder = build_decoder(spec, plan.opset, plan.precision, plan.max_seq_len)
-            per_token = _decoder_bytes_per_token(spec, plan.precision)
+            builder = build_decoder(spec, plan.opset, plan.precision, plan.max_seq_len, plan.graph_ops,
+                                    plan.accuracy_level)
+            per_token, macs = _decoder_bytes_per_token(spec, plan.precision)
         else:
             builder = build_encoder(spec, plan.opset, plan.precision)
-            per_token = 0
+            per_token, macs = 0, 0
         path = out_dir / MODEL_FILE
         model_bytes, data_bytes = builder.save(path)
         model.tokenizer.save_pretrained(out_dir / "tokenizer")
@@ -59,18 +66,22 @@ class OnnxExporter:
             "eos_token_id": _eos(model), "files": [MODEL_FILE, MODEL_FILE + ".data", "tokenizer", "config.json"],
         }
         (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
-        flops = 2 * per_token // (2 if plan.precision == "fp16" else 4)
-        return ExportResult(path, tuple(manifest["files"]), model_bytes + data_bytes, per_token, flops,
+        return ExportResult(path, tuple(manifest["files"]), model_bytes + data_bytes, per_token, 2 * macs,
                             plan.graph_ops, plan.opset)
 
 
-def _decoder_bytes_per_token(spec: DecoderSpec, precision: str) -> int:
-    """Weight bytes read per decoded token: every linear layer and the LM head (embedding rows: 1)."""
-    n = 0
+def _decoder_bytes_per_token(spec: DecoderSpec, precision: str) -> tuple[int, int]:
+    """(weight bytes read per decoded token, weights multiplied per token): every linear layer and the
+    LM head; of the embedding table only one row is read."""
+    width = 2 if precision == "fp16" else 4
+    total, count = 0, 0
     for layer in spec.layers:
-        n += sum(w.size for w in layer.qkv) + layer.o.size + sum(w.size for w in layer.up) + layer.down.size
-    n += (spec.lm_head if spec.lm_head is not None else spec.embed).size
-    return n * (2 if precision == "fp16" else 4)
+        for w in (*layer.qkv, layer.o, *layer.up, layer.down):
+            total += w.storage_bytes() if isinstance(w, QuantizedTensor) else w.size * width
+            count += w.size
+    head = spec.lm_head if spec.lm_head is not None else spec.embed
+    total += head.storage_bytes() if isinstance(head, QuantizedTensor) else head.size * width
+    return total, count + head.size
 
 
 def _eos(model: LoadedModel) -> Any:

@@ -79,8 +79,8 @@ class TargetProfile:
             )
         if plan.precision not in IMPLEMENTED_PRECISIONS:
             raise UnsupportedByTarget(
-                f"precision {plan.precision!r} needs the compression stage, which this version "
-                f"does not have yet. Available now: {', '.join(IMPLEMENTED_PRECISIONS)}."
+                f"precision {plan.precision!r} is not produced by this version yet. "
+                f"Available now: {', '.join(IMPLEMENTED_PRECISIONS)}."
             )
         if plan.sparsity and plan.sparsity not in self.sparsity_patterns:
             can = ", ".join(self.sparsity_patterns) or "none"

@@ -1,0 +1,123 @@
+"""Weight quantization primitives shared by every method: the quantized tensor and round-to-nearest.
+
+Weights are ``[out, in]`` (Hugging Face Linear layout); groups run along ``in``, the reduction axis,
+which is what ONNX Runtime's MatMulNBits and ONNX's blocked DequantizeLinear expect.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from slm_export.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """Integer codes with per-group scales: ``w[o, i] = (codes[o, i] - zero[o, i // g]) * scale[o, i // g]``.
+
+    ``zeros`` is None for symmetric quantization (zero point ``2**(bits-1)``, codes stored offset).
+    """
+
+    codes: np.ndarray  # uint8 [out, in], values in [0, 2**bits)
+    scales: np.ndarray  # float32 [out, in // group]
+    zeros: np.ndarray | None  # uint8 [out, in // group] or None (symmetric)
+    bits: int
+    group: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.codes.shape  # type: ignore[return-value]
+
+    @property
+    def size(self) -> int:
+        return int(self.codes.size)
+
+    def __getitem__(self, rows: slice) -> QuantizedTensor:
+        """Rows (output channels) of the tensor: a fused q/k/v projection splits this way."""
+        if not isinstance(rows, slice):
+            raise TypeError("QuantizedTensor supports row slices only")
+        zeros = None if self.zeros is None else self.zeros[rows]
+        return QuantizedTensor(self.codes[rows], self.scales[rows], zeros, self.bits, self.group)
+
+    @property
+    def zero_points(self) -> np.ndarray:
+        if self.zeros is not None:
+            return self.zeros
+        return np.full(self.scales.shape, 1 << (self.bits - 1), np.uint8)
+
+    def dequantize(self) -> np.ndarray:
+        """Float32 ``[out, in]``."""
+        z = np.repeat(self.zero_points.astype(np.float32), self.group, axis=1)
+        s = np.repeat(self.scales, self.group, axis=1)
+        return (self.codes.astype(np.float32) - z) * s
+
+    def storage_bytes(self) -> int:
+        """Bytes as stored for the runtime: packed codes, fp32 scales, packed zero points."""
+        zeros = 0 if self.zeros is None else self.zeros.size * self.bits // 8
+        return self.codes.size * self.bits // 8 + self.scales.size * 4 + zeros
+
+    @staticmethod
+    def concat(parts: list[QuantizedTensor]) -> QuantizedTensor:
+        """Stack along ``out`` (q, k and v become one MatMul)."""
+        first = parts[0]
+        if any(p.bits != first.bits or p.group != first.group or (p.zeros is None) != (first.zeros is None)
+               for p in parts):
+            raise ValueError("cannot merge projections quantized differently")
+        zeros = None if first.zeros is None else np.concatenate([p.zeros for p in parts], 0)  # type: ignore[misc]
+        return QuantizedTensor(np.concatenate([p.codes for p in parts], 0),
+                               np.concatenate([p.scales for p in parts], 0), zeros, first.bits, first.group)
+
+
+def check_group(in_features: int, group: int, name: str = "weight") -> None:
+    """A group size must divide the reduction dimension; the message lists the sizes that would."""
+    if group <= 0 or in_features % group:
+        valid = [g for g in (16, 32, 64, 128, 256) if in_features % g == 0]
+        raise ConfigError(f"group size {group} does not divide {name}'s input dimension {in_features}; "
+                          f"valid group sizes here: {', '.join(map(str, valid)) or 'none of 16..256'}")
+
+
+def group_params(w: torch.Tensor, bits: int, symmetric: bool, clip: torch.Tensor | float = 1.0,
+                 pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point per row of ``w`` ([rows, group]) -> ([rows, 1], [rows, 1])."""
+    qmax = (1 << bits) - 1
+    if symmetric:
+        amax = (w.abs().amax(1, keepdim=True) * clip).clamp_min(1e-8)
+        scale = amax / (qmax // 2)
+        if pow2:
+            scale = torch.exp2(torch.ceil(torch.log2(scale)))
+        zero = torch.full_like(scale, (qmax + 1) // 2)
+        return scale, zero
+    lo = (w.amin(1, keepdim=True) * clip).clamp(max=0)
+    hi = (w.amax(1, keepdim=True) * clip).clamp(min=0)
+    scale = ((hi - lo) / qmax).clamp_min(1e-8)
+    zero = torch.round(-lo / scale).clamp(0, qmax)
+    return scale, zero
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    return torch.clamp(torch.round(w / scale) + zero, 0, (1 << bits) - 1)
+
+
+def quantize_rtn(w: torch.Tensor | np.ndarray, bits: int, group: int, symmetric: bool,
+                 pow2: bool = False) -> QuantizedTensor:
+    """Round-to-nearest, per group along the input dimension (``group == in`` means per channel)."""
+    w = torch.as_tensor(w, dtype=torch.float32)
+    out_f, in_f = w.shape
+    check_group(in_f, group)
+    g = w.reshape(out_f * in_f // group, group)
+    scale, zero = group_params(g, bits, symmetric, pow2=pow2)
+    codes = quantize_codes(g, scale, zero, bits)
+    shape = (out_f, in_f // group)
+    return QuantizedTensor(codes.reshape(out_f, in_f).to(torch.uint8).numpy(),
+                           scale.reshape(shape).numpy().astype(np.float32),
+                           None if symmetric else zero.reshape(shape).to(torch.uint8).numpy(), bits, group)
+
+
+def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio in dB."""
+    ref = reference.astype(np.float64)
+    noise = ((ref - approx.astype(np.float64)) ** 2).sum()
+    return float(10 * np.log10((ref ** 2).sum() / max(noise, 1e-30)))

@@ -1,0 +1,178 @@
+"""Sequential, layer-by-layer calibration over a Hugging Face decoder.
+
+The calibration set is embedded once; then each decoder layer is run twice over it: once with hooks
+that collect what the method needs (the Hessian X^T X, activation statistics, a token subsample), and
+once, after its weights are replaced by their quantized values, to produce the next layer's inputs.
+Memory stays near one layer's activations for the whole set plus the hidden states.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class _Stop(Exception):
+    pass
+
+
+@dataclass
+class InputStats:
+    """What a linear layer's inputs looked like over the calibration set."""
+
+    hessian: torch.Tensor | None = None  # sum of x^T x, float32 [in, in]
+    abs_mean: torch.Tensor | None = None  # mean |x| per input channel
+    abs_max: torch.Tensor | None = None  # max |x| per input channel
+    sq_sum: torch.Tensor | None = None  # sum of x^2 per input channel (Wanda's norm)
+    sample: list[torch.Tensor] = field(default_factory=list)  # a few token rows, for output-error searches
+    tokens: int = 0
+
+    def update(self, x: torch.Tensor, want_hessian: bool, sample_rows: int) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        n = x.shape[0]
+        if want_hessian:
+            if self.hessian is None:
+                self.hessian = torch.zeros(x.shape[1], x.shape[1])
+            self.hessian.addmm_(x.T, x)
+        a = x.abs()
+        self.abs_mean = a.sum(0) if self.abs_mean is None else self.abs_mean + a.sum(0)
+        mx = a.amax(0)
+        self.abs_max = mx if self.abs_max is None else torch.maximum(self.abs_max, mx)
+        sq = (x * x).sum(0)
+        self.sq_sum = sq if self.sq_sum is None else self.sq_sum + sq
+        have = sum(s.shape[0] for s in self.sample)
+        if have < sample_rows:
+            step = max(1, n // max(1, (sample_rows - have) // 4))
+            self.sample.append(x[::step][: sample_rows - have].clone())
+        self.tokens += n
+
+    def finish(self) -> InputStats:
+        if self.abs_mean is not None:
+            self.abs_mean = self.abs_mean / self.tokens
+        return self
+
+
+def decoder_layers(module: nn.Module) -> nn.ModuleList:
+    for path in ("model.layers", "transformer.h"):
+        obj: Any = module
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+            return obj  # type: ignore[no-any-return]
+        except AttributeError:
+            continue
+    raise TypeError(f"{type(module).__name__}: no decoder layer list found")
+
+
+def linear_modules(layer: nn.Module) -> dict[str, nn.Linear]:
+    return {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
+
+
+def capture_first_layer_inputs(module: nn.Module, batches: list[torch.Tensor]) -> list[tuple[torch.Tensor, dict]]:
+    """(hidden_states, layer kwargs) entering layer 0, one per batch."""
+    layers = decoder_layers(module)
+    first = layers[0]
+    captured: list[tuple[torch.Tensor, dict]] = []
+
+    class Catcher(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = first
+
+        def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "cache", "use_cache")}
+            captured.append((hidden, kwargs))
+            raise _Stop
+
+    layers[0] = Catcher()
+    try:
+        with torch.no_grad():
+            for ids in batches:
+                with contextlib.suppress(_Stop):
+                    module(input_ids=ids, use_cache=False)
+    finally:
+        layers[0] = first
+    return captured
+
+
+def run_layer(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict]]) -> list[tuple[torch.Tensor, dict]]:
+    outs = []
+    with torch.no_grad():
+        for hidden, kwargs in inputs:
+            out = layer(hidden, **kwargs)
+            outs.append((out[0] if isinstance(out, tuple) else out, kwargs))
+    return outs
+
+
+def collect_stats(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict]], want_hessian: bool,
+                  sample_rows: int = 2048) -> dict[str, InputStats]:
+    """Run ``layer`` over ``inputs`` with hooks on its linear modules.
+
+    Linears that read the very same tensor (q/k/v, gate/up) share one ``InputStats``: the Hessian
+    of a shared input is accumulated once.
+    """
+    stats: dict[str, InputStats] = {}
+    seen: dict[tuple[int, tuple[int, ...]], InputStats] = {}
+    alive: list[torch.Tensor] = []
+    hooks = []
+    for name, lin in linear_modules(layer).items():
+        def hook(mod: nn.Module, args: tuple, name: str = name) -> None:
+            x = args[0]
+            key = (x.data_ptr(), tuple(x.shape))
+            if name not in stats:
+                stats[name] = seen.get(key) or InputStats()
+            if seen.get(key) is stats[name]:
+                return  # a sibling already recorded this very tensor
+            seen[key] = stats[name]
+            alive.append(x)  # holding it keeps its address from being reused by a later tensor
+            stats[name].update(x, want_hessian, sample_rows)
+        hooks.append(lin.register_forward_pre_hook(hook))
+    try:
+        for hidden, kwargs in inputs:
+            seen.clear()
+            alive.clear()
+            with torch.no_grad():
+                layer(hidden, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    done: dict[int, InputStats] = {}
+    for st in stats.values():
+        if id(st) not in done:
+            done[id(st)] = st.finish()
+    return stats
+
+
+LayerStep = Callable[[int, nn.Module, dict[str, InputStats]], None]
+
+
+def sequential_calibration(module: nn.Module, batches: list[torch.Tensor], step: LayerStep, want_hessian: bool,
+                           after: Callable[[int, nn.Module], None] | None = None) -> None:
+    """For each layer: collect stats, let ``step`` quantize it (replacing weights), recompute outputs
+    from the quantized layer, then ``after`` (which may restore the layer: it is not run again)."""
+    layers = decoder_layers(module)
+    hidden = capture_first_layer_inputs(module, batches)
+    for i, layer in enumerate(layers):
+        stats = collect_stats(layer, hidden, want_hessian)
+        step(i, layer, stats)
+        del stats
+        hidden = run_layer(layer, hidden)
+        if after:
+            after(i, layer)
+        _trim_heap()
+
+
+def _trim_heap() -> None:
+    """Give freed heap pages back to the OS: the per-layer temporaries otherwise fragment glibc's heap
+    and resident memory creeps up layer after layer."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
