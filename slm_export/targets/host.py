@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -76,10 +77,8 @@ def detect_host(profile: TargetProfile) -> TargetProfile:
     key = f"{model}|{cores}"
     cache = cache_dir() / "host.json"
     cached = {}
-    try:
+    with contextlib.suppress(OSError, ValueError):
         cached = json.loads(cache.read_text())
-    except (OSError, ValueError):
-        pass
     if cached.get("key") == key:
         bandwidth, when = float(cached["bandwidth_gbs"]), cached["measured"]
     else:
@@ -99,6 +98,9 @@ def detect_host(profile: TargetProfile) -> TargetProfile:
         "memory.capacity_gb": "detected: /proc/meminfo MemTotal",
         "memory.bandwidth_gbs": f"measured: numpy read of 256 MB with {cores} threads on {when} (cached in {cache})",
         "compute.fp32": f"derived: {cores} cores x {ghz:.2f} GHz x {per_cycle} FLOP/cycle",
+        "compute.fp16": "derived: same as fp32 (no fp16 arithmetic in ONNX Runtime's x86 CPU kernels)",
+        "compute.int8": "derived: fp32 x 4 with AVX-512 VNNI, x 2 otherwise",
+        "compute.int4": "derived: int4 weights run on the int8 path (MatMulNBits accuracy level 4)",
     }
     cpu = CpuSpec(isa=isa, model=model, cores=cores, freq_ghz=ghz, features=tuple(flags))
     return replace(profile, cpu=cpu, memory_gb=round(_memory_gb(), 1), bandwidth_gbs=round(bandwidth, 1),
