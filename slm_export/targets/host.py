@@ -13,97 +13,154 @@ from pathlib import Path
 
 from slm_export.targets.profile import CpuSpec, TargetProfile
 
+# Flags that change which kernels run (Linux /proc/cpuinfo names); the rest is noise for this tool.
 ML_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16",
-            "amx_tile", "amx_int8", "amx_bf16", "asimd", "asimddp", "fphp", "asimdhp", "i8mm", "sve", "bf16")
+            "avx_vnni", "neon", "asimd", "asimddp", "fphp", "asimdhp", "i8mm", "bf16", "sve", "sve2")
+ISA_NAMES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64",
+             "armv7l": "armv7", "armv8l": "armv7"}
+CPUINFO, MEMINFO = Path("/proc/cpuinfo"), Path("/proc/meminfo")
+MAX_FREQ = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
+BUFFER_MB = 256
 
 
 def cache_dir() -> Path:
-    """Where measurements are cached: $SLM_EXPORT_CACHE_DIR, else $XDG_CACHE_HOME/slm-export."""
+    """The folder for cached measurements.
+
+    Returns:
+        ``$SLM_EXPORT_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/slm-export`` (``~/.cache/slm-export``).
+    """
     if os.environ.get("SLM_EXPORT_CACHE_DIR"):
         return Path(os.environ["SLM_EXPORT_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "slm-export"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "slm-export"
 
 
-def _cpuinfo() -> tuple[str, list[str], float]:
-    model, flags, mhz = platform.processor() or "unknown", [], 0.0
+def _read(path: Path) -> str | None:
+    """A text file's contents, or None where it is missing or unreadable (containers, macOS)."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        return path.read_text(encoding="utf-8", errors="replace")
     except OSError:
-        return model, flags, mhz
+        return None
+
+
+def _cpuinfo() -> tuple[str | None, list[str], float | None, str]:
+    """CPU model, ML-relevant flags and clock (GHz) with the clock's source; None where unknown."""
+    model: str | None = None
+    flags: list[str] = []
+    ghz: float | None = None
+    freq_src = "unknown"
+    text = _read(CPUINFO) or ""
     for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key, value = key.strip(), value.strip()
-        if key in ("model name", "Hardware") and model in ("unknown", ""):
-            model = value
+        key, _, value = (s.strip() for s in line.partition(":"))
+        if key in ("model name", "Hardware") and not model:
+            model = value or None
         elif key in ("flags", "Features") and not flags:
-            flags = [f for f in value.split() if f in ML_FLAGS]
-        elif key == "cpu MHz" and not mhz:
-            mhz = float(value)
-    return model, flags, mhz
+            flags = [f for f in value.split() if f in ML_FLAGS or f.startswith("amx")]
+        elif key == "cpu MHz" and ghz is None:
+            with contextlib.suppress(ValueError):
+                ghz, freq_src = float(value) / 1000, "detected: /proc/cpuinfo cpu MHz (current clock)"
+    max_khz = (_read(MAX_FREQ) or "").strip()
+    if max_khz.isdigit() and int(max_khz) > 0:  # the maximum clock beats the momentary one
+        ghz, freq_src = int(max_khz) / 1e6, f"detected: {MAX_FREQ}"
+    return model or platform.processor() or None, flags, ghz, freq_src
 
 
-def _memory_gb() -> float:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) / 1024**2
-    except OSError:
-        pass
-    return 1.0
+def _memory_gb() -> float | None:
+    """Physical memory in GB from /proc/meminfo, or None."""
+    for line in (_read(MEMINFO) or "").splitlines():
+        if line.startswith("MemTotal:") and line.split()[1].isdigit():
+            return int(line.split()[1]) / 1024**2
+    return None
 
 
-def measure_bandwidth_gbs(threads: int, megabytes: int = 256, repeats: int = 5) -> float:
-    """Best-of-``repeats`` read bandwidth: ``threads`` workers sum disjoint slices of a large buffer."""
+def measure_bandwidth_gbs(threads: int, megabytes: int = BUFFER_MB, repeats: int = 5) -> float:
+    """Measure read bandwidth the way STREAM would, from Python.
+
+    ``threads`` workers sum disjoint slices of one buffer much larger than the caches; numpy releases
+    the GIL inside the reduction, so the workers run in parallel.
+
+    Args:
+        threads: Worker count (use the core count to saturate the memory system).
+        megabytes: Buffer size.
+        repeats: Timed passes; the best one counts (the first also faults the pages in).
+
+    Returns:
+        Best observed bandwidth in GB/s (1e9 bytes per second).
+    """
     import numpy as np
 
     buf = np.ones(megabytes * 2**20 // 8, dtype=np.float64)
-    parts = np.array_split(buf, threads)
+    parts = np.array_split(buf, max(1, threads))
     best = 0.0
-    with ThreadPoolExecutor(threads) as pool:
+    with ThreadPoolExecutor(len(parts)) as pool:
         for _ in range(repeats):
-            t = time.perf_counter()
-            list(pool.map(np.sum, parts))  # numpy releases the GIL inside the reduction
-            best = max(best, buf.nbytes / (time.perf_counter() - t) / 1e9)
+            start = time.perf_counter()
+            list(pool.map(np.sum, parts))
+            best = max(best, buf.nbytes / (time.perf_counter() - start) / 1e9)
     return best
 
 
-def detect_host(profile: TargetProfile) -> TargetProfile:
-    """``profile`` with this machine's facts filled in; bandwidth is cached per CPU model and cores."""
-    isa = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}.get(
-        platform.machine().lower(), "x86_64")
-    model, flags, mhz = _cpuinfo()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    ghz = mhz / 1000 if mhz else 2.0
-    key = f"{model}|{cores}"
+def _cached_bandwidth(key: str, cores: int) -> tuple[float, str]:
+    """Bandwidth for this CPU from the cache, measuring (and caching) it on a miss."""
     cache = cache_dir() / "host.json"
-    cached = {}
-    with contextlib.suppress(OSError, ValueError):
-        cached = json.loads(cache.read_text())
-    if cached.get("key") == key:
-        bandwidth, when = float(cached["bandwidth_gbs"]), cached["measured"]
-    else:
-        bandwidth, when = measure_bandwidth_gbs(cores), time.strftime("%Y-%m-%d")
-        try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            cache.write_text(json.dumps({"key": key, "bandwidth_gbs": bandwidth, "measured": when}))
-        except OSError:
-            pass  # an unwritable cache only costs a re-measurement next time
-    per_cycle = 32 if "avx512f" in flags else 16 if "fma" in flags else 8
-    fp32 = cores * ghz * per_cycle
+    try:
+        data = json.loads(cache.read_text(encoding="utf-8"))
+        if data["key"] == key:
+            return float(data["bandwidth_gbs"]), f"{data['source']} (cached in {cache})"
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no cache, another machine's, or a damaged file: measure again
+    bandwidth = measure_bandwidth_gbs(cores)
+    source = f"measured: numpy read of {BUFFER_MB} MB with {cores} threads on {time.strftime('%Y-%m-%d')}"
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({"key": key, "bandwidth_gbs": bandwidth, "source": source}), encoding="utf-8")
+    except OSError:
+        pass  # an unwritable cache only costs a re-measurement next time
+    return bandwidth, source
+
+
+def _flop_per_cycle(isa: str, flags: list[str]) -> int:
+    """fp32 FLOP per cycle per core, conservatively: one FMA pipe's worth on each vector width."""
+    if isa == "x86_64":
+        return 32 if "avx512f" in flags else 16 if {"avx2", "fma"} <= set(flags) else 8
+    return 8  # a 128-bit NEON FMA per cycle (LLVM's Cortex-A57/A72 model)
+
+
+def detect_host(profile: TargetProfile) -> TargetProfile:
+    """Fill ``profile`` with this machine's facts, each with a source.
+
+    Args:
+        profile: The built-in ``host`` profile, whose placeholder figures are replaced.
+
+    Returns:
+        A copy with CPU, memory, measured bandwidth (cached per CPU model and core count) and peak
+        compute estimates; a fact that cannot be read keeps a fallback and a source saying "unknown".
+    """
+    machine = platform.machine().lower()
+    isa = ISA_NAMES.get(machine, profile.cpu.isa)
+    model, flags, ghz, freq_src = _cpuinfo()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    memory = _memory_gb()
+    bandwidth, bw_src = _cached_bandwidth(f"{model or machine}|{cores}", cores)
+    clock = ghz or 2.0
+    per_cycle = _flop_per_cycle(isa, flags)
+    fp32 = cores * clock * per_cycle
+    int_gain = 4 if {"avx512_vnni", "avx_vnni", "asimddp"} & set(flags) else 2 if isa == "x86_64" else 1
+    fp16_gain = 2 if "asimdhp" in flags else 1
     sources = {
-        "cpu.model": "detected: /proc/cpuinfo" if model != "unknown" else "unknown: /proc/cpuinfo unreadable",
-        "cpu.features": "detected: /proc/cpuinfo flags (ML-relevant ones)",
-        "cpu.cores": "detected: sched_getaffinity",
-        "cpu.freq_ghz": "detected: /proc/cpuinfo cpu MHz" if mhz else "unknown: 2.0 GHz assumed",
-        "memory.capacity_gb": "detected: /proc/meminfo MemTotal",
-        "memory.bandwidth_gbs": f"measured: numpy read of 256 MB with {cores} threads on {when} (cached in {cache})",
-        "compute.fp32": f"derived: {cores} cores x {ghz:.2f} GHz x {per_cycle} FLOP/cycle",
-        "compute.fp16": "derived: same as fp32 (no fp16 arithmetic in ONNX Runtime's x86 CPU kernels)",
-        "compute.int8": "derived: fp32 x 4 with AVX-512 VNNI, x 2 otherwise",
-        "compute.int4": "derived: int4 weights run on the int8 path (MatMulNBits accuracy level 4)",
+        "cpu.isa": "detected: platform.machine()" if machine in ISA_NAMES else f"unknown: {machine!r}",
+        "cpu.model": "detected: /proc/cpuinfo" if model else "unknown: /proc/cpuinfo unreadable",
+        "cpu.features": "detected: /proc/cpuinfo flags (ML-relevant ones)" if flags else "unknown: no flags read",
+        "cpu.cores": "detected: os.sched_getaffinity (cores this process may use)",
+        "cpu.freq_ghz": freq_src if ghz else "unknown: 2.0 GHz assumed",
+        "memory.capacity_gb": "detected: /proc/meminfo MemTotal" if memory else "unknown: 1 GB assumed",
+        "memory.bandwidth_gbs": bw_src,
+        "compute.fp32": f"derived: cores x GHz x FLOP/cycle = {cores} x {clock:.2f} x {per_cycle}",
+        "compute.fp16": f"derived: fp32 x {fp16_gain} (x2 only with fp16 vector arithmetic, asimdhp)",
+        "compute.int8": f"derived: fp32 x {int_gain} (x4 with VNNI or SDOT dot products)",
+        "compute.int4": "derived: same as int8 (int4 weights are unpacked onto the int8 path)",
     }
-    cpu = CpuSpec(isa=isa, model=model, cores=cores, freq_ghz=ghz, features=tuple(flags))
-    return replace(profile, cpu=cpu, memory_gb=round(_memory_gb(), 1), bandwidth_gbs=round(bandwidth, 1),
-                   peak_gflops={"fp32": fp32, "int8": fp32 * (4 if "avx512_vnni" in flags else 2),
-                                "int4": fp32 * (4 if "avx512_vnni" in flags else 2), "fp16": fp32},
+    cpu = CpuSpec(isa=isa, model=model or "unknown", cores=cores, freq_ghz=round(clock, 3), features=tuple(flags))
+    return replace(profile, cpu=cpu, memory_gb=round(memory or 1.0, 1), bandwidth_gbs=round(bandwidth, 1),
+                   peak_gflops={"fp32": fp32, "fp16": fp32 * fp16_gain, "int8": fp32 * int_gain,
+                                "int4": fp32 * int_gain},
                    sources={**profile.sources, **sources})
