@@ -32,13 +32,21 @@ def rpi4_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_rpi4_default_export(rpi4_artifact: Path) -> None:
+    import onnx
+
     report = json.loads((rpi4_artifact / "report.json").read_text())
     assert report["schema_version"] == 1
     assert report["verdict"] == "PASS"
-    assert report["plan"]["precision"] == "fp32"
-    assert any("int4 needs the compression stage" in n for n in report["notes"])
-    assert report["metrics"]["greedy_match"]["value"] is True
-    assert abs(report["metrics"]["perplexity_change_pct"]["value"]) < 0.1
+    assert (report["plan"]["precision"], report["plan"]["method"]) == ("int4", "awq")
+    assert report["metrics"]["perplexity_change_pct"]["value"] <= 10.0
+    comp = report["compression"]
+    assert comp["calibration"]["samples"] == 64
+    assert comp["calibration"]["source"] == "builtin:pydoc-topics/calibration"
+    assert len(comp["layers"]) == 30 * 7
+    assert all("output_sqnr_db" in e for e in comp["layers"])
+    assert comp["bits_per_weight"] < 6
+    graph = onnx.load(str(rpi4_artifact / "model.onnx"), load_external_data=False)
+    assert sum(n.op_type == "MatMulNBits" for n in graph.graph.node) == 30 * 4
     assert report["metrics"]["decode_tokens_per_s_p50"]["where"].startswith("measured on host")
     assert report["roofline"]["rpi4b_decode_tokens_per_s_bound"] > 0
     assert [s["name"] for s in report["stages"]] == ["load", "compress", "export", "compile", "validate"]
@@ -84,6 +92,28 @@ def test_jetson_fp16_portable_graph(tmp_path: Path) -> None:
     assert all(n.domain == "" for n in graph.graph.node)
     assert result.report["compile"]["status"] == "not run"
     assert result.report["metrics"]["artifact_bytes"]["value"] < 0.6 * result.report["model"]["float32_weight_bytes"]
+
+
+@pytest.mark.parametrize(("target", "precision", "extra", "max_change"), [
+    ("host", "int8", [], 1.0),
+    ("host", "int4", ["--method", "gptq", "--calib-samples", "8", "--calib-seqlen", "256"], 15.0),
+    ("a100", "int4", ["--method", "rtn"], 25.0),
+])
+def test_quantized_exports(target: str, precision: str, extra: list[str], max_change: float, tmp_path: Path,
+                           capsys: pytest.CaptureFixture[str]) -> None:
+    import onnx
+
+    out = tmp_path / "q"
+    code, text = _cli(["--target", target, "--model", "smollm2-135m", "--precision", precision, "--out", str(out),
+                       "--threads", "2", "--json", *extra], capsys)
+    report = json.loads(text[text.index("{"):])
+    assert report["metrics"]["perplexity_change_pct"]["value"] <= max_change
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    domains = {n.domain for n in graph.graph.node}
+    assert domains == ({""} if target == "a100" else {"", "com.microsoft"})
+    # Quantized artifacts are smaller than the float32 weights and decode faster than the fp32 bound.
+    assert report["artifact"]["bytes"] < 0.6 * report["model"]["float32_weight_bytes"]
+    assert code in (0, 1)
 
 
 def test_python_api_encoder(tmp_path: Path) -> None:

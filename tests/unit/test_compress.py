@@ -1,0 +1,133 @@
+"""Quantization methods on tiny models and synthetic data: exact properties, not just "it runs"."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from slm_export.calibration.awq import AWQConfig, awq_quantize, search_scale
+from slm_export.calibration.compress import CompressConfig, compress
+from slm_export.calibration.data import load_calibration
+from slm_export.calibration.gptq import GPTQConfig, gptq_quantize
+from slm_export.calibration.quant import QuantizedTensor, quantize_rtn
+from slm_export.errors import ConfigError
+from slm_export.exporters.onnx import OnnxExporter
+from slm_export.exporters.quantized import pack_codes
+from slm_export.models import load_model
+from slm_export.plan import Plan
+from slm_export.validation.generate import OnnxDecoder, make_session
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_rtn_codes_in_range_and_within_one_step(bits: int, symmetric: bool) -> None:
+    torch.manual_seed(0)
+    w = torch.randn(64, 128)
+    q = quantize_rtn(w, bits, 32, symmetric)
+    assert q.codes.dtype == np.uint8
+    assert q.codes.max() < 2**bits
+    assert q.scales.shape == (64, 4)
+    step = np.repeat(q.scales, 32, axis=1)
+    assert np.all(np.abs(q.dequantize() - w.numpy()) <= step * 0.5 + 1e-6)  # half a step: round to nearest
+    assert (q.zeros is None) == symmetric
+
+
+def test_matmulnbits_packing_shape() -> None:
+    q = quantize_rtn(torch.randn(48, 96), 4, 32, False)
+    packed = pack_codes(q)
+    assert packed.shape == (48, 3, 16)
+    assert np.array_equal(packed[0, 0, 0] & 0x0F, q.codes[0, 0])
+    assert np.array_equal(packed[0, 0, 0] >> 4, q.codes[0, 1])
+
+
+def test_group_size_that_does_not_divide_names_valid_sizes() -> None:
+    with pytest.raises(ConfigError, match="valid group sizes here: 16, 32, 64"):
+        quantize_rtn(torch.randn(8, 576), 4, 128, False)
+
+
+def _correlated(n: int = 2048, k: int = 128, rank: int = 16) -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.randn(n, rank) @ torch.randn(rank, k)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_beats_rtn_on_correlated_inputs(act_order: bool) -> None:
+    x = _correlated()
+    w = torch.randn(64, 128) * 0.1
+    ref = x @ w.T
+    g = gptq_quantize(w, x.T @ x, GPTQConfig(bits=4, group=32, act_order=act_order))
+    r = quantize_rtn(w, 4, 32, False)
+    err = lambda q: float(((x @ torch.from_numpy(q.dequantize()).T - ref) ** 2).mean())  # noqa: E731
+    assert err(g) < 0.5 * err(r)
+    assert g.codes.max() < 16  # same integer grid, groups contiguous in the original order
+
+
+def test_awq_scale_search_reduces_output_error() -> None:
+    torch.manual_seed(2)
+    x = torch.randn(1024, 128) * torch.cat([torch.full((8,), 20.0), torch.ones(120)])  # salient channels
+    w = torch.randn(64, 128) * 0.1
+    cfg = AWQConfig(bits=4, group=32)
+    s = search_scale([w], x, x.abs().mean(0), cfg)
+    plain = awq_quantize(w, x, cfg).dequantize()
+    scaled = awq_quantize(w * s, x / s, cfg).dequantize() / s.numpy()
+    ref = (x @ w.T).numpy()
+    assert ((x.numpy() @ scaled.T - ref) ** 2).mean() <= ((x.numpy() @ plain.T - ref) ** 2).mean()
+
+
+def test_calibration_data_errors(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
+    tok = load_model(str(tiny_models["llama"])).tokenizer
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match="is empty"):
+        load_calibration(tok, str(empty), 4, 64)
+    short = tmp_path / "short.txt"
+    short.write_text("a few words only")
+    with pytest.raises(ConfigError, match="fewer than one sample"):
+        load_calibration(tok, str(short), 4, 64)
+    binary = tmp_path / "latin1.txt"
+    binary.write_bytes("caf\xe9 ".encode("latin-1") * 100)
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_calibration(tok, str(binary), 4, 64)
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text('{"text": "x"}\n{"nope": 1}\n')
+    with pytest.raises(ConfigError, match='line 2: expected an object with a "text" string'):
+        load_calibration(tok, str(jsonl), 4, 64)
+    a = load_calibration(tok, None, 4, 64, seed=3)
+    b = load_calibration(tok, None, 4, 64, seed=3)
+    assert a.sha256 == b.sha256
+    assert a.ids.shape == (4, 64)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
+@pytest.mark.parametrize("graph_ops", ["onnxruntime", "standard"])
+def test_quantized_export_matches_dequantized_torch(method: str, graph_ops: str, tiny_models: dict[str, Path],
+                                                    tmp_path: Path) -> None:
+    model = load_model(str(tiny_models["llama"]))
+    before = {k: v.clone() for k, v in model.weights.items()}
+    result = compress(model, CompressConfig("int4", method, 32, calib_samples=4, calib_seqlen=64))
+    assert all(torch.equal(before[k], v) for k, v in model.weights.items()), "the float reference was modified"
+    q = {k: v for k, v in result.weights.items() if isinstance(v, QuantizedTensor)}
+    assert len(q) == 2 * 7
+    assert all(e["weight_sqnr_db"] > 5 for e in result.layers)
+    plan = Plan(target="host", model="m", out="o", precision="int4", backend="onnxruntime", graph_ops=graph_ops,
+                opset=21 if graph_ops == "standard" else 17, static_shapes=False, max_seq_len=512,
+                validation="host", accuracy_level=0)
+    exported = OnnxExporter().export(model, plan, tmp_path, result.weights)
+    graph = onnx.load(str(exported.model_path), load_external_data=False)
+    ops = {n.op_type for n in graph.graph.node}
+    assert ("MatMulNBits" in ops) == (graph_ops == "onnxruntime")
+    # The torch model with the dequantized weights (and AWQ's folded norms) is what the graph computes.
+    sd = {k: torch.from_numpy(v.dequantize()) if isinstance(v, QuantizedTensor) else v
+          for k, v in result.weights.items()}
+    from slm_export.models.loader import _build_module
+
+    twin = _build_module(type(model)(**{**model.__dict__, "weights": sd, "_module": []}))
+    ids = np.asarray([[3, 9, 27, 81, 243, 100]], dtype=np.int64)
+    with torch.no_grad():
+        ref = twin(torch.from_numpy(ids)).logits.numpy()
+    got = OnnxDecoder(make_session(exported.model_path, 1)).logits(ids)
+    np.testing.assert_allclose(got, ref, atol=2e-3, rtol=1e-3)
