@@ -14,7 +14,7 @@ from typing import Any
 
 from slm_export.errors import SlmExportError, ValidationFailed
 
-SUBCOMMANDS = ("export", "targets", "validate")
+SUBCOMMANDS = ("export", "targets", "validate", "methods")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,6 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4),
                    help="ONNX Runtime MatMulNBits accuracy level (4: int8 compute; default 4)")
     q.add_argument("--lm-head-bits", type=int, choices=(0, 4, 8), help="quantize the LM head too (default 0: float)")
+    sp = e.add_argument_group("sparsity")
+    sp.add_argument("--sparsity", help="N:M pattern along the input dimension (2:4, 4:8) or 'unstructured'")
+    sp.add_argument("--sparsity-method", choices=("magnitude", "wanda", "sparsegpt"), help="default wanda")
+    sp.add_argument("--sparsity-ratio", type=float, help="fraction of weights removed, unstructured (default 0.5)")
     e.add_argument("--dry-run", action="store_true", help="print the plan and stop")
     e.add_argument("--no-validate", action="store_true", help="skip validation")
     e.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads for validation (0: all cores)")
@@ -50,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("action", nargs="?", choices=("list", "show"), default="list")
     t.add_argument("name", nargs="?")
     t.add_argument("--json", action="store_true")
+    sub.add_parser("methods", help="list compression methods and sparsity patterns")
     v = sub.add_parser("validate", help="re-run validation of an existing artifact")
     v.add_argument("artifact")
     v.add_argument("--eval-data")
@@ -73,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             return _targets(args)
         if args.command == "validate":
             return _validate(args)
+        if args.command == "methods":
+            return _methods()
         if args.command == "export":
             return _export(args)
         _parser().print_help()
@@ -138,7 +145,8 @@ def _export(args: argparse.Namespace) -> int:
     profile = get_target(args.target, args.target_file)
     out = args.out or f"build/{profile.id}"
     options = {k: getattr(args, k) for k in ("method", "group_size", "symmetric", "calib_data", "calib_samples",
-                                             "calib_seqlen", "seed", "accuracy_level", "lm_head_bits")}
+                                             "calib_seqlen", "seed", "accuracy_level", "lm_head_bits", "sparsity",
+                                             "sparsity_method", "sparsity_ratio")}
     plan = make_plan(profile, args.model, out, args.precision, args.eval_data, not args.no_validate, **options)
     if args.dry_run:
         print(json.dumps({"plan": plan.to_dict(), "target": profile.id}, indent=2))
@@ -180,6 +188,29 @@ def _finish(report: dict[str, Any], as_json: bool, out: str) -> int:
         if m:
             c.print(f"  {name}: {m['value']:.4g} {m['unit']}  [{m['where']}]", markup=False)
     c.print(f"  report: {out}/report.md")
+    return 0
+
+
+METHOD_TABLE = (
+    ("quantization", "rtn", "int8, int4", "round to nearest per group; no data"),
+    ("quantization", "gptq", "int8, int4", "Hessian-guided rounding with error feedback; act-order, static groups"),
+    ("quantization", "awq", "int8, int4", "activation-aware channel scales folded into the norm, then clip search"),
+    ("sparsity", "magnitude", "2:4, 4:8, unstructured", "smallest |W| removed; no data"),
+    ("sparsity", "wanda", "2:4, 4:8, unstructured", "|W| x input activation norm, per output row"),
+    ("sparsity", "sparsegpt", "2:4, 4:8, unstructured", "inverse-Hessian pruning with weight update"),
+)
+
+
+def _methods() -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("stage", "method", "applies to", "what it does")
+    for row in METHOD_TABLE:
+        table.add_row(*row)
+    Console(soft_wrap=True).print(table)
+    print("Quantized layers export as MatMulNBits (ONNX Runtime targets) or DequantizeLinear + MatMul (others).")
+    print("Not in this version: W8A8 static (SmoothQuant), observers for activations, mixed precision to a budget.")
     return 0
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from slm_export.errors import ConfigError, SlmExportError, UnsupportedByTarget, ValidationFailed
+from slm_export.errors import ConfigError, ExportError, SlmExportError, UnsupportedByTarget, ValidationFailed
 from slm_export.plan import IMPLEMENTED_PRECISIONS, QUANTIZED, Plan
 from slm_export.report import SCHEMA_VERSION, default_goals, write_report
 from slm_export.targets import TargetProfile
@@ -69,14 +69,20 @@ def make_plan(profile: TargetProfile, model: str, out: str | Path, precision: st
                          "SmoothQuant is not in this version")
     elif options.get("method"):
         raise ConfigError(f"--method applies to int8 and int4, not {precision}")
+    if options.get("sparsity"):
+        if options["sparsity"] in profile.sparsity_patterns and not profile.sparse_speedup:
+            notes.append(f"{profile.id} has no sparse hardware: {options['sparsity']} sparsity changes accuracy "
+                         "but gives no speed here, and the artifact stores weights dense (no size gain either)")
+        if profile.sparse_speedup and profile.backends[0] == "tensorrt":
+            notes.append("build the TensorRT engine with sparse weights enabled: trtexec --sparsity=enable")
     plan = Plan(
         target=profile.id, model=model, out=str(out), precision=precision, backend=profile.backends[0],
         graph_ops=profile.graph_ops, opset=profile.opset, static_shapes=profile.static_shapes,
         max_seq_len=profile.max_seq_len, validation=profile.validation, eval_data=eval_data,
         validate=validate, notes=tuple(notes), **options,
     )
-    if precision in QUANTIZED:
-        compress_config(plan)  # validates method, group size, samples before any work
+    if precision in QUANTIZED or plan.sparsity:
+        compress_config(plan)  # validates method, group size, samples, pattern before any work
     profile.check(plan)
     if profile.validation != "host" and validate:
         plan = replace(plan, notes=(*plan.notes, f"{profile.id} validates on {profile.validation}; this version "
@@ -86,10 +92,14 @@ def make_plan(profile: TargetProfile, model: str, out: str | Path, precision: st
 
 
 def compress_config(plan: Plan) -> Any:
-    """The compress stage's config for a quantized plan."""
+    """The compress stage's config for a quantized or sparse plan."""
     from slm_export.calibration.compress import CompressConfig
+    from slm_export.sparsity import SparsityConfig
 
-    return CompressConfig(precision=plan.precision, method=plan.method or DEFAULT_METHOD[plan.precision],
+    sparsity = SparsityConfig(plan.sparsity, plan.sparsity_method, plan.sparsity_ratio) if plan.sparsity else None
+    quantized = plan.precision in QUANTIZED
+    return CompressConfig(precision=plan.precision if quantized else "none",
+                          method=plan.method or DEFAULT_METHOD.get(plan.precision, "rtn"), sparsity=sparsity,
                           group_size=plan.group_size, symmetric=plan.symmetric, calib_data=plan.calib_data,
                           calib_samples=plan.calib_samples, calib_seqlen=plan.calib_seqlen, seed=plan.seed,
                           lm_head_bits=plan.lm_head_bits)
@@ -155,7 +165,7 @@ def run(plan: Plan, profile: TargetProfile, progress: Progress | None = None,
         tmp.mkdir(parents=True, exist_ok=False)
         model = stages.run("load", lambda: load_model(plan.model), lambda m: m.weight_bytes)
         compressed = None
-        if plan.precision in QUANTIZED:
+        if plan.precision in QUANTIZED or plan.sparsity:
             from slm_export.calibration.compress import compress
 
             cfg = compress_config(plan)
@@ -175,6 +185,12 @@ def run(plan: Plan, profile: TargetProfile, progress: Progress | None = None,
             stages.skip("validate", "--no-validate")
         report = _report(plan, profile, model, exported, compiled, metrics, stages.records)
         report["compression"] = _compression_section(compressed)
+        if plan.sparsity:
+            from slm_export.sparsity.verify import verify_sparsity
+
+            report["sparsity"] = verify_sparsity(exported.model_path, plan.sparsity)
+            if not report["sparsity"]["all_satisfy_pattern"]:
+                raise ExportError(f"exported weights break the {plan.sparsity} pattern: {report['sparsity']}")
         write_report(report, tmp)
         _replace(tmp, out)
     except BaseException:
@@ -238,7 +254,8 @@ def versions() -> dict[str, str]:
 
 def _report(plan: Plan, profile: TargetProfile, model: Any, exported: Any, compiled: Any,
             metrics: dict[str, Any], stages: list[dict[str, Any]]) -> dict[str, Any]:
-    goals = [g.evaluate(metrics) for g in default_goals(model.kind, plan.precision, plan.method)] if metrics else []
+    wanted = default_goals(model.kind, plan.precision, plan.method, plan.sparsity)
+    goals = [g.evaluate(metrics) for g in wanted] if metrics else []
     verdict = "NOT VALIDATED" if not metrics else ("PASS" if all(g["status"] == "PASS" for g in goals) else "FAIL")
     roof = {}
     if model.kind == "decoder":

@@ -33,8 +33,11 @@ class Goal:
         return {"metric": self.metric, "op": self.op, "threshold": self.threshold, "why": self.why}
 
 
-def default_goals(kind: str, precision: str, method: str | None = None) -> list[Goal]:
+def default_goals(kind: str, precision: str, method: str | None = None, sparsity: str | None = None) -> list[Goal]:
     """Goals an artifact must meet against the float32 reference."""
+    if sparsity:
+        return [Goal("perplexity_change_pct", "<=", 300.0,
+                     f"{sparsity} pruning costs accuracy; a sanity bound that catches a broken model")]
     if kind == "encoder":
         floor = 0.9999 if precision == "fp32" else 0.999
         return [Goal("embedding_cosine_min", ">=", floor, "sentence embeddings must match the reference")]

@@ -21,9 +21,10 @@ from slm_export.calibration.gptq import GPTQConfig, gptq_quantize, prepare_hessi
 from slm_export.calibration.quant import QuantizedTensor, check_group, quantize_rtn, sqnr_db
 from slm_export.calibration.sequential import InputStats, decoder_layers, sequential_calibration
 from slm_export.errors import ConfigError
+from slm_export.sparsity import SparsityConfig, prune, sparsity_of
 
 METHODS = ("rtn", "gptq", "awq")
-BITS = {"int8": 8, "int4": 4, "int3": 3}
+BITS = {"int8": 8, "int4": 4, "int3": 3, "none": 0}
 AWQ_TYPES = ("llama", "mistral", "qwen2", "gemma")
 
 
@@ -42,8 +43,11 @@ class CompressConfig:
     damp: float = 0.01
     act_order: bool = True
     lm_head_bits: int = 0  # 0: keep the (tied) LM head in float
+    sparsity: SparsityConfig | None = None
 
     def __post_init__(self) -> None:
+        if self.precision == "none" and self.sparsity is None:
+            raise ConfigError("nothing to compress: no quantization and no sparsity")
         if self.precision not in BITS:
             raise ConfigError(f"weight-only precision must be one of {', '.join(BITS)}, not {self.precision!r}")
         if self.method not in METHODS:
@@ -59,7 +63,13 @@ class CompressConfig:
 
     @property
     def needs_data(self) -> bool:
-        return self.method != "rtn"
+        quant = self.precision != "none" and self.method != "rtn"
+        return quant or (self.sparsity is not None and self.sparsity.needs_data)
+
+    @property
+    def needs_hessian(self) -> bool:
+        quant = self.precision != "none" and self.method == "gptq"
+        return quant or (self.sparsity is not None and self.sparsity.method == "sparsegpt")
 
 
 @dataclass(frozen=True)
@@ -105,8 +115,11 @@ def compress(model: Any, cfg: CompressConfig, progress: Callable[[str], None] | 
     originals = {name: p for name, p in work.named_parameters()}
     changed: dict[str, torch.Tensor] = {}
     if not cfg.needs_data:
-        for name, lin in linears.items():  # no data: round each weight to nearest, no forward passes
-            q = quantize_rtn(lin.weight.detach(), cfg.bits, cfg.group_size, cfg.symmetric)
+        for name, lin in linears.items():  # no data: prune by magnitude, round to nearest, no forward passes
+            w = lin.weight.detach()
+            if cfg.sparsity is not None:
+                w = prune(w, cfg.sparsity)
+            q = _finish_weight(w, cfg, None, None)
             quantized[name + ".weight"] = q
             layer_report.append(_layer_entry(name, lin.weight.detach(), q, cfg, None))
     else:
@@ -125,16 +138,19 @@ def compress(model: Any, cfg: CompressConfig, progress: Callable[[str], None] | 
                 full = f"{prefix}.{i}.{name}"
                 w = lin.weight.detach()
                 st = stats[name]
-                if cfg.method == "gptq":
-                    gcfg = GPTQConfig(cfg.bits, cfg.group_size, cfg.symmetric, cfg.damp, cfg.act_order)
-                    if id(st) not in prepared:  # q/k/v (and gate/up) share one input: factor it once
-                        prepared[id(st)] = prepare_hessian(st.hessian, gcfg)  # type: ignore[arg-type]
-                    q = gptq_quantize(w, prepared[id(st)], gcfg)
-                else:
-                    q = awq_quantize(w, torch.cat(st.sample), AWQConfig(cfg.bits, cfg.group_size, cfg.symmetric))
+                if cfg.sparsity is not None:
+                    hess = None
+                    if cfg.sparsity.method == "sparsegpt":
+                        key = ("sparse", id(st))
+                        if key not in prepared:
+                            prepared[key] = prepare_hessian(st.hessian, GPTQConfig(damp=cfg.damp, act_order=False))  # type: ignore[arg-type]
+                        hess = prepared[key]
+                    w = prune(w, cfg.sparsity, st.sq_sum, hess)
+                q = _finish_weight(w, cfg, st, prepared)
                 quantized[full + ".weight"] = q
                 layer_report.append(_layer_entry(full, originals[full + ".weight"].detach(), q, cfg, st))
-                lin.weight = nn.Parameter(torch.from_numpy(q.dequantize()), requires_grad=False)
+                deq = q.dequantize() if isinstance(q, QuantizedTensor) else q.numpy()
+                lin.weight = nn.Parameter(torch.from_numpy(deq), requires_grad=False)
             if progress:
                 progress(f"layer {i + 1}/{len(decoder_layers(work))}")
 
@@ -149,7 +165,7 @@ def compress(model: Any, cfg: CompressConfig, progress: Callable[[str], None] | 
                 parent = layer.get_submodule(name.rpartition(".")[0]) if "." in name else layer
                 setattr(parent, name.rpartition(".")[2], originals[f"{prefix}.{i}.{name}"])
 
-        sequential_calibration(work, batches, step, want_hessian=cfg.method == "gptq", after=done)
+        sequential_calibration(work, batches, step, want_hessian=cfg.needs_hessian, after=done)
     weights: dict[str, Any] = dict(model.weights)
     weights.update(changed)
     weights.update(quantized)
@@ -163,12 +179,32 @@ def compress(model: Any, cfg: CompressConfig, progress: Callable[[str], None] | 
                           bpw, notes)
 
 
-def _layer_entry(name: str, w: torch.Tensor, q: QuantizedTensor, cfg: CompressConfig,
+def _finish_weight(w: torch.Tensor, cfg: CompressConfig, st: InputStats | None,
+                   prepared: dict[Any, Any] | None) -> QuantizedTensor | torch.Tensor:
+    """Quantize a (possibly pruned) weight by the configured method; float when only pruning."""
+    if cfg.precision == "none":
+        return w
+    keep = (w != 0) if cfg.sparsity is not None else None
+    if cfg.method == "rtn" or st is None:
+        return quantize_rtn(w, cfg.bits, cfg.group_size, cfg.symmetric)  # exact zeros stay zero
+    if cfg.method == "gptq":
+        gcfg = GPTQConfig(cfg.bits, cfg.group_size, cfg.symmetric, cfg.damp, cfg.act_order)
+        key = ("gptq", id(st))
+        if prepared is not None and key not in prepared:  # q/k/v (and gate/up) share one input: factor once
+            prepared[key] = prepare_hessian(st.hessian, gcfg)  # type: ignore[arg-type]
+        return gptq_quantize(w, prepared[key] if prepared is not None else st.hessian, gcfg, keep)  # type: ignore[arg-type]
+    return awq_quantize(w, torch.cat(st.sample), AWQConfig(cfg.bits, cfg.group_size, cfg.symmetric))
+
+
+def _layer_entry(name: str, w: torch.Tensor, q: QuantizedTensor | torch.Tensor, cfg: CompressConfig,
                  stats: InputStats | None) -> dict[str, Any]:
     ref = w.float().numpy()
-    deq = q.dequantize()
-    entry = {"layer": name, "method": cfg.method, "bits": q.bits, "group": q.group,
-             "weight_sqnr_db": round(_sqnr32(ref, deq), 2)}
+    deq = q.dequantize() if isinstance(q, QuantizedTensor) else q.numpy()
+    bits = q.bits if isinstance(q, QuantizedTensor) else 32
+    entry = {"layer": name, "method": cfg.method if cfg.precision != "none" else "float", "bits": bits,
+             "group": q.group if isinstance(q, QuantizedTensor) else 0, "weight_sqnr_db": round(_sqnr32(ref, deq), 2)}
+    if cfg.sparsity is not None:
+        entry["sparsity"] = round(sparsity_of(deq != 0), 4)
     if stats is not None and stats.hessian is not None:
         # Output SQNR over the calibration inputs from the Hessian: ||XW^T||^2 = tr(W H W^T).
         H = stats.hessian
@@ -188,7 +224,7 @@ def _sqnr32(ref: np.ndarray, approx: np.ndarray) -> float:
     return float(10 * torch.log10((r * r).sum() / ((r - torch.from_numpy(approx)) ** 2).sum().clamp_min(1e-30)))
 
 
-def _bits_per_weight(weights: dict[str, Any], model: Any) -> float:
+def _bits_per_weight(weights: dict[str, Any], model: Any, model_precision: str = "fp32") -> float:
     """Mean stored bits per weight over the linear layers and the LM head (scales and zeros included)."""
     bits, count = 0.0, 0
     for name, w in weights.items():
@@ -196,7 +232,7 @@ def _bits_per_weight(weights: dict[str, Any], model: Any) -> float:
             bits += w.storage_bytes() * 8
             count += w.size
         elif name.endswith("proj.weight"):
-            bits += w.numel() * 32
+            bits += w.numel() * (16 if model_precision == "fp16" else 32)
             count += w.numel()
     return bits / max(count, 1)
 

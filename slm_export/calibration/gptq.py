@@ -63,8 +63,12 @@ def prepare_hessian(hessian: torch.Tensor, cfg: GPTQConfig) -> PreparedHessian:
     return PreparedHessian(perm, hinv, dead)
 
 
-def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian, cfg: GPTQConfig) -> QuantizedTensor:
-    """Quantize ``weight`` [out, in] given the Hessian (sum of x^T x over its calibration inputs)."""
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian, cfg: GPTQConfig,
+                  keep: torch.Tensor | None = None) -> QuantizedTensor:
+    """Quantize ``weight`` [out, in] given the Hessian (sum of x^T x over its calibration inputs).
+
+    ``keep`` (bool [out, in]) marks weights a sparsity step kept: the others stay exactly zero.
+    """
     prep = hessian if isinstance(hessian, PreparedHessian) else prepare_hessian(hessian, cfg)
     W = weight.detach().float().clone()
     out_f, in_f = W.shape
@@ -77,6 +81,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian,
     zero = zero.reshape(out_f, in_f // group)
     perm, Hinv = prep.perm, prep.hinv
     W = W[:, perm]
+    keep_n = None if keep is None else keep[:, perm].numpy()
     # The column loop runs in NumPy: per-op overhead there is a few microseconds, torch's is ~10x that.
     Wn, Hn = W.numpy(), Hinv.numpy()
     sc, zr = scale.numpy(), zero.numpy()
@@ -92,6 +97,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian,
             w = W1[:, i]
             s, z = sc[:, gidx[i1 + i]], zr[:, gidx[i1 + i]]
             c = np.clip(np.rint(w / s) + z, 0, qmax)
+            if keep_n is not None:
+                c = np.where(keep_n[:, i1 + i], c, z)  # a pruned weight dequantizes to exactly 0
             codes[:, i1 + i] = c
             err = (w - (c - z) * s) / Hinv1[i, i]
             W1[:, i:] -= np.outer(err, Hinv1[i, i:])

@@ -12,7 +12,10 @@ from slm_export.models.builtin import BUILTIN_MODELS
 
 
 def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    code = main(argv)
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse rejects a bad flag value itself, with exit code 2
+        code = int(exc.code or 0)
     captured = capsys.readouterr()
     return code, captured.out + captured.err
 
@@ -71,6 +74,11 @@ def test_bad_models(case: str, expected: str, tmp_path: Path, gguf_path: Path,
      "--method applies to int8 and int4"),
     (["--target", "host", "--model", "smollm2-135m", "--out", "/sys/slm-export-test/out"], 2, "not writable"),
     (["validate", "/tmp"], 2, "is not an slm-export artifact"),
+    (["--target", "jetson", "--model", "smollm2-135m", "--sparsity", "2:4"], 2,
+     "jetson-tx2 has no use for sparsity pattern '2:4'; patterns it can use: none"),
+    (["--target", "host", "--model", "smollm2-135m", "--sparsity", "3:2"], 2, "need 0 < N < M"),
+    (["--target", "host", "--model", "smollm2-135m", "--sparsity", "2:4", "--sparsity-method", "random"], 2,
+     "invalid choice"),
 ])
 def test_bad_requests(argv: list[str], code: int, expected: str, capsys: pytest.CaptureFixture[str]) -> None:
     got, out = _run(argv, capsys)

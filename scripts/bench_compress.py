@@ -1,0 +1,138 @@
+#!/usr/bin/env python
+"""Issue-3 figures on smollm2-135m, measured in one run against the float32 artifact.
+
+Each compression runs in a fresh process (load, calibrate, export) so its time and peak RSS are its
+own; then every artifact is scored on the evaluation half of the built-in text (8 x 512 tokens)
+against the PyTorch float32 reference, and its decode speed is timed through the project's loop.
+
+Usage: python scripts/bench_compress.py [--samples 128] [--seqlen 512] [--threads 2] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+CHILD = r"""
+import json, resource, sys, time
+from pathlib import Path
+t0 = time.perf_counter()
+from slm_export.calibration.compress import CompressConfig, compress
+from slm_export.exporters.onnx import OnnxExporter
+from slm_export.models import load_model
+from slm_export.plan import Plan
+spec = json.loads(sys.argv[1])
+out = Path(spec.pop("out"))
+m = load_model("smollm2-135m")
+t1 = time.perf_counter()
+weights, info = None, {}
+if spec["precision"] != "fp32":
+    r = compress(m, CompressConfig(**spec))
+    weights, info = r.weights, {"bits_per_weight": r.bits_per_weight}
+t2 = time.perf_counter()
+plan = Plan(target="host", model="smollm2-135m", out=str(out), precision=spec["precision"], backend="onnxruntime",
+            graph_ops="onnxruntime", opset=17, static_shapes=False, max_seq_len=2048, validation="host")
+e = OnnxExporter().export(m, plan, out, weights)
+print(json.dumps({"calib_s": t2 - t1, "total_s": time.perf_counter() - t0, "bytes": e.bytes,
+                  "weight_bytes": m.weight_bytes,
+                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, **info}))
+"""
+
+
+def build(spec: dict, out: Path) -> dict:
+    res = subprocess.run([sys.executable, "-c", CHILD, json.dumps({**spec, "out": str(out)})],
+                         capture_output=True, text=True)
+    if res.returncode:
+        raise SystemExit(f"{spec} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="16 calibration samples (a smoke run, not the figures)")
+    args = ap.parse_args()
+    n = 16 if args.quick else args.samples
+    calib = {"calib_samples": n, "calib_seqlen": args.seqlen}
+    runs = {
+        "fp32": {"precision": "fp32"},
+        "int8 RTN g32": {"precision": "int8", "method": "rtn", "group_size": 32},
+        "int4 RTN g32 asym": {"precision": "int4", "method": "rtn", "group_size": 32},
+        "int4 RTN g32 sym": {"precision": "int4", "method": "rtn", "group_size": 32, "symmetric": True},
+        "int4 GPTQ g32": {"precision": "int4", "method": "gptq", "group_size": 32, **calib},
+        "int4 AWQ g32": {"precision": "int4", "method": "awq", "group_size": 32, **calib},
+    }
+    import torch
+
+    from slm_export.models import load_model
+    from slm_export.validation.generate import OnnxDecoder, make_session
+    from slm_export.validation.metrics import decoder_accuracy
+    from slm_export.validation.text import builtin_split, token_windows
+
+    torch.set_num_threads(args.threads)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        built = {}
+        for name, spec in runs.items():
+            print(f"building {name} ...", file=sys.stderr, flush=True)
+            built[name] = build({k: v for k, v in spec.items()}, Path(tmp) / name.replace(" ", "_"))
+        model = load_model("smollm2-135m")
+        module = model.torch_module()
+        windows = token_windows(model.tokenizer, builtin_split("evaluation"), 8, 512)
+
+        def reference(ids: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                return module(torch.from_numpy(ids)).logits.numpy()
+
+        prompt = model.tokenizer("Write a short story about a robot:").input_ids
+        for name, info in built.items():
+            dec = OnnxDecoder(make_session(Path(tmp) / name.replace(" ", "_") / "model.onnx", args.threads))
+            acc = decoder_accuracy(reference, dec, windows)
+            dec.generate(prompt, 8)
+            rates = []
+            for _ in range(3):
+                _, t = dec.generate(prompt, 128)
+                rates.append(len(t.decode_s) / sum(t.decode_s))
+            rows.append((name, acc, float(np.median(rates)), info))
+    fp32_rate = rows[0][2]
+    print(f"## smollm2-135m, evaluation half of the built-in text (8 x 512), calibration {n} x {args.seqlen}, "
+          f"{args.threads} threads")
+    print("| artifact | perplexity | change | top-1 agree | calib s | peak RSS / fp32 weights | size MB | "
+          "bits/weight | decode tok/s | x fp32 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, acc, rate, info in rows:
+        rss_x = info["peak_rss_bytes"] / info["weight_bytes"]
+        print(f"| {name} | {acc['perplexity']:.3f} | {acc['perplexity_change_pct']:+.2f}% | "
+              f"{acc['top1_agreement']:.3f} | {info['calib_s']:.0f} | {rss_x:.2f}x | {info['bytes'] / 1e6:.0f} | "
+              f"{info.get('bits_per_weight', 32):.2f} | {rate:.1f} | {rate / fp32_rate:.2f} |")
+    change = {name: acc["perplexity_change_pct"] for name, acc, _, _ in rows}
+    info = dict((name, i) for name, _, _, i in rows)
+    checks = {
+        "int8 weight-only <= +0.3%": change["int8 RTN g32"] <= 0.3,
+        "int4 GPTQ <= +10%": change["int4 GPTQ g32"] <= 10,
+        "int4 AWQ <= +10%": change["int4 AWQ g32"] <= 10,
+        "GPTQ better than RTN (asym and sym)": change["int4 GPTQ g32"] < min(change["int4 RTN g32 asym"],
+                                                                             change["int4 RTN g32 sym"]),
+        "AWQ better than RTN (asym and sym)": change["int4 AWQ g32"] < min(change["int4 RTN g32 asym"],
+                                                                           change["int4 RTN g32 sym"]),
+        "GPTQ calibration < 600 s": info["int4 GPTQ g32"]["calib_s"] < 600,
+        "GPTQ peak RSS <= 3x fp32 weights": info["int4 GPTQ g32"]["peak_rss_bytes"]
+        <= 3 * info["int4 GPTQ g32"]["weight_bytes"],
+        "int8 and int4 decode faster than fp32": all(r > fp32_rate for nm, _, r, _ in rows if nm != "fp32"),
+    }
+    print()
+    for k, v in checks.items():
+        print(f"{'PASS' if v else 'FAIL'}  {k}")
+    return 0 if all(checks.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
