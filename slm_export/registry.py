@@ -23,7 +23,9 @@ class Registry(Generic[T]):
         self._aliases: dict[str, str] = {}
 
     def register(self, name: str, item: T, aliases: tuple[str, ...] = ()) -> T:
-        """Register ``item`` under ``name`` and its aliases; a name may be taken once."""
+        """Register ``item`` under ``name`` and its aliases; a name may be taken once. Names are
+        case-insensitive: they are stored lower-case, as lookups are."""
+        name, aliases = name.strip().lower(), tuple(a.strip().lower() for a in aliases)
         for key in (name, *aliases):
             if key in self._items or key in self._aliases:
                 raise ConfigError(f"{self.kind} name {key!r} is already registered")

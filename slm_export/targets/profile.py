@@ -131,7 +131,9 @@ class TargetProfile:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], origin: str = "built-in") -> TargetProfile:
-        """Build from parsed TOML, checking every field's presence, type and range."""
+        """Build from parsed TOML, checking every field's presence, type and range; unknown keys are
+        errors, so a misspelt optional field is not silently ignored."""
+        _reject_unknown(raw)
         r = _Reader(raw)
         cpu_r = r.section("cpu")
         cpu = CpuSpec(
@@ -184,6 +186,35 @@ class TargetProfile:
             power_w=r.section("power").float("watts", minimum=0.0),
             sources={str(k): str(v) for k, v in sources.items()}, origin=origin,
         )
+
+
+_SCHEMA: dict[str, set[str] | None] = {
+    "": {"id", "name", "aliases", "description", "cpu", "gpu", "memory", "compute", "precision", "sparsity",
+         "graph", "backends", "validation", "power", "sources"},
+    "cpu": {"isa", "model", "cores", "freq_ghz", "features", "llvm_mcpu", "llvm_mattr", "qemu_cpu"},
+    "gpu": {"name", "arch", "tensorrt", "dpu_fingerprint"},
+    "memory": {"capacity_gb", "bandwidth_gbs"},
+    "compute": None, "sources": None,  # open tables: precisions, field paths
+    "precision": {"supported", "default", "refused"},
+    "sparsity": {"patterns", "hardware_speedup"},
+    "graph": {"opset", "static_shapes", "ops", "max_seq_len"},
+    "backends": {"order"}, "validation": {"mode"}, "power": {"watts"},
+}
+
+
+def _reject_unknown(raw: dict[str, Any]) -> None:
+    import difflib
+
+    for table, allowed in _SCHEMA.items():
+        section = raw if not table else raw.get(table, {})
+        if allowed is None or not isinstance(section, dict):
+            continue
+        for key in section:
+            if key not in allowed:
+                close = difflib.get_close_matches(key, sorted(allowed), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                where = f"{table}.{key}" if table else key
+                raise ConfigError(f"{where}: unknown field{hint} Known here: {', '.join(sorted(allowed))}")
 
 
 class _Reader:

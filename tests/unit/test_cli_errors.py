@@ -123,6 +123,17 @@ def test_malformed_target_file(field: str, value: str, expected: str, tmp_path: 
     assert str(board) in out
 
 
+def test_misspelt_field_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib import resources
+
+    text = (resources.files("slm_export.targets") / "profiles" / "rpi4b.toml").read_text()
+    board = tmp_path / "board.toml"
+    board.write_text(text.replace("llvm_mcpu =", "llvm_mcpus ="))
+    code, out = _run(["--target-file", str(board), "--model", "smollm2-135m", "--dry-run"], capsys)
+    assert code == 2
+    assert "cpu.llvm_mcpus: unknown field; did you mean 'llvm_mcpu'?" in out
+
+
 def test_target_file_with_broken_toml(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     board = tmp_path / "board.toml"
     board.write_text("id = 'x'\n[cpu\n")

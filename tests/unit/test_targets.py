@@ -148,7 +148,7 @@ MALFORMED = [
     ("opset out of range", "opset = 13", "opset = 7", r"graph\.opset: expected an integer in \[13, 23\]"),
     ("unknown validation mode", 'mode = "device"', 'mode = "ssh"', r"validation\.mode: expected one of host"),
     ("unknown graph ops", 'ops = "standard"', 'ops = "tensorrt"', r"graph\.ops: expected one of standard"),
-    ("refused not a table", "[precision.refused]\n", 'refused = "int8"\n[x]\n',
+    ("refused not a table", "[precision.refused]\n", 'refused = "int8"\n[sources.displaced]\n',
      r"precision\.refused: expected a table"),
     ("bad isa", 'isa = "aarch64"', 'isa = "riscv64"', r"cpu\.isa: expected one of x86_64, aarch64, armv7"),
     ("negative power", "watts = 15.0", "watts = -1.0", r"power\.watts: expected a number >= 0"),
