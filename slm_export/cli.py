@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4),
                    help="ONNX Runtime MatMulNBits accuracy level (4: int8 compute; default 4)")
     q.add_argument("--lm-head-bits", type=int, choices=(0, 4, 8), help="quantize the LM head too (default 0: float)")
+    q.add_argument("--max-ppl-increase", type=_percent, help="accuracy budget, e.g. 5%%: int4, with the most "
+                   "sensitive layers kept at int8 until the perplexity change on the evaluation text is within it")
     sp = e.add_argument_group("sparsity")
     sp.add_argument("--sparsity", help="N:M pattern along the input dimension (2:4, 4:8) or 'unstructured'")
     sp.add_argument("--sparsity-method", choices=("magnitude", "wanda", "sparsegpt"), help="default wanda")
@@ -102,6 +104,13 @@ def main(argv: list[str] | None = None) -> int:
         return 4
 
 
+def _percent(text: str) -> float:
+    try:
+        return float(text.strip().rstrip("%"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a percentage like 5% or 2.5, not {text!r}") from None
+
+
 def _terminate(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
@@ -146,7 +155,7 @@ def _export(args: argparse.Namespace) -> int:
     out = args.out or f"build/{profile.id}"
     options = {k: getattr(args, k) for k in ("method", "group_size", "symmetric", "calib_data", "calib_samples",
                                              "calib_seqlen", "seed", "accuracy_level", "lm_head_bits", "sparsity",
-                                             "sparsity_method", "sparsity_ratio")}
+                                             "sparsity_method", "sparsity_ratio", "max_ppl_increase")}
     plan = make_plan(profile, args.model, out, args.precision, args.eval_data, not args.no_validate, **options)
     if args.dry_run:
         print(json.dumps({"plan": plan.to_dict(), "target": profile.id}, indent=2))

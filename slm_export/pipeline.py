@@ -47,6 +47,13 @@ def make_plan(profile: TargetProfile, model: str, out: str | Path, precision: st
     ``options`` are further ``Plan`` fields (method, group_size, calib_data, calib_samples, ...).
     """
     notes = []
+    if options.get("max_ppl_increase") is not None:
+        budget = options["max_ppl_increase"]
+        if not 0 < budget < 1000:
+            raise ConfigError(f"--max-ppl-increase must be a positive percentage, not {budget}")
+        if precision not in (None, "int4"):
+            raise ConfigError("--max-ppl-increase mixes int4 and int8 layers: use it with --precision int4 or alone")
+        precision = "int4"
     if precision is None:
         precision = profile.default_precision
         if precision not in IMPLEMENTED_PRECISIONS:
@@ -171,6 +178,8 @@ def run(plan: Plan, profile: TargetProfile, progress: Progress | None = None,
             cfg = compress_config(plan)
             step = (lambda what: progress("compress", what)) if progress else None
             compressed = stages.run("compress", lambda: compress(model, cfg, step))
+            if plan.max_ppl_increase is not None:
+                compressed = stages.run("budget", lambda: _fit_budget(model, compressed, plan, progress))
         else:
             stages.skip("compress", f"{plan.precision} needs no calibration")
         weights = compressed.weights if compressed else None
@@ -214,12 +223,35 @@ def _validate(model: Any, path: Path, plan: Plan, settings: ValidationSettings, 
     return metrics
 
 
+BUDGET_MARGIN = 0.9  # search against 90% of the budget: the runtime's int8 activations add a little
+
+
+def _fit_budget(model: Any, compressed: Any, plan: Plan, progress: Progress | None) -> Any:
+    from dataclasses import replace as dc_replace
+
+    from slm_export.calibration.budget import mixed_precision
+    from slm_export.calibration.data import load_calibration
+    from slm_export.validation.text import load_text, token_windows
+
+    calib = load_calibration(model.tokenizer, plan.calib_data, 8, 256, plan.seed)
+    windows = token_windows(model.tokenizer, load_text(plan.eval_data, "evaluation"), 8, 512)
+    step = (lambda what: progress("budget", what)) if progress else None
+    fit = mixed_precision(model, compressed.weights, plan.max_ppl_increase * BUDGET_MARGIN, calib.ids,  # type: ignore[operator]
+                          windows, plan.group_size, step)
+    note = (f"accuracy budget {plan.max_ppl_increase}%: {len(fit.kept_int8)} of {len(fit.sensitivity)} projection "
+            f"groups kept at int8 (searched against {BUDGET_MARGIN:.0%} of the budget in PyTorch: "
+            f"{fit.perplexity_change_pct:+.2f}%); mean nominal bits per weight {fit.nominal_bits:.2f}")
+    return dc_replace(compressed, weights=fit.weights, notes=[*compressed.notes, note],
+                      budget={"max_ppl_increase_pct": plan.max_ppl_increase, "kept_int8": fit.kept_int8,
+                              "sensitivity_kl": fit.sensitivity, "nominal_bits_per_weight": fit.nominal_bits})
+
+
 def _compression_section(result: Any) -> dict[str, Any] | None:
     if result is None:
         return None
     layers = sorted(result.layers, key=lambda e: e.get("output_sqnr_db", e["weight_sqnr_db"]))
     return {"calibration": result.calibration, "seconds": result.seconds, "bits_per_weight": result.bits_per_weight,
-            "notes": result.notes, "layers": result.layers,
+            "notes": result.notes, "layers": result.layers, "budget": result.budget,
             "least_accurate_layers": [e["layer"] for e in layers[:5]]}
 
 
@@ -254,7 +286,7 @@ def versions() -> dict[str, str]:
 
 def _report(plan: Plan, profile: TargetProfile, model: Any, exported: Any, compiled: Any,
             metrics: dict[str, Any], stages: list[dict[str, Any]]) -> dict[str, Any]:
-    wanted = default_goals(model.kind, plan.precision, plan.method, plan.sparsity)
+    wanted = default_goals(model.kind, plan.precision, plan.method, plan.sparsity, plan.max_ppl_increase)
     goals = [g.evaluate(metrics) for g in wanted] if metrics else []
     verdict = "NOT VALIDATED" if not metrics else ("PASS" if all(g["status"] == "PASS" for g in goals) else "FAIL")
     roof = {}

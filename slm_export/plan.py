@@ -36,6 +36,7 @@ class Plan:
     calib_seqlen: int = 512
     seed: int = 0
     lm_head_bits: int = 0
+    max_ppl_increase: float | None = None
     sparsity_method: str = "wanda"
     sparsity_ratio: float = 0.5
     validate: bool = True

@@ -33,8 +33,11 @@ class Goal:
         return {"metric": self.metric, "op": self.op, "threshold": self.threshold, "why": self.why}
 
 
-def default_goals(kind: str, precision: str, method: str | None = None, sparsity: str | None = None) -> list[Goal]:
+def default_goals(kind: str, precision: str, method: str | None = None, sparsity: str | None = None,
+                  budget: float | None = None) -> list[Goal]:
     """Goals an artifact must meet against the float32 reference."""
+    if budget is not None:
+        return [Goal("perplexity_change_pct", "<=", budget, "the accuracy budget given with --max-ppl-increase")]
     if sparsity:
         return [Goal("perplexity_change_pct", "<=", 300.0,
                      f"{sparsity} pruning costs accuracy; a sanity bound that catches a broken model")]
@@ -92,6 +95,9 @@ def render_markdown(r: dict[str, Any]) -> str:
             lines.append(f"- calibration: {c['samples']} x {c['seqlen']} tokens from {c['source']} "
                          f"(seed {c['seed']}, sha256 {c['sha256'][:16]})")
         lines += [f"- {n}" for n in comp.get("notes", [])]
+        if comp.get("budget"):
+            top = ", ".join(f"{u} ({kl:.3g})" for u, kl in comp["budget"]["sensitivity_kl"][:8])
+            lines.append(f"- most sensitive projection groups (KL when only they are int4): {top}")
         lines += ["", "| layer | bits | group | weight SQNR dB | output SQNR dB |", "|---|---|---|---|---|"]
         for e in comp["layers"]:
             lines.append(f"| {e['layer']} | {e['bits']} | {e['group']} | {e['weight_sqnr_db']} | "

@@ -80,6 +80,7 @@ class CompressResult:
     seconds: float
     bits_per_weight: float
     notes: list[str] = field(default_factory=list)
+    budget: dict[str, Any] | None = None
 
 
 def _linear_names(module: nn.Module) -> dict[str, nn.Linear]:

@@ -19,9 +19,11 @@ pytestmark = pytest.mark.slow
 
 
 def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """Exit code and stdout (the JSON report with --json); progress and errors go to stderr."""
     code = main(argv)
     cap = capsys.readouterr()
-    return code, cap.out + cap.err
+    assert "Traceback" not in cap.err
+    return code, cap.out
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +61,7 @@ def test_rpi4_default_export(rpi4_artifact: Path) -> None:
 def test_validate_existing_artifact(rpi4_artifact: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out = _cli(["validate", str(rpi4_artifact), "--json", "--threads", "2"], capsys)
     assert code == 0, out
-    report = json.loads(out[out.index("{"):])
+    report = json.loads(out)
     assert report["verdict"] == "PASS"
     assert [s["name"] for s in report["stages"]][-2:] == ["load", "validate"]
 
@@ -73,7 +75,7 @@ def test_gguf_path_with_user_eval_data(tmp_path: Path, capsys: pytest.CaptureFix
     code, out = _cli(["--target", "host", "--model", str(gguf), "--precision", "fp32", "--eval-data", str(notes),
                       "--out", str(tmp_path / "h32"), "--json", "--threads", "2"], capsys)
     assert code == 0, out
-    report = json.loads(out[out.index("{"):])
+    report = json.loads(out)
     assert report["metrics"]["eval_text"]["value"] == str(notes)
     assert report["model"]["format"] == "gguf"
     assert report["metrics"]["top1_agreement"]["value"] >= 0.999
@@ -106,7 +108,7 @@ def test_quantized_exports(target: str, precision: str, extra: list[str], max_ch
     out = tmp_path / "q"
     code, text = _cli(["--target", target, "--model", "smollm2-135m", "--precision", precision, "--out", str(out),
                        "--threads", "2", "--json", *extra], capsys)
-    report = json.loads(text[text.index("{"):])
+    report = json.loads(text)
     assert report["metrics"]["perplexity_change_pct"]["value"] <= max_change
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
     domains = {n.domain for n in graph.graph.node}
@@ -114,6 +116,18 @@ def test_quantized_exports(target: str, precision: str, extra: list[str], max_ch
     # Quantized artifacts are smaller than the float32 weights and decode faster than the fp32 bound.
     assert report["artifact"]["bytes"] < 0.6 * report["model"]["float32_weight_bytes"]
     assert code in (0, 1)
+
+
+def test_a100_sparse_fp16(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "a100"
+    code, text = _cli(["--target", "a100", "--model", "smollm2-135m", "--sparsity", "2:4", "--sparsity-method",
+                       "wanda", "--calib-samples", "8", "--calib-seqlen", "256", "--out", str(out), "--json"], capsys)
+    report = json.loads(text)
+    assert code == 0, report["goals"]
+    assert report["sparsity"]["all_satisfy_pattern"]
+    assert report["sparsity"]["weights_checked"] == 30 * 4
+    assert report["sparsity"]["mean_sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert any("--sparsity=enable" in n for n in report["notes"])
 
 
 def test_python_api_encoder(tmp_path: Path) -> None:

@@ -177,3 +177,23 @@ def test_sparse_export_keeps_pattern_in_onnx(precision: str, tiny_models: dict[s
     assert check["weights_checked"] == 2 * 4  # qkv, o, gate/up, down per layer (merged as exported)
     assert check["all_satisfy_pattern"]
     assert check["mean_sparsity"] == pytest.approx(0.5, abs=0.02)
+
+
+def test_budget_keeps_the_most_sensitive_groups_at_int8(tiny_models: dict[str, Path]) -> None:
+    from slm_export.calibration.budget import mixed_precision
+    from slm_export.validation.text import builtin_split, token_windows
+
+    model = load_model(str(tiny_models["llama"]))
+    q = compress(model, CompressConfig("int4", "rtn", 32))
+    calib = load_calibration(model.tokenizer, None, 2, 128)
+    windows = token_windows(model.tokenizer, builtin_split("evaluation"), 2, 128)
+    loose = mixed_precision(model, q.weights, 1000.0, calib.ids, windows, 32)
+    assert loose.kept_int8 == []
+    assert loose.nominal_bits == 4.0
+    tight_budget = loose.perplexity_change_pct / 4
+    tight = mixed_precision(model, q.weights, tight_budget, calib.ids, windows, 32)
+    assert tight.perplexity_change_pct <= tight_budget
+    assert 0 < len(tight.kept_int8) <= 8
+    assert tight.kept_int8 == [u for u, _ in tight.sensitivity[: len(tight.kept_int8)]]  # most sensitive first
+    assert 4.0 < tight.nominal_bits <= 8.0
+    assert sum(isinstance(w, QuantizedTensor) and w.bits == 8 for w in tight.weights.values()) > 0

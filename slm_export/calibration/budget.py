@@ -1,0 +1,130 @@
+"""Mixed precision to an accuracy budget.
+
+Each projection group (q/k/v, o, gate/up, down of every layer) is scored by the KL divergence of the
+model's next-token distribution when only that group is quantized (on calibration windows). Then the
+most sensitive groups are raised to int8, the fewest that bring the perplexity change on the
+evaluation text within the budget (binary search over how many, most sensitive first).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from slm_export.calibration.quant import QuantizedTensor, quantize_rtn
+from slm_export.errors import ValidationFailed
+
+GROUPS = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "o": ("self_attn.o_proj",),
+          "gate_up": ("mlp.gate_proj", "mlp.up_proj"), "down": ("mlp.down_proj",)}
+
+
+@dataclass(frozen=True)
+class BudgetResult:
+    weights: dict[str, Any]
+    kept_int8: list[str]
+    sensitivity: list[tuple[str, float]]
+    perplexity_change_pct: float
+    nominal_bits: float
+
+
+def _units(weights: dict[str, Any]) -> dict[str, list[str]]:
+    units: dict[str, list[str]] = {}
+    for name, w in weights.items():
+        if not isinstance(w, QuantizedTensor) or not name.startswith("model.layers."):
+            continue
+        layer = name.split(".")[2]
+        for group, members in GROUPS.items():
+            if any(name.endswith(m + ".weight") for m in members):
+                units.setdefault(f"layers.{layer}.{group}", []).append(name)
+    return units
+
+
+def _nominal_bits(weights: dict[str, Any]) -> float:
+    bits = count = 0
+    for w in weights.values():
+        if isinstance(w, QuantizedTensor):
+            bits += w.bits * w.size
+            count += w.size
+    return bits / max(count, 1)
+
+
+def _perplexity(module: Any, windows: list[list[int]]) -> float:
+    nll = n = 0.0
+    with torch.no_grad():
+        for w in windows:
+            ids = torch.tensor([w])
+            lp = torch.log_softmax(module(ids).logits[0, :-1].double(), -1)
+            nll -= float(lp[torch.arange(len(w) - 1), ids[0, 1:]].sum())
+            n += len(w) - 1
+    return float(np.exp(nll / n))
+
+
+def mixed_precision(model: Any, weights: dict[str, Any], budget_pct: float, calib_ids: np.ndarray,
+                    eval_windows: list[list[int]], group: int,
+                    progress: Callable[[str], None] | None = None) -> BudgetResult:
+    """Raise the most sensitive projection groups from int4 to int8 until the budget holds."""
+    from slm_export.models.loader import _build_module
+
+    twin = _build_module(model)
+    params = dict(twin.named_parameters())
+    units = _units(weights)
+    deq4 = {n: torch.from_numpy(weights[n].dequantize()) for names in units.values() for n in names}
+    int8 = {n: quantize_rtn(model.weights[n], 8, group, False) for names in units.values() for n in names}
+    deq8 = {n: torch.from_numpy(q.dequantize()) for n, q in int8.items()}
+    float_w = {n: params[n] for n in deq4}
+
+    def use(table: dict[str, torch.Tensor], names: list[str]) -> None:
+        for n in names:
+            mod = twin.get_submodule(n.rsplit(".", 1)[0])
+            mod.weight = table[n] if isinstance(table[n], torch.nn.Parameter) else torch.nn.Parameter(table[n], False)
+
+    probe = torch.from_numpy(calib_ids[: min(2, len(calib_ids)), :128])  # ranking only: small and cheap
+    with torch.no_grad():
+        ref = torch.log_softmax(twin(probe).logits.float(), -1)
+    sens = []
+    for unit, names in units.items():
+        use(deq4, names)
+        with torch.no_grad():
+            lp = torch.log_softmax(twin(probe).logits.float(), -1)
+        sens.append((unit, float((ref.exp() * (ref - lp)).sum(-1).mean())))
+        use(float_w, names)  # type: ignore[arg-type]
+    sens.sort(key=lambda t: -t[1])
+    if progress:
+        progress("sensitivity ranked")
+
+    def ppl(k: int) -> float:
+        for i, (unit, _) in enumerate(sens):
+            use(deq8 if i < k else deq4, units[unit])
+        return _perplexity(twin, eval_windows)
+
+    for names in units.values():
+        use(float_w, names)  # type: ignore[arg-type]
+    ppl_ref = _perplexity(twin, eval_windows)
+    cache: dict[int, float] = {}
+
+    def change(k: int) -> float:
+        if k not in cache:
+            cache[k] = 100.0 * (ppl(k) / ppl_ref - 1.0)
+        return cache[k]
+
+    lo, hi = 0, len(sens)
+    if change(hi) > budget_pct:
+        raise ValidationFailed(f"even with every group at int8 the perplexity change exceeds {budget_pct}%")
+    while lo < hi:  # the smallest k whose change is within budget
+        mid = (lo + hi) // 2
+        if change(mid) <= budget_pct:
+            hi = mid
+        else:
+            lo = mid + 1
+        if progress:
+            progress(f"budget search: {lo}..{hi} groups at int8")
+    kept = [unit for unit, _ in sens[:lo]]
+    out = dict(weights)
+    for unit in kept:
+        for n in units[unit]:
+            out[n] = int8[n]
+    return BudgetResult(out, kept, sens, change(lo), _nominal_bits(out))
