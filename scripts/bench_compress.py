@@ -32,11 +32,26 @@ out = Path(spec.pop("out"))
 m = load_model("smollm2-135m")
 t1 = time.perf_counter()
 weights, info = None, {}
-if spec["precision"] != "fp32":
-    r = compress(m, CompressConfig(**spec))
-    weights, info = r.weights, {"bits_per_weight": r.bits_per_weight}
+budget = spec.pop("budget", None)
+sparse = spec.pop("sparsity", None)
+if spec["precision"] != "fp32" or sparse:
+    from slm_export.sparsity import SparsityConfig
+    cfg = CompressConfig(**{**spec, "precision": spec["precision"] if spec["precision"] != "fp32" else "none",
+                            "sparsity": SparsityConfig(**sparse) if sparse else None})
+    r = compress(m, cfg)
+    if budget is not None:
+        from slm_export.pipeline import _fit_budget
+        budget_plan = Plan(target="host", model="smollm2-135m", out=str(out), precision="int4", backend="onnxruntime",
+                           graph_ops="onnxruntime", opset=17, static_shapes=False, max_seq_len=2048,
+                           validation="host", max_ppl_increase=budget)
+        r = _fit_budget(m, r, budget_plan, None)
+        info["nominal_bits"] = r.budget["nominal_bits_per_weight"]
+        info["kept_int8"] = len(r.budget["kept_int8"])
+    weights = r.weights
+    info["bits_per_weight"] = r.bits_per_weight  # None when only pruned: stored dense fp32
 t2 = time.perf_counter()
-plan = Plan(target="host", model="smollm2-135m", out=str(out), precision=spec["precision"], backend="onnxruntime",
+plan = Plan(target="host", model="smollm2-135m", out=str(out),
+            precision=spec["precision"] if not budget else "int4", backend="onnxruntime",
             graph_ops="onnxruntime", opset=17, static_shapes=False, max_seq_len=2048, validation="host")
 e = OnnxExporter().export(m, plan, out, weights)
 print(json.dumps({"calib_s": t2 - t1, "total_s": time.perf_counter() - t0, "bytes": e.bytes,
@@ -69,7 +84,14 @@ def main() -> int:
         "int4 RTN g32 sym": {"precision": "int4", "method": "rtn", "group_size": 32, "symmetric": True},
         "int4 GPTQ g32": {"precision": "int4", "method": "gptq", "group_size": 32, **calib},
         "int4 AWQ g32": {"precision": "int4", "method": "awq", "group_size": 32, **calib},
+        "budget 5% (AWQ base)": {"precision": "int4", "method": "awq", "group_size": 32, "calib_samples": 64,
+                                 "budget": 5.0},
     }
+    sparse_calib = {"calib_samples": 16, "calib_seqlen": 512}
+    for pattern in ("2:4", "unstructured"):
+        for method in ("magnitude", "wanda", "sparsegpt"):
+            runs[f"fp32 {pattern} {method}"] = {"precision": "fp32", "sparsity": {"pattern": pattern, "method": method},
+                                                **(sparse_calib if method != "magnitude" else {})}
     import torch
 
     from slm_export.models import load_model
@@ -106,13 +128,16 @@ def main() -> int:
     print(f"## smollm2-135m, evaluation half of the built-in text (8 x 512), calibration {n} x {args.seqlen}, "
           f"{args.threads} threads")
     print("| artifact | perplexity | change | top-1 agree | calib s | peak RSS / fp32 weights | size MB | "
-          "bits/weight | decode tok/s | x fp32 |")
+          "bits/weight (stored) | decode tok/s | x fp32 |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, acc, rate, info in rows:
         rss_x = info["peak_rss_bytes"] / info["weight_bytes"]
         print(f"| {name} | {acc['perplexity']:.3f} | {acc['perplexity_change_pct']:+.2f}% | "
               f"{acc['top1_agreement']:.3f} | {info['calib_s']:.0f} | {rss_x:.2f}x | {info['bytes'] / 1e6:.0f} | "
-              f"{info.get('bits_per_weight', 32):.2f} | {rate:.1f} | {rate / fp32_rate:.2f} |")
+              f"{info.get('bits_per_weight') or 32:.2f}"
+              + (f" (nominal {info['nominal_bits']:.2f}, {info['kept_int8']} groups int8)"
+                 if "nominal_bits" in info else "")
+              + f" | {rate:.1f} | {rate / fp32_rate:.2f} |")
     change = {name: acc["perplexity_change_pct"] for name, acc, _, _ in rows}
     info = dict((name, i) for name, _, _, i in rows)
     checks = {
@@ -126,8 +151,14 @@ def main() -> int:
         "GPTQ calibration < 600 s": info["int4 GPTQ g32"]["calib_s"] < 600,
         "GPTQ peak RSS <= 3x fp32 weights": info["int4 GPTQ g32"]["peak_rss_bytes"]
         <= 3 * info["int4 GPTQ g32"]["weight_bytes"],
-        "int8 and int4 decode faster than fp32": all(r > fp32_rate for nm, _, r, _ in rows if nm != "fp32"),
+        "int8 and int4 decode faster than fp32": all(r > fp32_rate for nm, _, r, _ in rows
+                                                     if nm.startswith("int")),
+        "budget 5% met with nominal bits <= 5": change["budget 5% (AWQ base)"] <= 5
+        and info["budget 5% (AWQ base)"]["nominal_bits"] <= 5,
     }
+    for pattern in ("2:4", "unstructured"):
+        mag, wan, sgpt = (change[f"fp32 {pattern} {m}"] for m in ("magnitude", "wanda", "sparsegpt"))
+        checks[f"{pattern}: SparseGPT <= Wanda <= magnitude"] = sgpt <= wan <= mag
     print()
     for k, v in checks.items():
         print(f"{'PASS' if v else 'FAIL'}  {k}")

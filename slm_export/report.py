@@ -88,7 +88,8 @@ def render_markdown(r: dict[str, Any]) -> str:
     if comp:
         lines += ["", "## Compression", ""]
         bpw = comp["bits_per_weight"]
-        lines.append(f"- mean bits per weight (linear layers and LM head, scales included): {bpw:.2f}")
+        if bpw is not None:
+            lines.append(f"- mean bits per weight (linear layers and LM head, scales included): {bpw:.2f}")
         lines.append(f"- time: {comp['seconds']:.1f} s")
         if comp.get("calibration"):
             c = comp["calibration"]

@@ -78,7 +78,7 @@ class CompressResult:
     layers: list[dict[str, Any]]
     calibration: dict[str, Any] | None
     seconds: float
-    bits_per_weight: float
+    bits_per_weight: float | None
     notes: list[str] = field(default_factory=list)
     budget: dict[str, Any] | None = None
 
@@ -175,7 +175,9 @@ def compress(model: Any, cfg: CompressConfig, progress: Callable[[str], None] | 
         head = weights.get("lm_head.weight", model.weights["model.embed_tokens.weight"])
         weights["lm_head.weight"] = quantize_rtn(head, cfg.lm_head_bits, cfg.group_size, False)
         notes.append(f"LM head quantized to int{cfg.lm_head_bits} (round-to-nearest, group {cfg.group_size})")
-    bpw = _bits_per_weight(weights, model)
+    # Only meaningful when weights are quantized: pruned float weights are stored dense at the artifact's
+    # float width, which the compress stage does not decide.
+    bpw = _bits_per_weight(weights) if cfg.precision != "none" else None
     return CompressResult(weights, layer_report, calib.describe() if calib else None, time.perf_counter() - t0,
                           bpw, notes)
 
@@ -225,7 +227,7 @@ def _sqnr32(ref: np.ndarray, approx: np.ndarray) -> float:
     return float(10 * torch.log10((r * r).sum() / ((r - torch.from_numpy(approx)) ** 2).sum().clamp_min(1e-30)))
 
 
-def _bits_per_weight(weights: dict[str, Any], model: Any, model_precision: str = "fp32") -> float:
+def _bits_per_weight(weights: dict[str, Any]) -> float:
     """Mean stored bits per weight over the linear layers and the LM head (scales and zeros included)."""
     bits, count = 0.0, 0
     for name, w in weights.items():
@@ -233,7 +235,7 @@ def _bits_per_weight(weights: dict[str, Any], model: Any, model_precision: str =
             bits += w.storage_bytes() * 8
             count += w.size
         elif name.endswith("proj.weight"):
-            bits += w.numel() * (16 if model_precision == "fp16" else 32)
+            bits += w.numel() * 32
             count += w.numel()
     return bits / max(count, 1)
 
