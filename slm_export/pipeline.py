@@ -34,7 +34,8 @@ class RunResult:
 
     @property
     def passed(self) -> bool:
-        return self.report["verdict"] == "PASS"
+        """No goal failed (a run with no goals, e.g. a pruned model, passes; see ``verdict``)."""
+        return self.report["verdict"] in ("PASS", "NO GOALS")
 
 
 DEFAULT_METHOD = {"int4": "awq", "int8": "rtn"}
@@ -77,6 +78,8 @@ def make_plan(profile: TargetProfile, model: str, out: str | Path, precision: st
     elif options.get("method"):
         raise ConfigError(f"--method applies to int8 and int4, not {precision}")
     if options.get("sparsity"):
+        notes.append("no default accuracy goal for a pruned model (pruning without fine-tuning costs small models "
+                     "a lot): perplexity and agreement are reported for you to judge")
         if options["sparsity"] in profile.sparsity_patterns and not profile.sparse_speedup:
             notes.append(f"{profile.id} has no sparse hardware: {options['sparsity']} sparsity changes accuracy "
                          "but gives no speed here, and the artifact stores weights dense (no size gain either)")
@@ -288,7 +291,12 @@ def _report(plan: Plan, profile: TargetProfile, model: Any, exported: Any, compi
             metrics: dict[str, Any], stages: list[dict[str, Any]]) -> dict[str, Any]:
     wanted = default_goals(model.kind, plan.precision, plan.method, plan.sparsity, plan.max_ppl_increase)
     goals = [g.evaluate(metrics) for g in wanted] if metrics else []
-    verdict = "NOT VALIDATED" if not metrics else ("PASS" if all(g["status"] == "PASS" for g in goals) else "FAIL")
+    if not metrics:
+        verdict = "NOT VALIDATED"
+    elif not wanted:
+        verdict = "NO GOALS"
+    else:
+        verdict = "PASS" if all(g["status"] == "PASS" for g in goals) else "FAIL"
     roof = {}
     if model.kind == "decoder":
         est = profile.roofline(exported.weight_bytes_per_token, exported.flops_per_token, plan.precision)

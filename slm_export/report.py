@@ -39,8 +39,7 @@ def default_goals(kind: str, precision: str, method: str | None = None, sparsity
     if budget is not None:
         return [Goal("perplexity_change_pct", "<=", budget, "the accuracy budget given with --max-ppl-increase")]
     if sparsity:
-        return [Goal("perplexity_change_pct", "<=", 300.0,
-                     f"{sparsity} pruning costs accuracy; a sanity bound that catches a broken model")]
+        return []  # pruning without fine-tuning has no model-independent accuracy bound: report, don't judge
     if kind == "encoder":
         floor = 0.9999 if precision == "fp32" else 0.999
         return [Goal("embedding_cosine_min", ">=", floor, "sentence embeddings must match the reference")]
