@@ -29,6 +29,7 @@ from slm_export.models import load_model
 from slm_export.plan import Plan
 spec = json.loads(sys.argv[1])
 out = Path(spec.pop("out"))
+out.mkdir(parents=True, exist_ok=True)
 m = load_model("smollm2-135m")
 t1 = time.perf_counter()
 weights, info = None, {}
@@ -83,7 +84,8 @@ def main() -> int:
         "int4 RTN g32 asym": {"precision": "int4", "method": "rtn", "group_size": 32},
         "int4 RTN g32 sym": {"precision": "int4", "method": "rtn", "group_size": 32, "symmetric": True},
         "int4 GPTQ g32": {"precision": "int4", "method": "gptq", "group_size": 32, **calib},
-        "int4 AWQ g32": {"precision": "int4", "method": "awq", "group_size": 32, **calib},
+        "int4 AWQ g32": {"precision": "int4", "method": "awq", "group_size": 32, "calib_samples": min(n, 64),
+                         "calib_seqlen": args.seqlen},
         "budget 5% (AWQ base)": {"precision": "int4", "method": "awq", "group_size": 32, "calib_samples": 64,
                                  "budget": 5.0},
     }
