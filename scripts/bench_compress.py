@@ -88,6 +88,12 @@ def main() -> int:
                          "calib_seqlen": args.seqlen},
         "budget 5% (AWQ base)": {"precision": "int4", "method": "awq", "group_size": 32, "calib_samples": 64,
                                  "budget": 5.0},
+        # W8A8: the a100 (TensorRT) and fpga forms, scored here through ONNX Runtime's int8 kernels
+        "W8A8 static SmoothQuant": {"precision": "int8", "method": "smoothquant", "calib_samples": min(n, 64),
+                                    "calib_seqlen": args.seqlen},
+        "W8A8 static pow2 per-tensor (fpga)": {"precision": "int8", "method": "smoothquant", "pow2": True,
+                                               "calib_samples": min(n, 64), "calib_seqlen": args.seqlen},
+        "W8A8 dynamic per-token": {"precision": "int8", "method": "dynamic"},
     }
     sparse_calib = {"calib_samples": 16, "calib_seqlen": 512}
     for pattern in ("2:4", "unstructured"):
@@ -153,8 +159,9 @@ def main() -> int:
         "GPTQ calibration < 600 s": info["int4 GPTQ g32"]["calib_s"] < 600,
         "GPTQ peak RSS <= 3x fp32 weights": info["int4 GPTQ g32"]["peak_rss_bytes"]
         <= 3 * info["int4 GPTQ g32"]["weight_bytes"],
-        "int8 and int4 decode faster than fp32": all(r > fp32_rate for nm, _, r, _ in rows
-                                                     if nm.startswith("int")),
+        "int8 and int4 (weight-only, CPU) decode faster than fp32": all(r > fp32_rate for nm, _, r, _ in rows
+                                                                        if nm.startswith("int")),
+        "W8A8 static SmoothQuant <= +2%": change["W8A8 static SmoothQuant"] <= 2,
         "budget 5% met with nominal bits <= 5": change["budget 5% (AWQ base)"] <= 5
         and info["budget 5% (AWQ base)"]["nominal_bits"] <= 5,
     }

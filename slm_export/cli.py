@@ -30,8 +30,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="override the profile's default precision")
     e.add_argument("--eval-data", help="evaluation text (.txt, or .jsonl with a \"text\" field)")
     q = e.add_argument_group("compression (int8, int4)")
-    q.add_argument("--method", choices=("rtn", "gptq", "awq"), help="weight quantization method "
-                   "(default: awq for int4, rtn for int8)")
+    q.add_argument("--method", choices=("rtn", "gptq", "awq", "smoothquant", "dynamic"),
+                   help="quantization method (default: awq for int4; for int8 the profile's: rtn weight-only on "
+                   "CPU targets, smoothquant W8A8 static on a100 and fpga). dynamic: W8A8, activations per token")
+    q.add_argument("--observer", help="activation observer of W8A8 static: minmax, moving-average, percentile, "
+                   "entropy, mse (default minmax)")
+    q.add_argument("--smooth-alpha", type=float, help="SmoothQuant migration strength in [0, 1] "
+                   "(default: searched per input group)")
     q.add_argument("--group-size", type=int, help="weights per quantization group along the input (default 32)")
     q.add_argument("--symmetric", action="store_true", default=None, help="symmetric quantization (no zero points)")
     q.add_argument("--calib-data", help="calibration text: .txt, .jsonl with \"text\", or a `datasets` folder "
@@ -155,7 +160,8 @@ def _export(args: argparse.Namespace) -> int:
     out = args.out or f"build/{profile.id}"
     options = {k: getattr(args, k) for k in ("method", "group_size", "symmetric", "calib_data", "calib_samples",
                                              "calib_seqlen", "seed", "accuracy_level", "lm_head_bits", "sparsity",
-                                             "sparsity_method", "sparsity_ratio", "max_ppl_increase")}
+                                             "sparsity_method", "sparsity_ratio", "max_ppl_increase", "observer",
+                                             "smooth_alpha")}
     plan = make_plan(profile, args.model, out, args.precision, args.eval_data, not args.no_validate, **options)
     if args.dry_run:
         print(json.dumps({"plan": plan.to_dict(), "target": profile.id}, indent=2))
@@ -204,6 +210,17 @@ METHOD_TABLE = (
     ("quantization", "rtn", "int8, int4", "round to nearest per group; no data"),
     ("quantization", "gptq", "int8, int4", "Hessian-guided rounding with error feedback; act-order, static groups"),
     ("quantization", "awq", "int8, int4", "activation-aware channel scales folded into the norm, then clip search"),
+    ("quantization", "smoothquant", "int8 (W8A8 static)", "outlier channels migrated into the weights (alpha "
+     "searched or set), int8 weights per channel (fpga: per tensor, power of two), activations per tensor from "
+     "an observer; explicit QuantizeLinear/DequantizeLinear"),
+    ("quantization", "dynamic", "int8 (W8A8 dynamic)", "int8 weights per channel; activations quantized per "
+     "token at run time; MatMulInteger; no data"),
+    ("observer", "minmax", "per-tensor, per-channel, per-group", "running min and max"),
+    ("observer", "moving-average", "per-tensor, per-channel, per-group", "min and max averaged batch by batch"),
+    ("observer", "percentile", "per-tensor", "99.99th percentile of |x| from a histogram"),
+    ("observer", "entropy", "per-tensor", "threshold minimising KL(float || int8) of the histogram (TensorRT)"),
+    ("observer", "mse", "per-tensor", "threshold minimising the expected squared quantization error"),
+    ("granularity", "per-token", "dynamic", "computed at run time by the graph, not calibrated"),
     ("sparsity", "magnitude", "2:4, 4:8, unstructured", "smallest |W| removed; no data"),
     ("sparsity", "wanda", "2:4, 4:8, unstructured", "|W| x input activation norm, per output row"),
     ("sparsity", "sparsegpt", "2:4, 4:8, unstructured", "inverse-Hessian pruning with weight update"),
@@ -218,8 +235,9 @@ def _methods() -> int:
     for row in METHOD_TABLE:
         table.add_row(*row)
     Console(soft_wrap=True).print(table)
-    print("Quantized layers export as MatMulNBits (ONNX Runtime targets) or DequantizeLinear + MatMul (others).")
-    print("Not in this version: W8A8 static (SmoothQuant), observers for activations, mixed precision to a budget.")
+    print("Weight-only layers export as MatMulNBits (ONNX Runtime targets) or DequantizeLinear + MatMul (others);")
+    print("W8A8 static as QuantizeLinear/DequantizeLinear pairs, W8A8 dynamic as MatMulInteger.")
+    print("--max-ppl-increase P: int4 with the most sensitive projection groups kept at int8 until within P.")
     return 0
 
 

@@ -61,22 +61,23 @@ def make_plan(profile: TargetProfile, model: str, out: str | Path, precision: st
             fallback = "fp16" if profile.gpu is not None and "fp16" in profile.precisions else "fp32"
             notes.append(f"profile default precision {precision} is not produced by this version; using {fallback}")
             precision = fallback
-    if profile.static_shapes:
-        raise UnsupportedByTarget(
-            f"{profile.id} needs static shapes and int8 power-of-two Q/DQ activations (a DPU-class flow), "
-            "which this version does not produce yet"
-        )
     unknown = set(options) - set(Plan.__dataclass_fields__)
     if unknown:
         raise ConfigError(f"unknown option(s): {', '.join(sorted(unknown))}")
     options = {k: v for k, v in options.items() if v is not None}
     if precision in QUANTIZED:
-        options.setdefault("method", DEFAULT_METHOD[precision])
-        if precision == "int8" and profile.graph_ops == "standard":
-            notes.append("int8 here is weight-only (activations stay float); W8A8 static Q/DQ with "
-                         "SmoothQuant is not in this version")
+        options.setdefault("method", profile.int8_method if precision == "int8" else DEFAULT_METHOD[precision])
+        if precision == "int8" and options["method"] not in ("smoothquant", "dynamic"):
+            notes.append("int8 weight-only: activations stay float (W8A8: --method smoothquant or dynamic)")
+        if precision == "int8" and profile.int8_scales == "pow2-per-tensor" and options["method"] == "smoothquant":
+            options["pow2_scales"] = True
+            notes.append(f"{profile.id}: int8 weights and activations with symmetric, per-tensor, power-of-two "
+                         "scales (the accelerator shifts instead of multiplying)")
     elif options.get("method"):
         raise ConfigError(f"--method applies to int8 and int4, not {precision}")
+    if profile.static_shapes:
+        notes.append(f"{profile.id} needs static shapes: the graph takes exactly 1 x {profile.max_seq_len} tokens "
+                     "(right-padded, masked) and has no KV cache; each generated token recomputes the window")
     if options.get("sparsity"):
         notes.append("no default accuracy goal for a pruned model (pruning without fine-tuning costs small models "
                      "a lot): perplexity and agreement are reported for you to judge")
@@ -112,7 +113,8 @@ def compress_config(plan: Plan) -> Any:
                           method=plan.method or DEFAULT_METHOD.get(plan.precision, "rtn"), sparsity=sparsity,
                           group_size=plan.group_size, symmetric=plan.symmetric, calib_data=plan.calib_data,
                           calib_samples=plan.calib_samples, calib_seqlen=plan.calib_seqlen, seed=plan.seed,
-                          lm_head_bits=plan.lm_head_bits)
+                          lm_head_bits=plan.lm_head_bits, smooth_alpha=plan.smooth_alpha, observer=plan.observer,
+                          pow2=plan.pow2_scales)
 
 
 def _check_writable(out: Path) -> None:
@@ -289,7 +291,8 @@ def versions() -> dict[str, str]:
 
 def _report(plan: Plan, profile: TargetProfile, model: Any, exported: Any, compiled: Any,
             metrics: dict[str, Any], stages: list[dict[str, Any]]) -> dict[str, Any]:
-    wanted = default_goals(model.kind, plan.precision, plan.method, plan.sparsity, plan.max_ppl_increase)
+    wanted = default_goals(model.kind, plan.precision, plan.method, plan.sparsity, plan.max_ppl_increase,
+                           plan.pow2_scales)
     goals = [g.evaluate(metrics) for g in wanted] if metrics else []
     if not metrics:
         verdict = "NOT VALIDATED"

@@ -37,6 +37,9 @@ class Plan:
     seed: int = 0
     lm_head_bits: int = 0
     max_ppl_increase: float | None = None
+    observer: str = "minmax"
+    smooth_alpha: float | None = None
+    pow2_scales: bool = False
     sparsity_method: str = "wanda"
     sparsity_ratio: float = 0.5
     validate: bool = True

@@ -34,7 +34,7 @@ class Goal:
 
 
 def default_goals(kind: str, precision: str, method: str | None = None, sparsity: str | None = None,
-                  budget: float | None = None) -> list[Goal]:
+                  budget: float | None = None, pow2: bool = False) -> list[Goal]:
     """Goals an artifact must meet against the float32 reference."""
     if budget is not None:
         return [Goal("perplexity_change_pct", "<=", budget, "the accuracy budget given with --max-ppl-increase")]
@@ -47,6 +47,11 @@ def default_goals(kind: str, precision: str, method: str | None = None, sparsity
         return [Goal("greedy_match", "==", True, "float32 must continue text exactly as PyTorch does"),
                 Goal("perplexity_change_pct", "<=", 0.1, "float32 export must not change perplexity"),
                 Goal("top1_agreement", ">=", 0.999, "next-token choice must agree with PyTorch")]
+    if precision == "int8" and pow2:
+        return [Goal("perplexity_change_pct", "<=", 15.0, "int8 with one power-of-two scale per tensor (weights and "
+                     "activations) costs at most 15% perplexity")]
+    if precision == "int8" and method in ("smoothquant", "dynamic"):
+        return [Goal("perplexity_change_pct", "<=", 2.0, f"W8A8 ({method}) costs at most 2% perplexity")]
     if precision == "int8":
         return [Goal("perplexity_change_pct", "<=", 1.0, "int8 weights cost at most 1% perplexity")]
     if precision == "int4":

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -18,12 +18,15 @@ from torch import nn
 from slm_export.calibration.awq import AWQConfig, awq_quantize, search_scale
 from slm_export.calibration.data import CalibrationSet, load_calibration
 from slm_export.calibration.gptq import GPTQConfig, gptq_quantize, prepare_hessian
+from slm_export.calibration.observers import check_observer, fake_quant, make_observer
 from slm_export.calibration.quant import QuantizedTensor, check_group, quantize_rtn, sqnr_db
-from slm_export.calibration.sequential import InputStats, decoder_layers, sequential_calibration
+from slm_export.calibration.sequential import InputStats, decoder_layers, observe_inputs, sequential_calibration
+from slm_export.calibration.smoothquant import SmoothQuantConfig, choose_scales, quantize_weight
 from slm_export.errors import ConfigError
 from slm_export.sparsity import SparsityConfig, prune, sparsity_of
 
-METHODS = ("rtn", "gptq", "awq")
+METHODS = ("rtn", "gptq", "awq", "smoothquant", "dynamic")
+W8A8_METHODS = ("smoothquant", "dynamic")  # int8 activations too: static (calibrated) or per token at run time
 BITS = {"int8": 8, "int4": 4, "int3": 3, "none": 0}
 AWQ_TYPES = ("llama", "mistral", "qwen2", "gemma")
 
@@ -44,6 +47,9 @@ class CompressConfig:
     act_order: bool = True
     lm_head_bits: int = 0  # 0: keep the (tied) LM head in float
     sparsity: SparsityConfig | None = None
+    smooth_alpha: float | None = None  # SmoothQuant migration strength; None: searched per input group
+    observer: str = "minmax"  # activation observer of W8A8 static
+    pow2: bool = False  # W8A8 with per-tensor power-of-two scales (DPU-class accelerators)
 
     def __post_init__(self) -> None:
         if self.precision == "none" and self.sparsity is None:
@@ -56,19 +62,32 @@ class CompressConfig:
             raise ConfigError(f"group size must be a power of two >= 16 (what MatMulNBits runs), not {self.group_size}")
         if self.lm_head_bits not in (0, 4, 8):
             raise ConfigError("LM head bits must be 0 (float), 4 or 8")
+        if self.method in W8A8_METHODS and self.precision not in ("int8", "none"):
+            raise ConfigError(f"--method {self.method} quantizes weights and activations to int8: use --precision int8")
+        if self.pow2 and self.method != "smoothquant":
+            raise ConfigError("power-of-two per-tensor scales are made by the W8A8 static method (smoothquant)")
+        if self.method == "smoothquant":
+            SmoothQuantConfig(self.smooth_alpha, self.observer, self.pow2)
+            check_observer(self.observer)
 
     @property
     def bits(self) -> int:
         return BITS[self.precision]
 
     @property
+    def w8a8(self) -> bool:
+        return self.precision == "int8" and self.method in W8A8_METHODS
+
+    @property
     def needs_data(self) -> bool:
-        quant = self.precision != "none" and self.method != "rtn"
+        quant = self.precision != "none" and self.method not in ("rtn", "dynamic")
         return quant or (self.sparsity is not None and self.sparsity.needs_data)
 
     @property
     def needs_hessian(self) -> bool:
-        quant = self.precision != "none" and self.method == "gptq"
+        # W8A8 static rounds its (smoothed) int8 weights with GPTQ, as TensorRT Model Optimizer and
+        # llm-compressor's W8A8 recipes do; the power-of-two per-tensor grid stays round-to-nearest.
+        quant = self.precision != "none" and (self.method == "gptq" or (self.method == "smoothquant" and not self.pow2))
         return quant or (self.sparsity is not None and self.sparsity.method == "sparsegpt")
 
 
@@ -103,13 +122,15 @@ def compress(model: Any, cfg: CompressConfig, progress: Callable[[str], None] | 
         raise ConfigError("weight quantization applies to decoders; encoders export in fp32 or fp16")
     if model.model_type == "gpt2":
         raise ConfigError("int8/int4 for gpt2 (Conv1D layers) is not supported yet; use fp32 or fp16")
-    if cfg.method == "awq" and model.model_type not in AWQ_TYPES:
-        raise ConfigError(f"AWQ scale folding supports {', '.join(AWQ_TYPES)}; use --method gptq or rtn")
+    if cfg.method in ("awq", "smoothquant") and model.model_type not in AWQ_TYPES:
+        raise ConfigError(f"{cfg.method} folds scales into the norms of {', '.join(AWQ_TYPES)} layers only; "
+                          "use --method gptq, rtn or dynamic")
     t0 = time.perf_counter()
     work = _build_module(model)  # a second module over the same tensors: replacing its params is safe
     linears = _linear_names(work)
-    for name, lin in linears.items():
-        check_group(lin.in_features, cfg.group_size, name)
+    if not cfg.w8a8:  # W8A8 weights are per channel or per tensor: no groups
+        for name, lin in linears.items():
+            check_group(lin.in_features, cfg.group_size, name)
     calib: CalibrationSet | None = None
     quantized: dict[str, QuantizedTensor] = {}
     layer_report: list[dict[str, Any]] = []
@@ -129,10 +150,15 @@ def compress(model: Any, cfg: CompressConfig, progress: Callable[[str], None] | 
         batches = list(ids.split(8))
         prefix = "model.layers" if hasattr(work, "model") else "transformer.h"
 
-        def step(i: int, layer: nn.Module, stats: dict[str, InputStats]) -> None:
+        act_hooks: list[Any] = []
+
+        def step(i: int, layer: nn.Module, stats: dict[str, InputStats], inputs: list) -> None:
             prepared: dict[int, Any] = {}
+            alphas: dict[str, float | None] = {}
             if cfg.method == "awq":
                 _awq_layer(layer, stats, cfg, model.model_type)
+            elif cfg.method == "smoothquant":
+                alphas = _smooth_layer(layer, stats, cfg, model.model_type)
             for name, lin in layer.named_modules():
                 if not isinstance(lin, nn.Linear):
                     continue
@@ -152,6 +178,9 @@ def compress(model: Any, cfg: CompressConfig, progress: Callable[[str], None] | 
                 layer_report.append(_layer_entry(full, originals[full + ".weight"].detach(), q, cfg, st))
                 deq = q.dequantize() if isinstance(q, QuantizedTensor) else q.numpy()
                 lin.weight = nn.Parameter(torch.from_numpy(deq), requires_grad=False)
+            if cfg.method == "smoothquant":  # activation ranges of the smoothed, weight-quantized layer
+                act_hooks.extend(_calibrate_activations(layer, inputs, cfg, f"{prefix}.{i}", quantized,
+                                                        layer_report, alphas))
             if progress:
                 progress(f"layer {i + 1}/{len(decoder_layers(work))}")
 
@@ -165,6 +194,9 @@ def compress(model: Any, cfg: CompressConfig, progress: Callable[[str], None] | 
             for name, _ in list(layer.named_parameters()):
                 parent = layer.get_submodule(name.rpartition(".")[0]) if "." in name else layer
                 setattr(parent, name.rpartition(".")[2], originals[f"{prefix}.{i}.{name}"])
+            for h in act_hooks:
+                h.remove()
+            act_hooks.clear()
 
         sequential_calibration(work, batches, step, want_hessian=cfg.needs_hessian, after=done)
     weights: dict[str, Any] = dict(model.weights)
@@ -188,6 +220,15 @@ def _finish_weight(w: torch.Tensor, cfg: CompressConfig, st: InputStats | None,
     if cfg.precision == "none":
         return w
     keep = (w != 0) if cfg.sparsity is not None else None
+    if cfg.w8a8:  # int8 weights; smoothquant sets the activation scale after observing the inputs
+        if st is not None and st.hessian is not None and prepared is not None:
+            gcfg = GPTQConfig(8, w.shape[1], True, cfg.damp, cfg.act_order)
+            key = ("gptq8", id(st))
+            if key not in prepared:
+                prepared[key] = prepare_hessian(st.hessian, gcfg)
+            return gptq_quantize(w, prepared[key], gcfg, keep)
+        q = quantize_weight(w, cfg.pow2)
+        return replace(q, act_dynamic=True) if cfg.method == "dynamic" else q
     if cfg.method == "rtn" or st is None:
         return quantize_rtn(w, cfg.bits, cfg.group_size, cfg.symmetric)  # exact zeros stay zero
     if cfg.method == "gptq":
@@ -206,6 +247,8 @@ def _layer_entry(name: str, w: torch.Tensor, q: QuantizedTensor | torch.Tensor, 
     bits = q.bits if isinstance(q, QuantizedTensor) else 32
     entry = {"layer": name, "method": cfg.method if cfg.precision != "none" else "float", "bits": bits,
              "group": q.group if isinstance(q, QuantizedTensor) else 0, "weight_sqnr_db": round(_sqnr32(ref, deq), 2)}
+    if cfg.w8a8:
+        entry["group"] = "tensor" if cfg.pow2 else "channel"
     if cfg.sparsity is not None:
         entry["sparsity"] = round(sparsity_of(deq != 0), 4)
     if stats is not None and stats.hessian is not None:
@@ -240,25 +283,76 @@ def _bits_per_weight(weights: dict[str, Any]) -> float:
     return bits / max(count, 1)
 
 
-def _awq_layer(layer: nn.Module, stats: dict[str, InputStats], cfg: CompressConfig, model_type: str) -> None:
-    """Search and fold AWQ scales for the three input-sharing groups of a Llama-family layer."""
-    acfg = AWQConfig(cfg.bits, cfg.group_size, cfg.symmetric)
+def _input_groups(layer: nn.Module) -> list[tuple[nn.Module, list[nn.Linear], str]]:
+    """(producer, linears reading its output, stats key) for the three input-sharing groups of a
+    Llama-family layer; the producer absorbs 1/s of a per-channel scale given to the linears."""
     attn, mlp = layer.self_attn, layer.mlp
-    offset = 1.0 if model_type == "gemma" else 0.0
-    groups = [
+    return [
         (layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj], "self_attn.q_proj"),
         (layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj], "mlp.gate_proj"),
         (mlp.up_proj, [mlp.down_proj], "mlp.down_proj"),
     ]
-    for prev, lins, key in groups:
+
+
+def _fold_scales(prev: nn.Module, lins: list[nn.Linear], s: torch.Tensor, offset: float) -> None:
+    """The linears read ``x / s`` from now on: multiply their columns by ``s``, divide the producer."""
+    for m in lins:
+        m.weight = nn.Parameter(m.weight.detach() * s, requires_grad=False)
+    if isinstance(prev, nn.Linear):  # fold 1/s into the rows of the producing linear
+        prev.weight = nn.Parameter(prev.weight.detach() / s.unsqueeze(1), requires_grad=False)
+    else:  # RMSNorm: y = norm(x) * (w + offset)
+        new = (prev.weight.detach() + offset) / s - offset
+        prev.weight = nn.Parameter(new, requires_grad=False)
+
+
+def _smooth_layer(layer: nn.Module, stats: dict[str, InputStats], cfg: CompressConfig,
+                  model_type: str) -> dict[str, float | None]:
+    """SmoothQuant's scale migration for each input group; returns the alpha chosen per group."""
+    sq = SmoothQuantConfig(cfg.smooth_alpha, cfg.observer, cfg.pow2)
+    offset = 1.0 if model_type == "gemma" else 0.0
+    chosen: dict[str, float | None] = {}
+    for prev, lins, key in _input_groups(layer):
+        st = stats[key]
+        x = torch.cat(st.sample)
+        s, alpha = choose_scales(x, st.abs_max, [m.weight.detach() for m in lins], sq)  # type: ignore[arg-type]
+        _fold_scales(prev, lins, s, offset)
+        for m_name, m in layer.named_modules():
+            if any(m is lin for lin in lins):
+                chosen[m_name] = alpha
+        st.sample = [x / s for x in st.sample]
+        st.abs_max = st.abs_max / s  # type: ignore[operator]
+        if st.hessian is not None:  # sum of (x/s)^T (x/s)
+            st.hessian = st.hessian / s[:, None] / s[None, :]
+    return chosen
+
+
+def _calibrate_activations(layer: nn.Module, inputs: list, cfg: CompressConfig, prefix: str,
+                           quantized: dict[str, QuantizedTensor], report: list[dict[str, Any]],
+                           alphas: dict[str, float | None]) -> list[Any]:
+    """Observe each linear's (smoothed) input over the calibration set, give its quantized weight the
+    static activation scale, and hook the layer so that its outputs (the next layer's calibration inputs)
+    carry the int8 activation error the runtime will have. Returns the hooks to remove."""
+    observers = observe_inputs(layer, inputs, lambda: make_observer(cfg.observer))
+    entries = {e["layer"]: e for e in report}
+    hooks = []
+    for name, lin in layer.named_modules():
+        if not isinstance(lin, nn.Linear):
+            continue
+        full = f"{prefix}.{name}"
+        scale = float(observers[name].scale(8, pow2=cfg.pow2))
+        quantized[full + ".weight"] = replace(quantized[full + ".weight"], act_scale=scale)
+        entries[full].update(act_scale=scale, act_observer=cfg.observer, smooth_alpha=alphas.get(name, "none"))
+        hooks.append(lin.register_forward_pre_hook(lambda mod, args, s=scale: (fake_quant(args[0], s),)))
+    return hooks
+
+
+def _awq_layer(layer: nn.Module, stats: dict[str, InputStats], cfg: CompressConfig, model_type: str) -> None:
+    """Search and fold AWQ scales for the three input-sharing groups of a Llama-family layer."""
+    acfg = AWQConfig(cfg.bits, cfg.group_size, cfg.symmetric)
+    offset = 1.0 if model_type == "gemma" else 0.0
+    for prev, lins, key in _input_groups(layer):
         st = stats[key]
         x = torch.cat(st.sample)
         s = search_scale([m.weight.detach() for m in lins], x, st.abs_mean, acfg)  # type: ignore[arg-type]
-        for m in lins:
-            m.weight = nn.Parameter(m.weight.detach() * s, requires_grad=False)
-        if isinstance(prev, nn.Linear):  # fold 1/s into the rows of the producing linear
-            prev.weight = nn.Parameter(prev.weight.detach() / s.unsqueeze(1), requires_grad=False)
-        else:  # RMSNorm: y = norm(x) * (w + offset)
-            new = (prev.weight.detach() + offset) / s - offset
-            prev.weight = nn.Parameter(new, requires_grad=False)
+        _fold_scales(prev, lins, s, offset)
         st.sample = [x / s for x in st.sample]  # the linears now read x / s (siblings share ``st``)

@@ -26,6 +26,19 @@ class QuantizedTensor:
     zeros: np.ndarray | None  # uint8 [out, in // group] or None (symmetric)
     bits: int
     group: int
+    # W8A8: the input activations are int8 too, either with a static per-tensor scale from calibration
+    # (``act_scale``) or per token at run time (``act_dynamic``). Both symmetric, zero point 0.
+    act_scale: float | None = None
+    act_dynamic: bool = False
+
+    @property
+    def activations(self) -> str:
+        return "static" if self.act_scale is not None else "dynamic" if self.act_dynamic else "float"
+
+    @property
+    def per_tensor(self) -> bool:
+        """One scale for the whole tensor (the FPGA's power-of-two scheme)."""
+        return self.zeros is None and bool(np.all(self.scales == self.scales.flat[0]))
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -40,7 +53,8 @@ class QuantizedTensor:
         if not isinstance(rows, slice):
             raise TypeError("QuantizedTensor supports row slices only")
         zeros = None if self.zeros is None else self.zeros[rows]
-        return QuantizedTensor(self.codes[rows], self.scales[rows], zeros, self.bits, self.group)
+        return QuantizedTensor(self.codes[rows], self.scales[rows], zeros, self.bits, self.group, self.act_scale,
+                               self.act_dynamic)
 
     @property
     def zero_points(self) -> np.ndarray:
@@ -64,11 +78,12 @@ class QuantizedTensor:
         """Stack along ``out`` (q, k and v become one MatMul)."""
         first = parts[0]
         if any(p.bits != first.bits or p.group != first.group or (p.zeros is None) != (first.zeros is None)
-               for p in parts):
+               or p.act_scale != first.act_scale or p.act_dynamic != first.act_dynamic for p in parts):
             raise ValueError("cannot merge projections quantized differently")
         zeros = None if first.zeros is None else np.concatenate([p.zeros for p in parts], 0)  # type: ignore[misc]
         return QuantizedTensor(np.concatenate([p.codes for p in parts], 0),
-                               np.concatenate([p.scales for p in parts], 0), zeros, first.bits, first.group)
+                               np.concatenate([p.scales for p in parts], 0), zeros, first.bits, first.group,
+                               first.act_scale, first.act_dynamic)
 
 
 def check_group(in_features: int, group: int, name: str = "weight") -> None:
@@ -114,6 +129,16 @@ def quantize_rtn(w: torch.Tensor | np.ndarray, bits: int, group: int, symmetric:
     return QuantizedTensor(codes.reshape(out_f, in_f).to(torch.uint8).numpy(),
                            scale.reshape(shape).numpy().astype(np.float32),
                            None if symmetric else zero.reshape(shape).to(torch.uint8).numpy(), bits, group)
+
+
+def quantize_per_tensor(w: torch.Tensor | np.ndarray, bits: int = 8, pow2: bool = False) -> QuantizedTensor:
+    """Symmetric, one scale for the whole tensor (rounded up to a power of two when ``pow2``)."""
+    w = torch.as_tensor(w, dtype=torch.float32)
+    out_f, in_f = w.shape
+    scale, zero = group_params(w.reshape(1, -1), bits, True, pow2=pow2)
+    codes = quantize_codes(w, scale, zero, bits)
+    return QuantizedTensor(codes.to(torch.uint8).numpy(), np.full((out_f, 1), float(scale), np.float32), None,
+                           bits, in_f)
 
 
 def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:

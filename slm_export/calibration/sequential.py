@@ -109,28 +109,28 @@ def run_layer(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict]]) -> list
     return outs
 
 
-def collect_stats(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict]], want_hessian: bool,
-                  sample_rows: int = 2048) -> dict[str, InputStats]:
-    """Run ``layer`` over ``inputs`` with hooks on its linear modules.
+def _shared_input_pass(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict]], new: Callable[[], Any],
+                       update: Callable[[Any, torch.Tensor], None]) -> dict[str, Any]:
+    """Run ``layer`` over ``inputs`` with hooks on its linear modules, feeding each input to ``update``.
 
-    Linears that read the very same tensor (q/k/v, gate/up) share one ``InputStats``: the Hessian
-    of a shared input is accumulated once.
+    Linears that read the very same tensor (q/k/v, gate/up) share one record (from ``new``), which sees
+    that tensor once.
     """
-    stats: dict[str, InputStats] = {}
-    seen: dict[tuple[int, tuple[int, ...]], InputStats] = {}
+    records: dict[str, Any] = {}
+    seen: dict[tuple[int, tuple[int, ...]], Any] = {}
     alive: list[torch.Tensor] = []
     hooks = []
     for name, lin in linear_modules(layer).items():
         def hook(mod: nn.Module, args: tuple, name: str = name) -> None:
             x = args[0]
             key = (x.data_ptr(), tuple(x.shape))
-            if name not in stats:
-                stats[name] = seen.get(key) or InputStats()
-            if seen.get(key) is stats[name]:
+            if name not in records:
+                records[name] = seen[key] if key in seen else new()
+            if seen.get(key) is records[name]:
                 return  # a sibling already recorded this very tensor
-            seen[key] = stats[name]
+            seen[key] = records[name]
             alive.append(x)  # holding it keeps its address from being reused by a later tensor
-            stats[name].update(x, want_hessian, sample_rows)
+            update(records[name], x)
         hooks.append(lin.register_forward_pre_hook(hook))
     try:
         for hidden, kwargs in inputs:
@@ -141,6 +141,13 @@ def collect_stats(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict]], wan
     finally:
         for h in hooks:
             h.remove()
+    return records
+
+
+def collect_stats(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict]], want_hessian: bool,
+                  sample_rows: int = 2048) -> dict[str, InputStats]:
+    """Input statistics of every linear in ``layer`` (shared by linears reading the same tensor)."""
+    stats = _shared_input_pass(layer, inputs, InputStats, lambda st, x: st.update(x, want_hessian, sample_rows))
     done: dict[int, InputStats] = {}
     for st in stats.values():
         if id(st) not in done:
@@ -148,7 +155,13 @@ def collect_stats(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict]], wan
     return stats
 
 
-LayerStep = Callable[[int, nn.Module, dict[str, InputStats]], None]
+def observe_inputs(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict]], factory: Callable[[], Any]) -> dict[str, Any]:
+    """Activation observers (from ``factory``) over the input of every linear in ``layer``."""
+    return _shared_input_pass(layer, inputs, factory, lambda ob, x: ob.update(x))
+
+
+# (layer index, layer, input statistics, the layer's inputs over the calibration set)
+LayerStep = Callable[[int, nn.Module, dict[str, InputStats], list[tuple[torch.Tensor, dict]]], None]
 
 
 def sequential_calibration(module: nn.Module, batches: list[torch.Tensor], step: LayerStep, want_hessian: bool,
@@ -160,7 +173,7 @@ def sequential_calibration(module: nn.Module, batches: list[torch.Tensor], step:
     hidden = capture_first_layer_inputs(module, batches)
     for i, layer in enumerate(layers):
         stats = collect_stats(layer, hidden, want_hessian)
-        step(i, layer, stats)
+        step(i, layer, stats, hidden)
         del stats
         hidden = run_layer(layer, hidden)
         if after:

@@ -5,6 +5,9 @@ Inputs:  input_ids [batch, seq], attention_mask [batch, total], position_ids [ba
 Outputs: logits [batch, seq, vocab], present.{i}.key/value [batch, kv_heads, total, head_dim]
 
 Only standard-domain ops, opset 13 and up, so TensorRT, TVM and the FPGA flow can take the same graph.
+With ``static_len`` (targets that need static shapes, the DPU flow) every shape is fixed: batch 1,
+exactly ``static_len`` tokens (right-padded; the mask hides the padding), and no KV cache inputs or
+outputs; a generation loop recomputes the window for each token.
 Grouped-query attention is done by reshaping the queries into kv-head groups instead of repeating the
 cache, so no step copies the cache more than the one Concat that appends to it.
 """
@@ -46,14 +49,15 @@ def rope_tables(theta: float, dim: int, max_pos: int) -> tuple[np.ndarray, np.nd
 
 
 def build_decoder(spec: DecoderSpec, opset: int, precision: str, max_seq_len: int, graph_ops: str = "standard",
-                  accuracy_level: int = 4) -> GraphBuilder:
+                  accuracy_level: int = 4, static_len: int | None = None) -> GraphBuilder:
     """Build the graph; weights are written only when the builder is saved."""
     b = GraphBuilder(f"{spec.model_type}_decoder", opset)
     W = _Weights(b, precision, graph_ops, accuracy_level)
     kv, d = spec.kv_heads, spec.head_dim
-    ids = b.input("input_ids", I64, ["batch", "seq"])
-    mask_in = b.input("attention_mask", I64, ["batch", "total"])
-    pos = b.input("position_ids", I64, ["batch", "seq"])
+    dims = (1, static_len, static_len) if static_len else ("batch", "seq", "total")
+    ids = b.input("input_ids", I64, [dims[0], dims[1]])
+    mask_in = b.input("attention_mask", I64, [dims[0], dims[2]])
+    pos = b.input("position_ids", I64, [dims[0], dims[1]])
 
     ids_shape = b.op("Shape", [ids])
     seq = b.op("Gather", [ids_shape, b.const(1)], axis=0)
@@ -80,12 +84,13 @@ def build_decoder(spec: DecoderSpec, opset: int, precision: str, max_seq_len: in
     for i, layer in enumerate(spec.layers):
         p = f"layers.{i}"
         h = _norm(b, W, spec, x, layer.norm1, f"{p}.norm1")
-        attn = _attention(b, W, spec, h, layer, i, mask, rope)
+        attn = _attention(b, W, spec, h, layer, i, mask, rope, cache=static_len is None)
         x = b.op("Add", [x, attn])
         h = _norm(b, W, spec, x, layer.norm2, f"{p}.norm2")
         x = b.op("Add", [x, _mlp(b, W, spec, h, layer, p)])
-        b.output(f"present.{i}.key", F32, ["batch", kv, "total", d])
-        b.output(f"present.{i}.value", F32, ["batch", kv, "total", d])
+        if static_len is None:
+            b.output(f"present.{i}.key", F32, ["batch", kv, "total", d])
+            b.output(f"present.{i}.value", F32, ["batch", kv, "total", d])
 
     x = _norm(b, W, spec, x, spec.final_norm, "final_norm")
     if spec.lm_head is None:  # tied: Gemm with transB reads the embedding table as stored, no copy
@@ -98,7 +103,7 @@ def build_decoder(spec: DecoderSpec, opset: int, precision: str, max_seq_len: in
         b.op_to("Identity", [y], ["logits"])
     else:
         b.op_to("MatMul", [x, W("lm_head", lambda: spec.lm_head.T)], ["logits"])  # type: ignore[union-attr]
-    b.output("logits", F32, ["batch", "seq", spec.vocab])
+    b.output("logits", F32, [dims[0], dims[1], spec.vocab])
     return b
 
 
@@ -122,8 +127,15 @@ def _norm(b: GraphBuilder, W: _Weights, spec: DecoderSpec, x: str, wb, name: str
 def _linear(b: GraphBuilder, W: _Weights, x: str, name: str, weights: tuple, bias: tuple | None) -> str:  # type: ignore[type-arg]
     """One MatMul for several projections of the same input (q/k/v, gate/up): fewer, larger GEMMs."""
     if isinstance(weights[0], QuantizedTensor):
-        q = QuantizedTensor.concat(list(weights))
-        y = quantized_matmul(W.b, x, q, f"{name}.qmatmul", W.graph_ops, W.accuracy_level)
+        scales = {float(w.scales.flat[0]) for w in weights}
+        if len(weights) > 1 and all(w.per_tensor for w in weights) and len(scales) > 1:
+            # per-tensor scales (the DPU's scheme) differ per projection: one MatMul each, outputs joined
+            parts = [quantized_matmul(W.b, x, w, f"{name}.{j}.qmatmul", W.graph_ops, W.accuracy_level)
+                     for j, w in enumerate(weights)]
+            y = b.op("Concat", parts, axis=-1)
+        else:
+            q = QuantizedTensor.concat(list(weights))
+            y = quantized_matmul(W.b, x, q, f"{name}.qmatmul", W.graph_ops, W.accuracy_level)
         if bias is not None:
             y = b.op("Add", [y, W(f"{name}.bias", lambda: np.concatenate(bias, 0))])
         return y
@@ -145,7 +157,7 @@ def _rotary(b: GraphBuilder, spec: DecoderSpec, x: str, rope: tuple[str, str]) -
 
 
 def _attention(b: GraphBuilder, W: _Weights, spec: DecoderSpec, h: str, layer, i: int,  # type: ignore[no-untyped-def]
-               mask: str, rope: tuple[str, str] | None) -> str:
+               mask: str, rope: tuple[str, str] | None, cache: bool = True) -> str:
     nh, kv, d = spec.heads, spec.kv_heads, spec.head_dim
     qkv = _linear(b, W, h, f"layers.{i}.qkv", layer.qkv, layer.qkv_bias)
     q, k, v = b.split(qkv, [nh * d, kv * d, kv * d], axis=-1)
@@ -155,11 +167,14 @@ def _attention(b: GraphBuilder, W: _Weights, spec: DecoderSpec, h: str, layer, i
     v = b.op("Transpose", [b.op("Reshape", [v, b.const([0, 0, kv, d])])], perm=perm)
     if rope is not None:
         q, k = _rotary(b, spec, q, rope), _rotary(b, spec, k, rope)
-    past_k = b.input(f"past_key_values.{i}.key", F32, ["batch", kv, "past", d])
-    past_v = b.input(f"past_key_values.{i}.value", F32, ["batch", kv, "past", d])
-    b.op_to("Concat", [past_k, k], [f"present.{i}.key"], axis=2)
-    b.op_to("Concat", [past_v, v], [f"present.{i}.value"], axis=2)
-    k_all, v_all = f"present.{i}.key", f"present.{i}.value"
+    if cache:
+        past_k = b.input(f"past_key_values.{i}.key", F32, ["batch", kv, "past", d])
+        past_v = b.input(f"past_key_values.{i}.value", F32, ["batch", kv, "past", d])
+        b.op_to("Concat", [past_k, k], [f"present.{i}.key"], axis=2)
+        b.op_to("Concat", [past_v, v], [f"present.{i}.value"], axis=2)
+        k_all, v_all = f"present.{i}.key", f"present.{i}.value"
+    else:
+        k_all, v_all = k, v
     q = b.op("Mul", [q, b.const(np.float32(d ** -0.5), np.float32)])
     grouped = nh != kv
     if grouped:  # [B, nh, S, d] -> [B, kv, rep*S, d]: each kv head serves its group of query heads

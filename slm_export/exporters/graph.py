@@ -87,6 +87,11 @@ class GraphBuilder:
             return self.op("ReduceMean", [x, self.const(list(axes))], keepdims=1)  # type: ignore[return-value]
         return self.op("ReduceMean", [x], axes=list(axes), keepdims=1)  # type: ignore[return-value]
 
+    def reduce_max(self, x: str, axes: Sequence[int]) -> str:
+        if self.opset >= 18:
+            return self.op("ReduceMax", [x, self.const(list(axes))], keepdims=1)  # type: ignore[return-value]
+        return self.op("ReduceMax", [x], axes=list(axes), keepdims=1)  # type: ignore[return-value]
+
     def split(self, x: str, sizes: Sequence[int], axis: int) -> list[str]:
         return self.op("Split", [x, self.const(list(sizes))], n_out=len(sizes), axis=axis)  # type: ignore[return-value]
 

@@ -50,7 +50,7 @@ class OnnxExporter:
             raise ExportError(f"{model.path}: weight {exc} missing for {model.model_type}") from None
         if isinstance(spec, DecoderSpec):
             builder = build_decoder(spec, plan.opset, plan.precision, plan.max_seq_len, plan.graph_ops,
-                                    plan.accuracy_level)
+                                    plan.accuracy_level, plan.max_seq_len if plan.static_shapes else None)
             per_token, macs = _decoder_bytes_per_token(spec, plan.precision)
         else:
             builder = build_encoder(spec, plan.opset, plan.precision)
@@ -63,6 +63,7 @@ class OnnxExporter:
             "kind": model.kind, "model_type": model.model_type, "precision": plan.precision,
             "graph_ops": plan.graph_ops, "opset": plan.opset, "source_model": model.path,
             "model_name": model.name, "fingerprint": model.fingerprint, "max_seq_len": plan.max_seq_len,
+            "static_seq_len": plan.max_seq_len if plan.static_shapes else None,
             "eos_token_id": _eos(model), "files": [MODEL_FILE, MODEL_FILE + ".data", "tokenizer", "config.json"],
         }
         (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))

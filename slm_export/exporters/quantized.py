@@ -5,6 +5,11 @@
 - standard graphs, opset >= 21: DequantizeLinear with ``block_size`` on (u)int4/uint8 codes, then MatMul.
 - standard graphs, older opsets: uint8 codes -> Cast, Sub zero point, Mul scale, then MatMul (every
   runtime runs it; TensorRT and the FPGA flow see the weights' integer grid).
+- W8A8 static (any graph): QuantizeLinear/DequantizeLinear on the activation with its calibrated
+  per-tensor scale, DequantizeLinear on int8 weights (per channel, axis 1, or per tensor), then MatMul:
+  the explicit Q/DQ form TensorRT and the DPU flow turn into int8 GEMMs (ORT fuses it on CPU too).
+- W8A8 dynamic (any graph): per-token scale max|x|/127 computed in the graph, int8 activations,
+  MatMulInteger against int8 weights, then the int32 result times both scales.
 """
 
 from __future__ import annotations
@@ -37,9 +42,42 @@ def _pack_zeros(q: QuantizedTensor) -> np.ndarray:
     return (z[:, 0::2] | (z[:, 1::2] << 4)).reshape(-1)
 
 
+def _int8_weight(b: GraphBuilder, q: QuantizedTensor, name: str) -> tuple[str, str]:
+    """int8 weights as ``[in, out]`` (MatMul's layout) with their symmetric scale(s)."""
+    if q.bits != 8 or q.zeros is not None:
+        raise ValueError("W8A8 needs symmetric int8 weights")
+    w = b.init(f"{name}.qweight", lambda: np.ascontiguousarray((q.codes.astype(np.int16) - 128).astype(np.int8).T))
+    if q.per_tensor:
+        return w, b.const(np.float32(q.scales.flat[0]), np.float32)
+    return w, b.init(f"{name}.scales", lambda: q.scales[:, 0].astype(np.float32))
+
+
+def _w8a8_matmul(b: GraphBuilder, x: str, q: QuantizedTensor, name: str) -> str:
+    w, w_scale = _int8_weight(b, q, name)
+    if q.act_scale is not None:
+        w_zero = b.const(np.int8(0) if q.per_tensor else np.zeros(q.shape[0], np.int8), np.int8)
+        a_scale, a_zero = b.const(np.float32(q.act_scale), np.float32), b.const(np.int8(0), np.int8)
+        xq = b.op("QuantizeLinear", [x, a_scale, a_zero], name=f"{name}.act_q")
+        xd = b.op("DequantizeLinear", [xq, a_scale, a_zero], name=f"{name}.act_dq")
+        axis = {} if q.per_tensor else {"axis": 1}
+        wd = b.op("DequantizeLinear", [w, w_scale, w_zero], name=f"{name}.weight_dq", **axis)
+        return b.op("MatMul", [xd, wd], name=name)  # type: ignore[return-value]
+    # dynamic: one scale per token (row), computed at run time
+    amax = b.reduce_max(b.op("Abs", [x]), [-1])
+    scale = b.op("Div", [b.op("Max", [amax, b.const(np.float32(1e-8), np.float32)]), b.const(np.float32(127), np.float32)])
+    rounded = b.op("Round", [b.op("Div", [x, scale])])
+    clipped = b.op("Clip", [rounded, b.const(np.float32(-127), np.float32), b.const(np.float32(127), np.float32)])
+    xq = b.op("Cast", [clipped], to=TensorProto.INT8)
+    acc = b.op("MatMulInteger", [xq, w], name=name)
+    y = b.op("Mul", [b.op("Cast", [acc], to=TensorProto.FLOAT), scale])
+    return b.op("Mul", [y, w_scale])  # type: ignore[return-value]
+
+
 def quantized_matmul(b: GraphBuilder, x: str, q: QuantizedTensor, name: str, graph_ops: str,
                      accuracy_level: int) -> str:
     """``x @ dequant(q).T`` in the form the graph flavour allows."""
+    if q.activations != "float":
+        return _w8a8_matmul(b, x, q, name)
     n, k = q.shape
     stored_bits = 4 if q.bits <= 4 else 8
     if q.bits not in (4, 8):  # int3 (and other widths) ride in 4-bit storage: same codes, wider container

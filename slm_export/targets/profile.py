@@ -14,6 +14,8 @@ GRAPH_OPS = ("standard", "onnxruntime")
 VALIDATION_MODES = ("host", "emulator", "device")
 KNOWN_BACKENDS = ("onnxruntime", "tensorrt", "tvm", "executorch", "vitis-ai")
 SPARSITY_PATTERNS = ("2:4", "4:8", "unstructured")
+INT8_METHODS = ("rtn", "gptq", "awq", "smoothquant", "dynamic")
+INT8_SCALES = ("per-channel", "pow2-per-tensor")
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,8 @@ class TargetProfile:
     backends: tuple[str, ...]
     validation: str
     power_w: float
+    int8_method: str = "rtn"  # what --precision int8 means here unless --method says otherwise
+    int8_scales: str = "per-channel"  # or "pow2-per-tensor" (DPU-class: shifts, not multiplies)
     sources: dict[str, str] = field(default_factory=dict)
     origin: str = "built-in"
 
@@ -91,6 +95,9 @@ class TargetProfile:
             raise UnsupportedByTarget(
                 f"backend {plan.backend!r} is not one of {self.id}'s backends: {', '.join(self.backends)}."
             )
+        if self.int8_scales == "pow2-per-tensor" and plan.precision == "int8" and not plan.pow2_scales:
+            raise UnsupportedByTarget(f"{self.id} runs int8 only with symmetric, per-tensor, power-of-two scales on "
+                                      "weights and activations (W8A8 static: --method smoothquant).")
         if plan.opset > self.opset:
             raise UnsupportedByTarget(f"{self.id} accepts ONNX opset <= {self.opset}, not {plan.opset}.")
         if plan.graph_ops == "onnxruntime" and self.graph_ops == "standard":
@@ -184,6 +191,9 @@ class TargetProfile:
             max_seq_len=graph.int("max_seq_len", minimum=16),
             backends=backends, validation=val.str("mode", choices=VALIDATION_MODES),
             power_w=r.section("power").float("watts", minimum=0.0),
+            int8_method=prec.str("int8_method", choices=INT8_METHODS) if "int8_method" in prec.raw else "rtn",
+            int8_scales=(prec.str("int8_scales", choices=INT8_SCALES) if "int8_scales" in prec.raw
+                         else "per-channel"),
             sources={str(k): str(v) for k, v in sources.items()}, origin=origin,
         )
 
@@ -195,7 +205,7 @@ _SCHEMA: dict[str, set[str] | None] = {
     "gpu": {"name", "arch", "tensorrt", "dpu_fingerprint"},
     "memory": {"capacity_gb", "bandwidth_gbs"},
     "compute": None, "sources": None,  # open tables: precisions, field paths
-    "precision": {"supported", "default", "refused"},
+    "precision": {"supported", "default", "refused", "int8_method", "int8_scales"},
     "sparsity": {"patterns", "hardware_speedup"},
     "graph": {"opset", "static_shapes", "ops", "max_seq_len"},
     "backends": {"order"}, "validation": {"mode"}, "power": {"watts"},

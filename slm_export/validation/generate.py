@@ -45,6 +45,14 @@ class OnnxDecoder:
         self.session = session
         self.past_names = [i.name for i in session.get_inputs() if i.name.startswith("past_key_values.")]
         self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
+        # A static-shape graph (no cache, fixed [1, N] input) is run window by window.
+        self.static_len: int | None = None
+        if not self.past_names:
+            seq = session.get_inputs()[0].shape[1]
+            self.static_len = int(seq) if isinstance(seq, int) else None
+            if self.static_len is None:
+                raise ValueError("a decoder without a KV cache must have a static sequence length")
+            return
         first = next(i for i in session.get_inputs() if i.name.startswith("past_key_values."))
         self.kv_heads, self.head_dim = int(first.shape[1]), int(first.shape[3])
         self.past_dtype = np.float16 if "float16" in first.type else np.float32
@@ -56,14 +64,47 @@ class OnnxDecoder:
     def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
         """Logits for every position of ``input_ids`` [batch, seq] (no cache)."""
         mask = np.ones_like(input_ids) if attention_mask is None else attention_mask
+        if self.static_len is not None:
+            return np.concatenate([self._static_logits(row[m > 0].tolist())[None] for row, m in zip(input_ids, mask,
+                                                                                                     strict=True)])
         positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
         feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": mask.astype(np.int64),
                 "position_ids": positions.astype(np.int64), **self._empty_past(input_ids.shape[0])}
         return self.session.run(["logits"], feed)[0]
 
+    def _static_logits(self, tokens: list[int]) -> np.ndarray:
+        """Logits of ``tokens`` through the fixed-length graph: right-padded, padding masked."""
+        n, size = len(tokens), self.static_len
+        assert size is not None
+        if n > size:
+            raise ValueError(f"{n} tokens do not fit the static graph's {size}-token window")
+        ids = np.zeros((1, size), np.int64)
+        ids[0, :n] = tokens
+        mask = np.zeros((1, size), np.int64)
+        mask[0, :n] = 1
+        pos = np.minimum(np.arange(size, dtype=np.int64), max(n - 1, 0))[None]
+        return self.session.run(["logits"], {"input_ids": ids, "attention_mask": mask, "position_ids": pos})[0][0, :n]
+
+    def _static_generate(self, prompt: list[int], max_new_tokens: int, eos_token_id: int | None,
+                         on_token: Callable[[int], None] | None) -> tuple[list[int], GenerationTiming]:
+        tokens, out, times = list(prompt), [], []
+        while len(out) < max_new_tokens:
+            t = time.perf_counter()
+            token = int(self._static_logits(tokens)[-1].argmax())
+            times.append(time.perf_counter() - t)
+            out.append(token)
+            tokens.append(token)
+            if on_token:
+                on_token(token)
+            if token == eos_token_id:
+                break
+        return out, GenerationTiming(times[0], times[1:])
+
     def generate(self, prompt: list[int], max_new_tokens: int, eos_token_id: int | None = None,
                  on_token: Callable[[int], None] | None = None) -> tuple[list[int], GenerationTiming]:
         """Greedy decoding of up to ``max_new_tokens`` after ``prompt`` (batch 1)."""
+        if self.static_len is not None:
+            return self._static_generate(prompt, max_new_tokens, eos_token_id, on_token)
         import onnxruntime as ort
 
         sess = self.session

@@ -1,0 +1,87 @@
+"""W8A8 with SmoothQuant (Xiao et al., 2023): int8 weights and int8 activations.
+
+Activation outliers sit in a few input channels. SmoothQuant divides those channels of the input by
+``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)`` and multiplies the matching weight columns by ``s_j``:
+the product is unchanged, the activation range shrinks, and 1/s is folded into whatever produced the
+input (the RMSNorm weight before q/k/v and gate/up; the rows of up_proj before down_proj), so the
+graph gets no extra op. ``alpha`` is settable; left unset it is searched per input group over a grid,
+keeping the value whose simulated int8 output is closest to the float output on calibration rows.
+
+Weights are then int8 per output channel (or per tensor with power-of-two scales for DPU-class
+accelerators); activations get a static per-tensor scale from an observer (see ``observers``) run over
+the calibration set after smoothing. The exporter writes both as QuantizeLinear/DequantizeLinear pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from slm_export.calibration.observers import fake_quant
+from slm_export.calibration.quant import QuantizedTensor, quantize_per_tensor, quantize_rtn
+from slm_export.errors import ConfigError
+
+ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(0, 20))
+
+
+@dataclass(frozen=True)
+class SmoothQuantConfig:
+    """alpha None: searched per input group. ``pow2``: per-tensor power-of-two scales everywhere."""
+
+    alpha: float | None = None
+    observer: str = "minmax"
+    pow2: bool = False
+
+    def __post_init__(self) -> None:
+        if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"SmoothQuant alpha must be in [0, 1], not {self.alpha}")
+
+
+def smooth_scales(act_amax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
+    """Per input channel ``s``: the linears read ``x / s`` and hold ``W * s``."""
+    w_amax = torch.stack([w.abs().amax(0) for w in weights]).amax(0)
+    s = act_amax.clamp_min(1e-5) ** alpha / w_amax.clamp_min(1e-5) ** (1 - alpha)
+    return s.clamp(1e-4, 1e4)
+
+
+def quantize_weight(w: torch.Tensor, pow2: bool) -> QuantizedTensor:
+    """int8 symmetric: per output channel, or per tensor with a power-of-two scale."""
+    return quantize_per_tensor(w, 8, pow2=True) if pow2 else quantize_rtn(w, 8, w.shape[1], True)
+
+
+def _act_scale(amax: torch.Tensor, pow2: bool) -> torch.Tensor:
+    s = (amax / 127).clamp_min(1e-8)
+    return torch.exp2(torch.ceil(torch.log2(s))) if pow2 else s
+
+
+def simulated_error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor, pow2: bool,
+                    act_amax: torch.Tensor | None = None) -> float:
+    """Squared error of int8(x / s) @ int8(W * s)^T against x @ W^T, summed over the linears.
+
+    The activation scale is the min-max one the whole calibration set gives after smoothing,
+    ``max_j(act_amax_j / s_j)`` (the sample's own maximum when ``act_amax`` is not given)."""
+    xs = x / s
+    top = (act_amax / s).amax() if act_amax is not None else xs.abs().amax()
+    xq = fake_quant(xs, _act_scale(top, pow2))
+    err = 0.0
+    for w in weights:
+        ref = x @ w.T
+        wq = torch.from_numpy(quantize_weight(w * s, pow2).dequantize())
+        err += float(((xq @ wq.T - ref) ** 2).sum())
+    return err
+
+
+def choose_scales(x_sample: torch.Tensor, act_amax: torch.Tensor, weights: list[torch.Tensor],
+                  cfg: SmoothQuantConfig) -> tuple[torch.Tensor, float | None]:
+    """The smoothing scales for one input group, and the alpha chosen (None: no smoothing was best)."""
+    if cfg.alpha is not None:
+        return smooth_scales(act_amax, weights, cfg.alpha), cfg.alpha
+    best = (simulated_error(x_sample, weights, torch.ones_like(act_amax), cfg.pow2, act_amax), None)
+    best_s = torch.ones_like(act_amax)
+    for alpha in ALPHA_GRID:
+        s = smooth_scales(act_amax, weights, alpha)
+        err = simulated_error(x_sample, weights, s, cfg.pow2, act_amax)
+        if err < best[0]:
+            best, best_s = (err, alpha), s
+    return best_s, best[1]

@@ -1,0 +1,256 @@
+"""Observers, SmoothQuant W8A8 static, W8A8 dynamic, power-of-two scales and static-shape graphs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from slm_export.calibration.compress import CompressConfig, compress
+from slm_export.calibration.observers import (
+    BINS,
+    OBSERVERS,
+    fake_quant,
+    fake_quant_per_token,
+    make_observer,
+)
+from slm_export.calibration.quant import QuantizedTensor
+from slm_export.calibration.smoothquant import SmoothQuantConfig, choose_scales, simulated_error, smooth_scales
+from slm_export.errors import ConfigError, UnsupportedByTarget
+from slm_export.exporters.onnx import OnnxExporter
+from slm_export.models import load_model
+from slm_export.pipeline import make_plan
+from slm_export.plan import Plan
+from slm_export.targets import get_target
+from slm_export.validation.generate import OnnxDecoder, make_session, torch_greedy
+
+
+def _is_pow2(x: float) -> bool:
+    return x > 0 and float(np.log2(x)).is_integer()
+
+
+# ---- observers ---------------------------------------------------------------------------------
+
+def _heavy_tailed(seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    batches = [torch.randn(4, 64, 32, generator=g) for _ in range(4)]
+    batches[2][0, 0, 3] = 60.0  # one outlier among 32k values
+    return batches
+
+
+def test_minmax_and_moving_average_are_exact() -> None:
+    xs = _heavy_tailed()
+    mm = make_observer("minmax")
+    ma = make_observer("moving-average")
+    for x in xs:
+        mm.update(x)
+        ma.update(x)
+    lo, hi = mm.range()
+    assert float(hi) == 60.0 and float(lo) == min(float(x.min()) for x in xs)
+    # moving average: first batch, then 1% toward each new batch's extreme
+    want = float(xs[0].max())
+    for x in xs[1:]:
+        want += 0.01 * (float(x.max()) - want)
+    assert float(ma.range()[1]) == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["percentile", "entropy"])
+def test_histogram_observers_clip_a_lone_outlier(name: str) -> None:
+    ob = make_observer(name)
+    for x in _heavy_tailed():
+        ob.update(x)
+    t = float(ob.amax())
+    assert 2.0 < t < 30.0, f"{name} threshold {t} should ignore the single 60.0 outlier"
+    assert ob.counts.sum() == 4 * 4 * 64 * 32  # the doubling histogram keeps every count
+
+
+def test_mse_threshold_minimises_the_quantization_error() -> None:
+    g = torch.Generator().manual_seed(2)
+    xs = [torch.distributions.StudentT(2.0).sample((20000,)) for _ in range(3)]
+    ob = make_observer("mse")
+    for x in xs:
+        ob.update(x)
+    data = torch.cat(xs)
+    del g
+
+    def err(t: float) -> float:
+        return float(((fake_quant(data, t / 127) - data) ** 2).mean())
+
+    t, top = float(ob.amax()), float(data.abs().max())
+    assert t < top
+    assert err(t) < err(top) and err(t) < err(0.3 * t) and err(t) <= 1.05 * min(err(f * top) for f in
+                                                                             np.linspace(0.2, 1, 17))
+
+
+def test_histogram_grows_by_merging_bins() -> None:
+    ob = make_observer("percentile")
+    ob.update(torch.full((10,), 1.0))
+    w0 = ob.width
+    ob.update(torch.full((10,), 3.5))  # beyond the range: doubles twice
+    assert ob.width == pytest.approx(4 * w0)
+    assert ob.counts.sum() == 20 and ob.counts.size == BINS
+
+
+def test_observer_granularities() -> None:
+    x = torch.randn(16, 64)
+    x[:, 5] *= 100
+    per_ch = make_observer("minmax", "per-channel")
+    per_ch.update(x)
+    assert per_ch.amax().shape == (64,)
+    assert int(per_ch.amax().argmax()) == 5
+    per_group = make_observer("minmax", "per-group", group=16)
+    per_group.update(x)
+    assert per_group.amax().shape == (4,)
+    assert torch.allclose(per_group.amax()[0], x[:, :16].abs().max())
+    s = make_observer("minmax")
+    s.update(x)
+    assert _is_pow2(float(s.scale(8, pow2=True)))
+    assert float(s.scale(8, pow2=True)) >= float(s.scale(8))
+
+
+def test_observer_errors_name_the_choices() -> None:
+    with pytest.raises(ConfigError, match="did you mean 'entropy'"):
+        make_observer("entropi")
+    with pytest.raises(ConfigError, match="computed at run time"):
+        make_observer("minmax", "per-token")
+    with pytest.raises(ConfigError, match="supports per-tensor"):
+        make_observer("entropy", "per-channel")
+    assert set(OBSERVERS) == {"minmax", "moving-average", "percentile", "entropy", "mse"}
+
+
+def test_fake_quant_per_token_range() -> None:
+    x = torch.randn(8, 32) * torch.arange(1, 9).float()[:, None]
+    y = fake_quant_per_token(x)
+    step = x.abs().amax(1, keepdim=True) / 127
+    assert torch.all((y - x).abs() <= step / 2 + 1e-6)
+    assert torch.all(fake_quant(torch.tensor([1000.0]), 1.0) == 127)  # saturates like QuantizeLinear
+
+
+# ---- SmoothQuant --------------------------------------------------------------------------------
+
+def _outlier_inputs(n: int = 512, k: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, k, generator=g)
+    x[:, [3, 40]] *= 50.0  # the outlier channels LLM activations have
+    w = torch.randn(48, k, generator=g) * 0.05
+    return x, w
+
+
+def test_smoothing_preserves_the_product() -> None:
+    x, w = _outlier_inputs()
+    s = smooth_scales(x.abs().amax(0), [w], 0.5)
+    torch.testing.assert_close((x / s) @ (w * s).T, x @ w.T, rtol=1e-4, atol=1e-4)
+
+
+def test_smoothing_reduces_the_w8a8_error_with_outliers() -> None:
+    x, w = _outlier_inputs()
+    plain = simulated_error(x, [w], torch.ones(x.shape[1]), pow2=False)
+    s, alpha = choose_scales(x, x.abs().amax(0), [w], SmoothQuantConfig())
+    assert alpha is not None
+    assert simulated_error(x, [w], s, pow2=False) < 0.5 * plain
+    with pytest.raises(ConfigError, match="alpha must be in"):
+        SmoothQuantConfig(alpha=1.5)
+
+
+def _twin(model, weights: dict, hooks: str):  # type: ignore[no-untyped-def]
+    """A PyTorch copy computing what the graph should: dequantized weights, int8 activations."""
+    from slm_export.models.loader import _build_module
+
+    sd = {k: torch.from_numpy(v.dequantize()) if isinstance(v, QuantizedTensor) else v for k, v in weights.items()}
+    twin = _build_module(type(model)(**{**model.__dict__, "weights": sd, "_module": []}))
+    for name, mod in twin.named_modules():
+        q = weights.get(name + ".weight")
+        if isinstance(q, QuantizedTensor) and hooks == "static":
+            mod.register_forward_pre_hook(lambda m, a, s=q.act_scale: (fake_quant(a[0], s),))
+        elif isinstance(q, QuantizedTensor) and hooks == "dynamic":
+            mod.register_forward_pre_hook(lambda m, a: (fake_quant_per_token(a[0]),))
+    return twin
+
+
+@pytest.mark.parametrize("method,pow2,opset", [("smoothquant", False, 13), ("smoothquant", True, 17),
+                                               ("dynamic", False, 13)])
+def test_w8a8_export_matches_simulation(method: str, pow2: bool, opset: int, tiny_models: dict[str, Path],
+                                        tmp_path: Path) -> None:
+    model = load_model(str(tiny_models["llama"]))
+    cfg = CompressConfig("int8", method, calib_samples=4, calib_seqlen=64, pow2=pow2, observer="minmax")
+    result = compress(model, cfg)
+    q = {k: v for k, v in result.weights.items() if isinstance(v, QuantizedTensor)}
+    assert len(q) == 2 * 7
+    for t in q.values():
+        assert t.bits == 8 and t.zeros is None
+        assert t.activations == ("dynamic" if method == "dynamic" else "static")
+        if pow2:
+            assert t.per_tensor and _is_pow2(float(t.scales.flat[0])) and _is_pow2(t.act_scale)  # type: ignore[arg-type]
+    plan = Plan(target="a100", model="m", out="o", precision="int8", backend="tensorrt", graph_ops="standard",
+                opset=opset, static_shapes=False, max_seq_len=512, validation="host", method=method)
+    exported = OnnxExporter().export(model, plan, tmp_path, result.weights)
+    graph = onnx.load(str(exported.model_path))
+    ops = [n.op_type for n in graph.graph.node]
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.graph.initializer}
+    qweights = [v for k, v in inits.items() if k.endswith(".qweight")]
+    matmuls = len(qweights)  # per-tensor scales that differ keep q/k/v (gate/up) apart
+    assert (2 * 4 < matmuls <= 2 * 7) if pow2 else matmuls == 2 * 4
+    assert all(v.dtype == np.int8 for v in qweights)
+    if method == "smoothquant":
+        assert ops.count("QuantizeLinear") == matmuls and ops.count("DequantizeLinear") == 2 * matmuls
+        assert "MatMulInteger" not in ops
+        if pow2:  # every Q/DQ scale a scalar power of two
+            for n in graph.graph.node:
+                if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+                    scale = inits[n.input[1]]
+                    assert scale.shape == () and _is_pow2(float(scale))
+    else:
+        assert ops.count("MatMulInteger") == 2 * 4 and "QuantizeLinear" not in ops
+    ids = np.asarray([[3, 9, 27, 81, 243, 100, 7, 1]], dtype=np.int64)
+    with torch.no_grad():
+        ref = _twin(model, result.weights, "dynamic" if method == "dynamic" else "static")(
+            torch.from_numpy(ids)).logits.numpy()
+        flt = model.torch_module()(torch.from_numpy(ids)).logits.numpy()
+    got = OnnxDecoder(make_session(exported.model_path, 1)).logits(ids)
+    # Same int8 arithmetic: equal up to float rounding and the odd activation rounding at a tie.
+    assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
+    assert np.abs(got - ref).mean() < 0.1 * np.abs(got - flt).mean() + 1e-5
+
+
+def test_static_shape_graph(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    model = load_model(str(tiny_models["llama"]))
+    plan = Plan(target="fpga-zcu104", model="m", out="o", precision="fp32", backend="onnxruntime",
+                graph_ops="standard", opset=17, static_shapes=True, max_seq_len=32, validation="host")
+    exported = OnnxExporter().export(model, plan, tmp_path)
+    graph = onnx.load(str(exported.model_path), load_external_data=False)
+    for vi in [*graph.graph.input, *graph.graph.output]:
+        dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in vi.type.tensor_type.shape.dim]
+        assert all(isinstance(d, int) and d > 0 for d in dims), (vi.name, dims)
+    assert [i.name for i in graph.graph.input] == ["input_ids", "attention_mask", "position_ids"]
+    dec = OnnxDecoder(make_session(exported.model_path, 1))
+    assert dec.static_len == 32
+    ids = np.asarray([[5, 17, 99, 3, 250, 42, 7, 11]], dtype=np.int64)
+    with torch.no_grad():
+        ref = model.torch_module()(torch.from_numpy(ids)).logits.numpy()
+    np.testing.assert_allclose(dec.logits(ids), ref, atol=2e-4, rtol=1e-3)
+    assert dec.generate(ids[0].tolist(), 10)[0] == torch_greedy(model.torch_module(), ids[0].tolist(), 10)
+    with pytest.raises(ValueError, match="do not fit"):
+        dec.logits(np.ones((1, 40), np.int64))
+
+
+# ---- plans --------------------------------------------------------------------------------------
+
+def test_plans_pick_w8a8_where_the_target_wants_it(tmp_path: Path) -> None:
+    fpga = make_plan(get_target("fpga"), "smollm2-135m", tmp_path / "f")
+    assert (fpga.precision, fpga.method, fpga.pow2_scales, fpga.static_shapes) == ("int8", "smoothquant", True, True)
+    a100 = make_plan(get_target("a100"), "smollm2-135m", tmp_path / "a", "int8")
+    assert (a100.method, a100.pow2_scales) == ("smoothquant", False)
+    host = make_plan(get_target("host"), "smollm2-135m", tmp_path / "h", "int8")
+    assert host.method == "rtn"
+    dyn = make_plan(get_target("host"), "smollm2-135m", tmp_path / "d", "int8", method="dynamic")
+    assert dyn.method == "dynamic"
+    with pytest.raises(UnsupportedByTarget, match="power-of-two"):
+        make_plan(get_target("fpga"), "smollm2-135m", tmp_path / "f2", method="rtn")
+    with pytest.raises(ConfigError, match="use --precision int8"):
+        make_plan(get_target("host"), "smollm2-135m", tmp_path / "x", "int4", method="smoothquant")
+    with pytest.raises(ConfigError, match="unknown observer"):
+        make_plan(get_target("a100"), "smollm2-135m", tmp_path / "x", "int8", observer="max")
