@@ -91,8 +91,6 @@ def main() -> int:
         # W8A8: the a100 (TensorRT) and fpga forms, scored here through ONNX Runtime's int8 kernels
         "W8A8 static SmoothQuant": {"precision": "int8", "method": "smoothquant", "calib_samples": min(n, 64),
                                     "calib_seqlen": args.seqlen},
-        "W8A8 static pow2 per-tensor (fpga)": {"precision": "int8", "method": "smoothquant", "pow2": True,
-                                               "calib_samples": min(n, 64), "calib_seqlen": args.seqlen},
         "W8A8 dynamic per-token": {"precision": "int8", "method": "dynamic"},
     }
     sparse_calib = {"calib_samples": 16, "calib_seqlen": 512}

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from slm_export.errors import ConfigError, ExportError, SlmExportError, UnsupportedByTarget, ValidationFailed
+from slm_export.errors import ConfigError, ExportError, SlmExportError, ValidationFailed
 from slm_export.plan import IMPLEMENTED_PRECISIONS, QUANTIZED, Plan
 from slm_export.report import SCHEMA_VERSION, default_goals, write_report
 from slm_export.targets import TargetProfile
@@ -75,6 +75,10 @@ def make_plan(profile: TargetProfile, model: str, out: str | Path, precision: st
                          "scales (the accelerator shifts instead of multiplying)")
     elif options.get("method"):
         raise ConfigError(f"--method applies to int8 and int4, not {precision}")
+    if precision in ("fp16", "bf16"):
+        notes.append(f"{precision}: weights are stored at half width and upcast in the graph, so every op (norms, "
+                     "softmax, rotary, residuals) computes in float32; half-precision GEMMs are the backend's choice "
+                     f"on the device (TensorRT --{precision}), and host validation runs in float32")
     if profile.static_shapes:
         notes.append(f"{profile.id} needs static shapes: the graph takes exactly 1 x {profile.max_seq_len} tokens "
                      "(right-padded, masked) and has no KV cache; each generated token recomputes the window")

@@ -7,7 +7,7 @@ from typing import Any
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 # Precisions this version of the tool can produce; the others are refused with a clear message.
-IMPLEMENTED_PRECISIONS = ("fp32", "fp16", "int8", "int4")
+IMPLEMENTED_PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 QUANTIZED = ("int8", "int4")
 
 

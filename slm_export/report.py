@@ -56,7 +56,7 @@ def default_goals(kind: str, precision: str, method: str | None = None, sparsity
         return [Goal("perplexity_change_pct", "<=", 1.0, "int8 weights cost at most 1% perplexity")]
     if precision == "int4":
         return [Goal("perplexity_change_pct", "<=", 10.0, f"int4 with {method} costs at most 10% perplexity")]
-    return [Goal("perplexity_change_pct", "<=", 1.0, "fp16 rounding of weights costs at most 1% perplexity"),
+    return [Goal("perplexity_change_pct", "<=", 1.0, f"{precision} rounding of weights costs at most 1% perplexity"),
             Goal("top1_agreement", ">=", 0.97, "next-token choice must mostly agree with PyTorch")]
 
 

@@ -180,7 +180,7 @@ def compress(model: Any, cfg: CompressConfig, progress: Callable[[str], None] | 
                 lin.weight = nn.Parameter(torch.from_numpy(deq), requires_grad=False)
             if cfg.method == "smoothquant":  # activation ranges of the smoothed, weight-quantized layer
                 act_hooks.extend(_calibrate_activations(layer, inputs, cfg, f"{prefix}.{i}", quantized,
-                                                        layer_report, alphas))
+                                                        layer_report, alphas, stats))
             if progress:
                 progress(f"layer {i + 1}/{len(decoder_layers(work))}")
 
@@ -328,7 +328,7 @@ def _smooth_layer(layer: nn.Module, stats: dict[str, InputStats], cfg: CompressC
 
 def _calibrate_activations(layer: nn.Module, inputs: list, cfg: CompressConfig, prefix: str,
                            quantized: dict[str, QuantizedTensor], report: list[dict[str, Any]],
-                           alphas: dict[str, float | None]) -> list[Any]:
+                           alphas: dict[str, float | None], stats: dict[str, InputStats]) -> list[Any]:
     """Observe each linear's (smoothed) input over the calibration set, give its quantized weight the
     static activation scale, and hook the layer so that its outputs (the next layer's calibration inputs)
     carry the int8 activation error the runtime will have. Returns the hooks to remove."""
@@ -341,7 +341,10 @@ def _calibrate_activations(layer: nn.Module, inputs: list, cfg: CompressConfig, 
         full = f"{prefix}.{name}"
         scale = float(observers[name].scale(8, pow2=cfg.pow2))
         quantized[full + ".weight"] = replace(quantized[full + ".weight"], act_scale=scale)
-        entries[full].update(act_scale=scale, act_observer=cfg.observer, smooth_alpha=alphas.get(name, "none"))
+        x = torch.cat(stats[name].sample)  # smoothed rows of this input
+        act_sqnr = sqnr_db(x.numpy(), fake_quant(x, scale).numpy())
+        entries[full].update(act_scale=scale, act_observer=cfg.observer, smooth_alpha=alphas.get(name, "none"),
+                             act_sqnr_db=round(act_sqnr, 2))
         hooks.append(lin.register_forward_pre_hook(lambda mod, args, s=scale: (fake_quant(args[0], s),)))
     return hooks
 

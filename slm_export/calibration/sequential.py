@@ -155,7 +155,8 @@ def collect_stats(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict]], wan
     return stats
 
 
-def observe_inputs(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict]], factory: Callable[[], Any]) -> dict[str, Any]:
+def observe_inputs(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict]],
+                   factory: Callable[[], Any]) -> dict[str, Any]:
     """Activation observers (from ``factory``) over the input of every linear in ``layer``."""
     return _shared_input_pass(layer, inputs, factory, lambda ob, x: ob.update(x))
 

@@ -26,17 +26,30 @@ F32, I64 = TensorProto.FLOAT, TensorProto.INT64
 MASK_VALUE = -1e9  # finite, so a fully masked (left-padding) row cannot turn into NaN
 
 
+def to_bf16(arr: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), rounded to nearest even; NaN stays NaN."""
+    u = np.ascontiguousarray(arr, dtype=np.float32).view(np.uint32)
+    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    return np.where(np.isnan(arr), np.uint16(0x7FC0), rounded)
+
+
 class _Weights:
-    """Stores weights in the artifact's precision and hands back float32 tensor names."""
+    """Stores weights in the artifact's precision (fp32, fp16 or bf16) and hands back float32 tensor
+    names: a half-width weight is upcast by a Cast right after it, so every op (norms, softmax, rotary,
+    residual adds) computes in float32 and only storage and reads are halved. TensorRT's builder picks
+    fp16 kernels for the GEMMs itself under --fp16 and keeps the rest where it must."""
 
     def __init__(self, b: GraphBuilder, precision: str, graph_ops: str = "standard", accuracy_level: int = 4) -> None:
-        self.b, self.store = b, (np.float16 if precision == "fp16" else np.float32)
+        self.b, self.precision = b, precision if precision in ("fp16", "bf16") else "fp32"
         self.graph_ops, self.accuracy_level = graph_ops, accuracy_level
 
     def __call__(self, name: str, fn) -> str:  # type: ignore[no-untyped-def]
-        init = self.b.init(name, lambda: np.asarray(fn(), dtype=np.float32).astype(self.store, copy=False))
-        if self.store is np.float32:
-            return init
+        if self.precision == "fp32":
+            return self.b.init(name, lambda: np.asarray(fn(), dtype=np.float32))
+        if self.precision == "fp16":
+            init = self.b.init(name, lambda: np.asarray(fn(), dtype=np.float32).astype(np.float16))
+        else:
+            init = self.b.init(name, lambda: to_bf16(np.asarray(fn(), dtype=np.float32)), elem=TensorProto.BFLOAT16)
         return self.b.op("Cast", [init], to=F32, name=name + "_f32")  # type: ignore[return-value]
 
 

@@ -19,7 +19,7 @@ ArrayFn = Callable[[], np.ndarray]
 _NP_TO_ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
                np.dtype(np.int64): TensorProto.INT64, np.dtype(np.int32): TensorProto.INT32,
                np.dtype(np.bool_): TensorProto.BOOL, np.dtype(np.uint8): TensorProto.UINT8,
-               np.dtype(np.int8): TensorProto.INT8}
+               np.dtype(np.int8): TensorProto.INT8, np.dtype(np.uint16): TensorProto.UINT16}
 EXTERNAL_MIN_BYTES = 1024
 ALIGN = 64
 

@@ -74,7 +74,7 @@ class OnnxExporter:
 def _decoder_bytes_per_token(spec: DecoderSpec, precision: str) -> tuple[int, int]:
     """(weight bytes read per decoded token, weights multiplied per token): every linear layer and the
     LM head; of the embedding table only one row is read."""
-    width = 2 if precision == "fp16" else 4
+    width = 2 if precision in ("fp16", "bf16") else 4
     total, count = 0, 0
     for layer in spec.layers:
         for w in (*layer.qkv, layer.o, *layer.up, layer.down):

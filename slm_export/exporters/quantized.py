@@ -64,7 +64,8 @@ def _w8a8_matmul(b: GraphBuilder, x: str, q: QuantizedTensor, name: str) -> str:
         return b.op("MatMul", [xd, wd], name=name)  # type: ignore[return-value]
     # dynamic: one scale per token (row), computed at run time
     amax = b.reduce_max(b.op("Abs", [x]), [-1])
-    scale = b.op("Div", [b.op("Max", [amax, b.const(np.float32(1e-8), np.float32)]), b.const(np.float32(127), np.float32)])
+    eps, qmax = b.const(np.float32(1e-8), np.float32), b.const(np.float32(127), np.float32)
+    scale = b.op("Div", [b.op("Max", [amax, eps]), qmax])
     rounded = b.op("Round", [b.op("Div", [x, scale])])
     clipped = b.op("Clip", [rounded, b.const(np.float32(-127), np.float32), b.const(np.float32(127), np.float32)])
     xq = b.op("Cast", [clipped], to=TensorProto.INT8)

@@ -118,6 +118,33 @@ def test_quantized_exports(target: str, precision: str, extra: list[str], max_ch
     assert code in (0, 1)
 
 
+@pytest.mark.parametrize(("target", "method", "op", "max_change"), [
+    ("a100", "smoothquant", "QuantizeLinear", 10.0),
+    ("host", "dynamic", "MatMulInteger", 5.0),
+])
+def test_w8a8_exports(target: str, method: str, op: str, max_change: float, tmp_path: Path,
+                      capsys: pytest.CaptureFixture[str]) -> None:
+    import onnx
+
+    out = tmp_path / "w8a8"
+    code, text = _cli(["--target", target, "--model", "smollm2-135m", "--precision", "int8", "--method", method,
+                       "--calib-samples", "8", "--calib-seqlen", "256", "--smooth-alpha", "0.8", "--out", str(out),
+                       "--threads", "2", "--json"], capsys)
+    report = json.loads(text)
+    assert code in (0, 1), report["notes"]
+    # A broken Q/DQ or scale costs hundreds of percent; small calibration here costs a few.
+    assert report["metrics"]["perplexity_change_pct"]["value"] <= max_change
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    ops = [n.op_type for n in graph.graph.node]
+    assert ops.count(op) == 30 * 4  # q/k/v and gate/up share one int8 GEMM each
+    assert {n.domain for n in graph.graph.node} == {""}
+    layers = report["compression"]["layers"]
+    assert len(layers) == 30 * 7
+    if method == "smoothquant":
+        assert all(e["act_scale"] > 0 and "act_sqnr_db" in e for e in layers)
+        assert {e["smooth_alpha"] for e in layers} == {0.8, "none"}  # o_proj has no producer to fold into
+
+
 def test_a100_sparse_fp16(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "a100"
     code, text = _cli(["--target", "a100", "--model", "smollm2-135m", "--sparsity", "2:4", "--sparsity-method",

@@ -58,18 +58,24 @@ def test_left_padded_batch_matches_unpadded(arch: str, tiny_models: dict[str, Pa
     np.testing.assert_allclose(dec.logits(padded, mask)[:, 2:], dec.logits(short), atol=1e-4)
 
 
-def test_fp16_artifact_stores_half_weights(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize(("precision", "elem"), [("fp16", onnx.TensorProto.FLOAT16),
+                                                 ("bf16", onnx.TensorProto.BFLOAT16)])
+def test_half_artifact_stores_half_weights(precision: str, elem: int, tiny_models: dict[str, Path],
+                                           tmp_path: Path) -> None:
     model = load_model(str(tiny_models["llama"]))
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     r32 = OnnxExporter().export(model, _plan("fp32"), tmp_path / "a")
-    r16 = OnnxExporter().export(model, _plan("fp16"), tmp_path / "b")
+    r16 = OnnxExporter().export(model, _plan(precision), tmp_path / "b")
     assert r16.bytes < 0.6 * r32.bytes
     graph = onnx.load(str(r16.model_path), load_external_data=False)
     big = [t for t in graph.graph.initializer
            if t.data_location == onnx.TensorProto.EXTERNAL and not t.name.startswith("rope.")]
     assert big
-    assert all(t.data_type == onnx.TensorProto.FLOAT16 for t in big)
+    assert all(t.data_type == elem for t in big)
+    # every op computes in float32: the only half-width values are the stored weights, upcast at once
+    casts = [n for n in graph.graph.node if n.op_type == "Cast"]
+    assert len(casts) >= len(big)
     ids = np.asarray([[5, 17, 99, 3]], dtype=np.int64)
     a = OnnxDecoder(make_session(r32.model_path, 1)).logits(ids)
     b = OnnxDecoder(make_session(r16.model_path, 1)).logits(ids)

@@ -50,7 +50,8 @@ def test_minmax_and_moving_average_are_exact() -> None:
         mm.update(x)
         ma.update(x)
     lo, hi = mm.range()
-    assert float(hi) == 60.0 and float(lo) == min(float(x.min()) for x in xs)
+    assert float(hi) == 60.0
+    assert float(lo) == min(float(x.min()) for x in xs)
     # moving average: first batch, then 1% toward each new batch's extreme
     want = float(xs[0].max())
     for x in xs[1:]:
@@ -82,7 +83,9 @@ def test_mse_threshold_minimises_the_quantization_error() -> None:
 
     t, top = float(ob.amax()), float(data.abs().max())
     assert t < top
-    assert err(t) < err(top) and err(t) < err(0.3 * t) and err(t) <= 1.05 * min(err(f * top) for f in
+    assert err(t) < err(top)
+    assert err(t) < err(0.3 * t)
+    assert err(t) <= 1.05 * min(err(f * top) for f in
                                                                              np.linspace(0.2, 1, 17))
 
 
@@ -92,7 +95,8 @@ def test_histogram_grows_by_merging_bins() -> None:
     w0 = ob.width
     ob.update(torch.full((10,), 3.5))  # beyond the range: doubles twice
     assert ob.width == pytest.approx(4 * w0)
-    assert ob.counts.sum() == 20 and ob.counts.size == BINS
+    assert ob.counts.sum() == 20
+    assert ob.counts.size == BINS
 
 
 def test_observer_granularities() -> None:
@@ -171,7 +175,7 @@ def _twin(model, weights: dict, hooks: str):  # type: ignore[no-untyped-def]
     return twin
 
 
-@pytest.mark.parametrize("method,pow2,opset", [("smoothquant", False, 13), ("smoothquant", True, 17),
+@pytest.mark.parametrize(("method", "pow2", "opset"), [("smoothquant", False, 13), ("smoothquant", True, 17),
                                                ("dynamic", False, 13)])
 def test_w8a8_export_matches_simulation(method: str, pow2: bool, opset: int, tiny_models: dict[str, Path],
                                         tmp_path: Path) -> None:
@@ -181,10 +185,13 @@ def test_w8a8_export_matches_simulation(method: str, pow2: bool, opset: int, tin
     q = {k: v for k, v in result.weights.items() if isinstance(v, QuantizedTensor)}
     assert len(q) == 2 * 7
     for t in q.values():
-        assert t.bits == 8 and t.zeros is None
+        assert t.bits == 8
+        assert t.zeros is None
         assert t.activations == ("dynamic" if method == "dynamic" else "static")
         if pow2:
-            assert t.per_tensor and _is_pow2(float(t.scales.flat[0])) and _is_pow2(t.act_scale)  # type: ignore[arg-type]
+            assert t.per_tensor
+            assert _is_pow2(float(t.scales.flat[0]))
+            assert _is_pow2(t.act_scale)
     plan = Plan(target="a100", model="m", out="o", precision="int8", backend="tensorrt", graph_ops="standard",
                 opset=opset, static_shapes=False, max_seq_len=512, validation="host", method=method)
     exported = OnnxExporter().export(model, plan, tmp_path, result.weights)
@@ -196,15 +203,18 @@ def test_w8a8_export_matches_simulation(method: str, pow2: bool, opset: int, tin
     assert (2 * 4 < matmuls <= 2 * 7) if pow2 else matmuls == 2 * 4
     assert all(v.dtype == np.int8 for v in qweights)
     if method == "smoothquant":
-        assert ops.count("QuantizeLinear") == matmuls and ops.count("DequantizeLinear") == 2 * matmuls
+        assert ops.count("QuantizeLinear") == matmuls
+        assert ops.count("DequantizeLinear") == 2 * matmuls
         assert "MatMulInteger" not in ops
         if pow2:  # every Q/DQ scale a scalar power of two
             for n in graph.graph.node:
                 if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
                     scale = inits[n.input[1]]
-                    assert scale.shape == () and _is_pow2(float(scale))
+                    assert scale.shape == ()
+                    assert _is_pow2(float(scale))
     else:
-        assert ops.count("MatMulInteger") == 2 * 4 and "QuantizeLinear" not in ops
+        assert ops.count("MatMulInteger") == 2 * 4
+        assert "QuantizeLinear" not in ops
     ids = np.asarray([[3, 9, 27, 81, 243, 100, 7, 1]], dtype=np.int64)
     with torch.no_grad():
         ref = _twin(model, result.weights, "dynamic" if method == "dynamic" else "static")(
