@@ -103,10 +103,17 @@ def render_markdown(r: dict[str, Any]) -> str:
         if comp.get("budget"):
             top = ", ".join(f"{u} ({kl:.3g})" for u, kl in comp["budget"]["sensitivity_kl"][:8])
             lines.append(f"- most sensitive projection groups (KL when only they are int4): {top}")
-        lines += ["", "| layer | bits | group | weight SQNR dB | output SQNR dB |", "|---|---|---|---|---|"]
+        w8a8 = any("act_scale" in e for e in comp["layers"])
+        head = "| layer | bits | group | weight SQNR dB | output SQNR dB |"
+        if w8a8:
+            head += " activation scale | activation SQNR dB | SmoothQuant alpha |"
+        lines += ["", head, "|" + "---|" * (head.count("|") - 1)]
         for e in comp["layers"]:
-            lines.append(f"| {e['layer']} | {e['bits']} | {e['group']} | {e['weight_sqnr_db']} | "
-                         f"{e.get('output_sqnr_db', '')} |")
+            row = (f"| {e['layer']} | {e['bits']} | {e['group']} | {e['weight_sqnr_db']} | "
+                   f"{e.get('output_sqnr_db', '')} |")
+            if w8a8:
+                row += f" {_fmt(e.get('act_scale', ''))} | {e.get('act_sqnr_db', '')} | {e.get('smooth_alpha', '')} |"
+            lines.append(row)
     if r.get("roofline"):
         lines += ["", "## Roofline (estimated from the target profile, not measured)", ""]
         for k, v in r["roofline"].items():

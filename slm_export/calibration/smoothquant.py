@@ -22,7 +22,7 @@ from slm_export.calibration.observers import fake_quant
 from slm_export.calibration.quant import QuantizedTensor, quantize_per_tensor, quantize_rtn
 from slm_export.errors import ConfigError
 
-ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(0, 20))
+ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(0, 21))
 
 
 @dataclass(frozen=True)

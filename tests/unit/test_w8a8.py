@@ -264,3 +264,12 @@ def test_plans_pick_w8a8_where_the_target_wants_it(tmp_path: Path) -> None:
         make_plan(get_target("host"), "smollm2-135m", tmp_path / "x", "int4", method="smoothquant")
     with pytest.raises(ConfigError, match="unknown observer"):
         make_plan(get_target("a100"), "smollm2-135m", tmp_path / "x", "int8", observer="max")
+
+
+def test_methods_lists_methods_observers_and_patterns(capsys: pytest.CaptureFixture[str]) -> None:
+    from slm_export.cli import main
+
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in ("smoothquant", "dynamic", "gptq", "awq", *OBSERVERS, "per-token", "sparsegpt", "2:4"):
+        assert name in out, name
