@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
                    "entropy, mse (default minmax)")
     q.add_argument("--smooth-alpha", type=float, help="SmoothQuant migration strength in [0, 1] "
                    "(default: searched per input group)")
+    q.add_argument("--rotate", type=int, help="W8A8: rotate down_proj's input online by a randomised Hadamard "
+                   "of this block size, smoothing first (default 128 for smoothquant; 0: off)")
     q.add_argument("--group-size", type=int, help="weights per quantization group along the input (default 32)")
     q.add_argument("--symmetric", action="store_true", default=None, help="symmetric quantization (no zero points)")
     q.add_argument("--calib-data", help="calibration text: .txt, .jsonl with \"text\", or a `datasets` folder "
@@ -161,7 +163,7 @@ def _export(args: argparse.Namespace) -> int:
     options = {k: getattr(args, k) for k in ("method", "group_size", "symmetric", "calib_data", "calib_samples",
                                              "calib_seqlen", "seed", "accuracy_level", "lm_head_bits", "sparsity",
                                              "sparsity_method", "sparsity_ratio", "max_ppl_increase", "observer",
-                                             "smooth_alpha")}
+                                             "smooth_alpha", "rotate")}
     plan = make_plan(profile, args.model, out, args.precision, args.eval_data, not args.no_validate, **options)
     if args.dry_run:
         print(json.dumps({"plan": plan.to_dict(), "target": profile.id}, indent=2))
@@ -212,9 +214,12 @@ METHOD_TABLE = (
     ("quantization", "awq", "int8, int4", "activation-aware channel scales folded into the norm, then clip search"),
     ("quantization", "smoothquant", "int8 (W8A8 static)", "outlier channels migrated into the weights (alpha "
      "searched or set), int8 weights per channel (fpga: per tensor, power of two), activations per tensor from "
-     "an observer; explicit QuantizeLinear/DequantizeLinear"),
+     "an observer; down_proj's input smoothed, then rotated online by a block Hadamard (--rotate); "
+     "explicit QuantizeLinear/DequantizeLinear"),
     ("quantization", "dynamic", "int8 (W8A8 dynamic)", "int8 weights per channel; activations quantized per "
      "token at run time; MatMulInteger; no data"),
+    ("transform", "hadamard", "int8 W8A8 (--rotate N)", "down_proj input smoothed, then rotated online by a "
+     "randomised block Hadamard (one MatMul); attention heads rotated offline through v_proj/o_proj"),
     ("observer", "minmax", "per-tensor, per-channel, per-group", "running min and max"),
     ("observer", "moving-average", "per-tensor, per-channel, per-group", "min and max averaged batch by batch"),
     ("observer", "percentile", "per-tensor", "99.99th percentile of |x| from a histogram"),

@@ -41,6 +41,9 @@ class RunResult:
 DEFAULT_METHOD = {"int4": "awq", "int8": "rtn"}
 
 
+ROTATE_BLOCK = 128  # W8A8 static's default down_proj rotation: 128 multiply-adds per activation
+
+
 def make_plan(profile: TargetProfile, model: str, out: str | Path, precision: str | None = None,
               eval_data: str | None = None, validate: bool = True, **options: Any) -> Plan:
     """Fill every decision the user did not make from the profile, then let the profile check it.
@@ -69,6 +72,8 @@ def make_plan(profile: TargetProfile, model: str, out: str | Path, precision: st
         options.setdefault("method", profile.int8_method if precision == "int8" else DEFAULT_METHOD[precision])
         if precision == "int8" and options["method"] not in ("smoothquant", "dynamic"):
             notes.append("int8 weight-only: activations stay float (W8A8: --method smoothquant or dynamic)")
+        if precision == "int8" and options["method"] == "smoothquant" and "rotate" not in options:
+            options["rotate"] = ROTATE_BLOCK  # measured: +3.1% -> +0.8% perplexity on smollm2-135m (README)
         if precision == "int8" and profile.int8_scales == "pow2-per-tensor" and options["method"] == "smoothquant":
             options["pow2_scales"] = True
             notes.append(f"{profile.id}: int8 weights and activations with symmetric, per-tensor, power-of-two "
@@ -118,7 +123,7 @@ def compress_config(plan: Plan) -> Any:
                           group_size=plan.group_size, symmetric=plan.symmetric, calib_data=plan.calib_data,
                           calib_samples=plan.calib_samples, calib_seqlen=plan.calib_seqlen, seed=plan.seed,
                           lm_head_bits=plan.lm_head_bits, smooth_alpha=plan.smooth_alpha, observer=plan.observer,
-                          pow2=plan.pow2_scales)
+                          pow2=plan.pow2_scales, rotate=plan.rotate)
 
 
 def _check_writable(out: Path) -> None:
@@ -227,6 +232,8 @@ def _validate(model: Any, path: Path, plan: Plan, settings: ValidationSettings, 
     text = load_text(plan.eval_data, "evaluation")
     fn = validate_decoder if model.kind == "decoder" else validate_encoder
     step = (lambda what: progress("validate", what)) if progress else None
+    if plan.backend != "onnxruntime":  # TensorRT, the DPU: exact int8 arithmetic, not ORT's x86 kernels
+        settings = replace(settings, exact_qdq=True)
     metrics = fn(path, model.torch_module(), model.tokenizer, text, settings, step)
     metrics["eval_text"] = {"value": text.name, "unit": f"sha256 {text.sha256[:16]}", "where": "input"}
     return metrics

@@ -40,6 +40,7 @@ class Plan:
     observer: str = "minmax"
     smooth_alpha: float | None = None
     pow2_scales: bool = False
+    rotate: int = 0  # W8A8: block of the online Hadamard rotation of down_proj's input (0: none)
     sparsity_method: str = "wanda"
     sparsity_ratio: float = 0.5
     validate: bool = True

@@ -20,6 +20,7 @@ from slm_export.calibration.data import CalibrationSet, load_calibration
 from slm_export.calibration.gptq import GPTQConfig, gptq_quantize, prepare_hessian
 from slm_export.calibration.observers import check_observer, fake_quant, make_observer
 from slm_export.calibration.quant import QuantizedTensor, check_group, quantize_rtn, sqnr_db
+from slm_export.calibration.rotation import Rotation, make_rotation
 from slm_export.calibration.sequential import InputStats, decoder_layers, observe_inputs, sequential_calibration
 from slm_export.calibration.smoothquant import SmoothQuantConfig, choose_scales, quantize_weight
 from slm_export.errors import ConfigError
@@ -50,6 +51,7 @@ class CompressConfig:
     smooth_alpha: float | None = None  # SmoothQuant migration strength; None: searched per input group
     observer: str = "minmax"  # activation observer of W8A8 static
     pow2: bool = False  # W8A8 with per-tensor power-of-two scales (DPU-class accelerators)
+    rotate: int = 0  # W8A8: online Hadamard rotation of down_proj's input, largest block (0: none)
 
     def __post_init__(self) -> None:
         if self.precision == "none" and self.sparsity is None:
@@ -66,6 +68,10 @@ class CompressConfig:
             raise ConfigError(f"--method {self.method} quantizes weights and activations to int8: use --precision int8")
         if self.pow2 and self.method != "smoothquant":
             raise ConfigError("power-of-two per-tensor scales are made by the W8A8 static method (smoothquant)")
+        if self.rotate and (self.rotate < 16 or self.rotate & (self.rotate - 1)):
+            raise ConfigError(f"rotation block must be a power of two >= 16, not {self.rotate}")
+        if self.rotate and self.method not in W8A8_METHODS:
+            raise ConfigError("the down_proj rotation is for int8 activations: --method smoothquant or dynamic")
         if self.method == "smoothquant":
             SmoothQuantConfig(self.smooth_alpha, self.observer, self.pow2)
             check_observer(self.observer)
@@ -136,6 +142,9 @@ def compress(model: Any, cfg: CompressConfig, progress: Callable[[str], None] | 
     layer_report: list[dict[str, Any]] = []
     originals = {name: p for name, p in work.named_parameters()}
     changed: dict[str, torch.Tensor] = {}
+    prefix = "model.layers" if hasattr(work, "model") else "transformer.h"
+    rotations = _rotate_down(work, cfg, rotate_weights=not cfg.needs_data) if cfg.rotate else {}
+    head_rotation = _rotate_heads(work, model.config, cfg.seed) if cfg.rotate else None
     if not cfg.needs_data:
         for name, lin in linears.items():  # no data: prune by magnitude, round to nearest, no forward passes
             w = lin.weight.detach()
@@ -144,11 +153,13 @@ def compress(model: Any, cfg: CompressConfig, progress: Callable[[str], None] | 
             q = _finish_weight(w, cfg, None, None)
             quantized[name + ".weight"] = q
             layer_report.append(_layer_entry(name, lin.weight.detach(), q, cfg, None))
+        for name, p in work.named_parameters():  # e.g. v_proj's bias, rotated with its weight
+            if p is not originals[name] and name not in quantized:
+                changed[name] = p.detach()
     else:
         calib = load_calibration(model.tokenizer, cfg.calib_data, cfg.calib_samples, cfg.calib_seqlen, cfg.seed)
         ids = torch.from_numpy(calib.ids)
         batches = list(ids.split(8))
-        prefix = "model.layers" if hasattr(work, "model") else "transformer.h"
 
         act_hooks: list[Any] = []
 
@@ -158,12 +169,14 @@ def compress(model: Any, cfg: CompressConfig, progress: Callable[[str], None] | 
             if cfg.method == "awq":
                 _awq_layer(layer, stats, cfg, model.model_type)
             elif cfg.method == "smoothquant":
-                alphas = _smooth_layer(layer, stats, cfg, model.model_type)
+                alphas = _smooth_layer(layer, stats, cfg, model.model_type, rotations.get(i))
+            if i in rotations:
+                act_hooks.append(_apply_rotation(layer, rotations[i], stats["mlp.down_proj"]))
             for name, lin in layer.named_modules():
                 if not isinstance(lin, nn.Linear):
                     continue
                 full = f"{prefix}.{i}.{name}"
-                w = lin.weight.detach()
+                w = ref = lin.weight.detach()  # after any smoothing or rotation, before pruning
                 st = stats[name]
                 if cfg.sparsity is not None:
                     hess = None
@@ -175,7 +188,7 @@ def compress(model: Any, cfg: CompressConfig, progress: Callable[[str], None] | 
                     w = prune(w, cfg.sparsity, st.sq_sum, hess)
                 q = _finish_weight(w, cfg, st, prepared)
                 quantized[full + ".weight"] = q
-                layer_report.append(_layer_entry(full, originals[full + ".weight"].detach(), q, cfg, st))
+                layer_report.append(_layer_entry(full, ref, q, cfg, st))
                 deq = q.dequantize() if isinstance(q, QuantizedTensor) else q.numpy()
                 lin.weight = nn.Parameter(torch.from_numpy(deq), requires_grad=False)
             if cfg.method == "smoothquant":  # activation ranges of the smoothed, weight-quantized layer
@@ -203,6 +216,16 @@ def compress(model: Any, cfg: CompressConfig, progress: Callable[[str], None] | 
     weights.update(changed)
     weights.update(quantized)
     notes = []
+    for i, rot in rotations.items():
+        weights[f"{prefix}.{i}.mlp.down_proj.rotation.signs"] = rot.signs
+        weights[f"{prefix}.{i}.mlp.down_proj.rotation.block"] = rot.block
+    if rotations:
+        b = next(iter(rotations.values())).block.shape[0]
+        notes.append(f"down_proj inputs rotated online by a randomised block Hadamard (block {b}); "
+                     "its weights hold the matching rotation")
+    if head_rotation:
+        notes.append(f"attention heads rotated offline by a randomised Hadamard of order {head_rotation} "
+                     "(v_proj rows and o_proj columns; no extra op)")
     if cfg.lm_head_bits:
         head = weights.get("lm_head.weight", model.weights["model.embed_tokens.weight"])
         weights["lm_head.weight"] = quantize_rtn(head, cfg.lm_head_bits, cfg.group_size, False)
@@ -283,6 +306,57 @@ def _bits_per_weight(weights: dict[str, Any]) -> float:
     return bits / max(count, 1)
 
 
+def _rotate_down(work: nn.Module, cfg: CompressConfig, rotate_weights: bool) -> dict[int, Rotation]:
+    """A rotation per layer for down_proj's input; ``rotate_weights``: give the weights ``W R`` now
+    (no calibration to follow: nothing runs the module again)."""
+    out = {}
+    for i, layer in enumerate(decoder_layers(work)):
+        down = layer.mlp.down_proj
+        out[i] = make_rotation(down.in_features, cfg.seed + i, cfg.rotate)
+        if rotate_weights:
+            down.weight = nn.Parameter(out[i].apply(down.weight.detach()), requires_grad=False)
+    return out
+
+
+def _rotate_heads(work: nn.Module, config: Any, seed: int) -> int | None:
+    """Rotate o_proj's input offline: each head's values ``v_h`` become ``v_h R`` (v_proj's rows and
+    bias) and o_proj's columns take ``R`` per head, so the attention output reaching o_proj is rotated
+    with no op added. One ``R`` for all heads, as grouped-query heads share their value heads.
+    Returns the order of ``R``, or None when the heads are not a power-of-two size."""
+    heads = config.num_attention_heads
+    d = getattr(config, "head_dim", None) or config.hidden_size // heads
+    if d < 16 or d & (d - 1):
+        return None
+    for i, layer in enumerate(decoder_layers(work)):
+        attn = getattr(layer, "self_attn", None)
+        if attn is None or not hasattr(attn, "v_proj") or not hasattr(attn, "o_proj"):
+            return None
+        one = make_rotation(d, seed + 1000 + i, d)
+        kv = attn.v_proj.out_features // d
+        per_v = Rotation(one.signs.repeat(kv), one.block)
+        per_o = Rotation(one.signs.repeat(attn.o_proj.in_features // d), one.block)
+        attn.v_proj.weight = nn.Parameter(per_v.apply(attn.v_proj.weight.detach().T).T.contiguous(),
+                                          requires_grad=False)
+        if attn.v_proj.bias is not None:
+            attn.v_proj.bias = nn.Parameter(per_v.apply(attn.v_proj.bias.detach()), requires_grad=False)
+        attn.o_proj.weight = nn.Parameter(per_o.apply(attn.o_proj.weight.detach()), requires_grad=False)
+    return d
+
+
+def _apply_rotation(layer: nn.Module, rot: Rotation, st: InputStats) -> Any:
+    """From now on down_proj reads ``x R`` and holds ``W R`` (after any smoothing: smooth, then rotate,
+    so that the rotation spreads what the smoothing left over many channels); its calibration statistics
+    move to the rotated basis. Returns the hook to remove once the layer's outputs exist."""
+    down = layer.mlp.down_proj
+    down.weight = nn.Parameter(rot.apply(down.weight.detach()), requires_grad=False)
+    st.sample = [rot.apply(x) for x in st.sample]
+    if st.hessian is not None:  # R^T H R, H symmetric
+        st.hessian = rot.apply(rot.apply(st.hessian).T.contiguous())
+        st.sq_sum = torch.diagonal(st.hessian).clone()
+    st.abs_max = torch.cat(st.sample).abs().amax(0)
+    return down.register_forward_pre_hook(lambda m, args, r=rot: (r.apply(args[0]),))
+
+
 def _input_groups(layer: nn.Module) -> list[tuple[nn.Module, list[nn.Linear], str]]:
     """(producer, linears reading its output, stats key) for the three input-sharing groups of a
     Llama-family layer; the producer absorbs 1/s of a per-channel scale given to the linears."""
@@ -306,15 +380,17 @@ def _fold_scales(prev: nn.Module, lins: list[nn.Linear], s: torch.Tensor, offset
 
 
 def _smooth_layer(layer: nn.Module, stats: dict[str, InputStats], cfg: CompressConfig,
-                  model_type: str) -> dict[str, float | None]:
-    """SmoothQuant's scale migration for each input group; returns the alpha chosen per group."""
+                  model_type: str, rotation: Rotation | None = None) -> dict[str, float | None]:
+    """SmoothQuant's scale migration for each input group; returns the alpha chosen per group.
+    ``rotation``: down_proj's input will be rotated after smoothing; the alpha search accounts for it."""
     sq = SmoothQuantConfig(cfg.smooth_alpha, cfg.observer, cfg.pow2)
     offset = 1.0 if model_type == "gemma" else 0.0
     chosen: dict[str, float | None] = {}
     for prev, lins, key in _input_groups(layer):
         st = stats[key]
         x = torch.cat(st.sample)
-        s, alpha = choose_scales(x, st.abs_max, [m.weight.detach() for m in lins], sq)  # type: ignore[arg-type]
+        rot = rotation.apply if rotation is not None and key == "mlp.down_proj" else None
+        s, alpha = choose_scales(x, st.abs_max, [m.weight.detach() for m in lins], sq, rot)  # type: ignore[arg-type]
         _fold_scales(prev, lins, s, offset)
         for m_name, m in layer.named_modules():
             if any(m is lin for lin in lins):

@@ -14,6 +14,7 @@ the calibration set after smoothing. The exporter writes both as QuantizeLinear/
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,7 @@ from slm_export.calibration.observers import fake_quant
 from slm_export.calibration.quant import QuantizedTensor, quantize_per_tensor, quantize_rtn
 from slm_export.errors import ConfigError
 
+Rotate = Callable[[torch.Tensor], torch.Tensor]
 ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(0, 21))
 
 
@@ -56,32 +58,37 @@ def _act_scale(amax: torch.Tensor, pow2: bool) -> torch.Tensor:
 
 
 def simulated_error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor, pow2: bool,
-                    act_amax: torch.Tensor | None = None) -> float:
+                    act_amax: torch.Tensor | None = None, rotate: Rotate | None = None) -> float:
     """Squared error of int8(x / s) @ int8(W * s)^T against x @ W^T, summed over the linears.
 
     The activation scale is the min-max one the whole calibration set gives after smoothing,
-    ``max_j(act_amax_j / s_j)`` (the sample's own maximum when ``act_amax`` is not given)."""
+    ``max_j(act_amax_j / s_j)`` (the sample's own maximum when ``act_amax`` is not given).
+    ``rotate``: an orthogonal map applied to the smoothed input and weight rows (the sample's maximum
+    then sets the scale: the rotated range is not known from per-channel maxima)."""
     xs = x / s
+    if rotate is not None:
+        xs, act_amax = rotate(xs), None
     top = (act_amax / s).amax() if act_amax is not None else xs.abs().amax()
     xq = fake_quant(xs, _act_scale(top, pow2))
     err = 0.0
     for w in weights:
         ref = x @ w.T
-        wq = torch.from_numpy(quantize_weight(w * s, pow2).dequantize())
+        ws = rotate(w * s) if rotate is not None else w * s
+        wq = torch.from_numpy(quantize_weight(ws, pow2).dequantize())
         err += float(((xq @ wq.T - ref) ** 2).sum())
     return err
 
 
 def choose_scales(x_sample: torch.Tensor, act_amax: torch.Tensor, weights: list[torch.Tensor],
-                  cfg: SmoothQuantConfig) -> tuple[torch.Tensor, float | None]:
+                  cfg: SmoothQuantConfig, rotate: Rotate | None = None) -> tuple[torch.Tensor, float | None]:
     """The smoothing scales for one input group, and the alpha chosen (None: no smoothing was best)."""
     if cfg.alpha is not None:
         return smooth_scales(act_amax, weights, cfg.alpha), cfg.alpha
-    best = (simulated_error(x_sample, weights, torch.ones_like(act_amax), cfg.pow2, act_amax), None)
+    best = (simulated_error(x_sample, weights, torch.ones_like(act_amax), cfg.pow2, act_amax, rotate), None)
     best_s = torch.ones_like(act_amax)
     for alpha in ALPHA_GRID:
         s = smooth_scales(act_amax, weights, alpha)
-        err = simulated_error(x_sample, weights, s, cfg.pow2, act_amax)
+        err = simulated_error(x_sample, weights, s, cfg.pow2, act_amax, rotate)
         if err < best[0]:
             best, best_s = (err, alpha), s
     return best_s, best[1]

@@ -221,6 +221,17 @@ def _act(b: GraphBuilder, x: str, act: str) -> str:
     return b.op("Mul", [b.op("Mul", [x, half]), b.op("Add", [inner, one])])  # type: ignore[return-value]
 
 
+def _rotate(b: GraphBuilder, x: str, rotation: tuple, name: str) -> str:  # type: ignore[type-arg]
+    """``x R`` with ``R = diag(signs) . blockdiag(H, ..., H)``: a Mul, then one MatMul per block of
+    channels (a Reshape to [..., blocks, b] and back); float32, before the int8 quantization."""
+    signs, block = (np.asarray(a, dtype=np.float32) for a in rotation)
+    n = block.shape[0]
+    y = b.op("Mul", [x, b.init(f"{name}.signs", lambda: signs)])
+    y = b.op("Reshape", [y, b.const([0, 0, signs.shape[0] // n, n])])
+    y = b.op("MatMul", [y, b.init(f"{name}.block", lambda: block)])
+    return b.op("Reshape", [y, b.const([0, 0, signs.shape[0]])])  # type: ignore[return-value]
+
+
 def _mlp(b: GraphBuilder, W: _Weights, spec: DecoderSpec, h: str, layer, p: str) -> str:  # type: ignore[no-untyped-def]
     up = _linear(b, W, h, f"{p}.up", layer.up, (layer.up_bias,) if layer.up_bias is not None else None)
     if spec.gated:
@@ -229,5 +240,7 @@ def _mlp(b: GraphBuilder, W: _Weights, spec: DecoderSpec, h: str, layer, p: str)
         act = b.op("Mul", [_act(b, gate, spec.act), up])
     else:
         act = _act(b, up, spec.act)
+    if layer.down_rotation is not None:
+        act = _rotate(b, act, layer.down_rotation, f"{p}.down.rotation")
     bias = (layer.down_bias,) if layer.down_bias is not None else None
     return _linear(b, W, act, f"{p}.down", (layer.down,), bias)  # type: ignore[arg-type]

@@ -30,6 +30,7 @@ class DecoderLayer:
     down_bias: Array | None
     norm1: tuple[Array, Array | None]
     norm2: tuple[Array, Array | None]
+    down_rotation: tuple[Array, Array] | None = None  # (signs, Hadamard block): down_proj reads x R
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,8 @@ def _llama_like(cfg: Any, w: Mapping[str, Array], *, gemma: bool = False) -> Dec
             o_bias=_opt(w, p + "self_attn.o_proj.bias"), up=up, up_bias=None,
             down=w[p + "mlp.down_proj.weight"], down_bias=None,
             norm1=(w[p + "input_layernorm.weight"], None), norm2=(w[p + "post_attention_layernorm.weight"], None),
+            down_rotation=((w[p + "mlp.down_proj.rotation.signs"], w[p + "mlp.down_proj.rotation.block"])
+                           if p + "mlp.down_proj.rotation.signs" in w else None),
         ))
     act_name = getattr(cfg, "hidden_activation", None) or cfg.hidden_act
     acts = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}

@@ -23,8 +23,14 @@ class GenerationTiming:
     decode_s: list[float]
 
 
-def make_session(model_path: str | Path, threads: int = 0, optimize: bool = True) -> Any:
-    """An ONNX Runtime CPU session with the given intra-op thread count (0: all cores)."""
+def make_session(model_path: str | Path, threads: int = 0, optimize: bool = True, exact_qdq: bool = False) -> Any:
+    """An ONNX Runtime CPU session with the given intra-op thread count (0: all cores).
+
+    ``exact_qdq``: leave QuantizeLinear/DequantizeLinear pairs unfused, so each quantized MatMul runs as
+    a float MatMul of the dequantized int8 values: the exact products of the integer arithmetic a GPU or
+    DPU performs. ORT's fused int8 kernels on x86 CPUs without VNNI multiply u8 x s8 pairs into int16
+    with saturation (pmaddubsw), which can move logits by whole units; they are the truth only for an
+    artifact whose runtime is ORT on such a CPU."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -35,6 +41,8 @@ def make_session(model_path: str | Path, threads: int = 0, optimize: bool = True
     so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                    else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     so.log_severity_level = 3
+    if exact_qdq:
+        so.add_session_config_entry("session.disable_quant_qdq", "1")
     return ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
 
 

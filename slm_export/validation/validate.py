@@ -31,6 +31,7 @@ class ValidationSettings:
     decode_tokens: int = 64
     repeats: int = 5
     threads: int = 0
+    exact_qdq: bool = False  # Q/DQ as float products of the int8 values (the artifact's runtime is not ORT)
 
 
 def where_host() -> str:
@@ -54,7 +55,9 @@ def validate_decoder(model_path: Path, module: Any, tokenizer: Any, text: TextSo
 
     torch.set_num_threads(s.threads or torch.get_num_threads())
     host = where_host()
-    session = make_session(model_path, s.threads)
+    if s.exact_qdq:
+        host += ", Q/DQ pairs run as exact int8 products in float (emulated quantized arithmetic)"
+    session = make_session(model_path, s.threads, exact_qdq=s.exact_qdq)
     dec = OnnxDecoder(session)
     windows = token_windows(tokenizer, text, s.windows, s.window_len)
 

@@ -143,6 +143,11 @@ def test_w8a8_exports(target: str, method: str, op: str, max_change: float, tmp_
     if method == "smoothquant":
         assert all(e["act_scale"] > 0 and "act_sqnr_db" in e for e in layers)
         assert {e["smooth_alpha"] for e in layers} == {0.8, "none"}  # o_proj has no producer to fold into
+        # down_proj's input is smoothed, then rotated online by a 128-block Hadamard, in every layer
+        blocks = [i for i in graph.graph.initializer if i.name.endswith(".rotation.block")]
+        assert len(blocks) == 30
+        assert all(list(i.dims) == [128, 128] for i in blocks)
+        assert any("Hadamard" in n for n in report["compression"]["notes"])
 
 
 def test_a100_sparse_fp16(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -19,6 +19,7 @@ from slm_export.calibration.observers import (
     make_observer,
 )
 from slm_export.calibration.quant import QuantizedTensor
+from slm_export.calibration.rotation import Rotation, block_size, make_rotation
 from slm_export.calibration.smoothquant import SmoothQuantConfig, choose_scales, simulated_error, smooth_scales
 from slm_export.errors import ConfigError, UnsupportedByTarget
 from slm_export.exporters.onnx import OnnxExporter
@@ -160,6 +161,27 @@ def test_smoothing_reduces_the_w8a8_error_with_outliers() -> None:
         SmoothQuantConfig(alpha=1.5)
 
 
+def test_rotation_is_orthogonal_and_preserves_the_product() -> None:
+    rot = make_rotation(384, seed=3, cap=128)
+    assert rot.block.shape == (128, 128)
+    assert set(rot.signs.tolist()) == {-1.0, 1.0}
+    x, w = torch.randn(10, 384), torch.randn(7, 384)
+    torch.testing.assert_close(rot.apply(x) @ rot.apply(w).T, x @ w.T, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(rot.apply(x).norm(dim=1), x.norm(dim=1), rtol=1e-5, atol=1e-5)
+    assert block_size(1536) == 128
+    assert block_size(1536, cap=512) == 512
+    assert block_size(96, cap=512) == 32
+    spike = torch.zeros(1, 384)
+    spike[0, 5] = 100.0  # one outlier channel is spread evenly over its block
+    assert rot.apply(spike).abs().amax() == pytest.approx(100.0 / 128 ** 0.5, rel=1e-5)
+    with pytest.raises(ConfigError, match="no power-of-two block"):
+        block_size(8 * 3)
+    with pytest.raises(ConfigError, match="power of two >= 16"):
+        CompressConfig("int8", "smoothquant", rotate=24)
+    with pytest.raises(ConfigError, match="int8 activations"):
+        CompressConfig("int4", "gptq", rotate=64)
+
+
 def _twin(model, weights: dict, hooks: str):  # type: ignore[no-untyped-def]
     """A PyTorch copy computing what the graph should: dequantized weights, int8 activations."""
     from slm_export.models.loader import _build_module
@@ -168,6 +190,9 @@ def _twin(model, weights: dict, hooks: str):  # type: ignore[no-untyped-def]
     twin = _build_module(type(model)(**{**model.__dict__, "weights": sd, "_module": []}))
     for name, mod in twin.named_modules():
         q = weights.get(name + ".weight")
+        if name + ".rotation.signs" in weights:  # registered first: the int8 quantization reads x R
+            rot = Rotation(weights[name + ".rotation.signs"], weights[name + ".rotation.block"])
+            mod.register_forward_pre_hook(lambda m, a, r=rot: (r.apply(a[0]),))
         if isinstance(q, QuantizedTensor) and hooks == "static":
             mod.register_forward_pre_hook(lambda m, a, s=q.act_scale: (fake_quant(a[0], s),))
         elif isinstance(q, QuantizedTensor) and hooks == "dynamic":
@@ -175,12 +200,14 @@ def _twin(model, weights: dict, hooks: str):  # type: ignore[no-untyped-def]
     return twin
 
 
-@pytest.mark.parametrize(("method", "pow2", "opset"), [("smoothquant", False, 13), ("smoothquant", True, 17),
-                                               ("dynamic", False, 13)])
-def test_w8a8_export_matches_simulation(method: str, pow2: bool, opset: int, tiny_models: dict[str, Path],
-                                        tmp_path: Path) -> None:
+@pytest.mark.parametrize(("method", "pow2", "opset", "rotate"), [
+    ("smoothquant", False, 13, 0), ("smoothquant", True, 17, 0), ("dynamic", False, 13, 0),
+    ("smoothquant", False, 13, 32), ("dynamic", False, 17, 16)])
+def test_w8a8_export_matches_simulation(method: str, pow2: bool, opset: int, rotate: int,
+                                        tiny_models: dict[str, Path], tmp_path: Path) -> None:
     model = load_model(str(tiny_models["llama"]))
-    cfg = CompressConfig("int8", method, calib_samples=4, calib_seqlen=64, pow2=pow2, observer="minmax")
+    cfg = CompressConfig("int8", method, calib_samples=4, calib_seqlen=64, pow2=pow2, observer="minmax",
+                         rotate=rotate)
     result = compress(model, cfg)
     q = {k: v for k, v in result.weights.items() if isinstance(v, QuantizedTensor)}
     assert len(q) == 2 * 7
@@ -215,12 +242,17 @@ def test_w8a8_export_matches_simulation(method: str, pow2: bool, opset: int, tin
     else:
         assert ops.count("MatMulInteger") == 2 * 4
         assert "QuantizeLinear" not in ops
+    blocks = [v for k, v in inits.items() if k.endswith(".rotation.block")]
+    assert len(blocks) == (2 if rotate else 0)
+    for blk in blocks:  # an orthogonal Hadamard block of the largest power of two <= rotate
+        assert blk.shape[0] <= rotate
+        np.testing.assert_allclose(blk @ blk.T, np.eye(blk.shape[0]), atol=1e-5)
     ids = np.asarray([[3, 9, 27, 81, 243, 100, 7, 1]], dtype=np.int64)
     with torch.no_grad():
         ref = _twin(model, result.weights, "dynamic" if method == "dynamic" else "static")(
             torch.from_numpy(ids)).logits.numpy()
         flt = model.torch_module()(torch.from_numpy(ids)).logits.numpy()
-    got = OnnxDecoder(make_session(exported.model_path, 1)).logits(ids)
+    got = OnnxDecoder(make_session(exported.model_path, 1, exact_qdq=True)).logits(ids)
     # Same int8 arithmetic: equal up to float rounding and the odd activation rounding at a tie.
     assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
     assert np.abs(got - ref).mean() < 0.1 * np.abs(got - flt).mean() + 1e-5
@@ -254,10 +286,14 @@ def test_plans_pick_w8a8_where_the_target_wants_it(tmp_path: Path) -> None:
     assert (fpga.precision, fpga.method, fpga.pow2_scales, fpga.static_shapes) == ("int8", "smoothquant", True, True)
     a100 = make_plan(get_target("a100"), "smollm2-135m", tmp_path / "a", "int8")
     assert (a100.method, a100.pow2_scales) == ("smoothquant", False)
+    assert fpga.rotate == a100.rotate == 128  # W8A8 static rotates down_proj's input by default
+    assert make_plan(get_target("a100"), "smollm2-135m", tmp_path / "a", "int8", rotate=0).rotate == 0
     host = make_plan(get_target("host"), "smollm2-135m", tmp_path / "h", "int8")
     assert host.method == "rtn"
     dyn = make_plan(get_target("host"), "smollm2-135m", tmp_path / "d", "int8", method="dynamic")
-    assert dyn.method == "dynamic"
+    assert (dyn.method, dyn.rotate) == ("dynamic", 0)
+    with pytest.raises(ConfigError, match="int8 activations"):
+        make_plan(get_target("host"), "smollm2-135m", tmp_path / "x", "int4", rotate=128)
     with pytest.raises(UnsupportedByTarget, match="power-of-two"):
         make_plan(get_target("fpga"), "smollm2-135m", tmp_path / "f2", method="rtn")
     with pytest.raises(ConfigError, match="use --precision int8"):
@@ -271,5 +307,5 @@ def test_methods_lists_methods_observers_and_patterns(capsys: pytest.CaptureFixt
 
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
-    for name in ("smoothquant", "dynamic", "gptq", "awq", *OBSERVERS, "per-token", "sparsegpt", "2:4"):
+    for name in ("smoothquant", "dynamic", "gptq", "awq", *OBSERVERS, "per-token", "sparsegpt", "2:4", "hadamard"):
         assert name in out, name
