@@ -20,7 +20,7 @@ from slm_export.calibration.data import CalibrationSet, load_calibration
 from slm_export.calibration.gptq import GPTQConfig, gptq_quantize, prepare_hessian
 from slm_export.calibration.observers import check_observer, fake_quant, make_observer
 from slm_export.calibration.quant import QuantizedTensor, check_group, quantize_rtn, sqnr_db
-from slm_export.calibration.rotation import Rotation, make_rotation
+from slm_export.calibration.rotation import Rotation, block_size, make_rotation
 from slm_export.calibration.sequential import InputStats, decoder_layers, observe_inputs, sequential_calibration
 from slm_export.calibration.smoothquant import SmoothQuantConfig, choose_scales, quantize_weight
 from slm_export.errors import ConfigError
@@ -219,6 +219,8 @@ def compress(model: Any, cfg: CompressConfig, progress: Callable[[str], None] | 
     for i, rot in rotations.items():
         weights[f"{prefix}.{i}.mlp.down_proj.rotation.signs"] = rot.signs
         weights[f"{prefix}.{i}.mlp.down_proj.rotation.block"] = rot.block
+    if cfg.rotate and not rotations:
+        notes.append("down_proj inputs not rotated: no power-of-two block of 16 or more channels divides them")
     if rotations:
         b = next(iter(rotations.values())).block.shape[0]
         notes.append(f"down_proj inputs rotated online by a randomised block Hadamard (block {b}); "
@@ -311,7 +313,9 @@ def _rotate_down(work: nn.Module, cfg: CompressConfig, rotate_weights: bool) -> 
     (no calibration to follow: nothing runs the module again)."""
     out = {}
     for i, layer in enumerate(decoder_layers(work)):
-        down = layer.mlp.down_proj
+        down = getattr(getattr(layer, "mlp", None), "down_proj", None)
+        if down is None or block_size(down.in_features, cfg.rotate, strict=False) < 16:
+            return {}  # no down_proj, or no power-of-two block of 16+ channels: the caller notes it
         out[i] = make_rotation(down.in_features, cfg.seed + i, cfg.rotate)
         if rotate_weights:
             down.weight = nn.Parameter(out[i].apply(down.weight.detach()), requires_grad=False)

@@ -31,12 +31,12 @@ def hadamard(n: int) -> torch.Tensor:
     return h / float(np.sqrt(n))
 
 
-def block_size(dim: int, cap: int = MAX_BLOCK) -> int:
-    """The largest power of two that divides ``dim``, at most ``cap``."""
+def block_size(dim: int, cap: int = MAX_BLOCK, strict: bool = True) -> int:
+    """The largest power of two that divides ``dim``, at most ``cap``; ``strict``: refuse one under 16."""
     b = 1
     while b * 2 <= cap and dim % (b * 2) == 0:
         b *= 2
-    if b < 16:
+    if b < 16 and strict:
         raise ConfigError(f"an input of {dim} channels has no power-of-two block of 16 or more to rotate in")
     return b
 

@@ -182,6 +182,38 @@ def test_rotation_is_orthogonal_and_preserves_the_product() -> None:
         CompressConfig("int4", "gptq", rotate=64)
 
 
+def test_rotations_leave_the_float_model_unchanged(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    from slm_export.calibration.compress import _rotate_down, _rotate_heads
+    from slm_export.models.loader import _build_module
+
+    model = load_model(str(tiny_models["qwen2"]))  # q/k/v biases: v's is rotated with its rows
+    work = _build_module(model)
+    assert _rotate_heads(work, model.config, 0) == 16
+    rots = _rotate_down(work, CompressConfig("int8", "dynamic", rotate=64), rotate_weights=True)
+    assert len(rots) == 2
+    for i, layer in enumerate(work.model.layers):
+        layer.mlp.down_proj.register_forward_pre_hook(lambda m, a, r=rots[i]: (r.apply(a[0]),))
+    ids = torch.tensor([[3, 9, 27, 81, 243, 100, 7, 1]])
+    with torch.no_grad():
+        torch.testing.assert_close(work(ids).logits, model.torch_module()(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_no_rotation_where_no_block_divides(tmp_path: Path) -> None:
+    import transformers
+
+    from tests.conftest import _tokenizer, tiny_config
+
+    config = tiny_config("llama")
+    config.intermediate_size = 40  # 8 x 5: no power-of-two block of 16
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "m")
+    _tokenizer(tmp_path / "m")
+    result = compress(load_model(str(tmp_path / "m")), CompressConfig("int8", "dynamic", rotate=128))
+    assert any("not rotated" in n for n in result.notes)
+    assert not any(k.endswith(".rotation.block") for k in result.weights)
+    assert sum(isinstance(v, QuantizedTensor) for v in result.weights.values()) == 2 * 7
+
+
 def _twin(model, weights: dict, hooks: str):  # type: ignore[no-untyped-def]
     """A PyTorch copy computing what the graph should: dequantized weights, int8 activations."""
     from slm_export.models.loader import _build_module
@@ -200,12 +232,13 @@ def _twin(model, weights: dict, hooks: str):  # type: ignore[no-untyped-def]
     return twin
 
 
-@pytest.mark.parametrize(("method", "pow2", "opset", "rotate"), [
-    ("smoothquant", False, 13, 0), ("smoothquant", True, 17, 0), ("dynamic", False, 13, 0),
-    ("smoothquant", False, 13, 32), ("dynamic", False, 17, 16)])
-def test_w8a8_export_matches_simulation(method: str, pow2: bool, opset: int, rotate: int,
+@pytest.mark.parametrize(("method", "pow2", "opset", "rotate", "arch"), [
+    ("smoothquant", False, 13, 0, "llama"), ("smoothquant", True, 17, 0, "llama"),
+    ("dynamic", False, 13, 0, "llama"), ("smoothquant", False, 13, 32, "llama"),
+    ("dynamic", False, 17, 16, "llama"), ("smoothquant", True, 17, 64, "qwen2")])
+def test_w8a8_export_matches_simulation(method: str, pow2: bool, opset: int, rotate: int, arch: str,
                                         tiny_models: dict[str, Path], tmp_path: Path) -> None:
-    model = load_model(str(tiny_models["llama"]))
+    model = load_model(str(tiny_models[arch]))
     cfg = CompressConfig("int8", method, calib_samples=4, calib_seqlen=64, pow2=pow2, observer="minmax",
                          rotate=rotate)
     result = compress(model, cfg)
