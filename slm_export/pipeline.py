@@ -74,6 +74,8 @@ def make_plan(profile: TargetProfile, model: str, out: str | Path, precision: st
             notes.append("int8 weight-only: activations stay float (W8A8: --method smoothquant or dynamic)")
         if precision == "int8" and options["method"] == "smoothquant" and "rotate" not in options:
             options["rotate"] = ROTATE_BLOCK  # measured: +3.1% -> +0.8% perplexity on smollm2-135m (README)
+        if precision == "int8" and options["method"] == "smoothquant":
+            options.setdefault("observer", profile.int8_observer)
         if precision == "int8" and profile.int8_scales == "pow2-per-tensor" and options["method"] == "smoothquant":
             options["pow2_scales"] = True
             notes.append(f"{profile.id}: int8 weights and activations with symmetric, per-tensor, power-of-two "

@@ -22,7 +22,7 @@ from slm_export.calibration.observers import check_observer, fake_quant, make_ob
 from slm_export.calibration.quant import QuantizedTensor, check_group, quantize_rtn, sqnr_db
 from slm_export.calibration.rotation import Rotation, block_size, make_rotation
 from slm_export.calibration.sequential import InputStats, decoder_layers, observe_inputs, sequential_calibration
-from slm_export.calibration.smoothquant import SmoothQuantConfig, choose_scales, quantize_weight
+from slm_export.calibration.smoothquant import SmoothQuantConfig, choose_scales, pow2_weight_scale, quantize_weight
 from slm_export.errors import ConfigError
 from slm_export.sparsity import SparsityConfig, prune, sparsity_of
 
@@ -92,8 +92,8 @@ class CompressConfig:
     @property
     def needs_hessian(self) -> bool:
         # W8A8 static rounds its (smoothed) int8 weights with GPTQ, as TensorRT Model Optimizer and
-        # llm-compressor's W8A8 recipes do; the power-of-two per-tensor grid stays round-to-nearest.
-        quant = self.precision != "none" and (self.method == "gptq" or (self.method == "smoothquant" and not self.pow2))
+        # llm-compressor's W8A8 recipes do; on the power-of-two per-tensor grid too (step chosen first).
+        quant = self.precision != "none" and self.method in ("gptq", "smoothquant")
         return quant or (self.sparsity is not None and self.sparsity.method == "sparsegpt")
 
 
@@ -251,7 +251,8 @@ def _finish_weight(w: torch.Tensor, cfg: CompressConfig, st: InputStats | None,
             key = ("gptq8", id(st))
             if key not in prepared:
                 prepared[key] = prepare_hessian(st.hessian, gcfg)
-            return gptq_quantize(w, prepared[key], gcfg, keep)
+            grid = torch.tensor([[pow2_weight_scale(w, st.hessian)]]) if cfg.pow2 else None
+            return gptq_quantize(w, prepared[key], gcfg, keep, scale=grid)
         q = quantize_weight(w, cfg.pow2)
         return replace(q, act_dynamic=True) if cfg.method == "dynamic" else q
     if cfg.method == "rtn" or st is None:

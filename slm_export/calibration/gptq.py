@@ -64,10 +64,12 @@ def prepare_hessian(hessian: torch.Tensor, cfg: GPTQConfig) -> PreparedHessian:
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian, cfg: GPTQConfig,
-                  keep: torch.Tensor | None = None) -> QuantizedTensor:
+                  keep: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> QuantizedTensor:
     """Quantize ``weight`` [out, in] given the Hessian (sum of x^T x over its calibration inputs).
 
     ``keep`` (bool [out, in]) marks weights a sparsity step kept: the others stay exactly zero.
+    ``scale`` ([out, in / group], symmetric only): a fixed grid (e.g. one power of two for the tensor)
+    instead of each group's min-max scale.
     """
     prep = hessian if isinstance(hessian, PreparedHessian) else prepare_hessian(hessian, cfg)
     W = weight.detach().float().clone()
@@ -76,7 +78,13 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian,
     check_group(in_f, group)
     W[:, prep.dead] = 0
     # Group scales from the original weights, contiguous in the original order.
-    scale, zero = group_params(W.reshape(-1, group), cfg.bits, cfg.symmetric)
+    if scale is None:
+        scale, zero = group_params(W.reshape(-1, group), cfg.bits, cfg.symmetric)
+    else:
+        if not cfg.symmetric:
+            raise ValueError("a fixed GPTQ grid is symmetric")
+        scale = scale.float().expand(out_f, in_f // group).reshape(-1, 1)
+        zero = torch.full_like(scale, 1 << (cfg.bits - 1))
     scale = scale.reshape(out_f, in_f // group)
     zero = zero.reshape(out_f, in_f // group)
     perm, Hinv = prep.perm, prep.hinv

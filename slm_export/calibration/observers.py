@@ -67,9 +67,15 @@ class Observer:
         return torch.maximum(lo.abs(), hi.abs())
 
     def scale(self, bits: int = 8, pow2: bool = False) -> torch.Tensor:
-        """Symmetric scale(s): threshold / (2**(bits-1) - 1); rounded up to a power of two if asked."""
+        """Symmetric scale(s): threshold / (2**(bits-1) - 1); a power of two if asked (``pow2_scale``)."""
+        if pow2:
+            return self.pow2_scale(bits)
+        return (self.amax() / ((1 << (bits - 1)) - 1)).clamp_min(1e-8)
+
+    def pow2_scale(self, bits: int = 8) -> torch.Tensor:
+        """Min-max: the threshold's scale rounded up to a power of two, so nothing seen is clipped."""
         s = (self.amax() / ((1 << (bits - 1)) - 1)).clamp_min(1e-8)
-        return torch.exp2(torch.ceil(torch.log2(s))) if pow2 else s
+        return torch.exp2(torch.ceil(torch.log2(s)))
 
 
 class MinMaxObserver(Observer):
@@ -133,6 +139,27 @@ class HistogramObserver(Observer):
             raise RuntimeError(f"observer {self.name} saw no data")
         return torch.tensor(self.threshold(), dtype=torch.float32)
 
+    def squared_error(self, step: float, bits: int = 8) -> float:
+        """Expected squared error over the histogram of symmetric quantization with this step: each
+        bin's centre rounded to the grid inside the range, clipped to its end outside."""
+        last = self._last_bin()
+        centers = (np.arange(last) + 0.5) * self.width
+        qmax = (1 << (bits - 1)) - 1
+        q = np.minimum(np.round(centers / step), qmax) * step
+        return float(np.sum(self.counts[:last] * (centers - q) ** 2))
+
+    def pow2_candidates(self, bits: int) -> list[float]:
+        """The powers of two either side of this observer's threshold."""
+        k = np.log2(max(float(self.amax()) / ((1 << (bits - 1)) - 1), 1e-30))
+        return [2.0 ** np.floor(k), 2.0 ** np.ceil(k)]
+
+    def pow2_scale(self, bits: int = 8) -> torch.Tensor:
+        """The power-of-two step with the least squared error over the histogram among the candidates
+        (what a DPU quantizer's "diffs" method does, rather than always rounding the range up)."""
+        cands = self.pow2_candidates(bits)
+        errs = [self.squared_error(c, bits) for c in cands]
+        return torch.tensor(cands[int(np.argmin(errs))], dtype=torch.float32)
+
 
 class PercentileObserver(HistogramObserver):
     name = "percentile"
@@ -193,18 +220,16 @@ class MSEObserver(HistogramObserver):
     name = "mse"
 
     def threshold(self) -> float:
-        last = self._last_bin()
-        centers = (np.arange(last) + 0.5) * self.width
-        counts = self.counts[:last]
-        top = last * self.width
+        top = self._last_bin() * self.width
         cands = top * np.exp2(-np.arange(0, 64) / 8.0)
-        errs = []
-        for t in cands:
-            step = t / 127.0
-            inside = np.round(centers / step) * step
-            err = np.where(centers > t, (centers - t) ** 2, (centers - inside) ** 2)
-            errs.append(float(np.sum(counts * err)))
+        errs = [self.squared_error(t / 127.0) for t in cands]
         return float(cands[int(np.argmin(errs))])
+
+    def pow2_candidates(self, bits: int) -> list[float]:
+        """Every power of two from the one that clips nothing down to 1/256 of it."""
+        top = self._last_bin() * self.width / ((1 << (bits - 1)) - 1)
+        k = int(np.ceil(np.log2(max(top, 1e-30))))
+        return [2.0 ** (k - i) for i in range(9)]
 
 
 OBSERVERS: dict[str, type[Observer]] = {o.name: o for o in (MinMaxObserver, MovingAverageObserver,

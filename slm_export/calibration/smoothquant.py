@@ -52,6 +52,21 @@ def quantize_weight(w: torch.Tensor, pow2: bool) -> QuantizedTensor:
     return quantize_per_tensor(w, 8, pow2=True) if pow2 else quantize_rtn(w, 8, w.shape[1], True)
 
 
+def pow2_weight_scale(w: torch.Tensor, hessian: torch.Tensor | None = None, bits: int = 8) -> float:
+    """The per-tensor power-of-two step for ``w``: the one that clips nothing and the two below it,
+    keeping the least output error ``tr(dW H dW^T)`` over the calibration inputs (plain squared error
+    without a Hessian). A smaller step clips the few largest weights but rounds all the others finer."""
+    qmax = (1 << (bits - 1)) - 1
+    k = int(torch.ceil(torch.log2((w.abs().max() / qmax).clamp_min(1e-30))))
+    best, best_err = 2.0 ** k, float("inf")
+    for step in (2.0 ** k, 2.0 ** (k - 1), 2.0 ** (k - 2)):
+        d = w - torch.clamp(torch.round(w / step), -qmax - 1, qmax) * step
+        err = float(((d @ hessian) * d).sum()) if hessian is not None else float((d * d).sum())
+        if err < best_err:
+            best, best_err = step, err
+    return best
+
+
 def _act_scale(amax: torch.Tensor, pow2: bool) -> torch.Tensor:
     s = (amax / 127).clamp_min(1e-8)
     return torch.exp2(torch.ceil(torch.log2(s))) if pow2 else s

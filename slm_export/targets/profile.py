@@ -16,6 +16,7 @@ KNOWN_BACKENDS = ("onnxruntime", "tensorrt", "tvm", "executorch", "vitis-ai")
 SPARSITY_PATTERNS = ("2:4", "4:8", "unstructured")
 INT8_METHODS = ("rtn", "gptq", "awq", "smoothquant", "dynamic")
 INT8_SCALES = ("per-channel", "pow2-per-tensor")
+INT8_OBSERVERS = ("minmax", "moving-average", "percentile", "entropy", "mse")  # calibration.observers.OBSERVERS
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class TargetProfile:
     power_w: float
     int8_method: str = "rtn"  # what --precision int8 means here unless --method says otherwise
     int8_scales: str = "per-channel"  # or "pow2-per-tensor" (DPU-class: shifts, not multiplies)
+    int8_observer: str = "minmax"  # activation observer of W8A8 static unless --observer says otherwise
     sources: dict[str, str] = field(default_factory=dict)
     origin: str = "built-in"
 
@@ -194,6 +196,8 @@ class TargetProfile:
             int8_method=prec.str("int8_method", choices=INT8_METHODS) if "int8_method" in prec.raw else "rtn",
             int8_scales=(prec.str("int8_scales", choices=INT8_SCALES) if "int8_scales" in prec.raw
                          else "per-channel"),
+            int8_observer=(prec.str("int8_observer", choices=INT8_OBSERVERS) if "int8_observer" in prec.raw
+                           else "minmax"),
             sources={str(k): str(v) for k, v in sources.items()}, origin=origin,
         )
 
@@ -205,7 +209,7 @@ _SCHEMA: dict[str, set[str] | None] = {
     "gpu": {"name", "arch", "tensorrt", "dpu_fingerprint"},
     "memory": {"capacity_gb", "bandwidth_gbs"},
     "compute": None, "sources": None,  # open tables: precisions, field paths
-    "precision": {"supported", "default", "refused", "int8_method", "int8_scales"},
+    "precision": {"supported", "default", "refused", "int8_method", "int8_scales", "int8_observer"},
     "sparsity": {"patterns", "hardware_speedup"},
     "graph": {"opset", "static_shapes", "ops", "max_seq_len"},
     "backends": {"order"}, "validation": {"mode"}, "power": {"watts"},

@@ -117,6 +117,59 @@ def test_observer_granularities() -> None:
     assert float(s.scale(8, pow2=True)) >= float(s.scale(8))
 
 
+def test_pow2_scale_from_histogram_minimises_error() -> None:
+    """Histogram observers choose the power-of-two step by expected error, which may clip a rare
+    outlier; min-max never clips. The chosen step's real error on the data is the least of the grid."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(65536, generator=g) / torch.rand(65536, generator=g).clamp_min(1e-3) ** 0.5  # t-like tail
+    steps = [2.0 ** k for k in range(-12, 4)]
+    real = {st: float(((fake_quant(x, st) - x) ** 2).sum()) for st in steps}
+    mse = make_observer("mse")
+    mm = make_observer("minmax")
+    for ob in (mse, mm):
+        ob.update(x.reshape(-1, 64))
+    s_mse, s_mm = float(mse.pow2_scale()), float(mm.pow2_scale())
+    assert _is_pow2(s_mse)
+    assert _is_pow2(s_mm)
+    assert s_mm * 127 >= float(x.abs().max()) > s_mm * 127 / 2  # the power of two that clips nothing
+    assert s_mse < s_mm  # clips the tail, rounds the bulk finer
+    assert real[s_mse] <= 1.05 * min(real.values())
+    for name in ("percentile", "entropy"):  # the power of two either side of their own threshold
+        ob = make_observer(name)
+        ob.update(x.reshape(-1, 64))
+        t = float(ob.amax()) / 127
+        assert float(ob.pow2_scale()) in (2.0 ** np.floor(np.log2(t)), 2.0 ** np.ceil(np.log2(t)))
+
+
+def test_pow2_weight_grid_with_gptq() -> None:
+    """A per-tensor power-of-two weight grid: the step is chosen by output error, and GPTQ on that
+    fixed grid has less output error than rounding to nearest on it."""
+    from slm_export.calibration.gptq import GPTQConfig, gptq_quantize
+    from slm_export.calibration.quant import quantize_per_tensor
+    from slm_export.calibration.smoothquant import pow2_weight_scale
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 64, generator=g) * 0.05
+    w[3, 7] = 2.0  # one outlier sets the min-max range
+    x = torch.randn(512, 16, generator=g) @ torch.randn(16, 64, generator=g) + 0.1 * torch.randn(512, 64, generator=g)
+    H = x.T @ x
+    step = pow2_weight_scale(w, H)
+    assert _is_pow2(step)
+    assert step < float(quantize_per_tensor(w, 8, pow2=True).scales.flat[0])
+
+    def out_err(deq: torch.Tensor) -> float:
+        d = w - deq
+        return float(((d @ H) * d).sum())
+
+    cfg = GPTQConfig(8, 64, True, 0.01, True)
+    gq = gptq_quantize(w, H, cfg, scale=torch.tensor([[step]]))
+    assert np.all(gq.scales == step)
+    assert gq.zeros is None
+    assert gq.per_tensor
+    rtn = torch.clamp(torch.round(w / step), -128, 127) * step
+    assert out_err(torch.from_numpy(gq.dequantize())) < 0.8 * out_err(rtn)
+
+
 def test_observer_errors_name_the_choices() -> None:
     with pytest.raises(ConfigError, match="did you mean 'entropy'"):
         make_observer("entropi")
@@ -321,6 +374,11 @@ def test_plans_pick_w8a8_where_the_target_wants_it(tmp_path: Path) -> None:
     assert (a100.method, a100.pow2_scales) == ("smoothquant", False)
     assert fpga.rotate == a100.rotate == 128  # W8A8 static rotates down_proj's input by default
     assert make_plan(get_target("a100"), "smollm2-135m", tmp_path / "a", "int8", rotate=0).rotate == 0
+    # the activation observer comes from the profile unless given
+    from slm_export.targets.profile import INT8_OBSERVERS
+    assert set(INT8_OBSERVERS) == set(OBSERVERS)
+    assert (fpga.observer, a100.observer) == (get_target("fpga").int8_observer, "minmax")
+    assert make_plan(get_target("fpga"), "smollm2-135m", tmp_path / "f", observer="entropy").observer == "entropy"
     host = make_plan(get_target("host"), "smollm2-135m", tmp_path / "h", "int8")
     assert host.method == "rtn"
     dyn = make_plan(get_target("host"), "smollm2-135m", tmp_path / "d", "int8", method="dynamic")
