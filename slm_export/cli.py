@@ -14,7 +14,7 @@ from typing import Any
 
 from slm_export.errors import SlmExportError, ValidationFailed
 
-SUBCOMMANDS = ("export", "targets", "validate", "methods")
+SUBCOMMANDS = ("export", "targets", "validate", "methods", "backends")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("name", nargs="?")
     t.add_argument("--json", action="store_true")
     sub.add_parser("methods", help="list compression methods and sparsity patterns")
+    b = sub.add_parser("backends", help="which backends are usable on this machine, and why not")
+    b.add_argument("--json", action="store_true")
     v = sub.add_parser("validate", help="re-run validation of an existing artifact")
     v.add_argument("artifact")
     v.add_argument("--eval-data")
@@ -89,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             return _validate(args)
         if args.command == "methods":
             return _methods()
+        if args.command == "backends":
+            return _backends(args)
         if args.command == "export":
             return _export(args)
         _parser().print_help()
@@ -243,6 +247,28 @@ def _methods() -> int:
     print("Weight-only layers export as MatMulNBits (ONNX Runtime targets) or DequantizeLinear + MatMul (others);")
     print("W8A8 static as QuantizeLinear/DequantizeLinear pairs, W8A8 dynamic as MatMulInteger.")
     print("--max-ppl-increase P: int4 with the most sensitive projection groups kept at int8 until within P.")
+    return 0
+
+
+def _backends(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from slm_export.backends import availability
+    from slm_export.targets import registry
+
+    rows = availability()
+    reg = registry()
+    used_by = {r.backend: [t for t in reg.names() if r.backend in reg.get(t).backends] for r in rows}
+    if args.json:
+        print(json.dumps([{**asdict(r), "targets": used_by[r.backend]} for r in rows], indent=2))
+        return 0
+    for r in rows:
+        state = "usable here" if r.usable else "NOT usable here"
+        print(f"{r.backend:<12} {r.version or 'not installed':<14} {state:<16} targets: "
+              f"{', '.join(used_by[r.backend]) or '-'}")
+        print(f"    {r.reason}")
+        if r.install and not r.usable:
+            print(f"    install: {r.install}")
     return 0
 
 

@@ -12,7 +12,7 @@ import platform
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -176,7 +176,7 @@ class _Stages:
 def run(plan: Plan, profile: TargetProfile, progress: Progress | None = None,
         settings: ValidationSettings | None = None) -> RunResult:
     """Execute ``plan``. Raises ``ValidationFailed`` (carrying the report) when a goal is missed."""
-    from slm_export.backends import compile_artifact
+    from slm_export.backends import CompileJob, compile_all, validated_file
     from slm_export.exporters.onnx import OnnxExporter
     from slm_export.models import load_model
 
@@ -200,15 +200,20 @@ def run(plan: Plan, profile: TargetProfile, progress: Progress | None = None,
             stages.skip("compress", f"{plan.precision} needs no calibration")
         weights = compressed.weights if compressed else None
         exported = stages.run("export", lambda: OnnxExporter().export(model, plan, tmp, weights), lambda e: e.bytes)
-        compiled = stages.run("compile", lambda: compile_artifact(plan.backend, exported.model_path))
+        job = CompileJob(plan, profile, exported.model_path, model.kind)
+        results = stages.run("compile", lambda: compile_all(job))
+        compiled = results[0]
         if compiled.status != "done":
             stages.records[-1].update(status="not run", note=compiled.note)
+        runtime_file = validated_file(results, exported.model_path.name)
         metrics: dict[str, Any] = {}
         if plan.validate:
-            metrics = stages.run("validate", lambda: _validate(model, exported.model_path, plan, settings, progress))
+            metrics = stages.run("validate", lambda: _validate(model, tmp / runtime_file, plan, settings, progress))
         else:
             stages.skip("validate", "--no-validate")
         report = _report(plan, profile, model, exported, compiled, metrics, stages.records)
+        report["backends"] = [asdict(r) for r in results]
+        report["validated_file"] = runtime_file if plan.validate else None
         report["compression"] = _compression_section(compressed)
         if plan.sparsity:
             from slm_export.sparsity.verify import verify_sparsity
@@ -234,7 +239,9 @@ def _validate(model: Any, path: Path, plan: Plan, settings: ValidationSettings, 
     text = load_text(plan.eval_data, "evaluation")
     fn = validate_decoder if model.kind == "decoder" else validate_encoder
     step = (lambda what: progress("validate", what)) if progress else None
-    if plan.backend != "onnxruntime":  # TensorRT, the DPU: exact int8 arithmetic, not ORT's x86 kernels
+    from slm_export.backends import EXACT_QDQ
+
+    if plan.backend in EXACT_QDQ and path.suffix == ".onnx":  # TensorRT, the DPU: exact int8 arithmetic
         settings = replace(settings, exact_qdq=True)
     metrics = fn(path, model.torch_module(), model.tokenizer, text, settings, step)
     metrics["eval_text"] = {"value": text.name, "unit": f"sha256 {text.sha256[:16]}", "where": "input"}
@@ -334,7 +341,7 @@ def _report(plan: Plan, profile: TargetProfile, model: Any, exported: Any, compi
                   "float32_weight_bytes": model.weight_bytes},
         "plan": plan.to_dict(), "artifact": {"files": list(exported.files), "bytes": exported.bytes,
                                              "graph_ops": exported.graph_ops, "opset": exported.opset},
-        "compile": {"backend": compiled.backend, "status": compiled.status, "note": compiled.note},
+        "compile": asdict(compiled),
         "stages": stages, "metrics": metrics, "goals": goals, "roofline": roof, "versions": versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -378,7 +385,7 @@ def revalidate(artifact: str | Path, eval_data: str | None = None, progress: Pro
     if model.fingerprint != manifest["fingerprint"]:
         raise ConfigError(f"the model at {manifest['source_model']} changed since {artifact} was exported "
                           "(fingerprint differs); export again")
-    path = artifact / MODEL_FILE
+    path = artifact / (old.get("validated_file") or MODEL_FILE)
     metrics = stages.run("validate", lambda: _validate(model, path, plan, settings or ValidationSettings(), progress))
     exported = ExportResult(path, tuple(manifest["files"]), old.get("artifact", {}).get("bytes", 0),
                             old.get("roofline", {}).get("weight_bytes_read_per_token", 0), 0,
@@ -388,6 +395,8 @@ def revalidate(artifact: str | Path, eval_data: str | None = None, progress: Pro
     compiled = CompileResult(**old["compile"]) if "compile" in old else CompileResult(plan.backend, "not run", "")
     report = _report(plan, profile, model, exported, compiled, metrics, old.get("stages", []) + stages.records)
     report["roofline"] = old.get("roofline", report["roofline"])
+    report["backends"] = old.get("backends", [report["compile"]])
+    report["validated_file"] = path.name
     tmp = artifact / f".report.partial-{os.getpid()}"
     tmp.mkdir()
     try:

@@ -114,6 +114,16 @@ def render_markdown(r: dict[str, Any]) -> str:
             if w8a8:
                 row += f" {_fmt(e.get('act_scale', ''))} | {e.get('act_sqnr_db', '')} | {e.get('smooth_alpha', '')} |"
             lines.append(row)
+    if r.get("backends"):
+        lines += ["", "## Backends", ""]
+        if r.get("validated_file"):
+            lines.append(f"Validation ran `{r['validated_file']}`.")
+            lines.append("")
+        for b in r["backends"]:
+            files = ", ".join(f"`{f}`" for f in b.get("files", ())) or "no files"
+            lines.append(f"- **{b['backend']}** ({b['status']}): {b['note']}; {files}")
+            for k, v in (b.get("details") or {}).items():
+                lines.append(f"  - {k}: {_fmt(v) if not isinstance(v, str) else f'`{v}`'}")
     if r.get("roofline"):
         lines += ["", "## Roofline (estimated from the target profile, not measured)", ""]
         for k, v in r["roofline"].items():

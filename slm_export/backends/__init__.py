@@ -1,15 +1,46 @@
-"""Backends: compile the exported graph for the runtime that loads it on the device.
+"""Backends: compile the exported graph into what the device's runtime loads.
 
-This version compiles for ONNX Runtime only (the artifact is checked by loading it); the other
-backends named by profiles report honestly that their compile step did not run.
+One module a backend, each an object with the ``Backend`` protocol, registered by explicit import
+below. A profile names its backends in order of preference; the plan's backend is the first.
+
+- ``check()`` says whether the backend is usable on this machine (installed version, or why not and how
+  to install it); ``slm-export backends`` prints it for every backend.
+- ``compile(job)`` adds the backend's files to the artifact folder (being written) and returns what it
+  did. A step that needs hardware this machine lacks (a TensorRT engine without an NVIDIA GPU) is
+  reported as "not run", with the reason, and the files to run it where the hardware is.
+- ``runtime_model`` in the result names the file the device loads when validation should run that
+  file rather than the portable ``model.onnx`` (e.g. ONNX Runtime's ``.ort`` for phones and boards).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
-from slm_export.errors import CompileError, DeviceError
+from slm_export.registry import Registry
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Whether a backend can run here."""
+
+    backend: str
+    usable: bool
+    version: str | None  # installed version of its Python package or tool, None when absent
+    reason: str  # what it does here, or why it cannot
+    install: str = ""  # how to get it, when missing
+
+
+@dataclass(frozen=True)
+class CompileJob:
+    """What the compile stage gets: the plan, the target, and the exported graph in its folder."""
+
+    plan: Any  # slm_export.plan.Plan
+    profile: Any  # slm_export.targets.TargetProfile
+    model_path: Path  # the exported model.onnx (inside the artifact folder being written)
+    model_kind: str = "decoder"  # or "encoder"
+    config: dict[str, Any] = field(default_factory=dict)  # the model's architecture numbers
 
 
 @dataclass(frozen=True)
@@ -17,22 +48,80 @@ class CompileResult:
     backend: str
     status: str  # "done" or "not run"
     note: str
+    files: tuple[str, ...] = ()  # files the step added to the artifact folder
+    runtime_model: str | None = None  # file validation should run instead of model.onnx
+    details: dict[str, Any] = field(default_factory=dict)  # backend-specific, copied into the report
 
 
-def compile_artifact(backend: str, model_path: Path) -> CompileResult:
-    """Run the backend's compile step on ``model_path`` (inside the temp artifact folder)."""
-    if backend == "onnxruntime":
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise DeviceError("onnxruntime is not installed; install it with: pip install onnxruntime") from None
-        try:
-            so = ort.SessionOptions()
-            so.log_severity_level = 3
-            ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
-        except Exception as exc:
-            raise CompileError(f"ONNX Runtime cannot load the exported graph: {exc}") from None
-        return CompileResult(backend, "done", f"graph loads in onnxruntime {ort.__version__} (CPU)")
-    return CompileResult(backend, "not run",
-                         f"the {backend} compile step is not part of this version; the artifact is the portable "
-                         f"standard-ONNX graph that {backend} takes as input")
+class Backend(Protocol):
+    name: str
+
+    def check(self) -> Availability: ...
+
+    def compile(self, job: CompileJob) -> CompileResult: ...
+
+
+BACKENDS: Registry[Backend] = Registry("backend")
+
+
+def _register_builtins() -> None:
+    from slm_export.backends.onnxruntime import OnnxRuntimeBackend
+    from slm_export.backends.tensorrt import TensorRTBackend
+    from slm_export.backends.vitis import VitisAIBackend
+
+    for b in (OnnxRuntimeBackend(), TensorRTBackend(), VitisAIBackend()):
+        BACKENDS.register(b.name, b)
+
+
+_register_builtins()
+
+
+def get_backend(name: str) -> Backend:
+    return BACKENDS.get(name)
+
+
+def compile_artifact(job: CompileJob, name: str | None = None) -> CompileResult:
+    """Run one backend's compile step (the plan's by default). Backends a profile names but this
+    version does not implement (tvm, executorch) report "not run" with the portable graph as the artifact."""
+    name = name or job.plan.backend
+    if name not in BACKENDS:
+        return CompileResult(name, "not run",
+                             f"the {name} compile step is not part of this version; the artifact is the portable "
+                             f"standard-ONNX graph that {name} takes as input")
+    return BACKENDS.get(name).compile(job)
+
+
+def compile_all(job: CompileJob) -> list[CompileResult]:
+    """The plan's backend first, then the profile's other backends: the artifact carries each one's
+    files (an Android folder holds the ExecuTorch program and the ORT-format model)."""
+    names = [job.plan.backend, *(b for b in job.profile.backends if b != job.plan.backend)]
+    return [compile_artifact(job, n) for n in names]
+
+
+# Backends whose runtime is not ONNX Runtime: their Q/DQ pairs are validated as exact int8 products.
+EXACT_QDQ = ("tensorrt", "vitis-ai")
+
+
+def validated_file(results: list[CompileResult], portable: str) -> str:
+    """The file validation runs: the plan's backend's own when it made one here; for GPU/DPU backends
+    the portable graph (exact int8 arithmetic); otherwise the first runtime file another backend made."""
+    first = results[0]
+    if first.status == "done" and first.runtime_model:
+        return first.runtime_model
+    if first.backend in EXACT_QDQ:
+        return portable
+    for r in results[1:]:
+        if r.status == "done" and r.runtime_model:
+            return r.runtime_model
+    return portable
+
+
+def availability() -> list[Availability]:
+    """Every registered backend's ``check()``, plus the profile backends not implemented yet."""
+    from slm_export.targets.profile import KNOWN_BACKENDS
+
+    rows = [BACKENDS.get(n).check() for n in BACKENDS.names()]
+    for name in KNOWN_BACKENDS:
+        if name not in BACKENDS:
+            rows.append(Availability(name, False, None, "its compile step is not part of this version"))
+    return rows

@@ -34,10 +34,12 @@ class ValidationSettings:
     exact_qdq: bool = False  # Q/DQ as float products of the int8 values (the artifact's runtime is not ORT)
 
 
-def where_host() -> str:
+def where_host(model_path: Path | None = None) -> str:
+    """The label of a host figure: machine, runtime, and the artifact file that ran."""
     import onnxruntime as ort
 
-    return f"measured on host ({platform.machine()}, onnxruntime {ort.__version__} CPU)"
+    ran = f", {model_path.name}" if model_path is not None else ""
+    return f"measured on host ({platform.machine()}, onnxruntime {ort.__version__} CPU{ran})"
 
 
 def metric(value: Any, unit: str, where: str) -> dict[str, Any]:
@@ -54,7 +56,7 @@ def validate_decoder(model_path: Path, module: Any, tokenizer: Any, text: TextSo
     import torch
 
     torch.set_num_threads(s.threads or torch.get_num_threads())
-    host = where_host()
+    host = where_host(Path(model_path))
     if s.exact_qdq:
         host += ", Q/DQ pairs run as exact int8 products in float (emulated quantized arithmetic)"
     session = make_session(model_path, s.threads, exact_qdq=s.exact_qdq)
@@ -108,7 +110,7 @@ def validate_encoder(model_path: Path, module: Any, tokenizer: Any, text: TextSo
     """Cosine similarity of sentence embeddings, and latency, of an encoder artifact."""
     import torch
 
-    host = where_host()
+    host = where_host(Path(model_path))
     session = make_session(model_path, s.threads)
     lines = [ln.strip() for ln in text.text.splitlines() if len(ln.strip()) > 20][:64]
     enc = tokenizer(lines, padding=True, truncation=True, max_length=128, return_tensors="np")

@@ -93,7 +93,11 @@ def test_jetson_fp16_portable_graph(tmp_path: Path) -> None:
     assert graph.opset_import[0].version == 13
     assert all(n.domain == "" for n in graph.graph.node)
     assert result.report["compile"]["status"] == "not run"
-    assert result.report["metrics"]["artifact_bytes"]["value"] < 0.6 * result.report["model"]["float32_weight_bytes"]
+    assert "engine build not run here" in result.report["compile"]["note"]
+    assert "--fp16" in (out / "build_engine.sh").read_text()
+    portable = sum((out / f).stat().st_size for f in ("model.onnx", "model.onnx.data"))
+    assert portable < 0.6 * result.report["model"]["float32_weight_bytes"]
+    assert (out / "model.ort").stat().st_size < 0.6 * result.report["model"]["float32_weight_bytes"]  # still half
 
 
 @pytest.mark.parametrize(("target", "precision", "extra", "max_change"), [
@@ -148,6 +152,25 @@ def test_w8a8_exports(target: str, method: str, op: str, max_change: float, tmp_
         assert len(blocks) == 30
         assert all(list(i.dims) == [128, 128] for i in blocks)
         assert any("Hadamard" in n for n in report["compression"]["notes"])
+
+
+def test_fpga_artifact_maps_linear_layers_to_the_dpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "fpga"
+    code, text = _cli(["--target", "fpga", "--model", "smollm2-135m", "--calib-samples", "8", "--calib-seqlen", "256",
+                       "--out", str(out), "--threads", "2", "--json"], capsys)
+    report = json.loads(text)
+    assert code in (0, 1), report["notes"]
+    assert report["metrics"]["perplexity_change_pct"]["value"] <= 25.0  # a wrong scale costs hundreds of %
+    assert "emulated quantized arithmetic" in report["metrics"]["perplexity"]["where"]
+    assert report["validated_file"] == "model.onnx"
+    part = json.loads((out / "dpu_partition.json").read_text())
+    assert part["tokens"] == 512
+    assert part["dpu_ops"] >= 30 * 4
+    assert not part["fully_connected_refused"]
+    assert 0.3 < part["dpu_share"] < 1.0
+    assert report["compile"]["backend"] == "vitis-ai"
+    assert report["compile"]["details"]["dpu_ops"] == part["dpu_ops"]
+    assert (out / "model.ort").is_file()  # the A53 cores' ONNX Runtime form
 
 
 def test_a100_sparse_fp16(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
