@@ -190,3 +190,14 @@ def test_backends_command(capsys: pytest.CaptureFixture[str]) -> None:
     rows = json.loads(capsys.readouterr().out)
     assert {r["backend"] for r in rows} == set(KNOWN_BACKENDS)
     assert "rpi4b" in next(r for r in rows if r["backend"] == "onnxruntime")["targets"]
+
+
+def test_half_precision_ort_keeps_half_weights(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    plan, profile, exported = _export(tiny_models["llama"], "jetson-tx2", tmp_path, "fp16")
+    get_backend("onnxruntime").compile(CompileJob(plan, profile, exported.model_path))
+    folder = exported.model_path.parent
+    # float32 weights would make the .ort about twice the half-width data file
+    assert (folder / "model.ort").stat().st_size < 1.3 * (folder / "model.onnx.data").stat().st_size
+    portable = OnnxDecoder(make_session(exported.model_path, 1)).logits(IDS)
+    ort_logits = OnnxDecoder(make_session(folder / "model.ort", 1, optimize=False)).logits(IDS)
+    np.testing.assert_allclose(ort_logits, portable, atol=1e-4, rtol=1e-4)
