@@ -36,8 +36,7 @@ def _gpu() -> str | None:
                              timeout=20, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    name = out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
-    return name
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
 
 
 def _trt_version() -> str | None:
@@ -84,26 +83,37 @@ def shape_profile(model_path: Path, max_len: int, opt_past: int | None = None) -
     return out
 
 
+def _workspace_mib(target: Any) -> int:
+    """The workspace pool: an eighth of the device's memory, at most 4 GiB."""
+    return int(min(target.memory_gb * 1024 / 8, 4096))
+
+
+def _builder_flags(job: CompileJob) -> list[str]:
+    """TensorRT builder flags the plan implies (names of ``trt.BuilderFlag``; trtexec spells them below).
+    int4 is weight-only, dequantized to fp16 GEMMs; int8 is explicit Q/DQ (scales from the graph, no
+    calibrator); 2:4 sparse weights only where the GPU has sparse tensor cores."""
+    flags = {"fp16": ["FP16"], "int4": ["FP16"], "bf16": ["BF16"], "int8": ["INT8"]}.get(job.plan.precision, [])
+    if job.plan.sparsity == "2:4" and job.profile.sparse_speedup:
+        flags.append("SPARSE_WEIGHTS")
+    return flags
+
+
+_TRTEXEC_FLAG = {"FP16": "--fp16", "BF16": "--bf16", "INT8": "--int8", "SPARSE_WEIGHTS": "--sparsity=enable"}
+
+
 def _shapes_arg(profile: dict[str, dict[str, list[int]]], which: str) -> str:
     return ",".join(f"{name}:{'x'.join(map(str, s[which]))}" for name, s in profile.items())
 
 
 def trtexec_args(job: CompileJob, profile: dict[str, dict[str, list[int]]], engine: str) -> list[str]:
     """The trtexec command line for this plan and target."""
-    plan, target = job.plan, job.profile
+    target = job.profile
     versions = target.gpu.tensorrt if target.gpu else ()
-    workspace_mib = int(min(target.memory_gb * 1024 / 8, 4096))
+    workspace_mib = _workspace_mib(target)
     args = ["trtexec", f"--onnx={job.model_path.name}", f"--saveEngine={engine}"]
     for which, flag in (("min", "--minShapes"), ("opt", "--optShapes"), ("max", "--maxShapes")):
         args.append(f"{flag}={_shapes_arg(profile, which)}")
-    if plan.precision in ("fp16", "int4"):
-        args.append("--fp16")  # int4: weight-only, dequantized to fp16 GEMMs
-    elif plan.precision == "bf16":
-        args.append("--bf16")
-    elif plan.precision == "int8":
-        args.append("--int8")  # explicit Q/DQ pairs: TensorRT takes the scales from the graph, no calibrator
-    if plan.sparsity == "2:4" and target.sparse_speedup:
-        args.append("--sparsity=enable")
+    args += [_TRTEXEC_FLAG[f] for f in _builder_flags(job)]
     args.append(f"--workspace={workspace_mib}" if _legacy_workspace(versions)
                 else f"--memPoolSize=workspace:{workspace_mib}")
     return args
@@ -179,17 +189,9 @@ def _build_engine(job: CompileJob, profile: dict[str, dict[str, list[int]]], out
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise CompileError(f"TensorRT's ONNX parser refused the graph: {errors}")
     config = builder.create_builder_config()
-    plan = job.plan
-    if plan.precision in ("fp16", "int4"):
-        config.set_flag(trt.BuilderFlag.FP16)
-    elif plan.precision == "bf16":
-        config.set_flag(trt.BuilderFlag.BF16)
-    elif plan.precision == "int8":
-        config.set_flag(trt.BuilderFlag.INT8)
-    if plan.sparsity == "2:4" and job.profile.sparse_speedup:
-        config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE,
-                                 int(min(job.profile.memory_gb * 1024 / 8, 4096)) << 20)
+    for flag in _builder_flags(job):
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, _workspace_mib(job.profile) << 20)
     opt = builder.create_optimization_profile()
     for name, s in profile.items():
         opt.set_shape(name, s["min"], s["opt"], s["max"])

@@ -115,8 +115,8 @@ def _classify_matmul(g: _Graph, node: Any) -> tuple[str, str]:
     return "dpu", "fully-connected: int8 weight x int8 activation, power-of-two per-tensor scales"
 
 
-def _macs(g: _Graph, node: Any, seq: int) -> int:
-    """Multiply-adds of one op for a ``seq``-token pass (matmuls exactly; elementwise ops by size)."""
+def _macs(g: _Graph, node: Any) -> int:
+    """Multiply-adds of one op for one pass at the graph's shapes (matmuls exactly; elementwise ops by size)."""
     if node.op_type in ("MatMul", "Gemm"):
         sa, sb = g.shapes.get(node.input[0]), g.shapes.get(node.input[1])
         so = g.shapes.get(node.output[0])
@@ -139,7 +139,7 @@ def partition(model_path: Path, seq: int) -> dict[str, Any]:
             side, why = _classify_matmul(g, node)
         else:
             side, why = "cpu", f"{node.op_type} is not a DPUCZDX8G operator for this graph (CPU cores)"
-        macs = _macs(g, node, seq)
+        macs = _macs(g, node)
         totals[side] += macs
         ops.append({"name": node.name or node.output[0], "op": node.op_type, "side": side, "reason": why,
                     "macs": macs})
@@ -213,10 +213,8 @@ class VitisAIBackend:
         note = (f"{part['dpu_ops']} fully-connected layers to the DPU ({part['dpu_share']:.1%} of multiply-adds "
                 f"for {seq} tokens), {part['cpu_ops']} ops on the CPU cores, {part['transfers']} DPU/CPU "
                 "hand-overs; DPU compile not run here")
-        avail = self.check()
-        status = "not run"
-        if avail.usable:
+        if self.check().usable:
             note = note.replace("DPU compile not run here", "vai_c_xir present: run compile_dpu.sh with the "
                                 "vendor-quantized xmodel")
-        return CompileResult(self.name, status, note, ("dpu_partition.json", "arch.json", "compile_dpu.sh"),
+        return CompileResult(self.name, "not run", note, ("dpu_partition.json", "arch.json", "compile_dpu.sh"),
                              details=summary)
