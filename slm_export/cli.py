@@ -30,8 +30,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="override the profile's default precision")
     e.add_argument("--eval-data", help="evaluation text (.txt, or .jsonl with a \"text\" field)")
     q = e.add_argument_group("compression (int8, int4)")
-    q.add_argument("--method", choices=("rtn", "gptq", "awq", "smoothquant", "dynamic"),
-                   help="quantization method (default: awq for int4; for int8 the profile's: rtn weight-only on "
+    q.add_argument("--method", choices=("rtn", "gptq", "awq", "awq-gptq", "smoothquant", "dynamic"),
+                   help="quantization method (default: awq-gptq for int4; for int8 the profile's: rtn weight-only on "
                    "CPU targets, smoothquant W8A8 static on a100 and fpga). dynamic: W8A8, activations per token")
     q.add_argument("--observer", help="activation observer of W8A8 static: minmax, moving-average, percentile, "
                    "entropy, mse (default minmax)")
@@ -84,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     # A CI timeout sends SIGTERM: unwind like Ctrl-C so the temporary artifact folder is removed.
     signal.signal(signal.SIGTERM, _terminate)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # torchao (imported by transformers and ExecuTorch) reports its CUDA kernels missing on CPU torch, and
+    # torch's pytree deprecation notes about torchao's enums: noise for a user, not a fault.
+    for noisy in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         if args.command == "targets":
             return _targets(args)
@@ -216,6 +220,8 @@ METHOD_TABLE = (
     ("quantization", "rtn", "int8, int4", "round to nearest per group; no data"),
     ("quantization", "gptq", "int8, int4", "Hessian-guided rounding with error feedback; act-order, static groups"),
     ("quantization", "awq", "int8, int4", "activation-aware channel scales folded into the norm, then clip search"),
+    ("quantization", "awq-gptq", "int8, int4", "AWQ's channel scales, then GPTQ rounding of the scaled weights "
+     "(the int4 default)"),
     ("quantization", "smoothquant", "int8 (W8A8 static)", "outlier channels migrated into the weights (alpha "
      "searched or set), int8 weights per channel (fpga: per tensor, power of two), activations per tensor from "
      "an observer; down_proj's input smoothed, then rotated online by a block Hadamard (--rotate); "

@@ -41,6 +41,9 @@ class CompileJob:
     model_path: Path  # the exported model.onnx (inside the artifact folder being written)
     model_kind: str = "decoder"  # or "encoder"
     config: dict[str, Any] = field(default_factory=dict)  # the model's architecture numbers
+    # Backends that compile from PyTorch rather than from the ONNX graph (ExecuTorch) read these:
+    model: Any = None  # slm_export.models.LoadedModel
+    weights: Any = None  # the compress stage's weights (quantized tensors included), None: the model's own
 
 
 @dataclass(frozen=True)
@@ -65,11 +68,12 @@ BACKENDS: Registry[Backend] = Registry("backend")
 
 
 def _register_builtins() -> None:
+    from slm_export.backends.executorch import ExecuTorchBackend
     from slm_export.backends.onnxruntime import OnnxRuntimeBackend
     from slm_export.backends.tensorrt import TensorRTBackend
     from slm_export.backends.vitis import VitisAIBackend
 
-    for b in (OnnxRuntimeBackend(), TensorRTBackend(), VitisAIBackend()):
+    for b in (OnnxRuntimeBackend(), TensorRTBackend(), VitisAIBackend(), ExecuTorchBackend()):
         BACKENDS.register(b.name, b)
 
 
@@ -82,7 +86,7 @@ def get_backend(name: str) -> Backend:
 
 def compile_artifact(job: CompileJob, name: str | None = None) -> CompileResult:
     """Run one backend's compile step (the plan's by default). Backends a profile names but this
-    version does not implement (tvm, executorch) report "not run" with the portable graph as the artifact."""
+    version does not implement (tvm) report "not run" with the portable graph as the artifact."""
     name = name or job.plan.backend
     if name not in BACKENDS:
         return CompileResult(name, "not run",

@@ -56,11 +56,7 @@ def validate_decoder(model_path: Path, module: Any, tokenizer: Any, text: TextSo
     import torch
 
     torch.set_num_threads(s.threads or torch.get_num_threads())
-    host = where_host(Path(model_path))
-    if s.exact_qdq:
-        host += ", Q/DQ pairs run as exact int8 products in float (emulated quantized arithmetic)"
-    session = make_session(model_path, s.threads, exact_qdq=s.exact_qdq)
-    dec = OnnxDecoder(session)
+    dec, host, threads = open_decoder(Path(model_path), s)
     windows = token_windows(tokenizer, text, s.windows, s.window_len)
 
     def reference(ids: np.ndarray) -> np.ndarray:
@@ -101,8 +97,24 @@ def validate_decoder(model_path: Path, module: Any, tokenizer: Any, text: TextSo
     # p90 of throughput is the slow end: the 10th percentile of tokens/s.
     out["decode_tokens_per_s_p90"] = metric(float(np.percentile(rates, 10)), "tokens/s",
                                             host + ", slowest 10% of runs")
-    out["threads"] = metric(s.threads or session.get_session_options().intra_op_num_threads or "all", "", host)
+    out["threads"] = metric(threads, "", host)
     return out
+
+
+def open_decoder(path: Path, s: ValidationSettings) -> tuple[Any, str, Any]:
+    """The runner for a decoder artifact file, the label of its figures and its thread count: an
+    ExecuTorch program through ExecuTorch's runtime, anything else through ONNX Runtime."""
+    if path.suffix == ".pte":
+        from slm_export.backends.executorch import PteDecoder, _version
+
+        where = (f"measured on host ({platform.machine()}, executorch {_version()} runtime, XNNPACK, "
+                 f"{path.name})")
+        return PteDecoder(path, s.threads), where, s.threads or "all"
+    host = where_host(path)
+    if s.exact_qdq:
+        host += ", Q/DQ pairs run as exact int8 products in float (emulated quantized arithmetic)"
+    session = make_session(path, s.threads, exact_qdq=s.exact_qdq)
+    return OnnxDecoder(session), host, s.threads or session.get_session_options().intra_op_num_threads or "all"
 
 
 def validate_encoder(model_path: Path, module: Any, tokenizer: Any, text: TextSource,

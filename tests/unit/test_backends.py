@@ -22,7 +22,7 @@ from slm_export.targets import get_target
 from slm_export.targets.profile import KNOWN_BACKENDS
 from slm_export.validation.generate import OnnxDecoder, make_session
 
-TESTED = {"onnxruntime", "tensorrt", "vitis-ai"}  # each has tests below
+TESTED = {"onnxruntime", "tensorrt", "vitis-ai", "executorch"}  # each has tests below (executorch: test_executorch.py)
 IDS = np.asarray([[3, 9, 27, 81, 243, 100, 7, 1]], dtype=np.int64)
 
 
