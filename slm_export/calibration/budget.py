@@ -63,35 +63,67 @@ def _perplexity(module: Any, windows: list[list[int]]) -> float:
     return float(np.exp(nll / n))
 
 
+def scaled_floats(model_weights: dict[str, Any], names: list[str],
+                  channel_scales: dict[str, tuple[Any, Any]] | None) -> dict[str, torch.Tensor]:
+    """The float weights the int4 codes approximate: ``W * cols / rows[:, None]`` where AWQ rescaled
+    them (``CompressResult.channel_scales``), else ``W``."""
+    out = {}
+    for n in names:
+        w = model_weights[n]
+        cols, rows = (channel_scales or {}).get(n, (None, None))
+        if cols is not None:
+            w = w * cols
+        if rows is not None:
+            w = w / rows[:, None]
+        out[n] = w
+    return out
+
+
+def int8_weights(float_w: dict[str, torch.Tensor], int4: dict[str, Any], group: int) -> dict[str, QuantizedTensor]:
+    """Round-to-nearest int8 of each float weight, with its int4 twin's symmetry (ExecuTorch's XNNPACK
+    GEMMs take no zero points)."""
+    return {n: quantize_rtn(w, 8, group, int4[n].zeros is None) for n, w in float_w.items()}
+
+
 def mixed_precision(model: Any, weights: dict[str, Any], budget_pct: float, calib_ids: np.ndarray,
                     eval_windows: list[list[int]], group: int,
-                    progress: Callable[[str], None] | None = None) -> BudgetResult:
-    """Raise the most sensitive projection groups from int4 to int8 until the budget holds."""
+                    progress: Callable[[str], None] | None = None,
+                    channel_scales: dict[str, tuple[Any, Any]] | None = None) -> BudgetResult:
+    """Raise the most sensitive projection groups from int4 to int8 until the budget holds.
+
+    ``channel_scales``: the compress stage's AWQ scales (``weights`` then holds the norms they were
+    folded into, and int4 codes of ``W * s``): the int8 groups quantize ``W * s`` too.
+    """
+    from dataclasses import replace
+
     from slm_export.models.loader import _build_module
 
-    twin = _build_module(model)
-    params = dict(twin.named_parameters())
     units = _units(weights)
-    deq4 = {n: torch.from_numpy(weights[n].dequantize()) for names in units.values() for n in names}
-    int8 = {n: quantize_rtn(model.weights[n], 8, group, False) for names in units.values() for n in names}
+    names = [n for members in units.values() for n in members]
+    float_w = scaled_floats(model.weights, names, channel_scales)
+    # The float model in the compressed basis: folded norms from ``weights``, linears as W * s (the same
+    # function as the original model, since the folding is exact).
+    floats = {k: v for k, v in weights.items() if not isinstance(v, QuantizedTensor)}
+    twin = _build_module(replace(model, weights={**model.weights, **floats, **float_w}, _module=[]))
+    deq4 = {n: torch.from_numpy(weights[n].dequantize()) for n in names}
+    int8 = int8_weights(float_w, weights, group)
     deq8 = {n: torch.from_numpy(q.dequantize()) for n, q in int8.items()}
-    float_w = {n: params[n] for n in deq4}
 
     def use(table: dict[str, torch.Tensor], names: list[str]) -> None:
         for n in names:
             mod = twin.get_submodule(n.rsplit(".", 1)[0])
-            mod.weight = table[n] if isinstance(table[n], torch.nn.Parameter) else torch.nn.Parameter(table[n], False)
+            mod.weight = torch.nn.Parameter(torch.as_tensor(table[n]), False)
 
     probe = torch.from_numpy(calib_ids[: min(2, len(calib_ids)), :128])  # ranking only: small and cheap
     with torch.no_grad():
         ref = torch.log_softmax(twin(probe).logits.float(), -1)
     sens = []
-    for unit, names in units.items():
-        use(deq4, names)
+    for unit, members in units.items():
+        use(deq4, members)
         with torch.no_grad():
             lp = torch.log_softmax(twin(probe).logits.float(), -1)
         sens.append((unit, float((ref.exp() * (ref - lp)).sum(-1).mean())))
-        use(float_w, names)  # type: ignore[arg-type]
+        use(float_w, members)
     sens.sort(key=lambda t: -t[1])
     if progress:
         progress("sensitivity ranked")
@@ -101,8 +133,7 @@ def mixed_precision(model: Any, weights: dict[str, Any], budget_pct: float, cali
             use(deq8 if i < k else deq4, units[unit])
         return _perplexity(twin, eval_windows)
 
-    for names in units.values():
-        use(float_w, names)  # type: ignore[arg-type]
+    use(float_w, names)
     ppl_ref = _perplexity(twin, eval_windows)
     cache: dict[int, float] = {}
 

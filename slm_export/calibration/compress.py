@@ -26,7 +26,7 @@ from slm_export.calibration.smoothquant import SmoothQuantConfig, choose_scales,
 from slm_export.errors import ConfigError
 from slm_export.sparsity import SparsityConfig, prune, sparsity_of
 
-METHODS = ("rtn", "gptq", "awq", "smoothquant", "dynamic")
+METHODS = ("rtn", "gptq", "awq", "awq-gptq", "smoothquant", "dynamic")
 W8A8_METHODS = ("smoothquant", "dynamic")  # int8 activations too: static (calibrated) or per token at run time
 BITS = {"int8": 8, "int4": 4, "int3": 3, "none": 0}
 AWQ_TYPES = ("llama", "mistral", "qwen2", "gemma")
@@ -93,7 +93,7 @@ class CompressConfig:
     def needs_hessian(self) -> bool:
         # W8A8 static rounds its (smoothed) int8 weights with GPTQ, as TensorRT Model Optimizer and
         # llm-compressor's W8A8 recipes do; on the power-of-two per-tensor grid too (step chosen first).
-        quant = self.precision != "none" and self.method in ("gptq", "smoothquant")
+        quant = self.precision != "none" and self.method in ("gptq", "awq-gptq", "smoothquant")
         return quant or (self.sparsity is not None and self.sparsity.method == "sparsegpt")
 
 
@@ -106,6 +106,11 @@ class CompressResult:
     bits_per_weight: float | None
     notes: list[str] = field(default_factory=list)
     budget: dict[str, Any] | None = None
+    # AWQ: how each linear's float weight was rescaled before quantization, ``(cols, rows)``: its columns
+    # multiplied by its input's scale s, its rows divided by the scale of the linear it feeds (up_proj
+    # before down_proj), None where not; a later step can requantize ``W * cols / rows[:, None]`` (the
+    # accuracy budget's int8 groups).
+    channel_scales: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = field(default_factory=dict)
 
 
 def _linear_names(module: nn.Module) -> dict[str, nn.Linear]:
@@ -128,7 +133,7 @@ def compress(model: Any, cfg: CompressConfig, progress: Callable[[str], None] | 
         raise ConfigError("weight quantization applies to decoders; encoders export in fp32 or fp16")
     if model.model_type == "gpt2":
         raise ConfigError("int8/int4 for gpt2 (Conv1D layers) is not supported yet; use fp32 or fp16")
-    if cfg.method in ("awq", "smoothquant") and model.model_type not in AWQ_TYPES:
+    if cfg.method in ("awq", "awq-gptq", "smoothquant") and model.model_type not in AWQ_TYPES:
         raise ConfigError(f"{cfg.method} folds scales into the norms of {', '.join(AWQ_TYPES)} layers only; "
                           "use --method gptq, rtn or dynamic")
     t0 = time.perf_counter()
@@ -143,6 +148,7 @@ def compress(model: Any, cfg: CompressConfig, progress: Callable[[str], None] | 
     originals = {name: p for name, p in work.named_parameters()}
     changed: dict[str, torch.Tensor] = {}
     prefix = "model.layers" if hasattr(work, "model") else "transformer.h"
+    channel_scales: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
     rotations = _rotate_down(work, cfg, rotate_weights=not cfg.needs_data) if cfg.rotate else {}
     head_rotation = _rotate_heads(work, model.config, cfg.seed) if cfg.rotate else None
     if not cfg.needs_data:
@@ -166,8 +172,8 @@ def compress(model: Any, cfg: CompressConfig, progress: Callable[[str], None] | 
         def step(i: int, layer: nn.Module, stats: dict[str, InputStats], inputs: list) -> None:
             prepared: dict[int, Any] = {}
             alphas: dict[str, float | None] = {}
-            if cfg.method == "awq":
-                _awq_layer(layer, stats, cfg, model.model_type)
+            if cfg.method in ("awq", "awq-gptq"):
+                channel_scales.update(_awq_layer(layer, stats, cfg, model.model_type, f"{prefix}.{i}"))
             elif cfg.method == "smoothquant":
                 alphas = _smooth_layer(layer, stats, cfg, model.model_type, rotations.get(i))
             if i in rotations:
@@ -230,13 +236,13 @@ def compress(model: Any, cfg: CompressConfig, progress: Callable[[str], None] | 
                      "(v_proj rows and o_proj columns; no extra op)")
     if cfg.lm_head_bits:
         head = weights.get("lm_head.weight", model.weights["model.embed_tokens.weight"])
-        weights["lm_head.weight"] = quantize_rtn(head, cfg.lm_head_bits, cfg.group_size, False)
+        weights["lm_head.weight"] = quantize_rtn(head, cfg.lm_head_bits, cfg.group_size, cfg.symmetric)
         notes.append(f"LM head quantized to int{cfg.lm_head_bits} (round-to-nearest, group {cfg.group_size})")
     # Only meaningful when weights are quantized: pruned float weights are stored dense at the artifact's
     # float width, which the compress stage does not decide.
     bpw = _bits_per_weight(weights) if cfg.precision != "none" else None
     return CompressResult(weights, layer_report, calib.describe() if calib else None, time.perf_counter() - t0,
-                          bpw, notes)
+                          bpw, notes, channel_scales=channel_scales)
 
 
 def _finish_weight(w: torch.Tensor, cfg: CompressConfig, st: InputStats | None,
@@ -257,7 +263,7 @@ def _finish_weight(w: torch.Tensor, cfg: CompressConfig, st: InputStats | None,
         return replace(q, act_dynamic=True) if cfg.method == "dynamic" else q
     if cfg.method == "rtn" or st is None:
         return quantize_rtn(w, cfg.bits, cfg.group_size, cfg.symmetric)  # exact zeros stay zero
-    if cfg.method == "gptq":
+    if cfg.method in ("gptq", "awq-gptq"):  # awq-gptq: GPTQ rounding of the AWQ-scaled weights
         gcfg = GPTQConfig(cfg.bits, cfg.group_size, cfg.symmetric, cfg.damp, cfg.act_order)
         key = ("gptq", id(st))
         if prepared is not None and key not in prepared:  # q/k/v (and gate/up) share one input: factor once
@@ -430,13 +436,24 @@ def _calibrate_activations(layer: nn.Module, inputs: list, cfg: CompressConfig, 
     return hooks
 
 
-def _awq_layer(layer: nn.Module, stats: dict[str, InputStats], cfg: CompressConfig, model_type: str) -> None:
-    """Search and fold AWQ scales for the three input-sharing groups of a Llama-family layer."""
+def _awq_layer(layer: nn.Module, stats: dict[str, InputStats], cfg: CompressConfig, model_type: str,
+               prefix: str) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """Search and fold AWQ scales for the three input-sharing groups of a Llama-family layer; returns
+    how each linear's weight was rescaled (``CompressResult.channel_scales``)."""
     acfg = AWQConfig(cfg.bits, cfg.group_size, cfg.symmetric)
     offset = 1.0 if model_type == "gemma" else 0.0
+    names = {id(m): n for n, m in layer.named_modules()}
+    cols: dict[str, torch.Tensor] = {}
+    rows: dict[str, torch.Tensor] = {}
     for prev, lins, key in _input_groups(layer):
         st = stats[key]
         x = torch.cat(st.sample)
         s = search_scale([m.weight.detach() for m in lins], x, st.abs_mean, acfg)  # type: ignore[arg-type]
         _fold_scales(prev, lins, s, offset)
+        cols.update({f"{prefix}.{names[id(m)]}.weight": s for m in lins})
+        if isinstance(prev, nn.Linear):
+            rows[f"{prefix}.{names[id(prev)]}.weight"] = s
         st.sample = [x / s for x in st.sample]  # the linears now read x / s (siblings share ``st``)
+        if st.hessian is not None:  # awq-gptq: the Hessian of x / s
+            st.hessian = st.hessian / s[:, None] / s[None, :]
+    return {n: (cols.get(n), rows.get(n)) for n in {*cols, *rows}}

@@ -99,11 +99,19 @@ def group_params(w: torch.Tensor, bits: int, symmetric: bool, clip: torch.Tensor
     """Scale and zero point per row of ``w`` ([rows, group]) -> ([rows, 1], [rows, 1])."""
     qmax = (1 << bits) - 1
     if symmetric:
+        half = (qmax + 1) // 2
+        if bits < 8 and not pow2:
+            # All 2**bits levels: codes run -half..half-1, so the negative end reaches one step further
+            # (llama.cpp's Q4_0 uses the same grid). The smallest step that clips neither end, which is
+            # up to 1/8 finer than amax / 7 at int4. int8 keeps -127..127, what TensorRT's Q/DQ expect.
+            neg = (-w.amin(1, keepdim=True)).clamp_min(0) * clip / half
+            pos = w.amax(1, keepdim=True).clamp_min(0) * clip / (half - 1)
+            return torch.maximum(neg, pos).clamp_min(1e-8), torch.full_like(neg, half)
         amax = (w.abs().amax(1, keepdim=True) * clip).clamp_min(1e-8)
         scale = amax / (qmax // 2)
         if pow2:
             scale = torch.exp2(torch.ceil(torch.log2(scale)))
-        zero = torch.full_like(scale, (qmax + 1) // 2)
+        zero = torch.full_like(scale, half)
         return scale, zero
     lo = (w.amin(1, keepdim=True) * clip).clamp(max=0)
     hi = (w.amax(1, keepdim=True) * clip).clamp(min=0)

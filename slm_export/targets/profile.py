@@ -14,7 +14,7 @@ GRAPH_OPS = ("standard", "onnxruntime")
 VALIDATION_MODES = ("host", "emulator", "device")
 KNOWN_BACKENDS = ("onnxruntime", "tensorrt", "tvm", "executorch", "vitis-ai")
 SPARSITY_PATTERNS = ("2:4", "4:8", "unstructured")
-INT8_METHODS = ("rtn", "gptq", "awq", "smoothquant", "dynamic")
+INT8_METHODS = ("rtn", "gptq", "awq", "awq-gptq", "smoothquant", "dynamic")
 INT8_SCALES = ("per-channel", "pow2-per-tensor")
 INT8_OBSERVERS = ("minmax", "moving-average", "percentile", "entropy", "mse")  # calibration.observers.OBSERVERS
 

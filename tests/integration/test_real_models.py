@@ -39,7 +39,7 @@ def test_rpi4_default_export(rpi4_artifact: Path) -> None:
     report = json.loads((rpi4_artifact / "report.json").read_text())
     assert report["schema_version"] == 1
     assert report["verdict"] == "PASS"
-    assert (report["plan"]["precision"], report["plan"]["method"]) == ("int4", "awq")
+    assert (report["plan"]["precision"], report["plan"]["method"]) == ("int4", "awq-gptq")
     assert report["metrics"]["perplexity_change_pct"]["value"] <= 10.0
     comp = report["compression"]
     assert comp["calibration"]["samples"] == 64

@@ -36,6 +36,19 @@ def test_rtn_codes_in_range_and_within_one_step(bits: int, symmetric: bool) -> N
     assert (q.zeros is None) == symmetric
 
 
+def test_symmetric_int4_uses_all_sixteen_levels() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(256, 32)
+    q = quantize_rtn(w, 4, 32, True)
+    neg_end = (-w.amin(1)) >= w.amax(1) * 8 / 7  # the negative end sets the step: it lands on code 0 (-8)
+    amax = w.abs().amax(1).numpy()
+    np.testing.assert_allclose(q.scales[neg_end.numpy(), 0], amax[neg_end.numpy()] / 8, rtol=1e-6)
+    assert np.all(q.codes[neg_end.numpy()].min(1) == 0)
+    assert np.all(q.scales[:, 0] <= amax / 7 + 1e-7)  # never coarser than the 15-level grid
+    assert q.codes.max() <= 15
+    np.testing.assert_array_less(np.abs(q.dequantize() - w.numpy()), np.repeat(q.scales, 32, 1) * 0.5 + 1e-6)
+
+
 def test_matmulnbits_packing_shape() -> None:
     q = quantize_rtn(torch.randn(48, 96), 4, 32, False)
     packed = pack_codes(q)
@@ -102,7 +115,7 @@ def test_calibration_data_errors(tmp_path: Path, tiny_models: dict[str, Path]) -
     assert a.ids.shape == (4, 64)
 
 
-@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq", "awq-gptq"])
 @pytest.mark.parametrize("graph_ops", ["onnxruntime", "standard"])
 def test_quantized_export_matches_dequantized_torch(method: str, graph_ops: str, tiny_models: dict[str, Path],
                                                     tmp_path: Path) -> None:
@@ -197,3 +210,28 @@ def test_budget_keeps_the_most_sensitive_groups_at_int8(tiny_models: dict[str, P
     assert tight.kept_int8 == [u for u, _ in tight.sensitivity[: len(tight.kept_int8)]]  # most sensitive first
     assert 4.0 < tight.nominal_bits <= 8.0
     assert sum(isinstance(w, QuantizedTensor) and w.bits == 8 for w in tight.weights.values()) > 0
+
+
+def test_budget_after_awq_requantizes_the_scaled_weights(tiny_models: dict[str, Path]) -> None:
+    """AWQ folds 1/s into the norms and quantizes W * s: the budget's int8 groups must be W * s too, or
+    the int8 layers no longer match their norms; and they keep the int4 weights' symmetry."""
+    from slm_export.calibration.budget import int8_weights, scaled_floats
+    from slm_export.models.loader import _build_module
+
+    model = load_model(str(tiny_models["llama"]))
+    q = compress(model, CompressConfig("int4", "awq", 32, symmetric=True, calib_samples=4, calib_seqlen=64))
+    assert len(q.channel_scales) == 2 * 6  # q, k, v, gate, up (columns and rows), down (o_proj: neither)
+    names = [n for n, w in q.weights.items() if isinstance(w, QuantizedTensor)]
+    float_w = scaled_floats(model.weights, names, q.channel_scales)
+    int8 = int8_weights(float_w, q.weights, 32)
+    assert all(w.zeros is None and w.bits == 8 for w in int8.values())
+    # the scaled floats with the folded norms are the original model, exactly (up to rounding)
+    floats = {k: v for k, v in q.weights.items() if not isinstance(v, QuantizedTensor)}
+    twin = _build_module(type(model)(**{**model.__dict__, "weights": {**model.weights, **floats, **float_w},
+                                        "_module": []}))
+    ids = torch.tensor([[3, 9, 27, 81, 243, 100]])
+    with torch.no_grad():
+        np.testing.assert_allclose(twin(ids).logits.numpy(), model.torch_module()(ids).logits.numpy(), atol=1e-4)
+    for n, w8 in int8.items():
+        step = np.repeat(w8.scales, 32, axis=1)
+        assert np.all(np.abs(w8.dequantize() - float_w[n].numpy()) <= step * 0.5 + 1e-6)
