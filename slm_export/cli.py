@@ -14,7 +14,7 @@ from typing import Any
 
 from slm_export.errors import SlmExportError, ValidationFailed
 
-SUBCOMMANDS = ("export", "targets", "validate", "methods", "backends")
+SUBCOMMANDS = ("export", "targets", "validate", "methods", "backends", "emulator")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,6 +57,13 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--sparsity-ratio", type=float, help="fraction of weights removed, unstructured (default 0.5)")
     e.add_argument("--dry-run", action="store_true", help="print the plan and stop")
     e.add_argument("--no-validate", action="store_true", help="skip validation")
+    em = e.add_mutually_exclusive_group()
+    em.add_argument("--emulate", dest="emulate", action="store_const", const="on",
+                    help="also run the artifact with the target's aarch64 runtime under QEMU (the default for rpi4b "
+                    "and android-arm64 when the emulator is set up: `slm-export emulator setup`); an error if it "
+                    "cannot run")
+    em.add_argument("--no-emulate", dest="emulate", action="store_const", const="off",
+                    help="host validation only")
     e.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads for validation (0: all cores)")
     e.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     t = sub.add_parser("targets", help="list built-in targets, or `targets show NAME`")
@@ -66,6 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("methods", help="list compression methods and sparsity patterns")
     b = sub.add_parser("backends", help="which backends are usable on this machine, and why not")
     b.add_argument("--json", action="store_true")
+    emu = sub.add_parser("emulator", help="the aarch64 emulator (QEMU): `emulator setup` builds it, `emulator` "
+                         "says whether it can run")
+    emu.add_argument("action", nargs="?", choices=("status", "setup"), default="status")
     v = sub.add_parser("validate", help="re-run validation of an existing artifact")
     v.add_argument("artifact")
     v.add_argument("--eval-data")
@@ -97,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
             return _methods()
         if args.command == "backends":
             return _backends(args)
+        if args.command == "emulator":
+            return _emulator(args)
         if args.command == "export":
             return _export(args)
         _parser().print_help()
@@ -171,7 +183,7 @@ def _export(args: argparse.Namespace) -> int:
     options = {k: getattr(args, k) for k in ("method", "group_size", "symmetric", "calib_data", "calib_samples",
                                              "calib_seqlen", "seed", "accuracy_level", "lm_head_bits", "sparsity",
                                              "sparsity_method", "sparsity_ratio", "max_ppl_increase", "observer",
-                                             "smooth_alpha", "rotate")}
+                                             "smooth_alpha", "rotate", "emulate")}
     plan = make_plan(profile, args.model, out, args.precision, args.eval_data, not args.no_validate, **options)
     if args.dry_run:
         print(json.dumps({"plan": plan.to_dict(), "target": profile.id}, indent=2))
@@ -253,6 +265,20 @@ def _methods() -> int:
     print("Weight-only layers export as MatMulNBits (ONNX Runtime targets) or DequantizeLinear + MatMul (others);")
     print("W8A8 static as QuantizeLinear/DequantizeLinear pairs, W8A8 dynamic as MatMulInteger.")
     print("--max-ppl-increase P: int4 with the most sensitive projection groups kept at int8 until within P.")
+    return 0
+
+
+def _emulator(args: argparse.Namespace) -> int:
+    from slm_export.validation.emulator import default_env, setup
+
+    env = default_env()
+    if args.action == "setup":
+        setup(env, progress=lambda msg: print(f"[emulator] {msg}", file=sys.stderr))
+    problem = env.problem()
+    if problem:
+        print(f"emulator NOT usable here: {problem}; run `slm-export emulator setup`")
+        return 3
+    print(f"emulator usable here: qemu-aarch64-static, {env.root} ({', '.join(env.manifest['requirements'])})")
     return 0
 
 

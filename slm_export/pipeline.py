@@ -16,7 +16,13 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from slm_export.errors import ConfigError, ExportError, SlmExportError, ValidationFailed
+from slm_export.errors import (
+    ConfigError,
+    ExportError,
+    SlmExportError,
+    UnsupportedByTarget,
+    ValidationFailed,
+)
 from slm_export.plan import IMPLEMENTED_PRECISIONS, QUANTIZED, Plan
 from slm_export.report import SCHEMA_VERSION, default_goals, write_report
 from slm_export.targets import TargetProfile
@@ -70,6 +76,9 @@ def make_plan(profile: TargetProfile, model: str, out: str | Path, precision: st
     if unknown:
         raise ConfigError(f"unknown option(s): {', '.join(sorted(unknown))}")
     options = {k: v for k, v in options.items() if v is not None}
+    options.setdefault("emulate", "auto")
+    if options["emulate"] not in ("on", "auto", "off"):
+        raise ConfigError(f"emulate must be on, auto or off, not {options['emulate']!r}")
     if precision in QUANTIZED:
         options.setdefault("method", profile.int8_method if precision == "int8" else DEFAULT_METHOD[precision])
         if precision == "int8" and options["method"] not in ("smoothquant", "dynamic"):
@@ -113,9 +122,18 @@ def make_plan(profile: TargetProfile, model: str, out: str | Path, precision: st
     if precision in QUANTIZED or plan.sparsity:
         compress_config(plan)  # validates method, group size, samples, pattern before any work
     profile.check(plan)
-    if profile.validation != "host" and validate:
-        plan = replace(plan, notes=(*plan.notes, f"{profile.id} validates on {profile.validation}; this version "
-                                    "validates on the host instead, and says so on every figure"))
+    emulate = plan.emulate
+    if emulate == "on" and profile.cpu.isa != "aarch64":
+        raise UnsupportedByTarget(f"--emulate runs aarch64 code under QEMU; {profile.id} is {profile.cpu.isa}")
+    if emulate == "auto" and (profile.validation != "emulator" or profile.cpu.isa != "aarch64"):
+        emulate = "off"
+    if profile.validation == "emulator" and validate and emulate == "off":
+        plan = replace(plan, notes=(*plan.notes, f"{profile.id} validates under emulation; --no-emulate: host "
+                                    "figures only"))
+    elif profile.validation == "device" and validate:
+        plan = replace(plan, notes=(*plan.notes, f"{profile.id} validates on the device; this version validates "
+                                    "on the host instead, and says so on every figure"))
+    plan = replace(plan, emulate=emulate if validate else "off")
     _check_writable(Path(out))
     return plan
 
@@ -214,14 +232,20 @@ def run(plan: Plan, profile: TargetProfile, progress: Progress | None = None,
             stages.records[-1].update(status="not run", note=compiled.note)
         runtime_file = validated_file(results, exported.model_path.name)
         metrics: dict[str, Any] = {}
+        runs: dict[str, list[dict[str, Any]]] = {}
         if plan.validate:
             metrics = stages.run("validate", lambda: _validate(model, tmp / runtime_file, plan, settings, progress))
+            if model.kind == "decoder":
+                metrics.update(_further_runs(model, tmp, results, runtime_file, plan, profile, settings, stages,
+                                             runs, progress))
         else:
             stages.skip("validate", "--no-validate")
         report = _report(plan, profile, model, exported, compiled, metrics, stages.records)
         report["backends"] = [asdict(r) for r in results]
         report["validated_file"] = runtime_file if plan.validate else None
         report["compression"] = _compression_section(compressed)
+        report["crosschecks"] = runs.get("crosscheck", [])
+        report["emulation"] = runs.get("emulate", [])
         if plan.sparsity:
             from slm_export.sparsity.verify import verify_sparsity
 
@@ -252,6 +276,27 @@ def _validate(model: Any, path: Path, plan: Plan, settings: ValidationSettings, 
         settings = replace(settings, exact_qdq=True)
     metrics = fn(path, model.torch_module(), model.tokenizer, text, settings, step)
     metrics["eval_text"] = {"value": text.name, "unit": f"sha256 {text.sha256[:16]}", "where": "input"}
+    return metrics
+
+
+def _further_runs(model: Any, folder: Path, results: list[Any], validated: str, plan: Plan, profile: TargetProfile,
+                  settings: ValidationSettings, stages: _Stages, runs: dict[str, Any],
+                  progress: Progress | None) -> dict[str, Any]:
+    """The cross-checks of the other backends' files on the host, then the emulated runs of the target's own
+    files (each a stage of its own); their metrics, with their details put in ``runs``."""
+    from slm_export.validation import runs as checks
+    from slm_export.validation.text import load_text
+
+    text = load_text(plan.eval_data, "evaluation")
+    metrics: dict[str, Any] = {}
+    if any(r.status == "done" and r.runtime_model and r.runtime_model != validated for r in results):
+        m, runs["crosscheck"] = stages.run("crosscheck", lambda: checks.crosscheck(
+            model, folder, results, validated, text, settings.threads, progress))
+        metrics.update(m)
+    if plan.emulate != "off":
+        m, runs["emulate"] = stages.run("emulate", lambda: checks.emulate(
+            model, folder, results, profile, text, settings.threads, plan.emulate == "on", progress))
+        metrics.update(m)
     return metrics
 
 
@@ -320,6 +365,9 @@ def _report(plan: Plan, profile: TargetProfile, model: Any, exported: Any, compi
             metrics: dict[str, Any], stages: list[dict[str, Any]]) -> dict[str, Any]:
     wanted = default_goals(model.kind, plan.precision, plan.method, plan.sparsity, plan.max_ppl_increase,
                            plan.pow2_scales)
+    from slm_export.validation.runs import run_goals
+
+    wanted += run_goals(metrics, plan.precision in QUANTIZED)
     goals = [g.evaluate(metrics) for g in wanted] if metrics else []
     if not metrics:
         verdict = "NOT VALIDATED"

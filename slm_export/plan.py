@@ -44,6 +44,7 @@ class Plan:
     sparsity_method: str = "wanda"
     sparsity_ratio: float = 0.5
     validate: bool = True
+    emulate: str = "off"  # run the artifact's aarch64 runtime under QEMU too: "on", "auto" (if set up), "off"
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     def to_dict(self) -> dict[str, Any]:

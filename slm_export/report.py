@@ -26,7 +26,7 @@ class Goal:
         if m is None:
             return {**self.as_dict(), "value": None, "status": "FAIL", "note": "metric was not measured"}
         value = m["value"]
-        ok = _OPS[self.op](abs(value) if self.metric.endswith("change_pct") else value, self.threshold)
+        ok = _OPS[self.op](abs(value) if self.metric.endswith(("change_pct", "_pp")) else value, self.threshold)
         return {**self.as_dict(), "value": value, "where": m["where"], "status": "PASS" if ok else "FAIL"}
 
     def as_dict(self) -> dict[str, Any]:

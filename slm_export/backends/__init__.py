@@ -53,6 +53,7 @@ class CompileResult:
     note: str
     files: tuple[str, ...] = ()  # files the step added to the artifact folder
     runtime_model: str | None = None  # file validation should run instead of model.onnx
+    device_model: str | None = None  # the file the target itself loads, when it differs (an aarch64 library)
     details: dict[str, Any] = field(default_factory=dict)  # backend-specific, copied into the report
 
 
@@ -71,9 +72,10 @@ def _register_builtins() -> None:
     from slm_export.backends.executorch import ExecuTorchBackend
     from slm_export.backends.onnxruntime import OnnxRuntimeBackend
     from slm_export.backends.tensorrt import TensorRTBackend
+    from slm_export.backends.tvm import TvmBackend
     from slm_export.backends.vitis import VitisAIBackend
 
-    for b in (OnnxRuntimeBackend(), TensorRTBackend(), VitisAIBackend(), ExecuTorchBackend()):
+    for b in (OnnxRuntimeBackend(), TensorRTBackend(), VitisAIBackend(), ExecuTorchBackend(), TvmBackend()):
         BACKENDS.register(b.name, b)
 
 

@@ -20,8 +20,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from slm_export.backends import Availability, CompileJob, CompileResult
 from slm_export.errors import CompileError, DeviceError
 
@@ -183,60 +181,11 @@ def _delegation(graph_module: Any) -> tuple[int, list[dict[str, Any]]]:
     return info.num_delegated_subgraphs, rows
 
 
-class PteDecoder:
-    """Runs a ``.pte`` decoder through ExecuTorch's runtime with the ``OnnxDecoder`` interface: full
-    logits for scoring, greedy generation with the program's own KV cache."""
+def open_pte(path: Path, threads: int = 0) -> Any:
+    """The runner's ``PteDecoder`` for ``path``; a missing runtime is a DeviceError that says how to install it."""
+    try:
+        from slm_export.runner.pte_decoder import PteDecoder
 
-    static_len = None
-
-    def __init__(self, path: Path, threads: int = 0) -> None:
-        try:
-            from executorch.extension.pybindings import portable_lib
-            from executorch.runtime import Runtime
-
-            from slm_export.exporters.torch_decoder import custom_ops
-        except ImportError:
-            raise DeviceError(f"ExecuTorch's runtime is not installed; install: {INSTALL}") from None
-        import torch
-
-        custom_ops()  # the program calls llama::update_cache / custom_sdpa: register their kernels
-        if threads:
-            portable_lib._unsafe_reset_threadpool(threads)
-        self.torch = torch
-        self.method = Runtime.get().load_program(Path(path)).load_method("forward")
-
-    def _run(self, tokens: list[int], pos: int) -> np.ndarray:
-        t = self.torch
-        return self.method.execute([t.tensor([tokens], dtype=t.long), t.tensor([pos], dtype=t.long)])[0].numpy()
-
-    def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
-        """Logits of every position, one row at a time from position 0 (the cache is overwritten)."""
-        rows = []
-        for i, row in enumerate(input_ids):
-            keep = row if attention_mask is None else row[attention_mask[i] > 0]
-            rows.append(self._run([int(x) for x in keep], 0)[0])
-        return np.stack(rows)
-
-    def generate(self, prompt: list[int], max_new_tokens: int, eos_token_id: int | None = None,
-                 on_token: Any = None) -> tuple[list[int], Any]:
-        from slm_export.validation.generate import GenerationTiming
-
-        t0 = time.perf_counter()
-        logits = self._run(list(prompt), 0)
-        prefill_s = time.perf_counter() - t0
-        out: list[int] = []
-        decode_s: list[float] = []
-        pos = len(prompt)
-        while True:
-            token = int(logits[0, -1].argmax())
-            out.append(token)
-            if on_token:
-                on_token(token)
-            if len(out) >= max_new_tokens or token == eos_token_id:
-                break
-            t = time.perf_counter()
-            logits = self._run([token], pos)
-            decode_s.append(time.perf_counter() - t)
-            pos += 1
-        return out, GenerationTiming(prefill_s, decode_s)
-
+        return PteDecoder(path, threads)
+    except ImportError:
+        raise DeviceError(f"ExecuTorch's runtime is not installed; install: {INSTALL}") from None

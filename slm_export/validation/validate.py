@@ -103,13 +103,20 @@ def validate_decoder(model_path: Path, module: Any, tokenizer: Any, text: TextSo
 
 def open_decoder(path: Path, s: ValidationSettings) -> tuple[Any, str, Any]:
     """The runner for a decoder artifact file, the label of its figures and its thread count: an
-    ExecuTorch program through ExecuTorch's runtime, anything else through ONNX Runtime."""
+    ExecuTorch program through ExecuTorch's runtime, a TVM library through TVM's, anything else through
+    ONNX Runtime."""
     if path.suffix == ".pte":
-        from slm_export.backends.executorch import PteDecoder, _version
+        from slm_export.backends.executorch import _version, open_pte
 
         where = (f"measured on host ({platform.machine()}, executorch {_version()} runtime, XNNPACK, "
                  f"{path.name})")
-        return PteDecoder(path, s.threads), where, s.threads or "all"
+        return open_pte(path, s.threads), where, s.threads or "all"
+    if path.suffix == ".so":
+        from slm_export.backends.tvm import _version as tvm_version
+        from slm_export.backends.tvm import open_tvm
+
+        where = f"measured on host ({platform.machine()}, tvm {tvm_version()} runtime, untuned, {path.name})"
+        return open_tvm(path, s.threads), where, s.threads or "all"
     host = where_host(path)
     if s.exact_qdq:
         host += ", Q/DQ pairs run as exact int8 products in float (emulated quantized arithmetic)"

@@ -22,7 +22,7 @@ from slm_export.targets import get_target
 from slm_export.targets.profile import KNOWN_BACKENDS
 from slm_export.validation.generate import OnnxDecoder, make_session
 
-TESTED = {"onnxruntime", "tensorrt", "vitis-ai", "executorch"}  # each has tests below (executorch: test_executorch.py)
+TESTED = {"onnxruntime", "tensorrt", "vitis-ai", "executorch", "tvm"}  # tests: here, test_executorch/test_tvm.py
 IDS = np.asarray([[3, 9, 27, 81, 243, 100, 7, 1]], dtype=np.int64)
 
 
@@ -78,14 +78,17 @@ def test_android_and_rpi4_validate_the_ort_file(tiny_models: dict[str, Path], tm
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "rpi4"
     code = main(["--target", "rpi4", "--model", str(tiny_models["llama"]), "--out", str(out), "--calib-samples", "4",
-                 "--calib-seqlen", "64", "--json"])
+                 "--calib-seqlen", "64", "--json", "--no-emulate"])
     report = json.loads((out / "report.json").read_text())
     assert code in (0, 1), capsys.readouterr().err
     assert report["validated_file"] == "model.ort"
     assert "model.ort" in report["metrics"]["perplexity"]["where"]
     assert [b["backend"] for b in report["backends"]] == ["onnxruntime", "tvm"]
-    assert report["backends"][1]["status"] == "not run"
-    assert {"model.ort", "model.required_operators.config"} <= {p.name for p in out.iterdir()}
+    assert report["backends"][1]["status"] == "done"  # the TVM library is the second runtime: cross-checked
+    assert [c["file"] for c in report["crosschecks"]] == ["tvm_host.so"]
+    assert abs(report["metrics"]["tvm_perplexity_change_vs_validated_pp"]["value"]) < 5
+    assert report["emulation"] == []  # --no-emulate
+    assert {"model.ort", "model.required_operators.config", "tvm_aarch64.so"} <= {p.name for p in out.iterdir()}
 
 
 def test_validated_file_choice() -> None:

@@ -1,0 +1,394 @@
+"""Decoder spec -> a functional PyTorch decoder -> Apache TVM Relax -> host and aarch64 shared libraries.
+
+The decoder is rebuilt from the same ``DecoderSpec`` the ONNX exporter reads, with the ONNX graph's
+KV-cache interface, so one compiled module serves prefill and decode:
+
+    main(input_ids [B, S] int64, attention_mask [B, S] int64, position_ids [B, S] int64,
+         past.{i}.key/value [B, kv_heads, P, head_dim] float32 ..., *params)
+      -> (logits [B, S, vocab], present.{i}.key/value [B, kv_heads, P + S, head_dim] ...)
+
+``B``, ``S`` and ``P`` are dynamic (``P`` may be 0). Unlike the ONNX graph, ``attention_mask`` covers only
+the ``S`` new tokens: the cache never holds padding, so every past position is attended and the mask
+needs no dimension of its own (torch.export cannot express ``total = past + seq`` between inputs).
+Positions come in as ``position_ids`` (the research found this the robust form for Relax with dynamic
+shapes) and index precomputed rotary tables, the same tables the ONNX graph gathers from.
+
+Quantized linears (``QuantizedTensor``) stay quantized: int4 codes are stored packed two to a byte
+(``uint8 [out, in / 2]``, even input column in the low nibble), other widths as ``uint8 [out, in]``, with
+float32 per-group scales and (asymmetric) uint8 zero points; the graph unpacks and dequantizes them
+(``(code - zero) * scale``, the arithmetic of ``QuantizedTensor.dequantize``) before each MatMul.
+
+Weights are function parameters of the Relax module, not constants: they go to a separate ``.npz``
+next to the library (the ``.so`` holds only code), in the order the compiled function takes them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slm_export.calibration.quant import QuantizedTensor
+from slm_export.errors import CompileError
+from slm_export.exporters.decoder import MASK_VALUE, rope_tables
+from slm_export.exporters.tvm_schedule import compile_module
+from slm_export.models.adapters import DecoderSpec
+
+log = logging.getLogger(__name__)
+
+CROSS_CC = "aarch64-linux-gnu-gcc"
+HOST_TARGET: dict[str, Any] = {"kind": "llvm"}
+PARAMS_FORMAT = "slm-export-tvm-params/1"
+META_KEY = "__meta__"  # the params file's JSON header (a unicode array: loads without pickle)
+
+
+def aarch64_target(mcpu: str = "cortex-a72", mattr: tuple[str, ...] = ("+neon",), cores: int = 4) -> dict[str, Any]:
+    """The llvm target dict of an aarch64 Linux board (defaults: the Raspberry Pi 4's)."""
+    return {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": mcpu, "mattr": list(mattr), "num-cores": cores}
+
+
+def pack_int4(codes: np.ndarray) -> np.ndarray:
+    """uint8 codes ``[out, in]`` (values < 16) -> ``[out, in / 2]``: column ``2j`` low nibble, ``2j + 1`` high."""
+    c = np.ascontiguousarray(codes, dtype=np.uint8)
+    return (c[:, 0::2] | (c[:, 1::2] << 4)).astype(np.uint8)
+
+
+def _concat(ws: tuple[Any, ...]) -> Any:
+    if len(ws) == 1:
+        return ws[0]
+    if isinstance(ws[0], QuantizedTensor):
+        return QuantizedTensor.concat(list(ws))
+    return np.concatenate(ws, 0)
+
+
+def weight_storage(spec: DecoderSpec) -> str:
+    """How the linear weights are stored in the params file, in words."""
+    linears = [w for layer in spec.layers for w in (*layer.qkv, layer.o, *layer.up, layer.down)]
+    if spec.lm_head is not None:
+        linears.append(spec.lm_head)
+    q = [w for w in linears if isinstance(w, QuantizedTensor)]
+    if not q:
+        return "float32"
+    kinds = sorted({(w.bits, w.group, w.zeros is None) for w in q})
+    parts = [f"int{bits} codes {'packed two per byte' if bits == 4 else 'one per byte'} (uint8), float32 scales "
+             f"per group of {group}, {'symmetric' if sym else 'uint8 zero points'}" for bits, group, sym in kinds]
+    rest = len(linears) - len(q)
+    return "; ".join(parts) + (f"; {rest} linears float32" if rest else "") + "; dequantized in the graph"
+
+
+def build_functional_decoder(spec: DecoderSpec, max_len: int) -> Any:
+    """The PyTorch module (float32 activations, eval mode) with explicit KV-cache inputs and outputs.
+
+    Every weight is an ``nn.Parameter`` (integer codes included), so the TVM importer keeps them all as
+    function inputs; the tiny constants (the symmetric zero point) are Python numbers.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    def param(a: Any, dtype: Any = np.float32) -> Any:
+        return torch.nn.Parameter(torch.from_numpy(np.ascontiguousarray(a, dtype=dtype)), requires_grad=False)
+
+    class Linear(torch.nn.Module):
+        def __init__(self, w: Any, bias: Any = None) -> None:
+            super().__init__()
+            self.quantized = isinstance(w, QuantizedTensor)
+            if self.quantized:
+                if w.activations != "float":
+                    raise CompileError("the TVM build takes weight-only quantization; int8 activations (W8A8) "
+                                       "are not part of it in this version")
+                self.out_f, self.in_f = w.shape
+                self.group, self.packed = w.group, w.bits == 4 and w.shape[1] % 2 == 0
+                self.codes = param(pack_int4(w.codes) if self.packed else w.codes, np.uint8)
+                self.scales = param(w.scales)
+                # symmetric: one zero point for all groups, a constant of the graph
+                self.zero = float(1 << (w.bits - 1)) if w.zeros is None else None
+                self.zeros = None if w.zeros is None else param(w.zeros, np.uint8)
+            else:
+                self.weight = param(w)
+            self.bias = None if bias is None else param(bias)
+
+        def dequantized(self) -> Any:
+            c = self.codes
+            if self.packed:  # [out, in/2] -> [out, in/2, 2] -> [out, in]: low nibble first
+                c = c.to(torch.int32)  # (the importer has no shift operator: divide and remainder instead)
+                c = torch.stack([torch.remainder(c, 16), torch.div(c, 16, rounding_mode="floor")], -1)
+            groups = self.in_f // self.group
+            w = c.reshape(self.out_f, groups, self.group).to(torch.float32)
+            z = self.zero if self.zeros is None else self.zeros.to(torch.float32)[:, :, None]
+            return ((w - z) * self.scales[:, :, None]).reshape(self.out_f, self.in_f)
+
+        def forward(self, x: Any) -> Any:
+            return F.linear(x, self.dequantized() if self.quantized else self.weight, self.bias)
+
+    class Norm(torch.nn.Module):
+        def __init__(self, weight: Any, bias: Any) -> None:
+            super().__init__()
+            self.weight = param(np.asarray(weight, np.float32) + spec.norm_offset)
+            self.bias = None if bias is None else param(bias)
+
+        def forward(self, x: Any) -> Any:
+            if spec.norm == "layer":
+                return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, spec.eps)
+            return x / torch.sqrt((x * x).mean(-1, keepdim=True) + spec.eps) * self.weight
+
+    def act(x: Any) -> Any:
+        if spec.act == "silu":
+            return x * torch.sigmoid(x)
+        if spec.act == "relu":
+            return F.relu(x)
+        return F.gelu(x, approximate="tanh" if spec.act == "gelu_tanh" else "none")
+
+    nh, kv, d, rd = spec.heads, spec.kv_heads, spec.head_dim, spec.rotary_dim
+    rep = nh // kv
+
+    def rotary(x: Any, cos: Any, sin: Any) -> Any:  # x [B, H, S, d]; cos/sin [B, 1, S, rd] (sin signed)
+        # split, not slices: slicing a dynamic-shaped view makes torch.export emit min() guards it then rejects
+        xr, rest = x.split([rd, d - rd], -1) if rd < d else (x, None)
+        x1, x2 = xr.split([rd // 2, rd // 2], -1)
+        out = xr * cos + torch.cat([x2, x1], -1) * sin
+        return out if rest is None else torch.cat([out, rest], -1)
+
+    class Layer(torch.nn.Module):
+        def __init__(self, layer: Any) -> None:
+            super().__init__()
+            self.norm1, self.norm2 = Norm(*layer.norm1), Norm(*layer.norm2)
+            self.qkv = Linear(_concat(layer.qkv), None if layer.qkv_bias is None else np.concatenate(layer.qkv_bias))
+            self.o = Linear(layer.o, layer.o_bias)
+            self.up = Linear(_concat(layer.up), layer.up_bias)
+            self.down = Linear(layer.down, layer.down_bias)
+            self.inter = layer.up[0].shape[0]
+            self.rotation = layer.down_rotation is not None
+            if self.rotation:
+                self.signs, self.block = param(layer.down_rotation[0]), param(layer.down_rotation[1])
+
+        def forward(self, x: Any, mask: Any, rope: Any, past_k: Any, past_v: Any) -> tuple[Any, Any, Any]:
+            b, s = x.shape[0], x.shape[1]
+            # heads first, then split: reshaping a split view makes torch.export emit a guard it rejects
+            qkv = self.qkv(self.norm1(x)).reshape(b, s, nh + 2 * kv, d).transpose(1, 2)
+            q, k, v = qkv.split([nh, kv, kv], 1)
+            if rope is not None:
+                q, k = rotary(q, *rope), rotary(k, *rope)
+            k_all, v_all = torch.cat([past_k, k], 2), torch.cat([past_v, v], 2)
+            # Grouped-query heads: the queries of a kv head's group get an axis of their own ([B, kv, rep, S, d])
+            # and broadcast against the cache, which is read as it is, never repeated.
+            qg = (q * d ** -0.5).reshape(b, kv, rep, s, d)
+            scores = qg @ k_all.transpose(2, 3)[:, :, None] + mask[:, :, None]
+            ctx = torch.softmax(scores, -1) @ v_all[:, :, None]  # [B, kv, rep, S, d]
+            ctx = ctx.permute(0, 3, 1, 2, 4).reshape(b, s, nh * d)
+            x = x + self.o(ctx)
+            h = self.up(self.norm2(x))
+            if spec.gated:
+                gate, up = h.split([self.inter, self.inter], -1)
+                h = act(gate) * up
+            else:
+                h = act(h)
+            if self.rotation:
+                n = self.block.shape[0]
+                h = ((h * self.signs).reshape(b, s, -1, n) @ self.block).reshape(b, s, -1)
+            return x + self.down(h), k_all, v_all
+
+    class Decoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = param(spec.embed)
+            self.pos_embed = None if spec.pos_embed is None else param(spec.pos_embed)
+            self.cos = self.sin = None
+            if spec.rope_theta is not None:
+                cos, sin = rope_tables(spec.rope_theta, rd, max_len)
+                self.cos, self.sin = param(cos), param(sin)
+            self.layers = torch.nn.ModuleList([Layer(x) for x in spec.layers])
+            self.norm = Norm(*spec.final_norm)
+            self.head = None if spec.lm_head is None else Linear(spec.lm_head)
+
+        def forward(self, input_ids: Any, attention_mask: Any, position_ids: Any,
+                    past: list[Any]) -> tuple[Any, ...]:
+            b, s = input_ids.shape
+            p = past[0].shape[2]
+            x = F.embedding(input_ids, self.embed)
+            if spec.embed_scale != 1.0:
+                x = x * spec.embed_scale
+            if self.pos_embed is not None:
+                x = x + F.embedding(position_ids, self.pos_embed)
+            rope = None
+            if self.cos is not None:
+                rope = (F.embedding(position_ids, self.cos)[:, None], F.embedding(position_ids, self.sin)[:, None])
+            # key j is visible to new token i when j <= p + i and j is not padding (the past never is)
+            key = torch.arange(p + s, dtype=torch.int64)
+            causal = key[None, :] <= (torch.arange(s, dtype=torch.int64) + p)[:, None]
+            keep = torch.cat([torch.ones(b, p, dtype=torch.int64), attention_mask], 1) > 0
+            # two additive masks rather than one boolean And, which the Relax CPU pipeline does not lower
+            mask = (torch.where(causal, 0.0, MASK_VALUE)[None, None]
+                    + torch.where(keep, 0.0, MASK_VALUE)[:, None, None, :]).to(torch.float32)
+            presents: list[Any] = []
+            for i, layer in enumerate(self.layers):
+                x, k, v = layer(x, mask, rope, past[2 * i], past[2 * i + 1])
+                presents += [k, v]
+            x = self.norm(x)
+            logits = F.linear(x, self.embed) if self.head is None else self.head(x)  # tied: the table itself
+            return (logits, *presents)
+
+    return Decoder().eval()
+
+
+@dataclass(frozen=True)
+class RelaxDecoder:
+    """The imported Relax module and its parameters in the order the compiled function takes them."""
+
+    mod: Any  # tvm.IRModule
+    params: list[tuple[str, np.ndarray]]
+    meta: dict[str, Any]
+    export_s: float
+    import_s: float
+
+
+def import_relax(spec: DecoderSpec, max_len: int) -> RelaxDecoder:
+    """torch.export the functional decoder (dynamic batch, sequence and past) and import it into Relax
+    with the weights kept as function parameters."""
+    import torch
+    from torch.export import Dim, export
+    from tvm.relax.frontend.torch import from_exported_program
+
+    module = build_functional_decoder(spec, max_len)
+    n_layers, kv, d = len(spec.layers), spec.kv_heads, spec.head_dim
+    # Distinct example sizes (2, 3, 5), none 0 or 1: torch.export specialises those and would tie equal ones.
+    b, s, p = 2, 3, 5
+    example = (torch.zeros(b, s, dtype=torch.long), torch.ones(b, s, dtype=torch.long),
+               torch.arange(p, p + s).repeat(b, 1), [torch.zeros(b, kv, p, d) for _ in range(2 * n_layers)])
+    batch, seq = Dim("batch", min=1, max=64), Dim("seq", min=1, max=max_len)
+    past = Dim("past", min=0, max=max_len - 1)
+    dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq},
+               "position_ids": {0: batch, 1: seq}, "past": [{0: batch, 2: past}] * (2 * n_layers)}
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        ep = export(module, example, dynamic_shapes=dynamic, strict=False).run_decompositions()
+    export_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    mod = from_exported_program(ep, keep_params_as_input=True, run_ep_decomposition=False)
+    import_s = time.perf_counter() - t0
+    # The function's parameters after its user inputs are the lifted weights, named by the export's
+    # placeholders: map them back to the module's own tensors rather than trusting an ordering.
+    targets = {spec_.arg.name: spec_.target for spec_ in ep.graph_signature.input_specs if spec_.target}
+    state = dict(module.named_parameters())
+    func = mod["main"]
+    n_in = int(func.attrs["num_input"])
+    names = [targets[v.name] for v in func.params[n_in:]]
+    params = [(n, state[n].detach().numpy()) for n in names]
+    mod["main"] = _unify_dims(func.without_attr("params"), dynamic)  # (the importer's copy of the weights: dropped)
+    meta = {"format": PARAMS_FORMAT, "model_type": spec.model_type, "layers": n_layers, "kv_heads": kv,
+            "head_dim": d, "vocab": spec.vocab, "max_len": max_len, "num_input": n_in,
+            "inputs": ["input_ids", "attention_mask", "position_ids",
+                       *(f"past.{i}.{kind}" for i in range(n_layers) for kind in ("key", "value"))],
+            "params": names}
+    return RelaxDecoder(mod, params, meta, export_s, import_s)
+
+
+def _unify_dims(func: Any, dynamic: dict[str, Any]) -> Any:
+    """One symbolic variable per ``Dim``: the importer gives each input dimension its own symbol, even
+    where torch.export declared the same ``Dim`` (``attention_mask``'s length is ``input_ids``'),
+    and then cannot prove that the causal mask and the padding mask broadcast."""
+    axes = [(name, spec) for name, spec in dynamic.items() if name != "past"]
+    axes += [(f"past_{i}", spec) for i, spec in enumerate(dynamic["past"])]
+    params = {p.name: p for p in func.params}
+    canonical: dict[str, Any] = {}
+    binding: dict[Any, Any] = {}
+    for name, spec in axes:
+        shape = params[name].ty.shape.values
+        for axis, dim in spec.items():
+            var = shape[axis]
+            first = canonical.setdefault(dim.__name__, var)
+            if not var.same_as(first):
+                binding[var] = first
+    return func.bind_symbolic_vars(binding) if binding else func
+
+
+def save_params(path: Path, params: list[tuple[str, np.ndarray]], meta: dict[str, Any]) -> None:
+    """An uncompressed ``.npz``: ``p0000``... in call order, and the JSON header under ``__meta__``."""
+    arrays = {f"p{i:04d}": a for i, (_, a) in enumerate(params)}
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays, **{META_KEY: np.array(json.dumps(meta))})
+    tmp.rename(path)
+
+
+def export_library(executable: Any, path: Path, cc: str | None = None) -> None:
+    """Write the executable as a shared library (cross-linked with ``cc`` when given), via a temp name."""
+    tmp = path.with_name(path.name + ".partial.so")
+    try:
+        if cc:
+            executable.export_library(str(tmp), cc=cc)
+        else:
+            executable.export_library(str(tmp))
+    except Exception as exc:
+        tmp.unlink(missing_ok=True)
+        raise CompileError(f"linking {path.name} failed ({cc or 'host compiler'}): {exc}") from exc
+    tmp.rename(path)
+
+
+def cross_compiler(cc: str = CROSS_CC) -> str | None:
+    """``cc``'s version line when it is on PATH and runs, else None."""
+    try:
+        out = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.splitlines()[0] if out.stdout else cc
+
+
+def elf_info(path: Path) -> dict[str, Any]:
+    """Machine (e_machine) and DT_NEEDED libraries of a 64-bit little-endian ELF shared object, read
+    directly (no readelf needed)."""
+    data = Path(path).read_bytes()
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        raise ValueError(f"{path} is not a 64-bit little-endian ELF file")
+    machine = int.from_bytes(data[18:20], "little")
+    shoff = int.from_bytes(data[0x28:0x30], "little")
+    shentsize, shnum = (int.from_bytes(data[o:o + 2], "little") for o in (0x3A, 0x3C))
+    sections = []
+    for i in range(shnum):
+        h = data[shoff + i * shentsize: shoff + (i + 1) * shentsize]
+        sections.append((int.from_bytes(h[4:8], "little"), int.from_bytes(h[24:32], "little"),
+                         int.from_bytes(h[32:40], "little"), int.from_bytes(h[40:44], "little")))
+    needed: list[str] = []
+    for kind, off, size, link in sections:
+        if kind != 6:  # SHT_DYNAMIC; its sh_link is the string table of the names
+            continue
+        strtab = sections[link][1]
+        for j in range(0, size, 16):
+            tag, val = int.from_bytes(data[off + j: off + j + 8], "little"), int.from_bytes(
+                data[off + j + 8: off + j + 16], "little")
+            if tag == 1:  # DT_NEEDED
+                end = data.index(b"\0", strtab + val)
+                needed.append(data[strtab + val: end].decode())
+    return {"e_machine": machine, "needed": needed}
+
+
+def build_tvm_decoder(spec: DecoderSpec, max_len: int, folder: Path, cross: dict[str, Any] | None,
+                      names: dict[str, str], schedule: bool = True) -> dict[str, Any]:
+    """Import, compile for the host and (when ``cross`` is a target dict) for aarch64, and write the
+    libraries and the params file into ``folder`` under ``names`` (keys ``host``, ``aarch64``,
+    ``params``). Returns timings and sizes."""
+    relax_mod = import_relax(spec, max_len)
+    info: dict[str, Any] = {"torch_export_s": round(relax_mod.export_s, 1),
+                            "relax_import_s": round(relax_mod.import_s, 1)}
+    meta = {**relax_mod.meta, "host_target": HOST_TARGET, "aarch64_target": cross, "scheduled": schedule}
+    save_params(folder / names["params"], relax_mod.params, meta)
+    builds = [("host", HOST_TARGET, None)]
+    if cross is not None:
+        builds.append(("aarch64", cross, CROSS_CC))
+    for key, target, cc in builds:
+        t0 = time.perf_counter()
+        try:
+            ex = compile_module(relax_mod.mod, target, schedule)
+        except Exception as exc:
+            raise CompileError(f"tvm.compile for {json.dumps(target)} failed: {exc}") from exc
+        info[f"{key}_compile_s"] = round(time.perf_counter() - t0, 1)
+        t0 = time.perf_counter()
+        export_library(ex, folder / names[key], cc)
+        info[f"{key}_link_s"] = round(time.perf_counter() - t0, 1)
+    info["param_count"] = len(relax_mod.params)
+    return info

@@ -1,0 +1,105 @@
+"""Run one validation job against an artifact file and return plain JSON-able results.
+
+A job names the artifact's runtime file, the token windows to score, a prompt for a greedy
+continuation and a prompt for timing. The result holds, per window, the summed negative
+log-likelihood of the next tokens and the argmax of every position (so the host can compute
+perplexity and top-1 agreement against its own reference without shipping logits), the greedy tokens,
+and the time to first token and decode rate of each repeat, with the environment that produced them.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SCHEMA = 1
+
+
+def open_runtime(path: Path, threads: int = 0, exact_qdq: bool = False) -> tuple[Any, dict[str, str]]:
+    """The decoder for an artifact file, by its suffix, and the runtime's name and version."""
+    if path.suffix == ".pte":
+        from .pte_decoder import PteDecoder
+
+        return PteDecoder(path, threads), {"runtime": "executorch", "runtime_version": _version("executorch")}
+    if path.suffix == ".so":
+        from .tvm_decoder import TvmDecoder
+
+        return TvmDecoder(path, threads), {"runtime": "tvm", "runtime_version": _version("apache-tvm")}
+    from .onnx_decoder import OnnxDecoder, make_session
+
+    session = make_session(path, threads, exact_qdq=exact_qdq)
+    import onnxruntime
+
+    return OnnxDecoder(session), {"runtime": "onnxruntime", "runtime_version": onnxruntime.__version__}
+
+
+def _version(dist: str) -> str:
+    try:
+        from importlib.metadata import version
+
+        return version(dist)
+    except Exception:  # a runtime imported from a plain folder has no metadata
+        return "unknown"
+
+
+def cpu_name() -> str:
+    """What this machine calls its CPU (x86 'model name'; ARM implementer/part, or the board model)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    if "model name" in fields:
+        return fields["model name"]
+    if "Model" in fields:
+        return fields["Model"]
+    part = fields.get("CPU part")
+    return f"ARM implementer {fields.get('CPU implementer', '?')} part {part}" if part else platform.machine()
+
+
+def environment(runtime: dict[str, str]) -> dict[str, Any]:
+    return {"machine": platform.machine(), "hostname": platform.node(), "python": platform.python_version(),
+            "cpu": cpu_name(), "cores": os.cpu_count(), **runtime}
+
+
+def score_window(logits: np.ndarray, ids: np.ndarray) -> dict[str, Any]:
+    """Summed NLL of each next token and the argmax of every scored position, for one window."""
+    x = logits[:-1].astype(np.float64)
+    m = x.max(-1, keepdims=True)
+    lse = (m + np.log(np.exp(x - m).sum(-1, keepdims=True)))[:, 0]
+    targets = ids[1:]
+    nll = float((lse - x[np.arange(len(targets)), targets]).sum())
+    return {"nll": nll, "n": len(targets), "argmax": x.argmax(-1).astype(int).tolist()}
+
+
+def run_job(job: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Execute ``job`` (paths relative to ``base``); every timing is taken here, on this machine."""
+    t0 = time.perf_counter()
+    decoder, runtime = open_runtime(base / job["model"], int(job.get("threads", 0)), bool(job.get("exact_qdq")))
+    out: dict[str, Any] = {"schema": SCHEMA, "ok": True, "environment": environment(runtime),
+                           "load_s": time.perf_counter() - t0}
+    out["windows"] = [score_window(decoder.logits(np.asarray([w], np.int64))[0], np.asarray(w, np.int64))
+                      for w in job.get("windows", [])]
+    if job.get("greedy_prompt"):
+        out["greedy"], _ = decoder.generate(list(job["greedy_prompt"]), int(job.get("greedy_tokens", 32)))
+    prompt = job.get("timing_prompt")
+    ttft, rates = [], []
+    if prompt:
+        decoder.generate(list(prompt[:8]), 4)  # warm-up: first-run allocations are not the steady state
+        for _ in range(int(job.get("repeats", 3))):
+            _, timing = decoder.generate(list(prompt), int(job.get("decode_tokens", 32)))
+            ttft.append(timing.prefill_s * 1000.0)
+            if timing.decode_s:
+                rates.append(len(timing.decode_s) / sum(timing.decode_s))
+    out.update(ttft_ms=ttft, decode_tokens_per_s=rates, wall_s=time.perf_counter() - t0,
+               peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
+    return out

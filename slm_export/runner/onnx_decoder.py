@@ -1,0 +1,157 @@
+"""The ONNX Runtime side of the runner: a session, and the project's own generation loop over an exported
+decoder (KV cache kept in OrtValues).
+
+Each decode step binds the previous step's present tensors as the next step's past without a copy
+through NumPy; only the last position's logits come back to Python.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class GenerationTiming:
+    """Timings of one greedy generation (seconds)."""
+
+    prefill_s: float
+    decode_s: list[float]
+
+
+def make_session(model_path: str | Path, threads: int = 0, optimize: bool = True, exact_qdq: bool = False) -> Any:
+    """An ONNX Runtime CPU session with the given intra-op thread count (0: all cores).
+
+    ``exact_qdq``: leave QuantizeLinear/DequantizeLinear pairs unfused, so each quantized MatMul runs as
+    a float MatMul of the dequantized int8 values: the exact products of the integer arithmetic a GPU or
+    DPU performs. ORT's fused int8 kernels on x86 CPUs without VNNI multiply u8 x s8 pairs into int16
+    with saturation (pmaddubsw), which can move logits by whole units; they are the truth only for an
+    artifact whose runtime is ORT on such a CPU."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    so.log_severity_level = 3
+    if exact_qdq:
+        so.add_session_config_entry("session.disable_quant_qdq", "1")
+    return ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+
+
+class OnnxDecoder:
+    """Runs an exported decoder: full forward for scoring, and greedy generation with a KV cache."""
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+        self.past_names = [i.name for i in session.get_inputs() if i.name.startswith("past_key_values.")]
+        self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
+        # A static-shape graph (no cache, fixed [1, N] input) is run window by window.
+        self.static_len: int | None = None
+        if not self.past_names:
+            seq = session.get_inputs()[0].shape[1]
+            self.static_len = int(seq) if isinstance(seq, int) else None
+            if self.static_len is None:
+                raise ValueError("a decoder without a KV cache must have a static sequence length")
+            return
+        first = next(i for i in session.get_inputs() if i.name.startswith("past_key_values."))
+        self.kv_heads, self.head_dim = int(first.shape[1]), int(first.shape[3])
+        self.past_dtype = np.float16 if "float16" in first.type else np.float32
+
+    def _empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), self.past_dtype)
+        return {n: empty for n in self.past_names}
+
+    def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+        """Logits for every position of ``input_ids`` [batch, seq] (no cache)."""
+        mask = np.ones_like(input_ids) if attention_mask is None else attention_mask
+        if self.static_len is not None:
+            return np.concatenate([self._static_logits(row[m > 0].tolist())[None] for row, m in zip(input_ids, mask,
+                                                                                                     strict=True)])
+        positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+        feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": mask.astype(np.int64),
+                "position_ids": positions.astype(np.int64), **self._empty_past(input_ids.shape[0])}
+        return self.session.run(["logits"], feed)[0]
+
+    def _static_logits(self, tokens: list[int]) -> np.ndarray:
+        """Logits of ``tokens`` through the fixed-length graph: right-padded, padding masked."""
+        n, size = len(tokens), self.static_len
+        assert size is not None
+        if n > size:
+            raise ValueError(f"{n} tokens do not fit the static graph's {size}-token window")
+        ids = np.zeros((1, size), np.int64)
+        ids[0, :n] = tokens
+        mask = np.zeros((1, size), np.int64)
+        mask[0, :n] = 1
+        pos = np.minimum(np.arange(size, dtype=np.int64), max(n - 1, 0))[None]
+        return self.session.run(["logits"], {"input_ids": ids, "attention_mask": mask, "position_ids": pos})[0][0, :n]
+
+    def _static_generate(self, prompt: list[int], max_new_tokens: int, eos_token_id: int | None,
+                         on_token: Callable[[int], None] | None) -> tuple[list[int], GenerationTiming]:
+        tokens, out, times = list(prompt), [], []
+        while len(out) < max_new_tokens:
+            t = time.perf_counter()
+            token = int(self._static_logits(tokens)[-1].argmax())
+            times.append(time.perf_counter() - t)
+            out.append(token)
+            tokens.append(token)
+            if on_token:
+                on_token(token)
+            if token == eos_token_id:
+                break
+        return out, GenerationTiming(times[0], times[1:])
+
+    def generate(self, prompt: list[int], max_new_tokens: int, eos_token_id: int | None = None,
+                 on_token: Callable[[int], None] | None = None) -> tuple[list[int], GenerationTiming]:
+        """Greedy decoding of up to ``max_new_tokens`` after ``prompt`` (batch 1)."""
+        if self.static_len is not None:
+            return self._static_generate(prompt, max_new_tokens, eos_token_id, on_token)
+        import onnxruntime as ort
+
+        sess = self.session
+        binding = sess.io_binding()
+        n = len(prompt)
+        ids = np.asarray([prompt], dtype=np.int64)
+        feeds: dict[str, Any] = {"input_ids": ids, "attention_mask": np.ones((1, n), np.int64),
+                                 "position_ids": np.arange(n, dtype=np.int64)[None], **self._empty_past(1)}
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        for name in ["logits", *self.present_names]:
+            binding.bind_output(name)
+        out: list[int] = []
+        decode_s: list[float] = []
+        t0 = time.perf_counter()
+        sess.run_with_iobinding(binding)
+        prefill_s = time.perf_counter() - t0
+        total = n
+        while True:
+            outputs = binding.get_outputs()
+            logits = outputs[0].numpy()
+            token = int(logits[0, -1].argmax())
+            out.append(token)
+            if on_token:
+                on_token(token)
+            if len(out) >= max_new_tokens or token == eos_token_id:
+                break
+            t = time.perf_counter()
+            binding = sess.io_binding()
+            binding.bind_cpu_input("input_ids", np.asarray([[token]], np.int64))
+            binding.bind_cpu_input("attention_mask", np.ones((1, total + 1), np.int64))
+            binding.bind_cpu_input("position_ids", np.asarray([[total]], np.int64))
+            for past, present in zip(self.past_names, outputs[1:], strict=True):
+                binding.bind_ortvalue_input(past, present)
+            for name in ["logits", *self.present_names]:
+                binding.bind_output(name)
+            sess.run_with_iobinding(binding)
+            decode_s.append(time.perf_counter() - t)
+            total += 1
+        del ort
+        return out, GenerationTiming(prefill_s, decode_s)

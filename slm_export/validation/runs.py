@@ -1,0 +1,105 @@
+"""The validation runs after the host's full one: every other runtime file of the artifact, on the host
+(cross-checks), and the files the target itself loads, under the ARM emulator.
+
+Both go through the runner (``slm_export/runner``) with a job of a few windows, and each result is
+compared, on the same windows, with the PyTorch float32 reference and with the host run of the file
+validation ran (cross-checks) or of the same file (emulation). Metrics are named by where they ran and
+which backend's file ran: ``tvm_...`` (host cross-check), ``emulated_onnxruntime_...``, ``emulated_tvm_...``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from slm_export.errors import DeviceError
+from slm_export.report import Goal
+from slm_export.validation.remote import HostRunner, RemoteSettings, remote_validation
+
+# A TVM library under QEMU runs untuned loops on an emulated core: a few tokens are what fits.
+EMULATED_TVM = RemoteSettings(windows=1, window_len=128, greedy_tokens=8, prompt_tokens=32, decode_tokens=4,
+                              repeats=1)
+
+
+def crosscheck(model: Any, folder: Path, results: list[Any], validated: str, text: Any, threads: int,
+               progress: Any = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Run each other backend's runtime file on the host against the validated file."""
+    metrics: dict[str, Any] = {}
+    details = []
+    for r in results:
+        if r.status != "done" or not r.runtime_model or r.runtime_model == validated:
+            continue
+        if progress:
+            progress("crosscheck", f"{r.runtime_model} against {validated}")
+        m, d = remote_validation(HostRunner(), folder, r.runtime_model, model.torch_module(), model.tokenizer, text,
+                                 RemoteSettings(threads=threads), r.backend, versus=validated,
+                                 versus_label="validated")
+        metrics.update(m)
+        details.append({"backend": r.backend, "prefix": r.backend, "versus_label": "validated", **d})
+    return metrics, details
+
+
+def _emulator_can_run(file: str, backend: str, env: Any) -> str | None:
+    """Why the emulator cannot run this file, or None."""
+    have = " ".join(env.manifest.get("requirements", []))
+    if file.endswith((".onnx", ".ort")):
+        return None if "onnxruntime" in have else "no aarch64 onnxruntime in the emulator"
+    if backend == "tvm" and file.endswith(".so"):
+        return None if "apache-tvm" in have else "no aarch64 TVM runtime in the emulator"
+    if file.endswith(".pte"):
+        return ("ExecuTorch's aarch64 Python runtime needs an aarch64 torch, which the emulator does not carry; the "
+                "host ran the .pte with ExecuTorch's runtime instead")
+    return f"the emulator has no runtime for {file}"
+
+
+def emulate(model: Any, folder: Path, results: list[Any], profile: Any, text: Any, threads: int, required: bool,
+            progress: Any = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Run each backend's device file under qemu-aarch64 with the profile's CPU model. When ``required``
+    (``--emulate``) an emulator that cannot run is an error; otherwise (the profile's default) it is
+    reported and the host's figures stand."""
+    from slm_export.validation.emulator import EmulatorRunner
+
+    metrics: dict[str, Any] = {}
+    details: list[dict[str, Any]] = []
+    try:
+        runner = EmulatorRunner(profile)
+        problem = runner.env.problem()
+        if problem:
+            raise DeviceError(f"the ARM emulator cannot run: {problem}; run `slm-export emulator setup`")
+    except DeviceError as exc:
+        if required:
+            raise
+        return {}, [{"runner": "emulator", "status": "not run", "reason": str(exc)}]
+    for r in results:
+        file = r.device_model or r.runtime_model
+        if r.status != "done" or not file:
+            continue
+        why = _emulator_can_run(file, r.backend, runner.env)
+        if why:
+            details.append({"runner": "emulator", "backend": r.backend, "file": file, "status": "not run",
+                            "reason": why})
+            continue
+        if progress:
+            progress("emulate", f"{file} on qemu-aarch64 -cpu {runner.cpu}")
+        settings = EMULATED_TVM if r.backend == "tvm" else RemoteSettings()
+        m, d = remote_validation(runner, folder, file, model.torch_module(), model.tokenizer, text,
+                                 RemoteSettings(**{**settings.__dict__, "threads": threads}), f"emulated_{r.backend}",
+                                 versus=r.runtime_model or file)
+        metrics.update(m)
+        details.append({"backend": r.backend, "prefix": f"emulated_{r.backend}", "versus_label": "host", **d})
+    return metrics, details
+
+
+def run_goals(metrics: dict[str, Any], quantized: bool) -> list[Goal]:
+    """Goals on the cross-check and emulated runs present in ``metrics``."""
+    goals = []
+    for name in metrics:
+        if name.startswith("emulated_") and name.endswith("_agreement_with_host"):
+            goals.append(Goal(name, ">=", 0.99, "the target's own aarch64 runtime (emulated) must choose the same "
+                              "next tokens as the host run of the same file"))
+        if name.endswith("_perplexity_change_vs_host_pp") or name.endswith("_perplexity_change_vs_validated_pp"):
+            goals.append(Goal(name, "<=", 0.5, "every runtime of the artifact must reach the same perplexity change "
+                              "as the validated file, within half a percentage point"))
+        if name.endswith("_greedy_equals_validated") and not quantized:
+            goals.append(Goal(name, "==", True, "a float artifact continues text the same in every runtime"))
+    return goals
