@@ -10,11 +10,12 @@ import json
 import logging
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 from slm_export.errors import SlmExportError, ValidationFailed
 
-SUBCOMMANDS = ("export", "targets", "validate", "methods", "backends", "emulator")
+SUBCOMMANDS = ("export", "targets", "validate", "methods", "backends", "emulator", "devices")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="host validation only")
     e.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads for validation (0: all cores)")
     e.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    _device_args(e)
     t = sub.add_parser("targets", help="list built-in targets, or `targets show NAME`")
     t.add_argument("action", nargs="?", choices=("list", "show"), default="list")
     t.add_argument("name", nargs="?")
@@ -81,7 +83,40 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--eval-data")
     v.add_argument("--threads", type=int, default=0)
     v.add_argument("--json", action="store_true")
+    vm = v.add_mutually_exclusive_group()
+    vm.add_argument("--emulate", dest="emulate", action="store_const", const="on", help="run under the emulator too")
+    vm.add_argument("--no-emulate", dest="emulate", action="store_const", const="off", help="no emulated run")
+    _device_args(v)
+    d = sub.add_parser("devices", help="`devices check ssh://user@host[:port]`: reachable? runtimes, CPU, memory, disk")
+    d.add_argument("action", choices=("check",))
+    d.add_argument("url")
+    d.add_argument("--identity", "-i", help="SSH private key (default: your ssh agent and ~/.ssh keys)")
+    d.add_argument("--known-hosts", help="known_hosts file to check the device's key against (default ~/.ssh/)")
+    d.add_argument("--json", action="store_true")
     return p
+
+
+def _device_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("device (hardware in the loop)")
+    g.add_argument("--device", help="validate on a device too: ssh://user@host[:port][?workdir=DIR&python=python3]")
+    g.add_argument("--identity", "-i", help="SSH private key (default: your ssh agent and ~/.ssh keys)")
+    g.add_argument("--known-hosts", help="known_hosts file to check the device's key against (default ~/.ssh/)")
+    g.add_argument("--device-timeout", type=float, default=3600.0, help="seconds a run may take on the device")
+    g.add_argument("--goals", help="TOML goals replacing the defaults: [metric] with max, min or equals")
+    g.add_argument("--junit", help="write the goals as JUnit XML (one test case per goal) to this file")
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from slm_export.report import load_goals
+    from slm_export.validation.ssh import DeviceUrl
+    from slm_export.validation.validate import ValidationSettings
+
+    if args.device:
+        DeviceUrl.parse(args.device)  # a malformed URL is a user error before any work starts
+    if args.goals:
+        load_goals(args.goals)
+    return ValidationSettings(threads=args.threads, device=args.device, identity=args.identity,
+                              known_hosts=args.known_hosts, device_timeout=args.device_timeout, goals_file=args.goals)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,11 +144,15 @@ def main(argv: list[str] | None = None) -> int:
             return _backends(args)
         if args.command == "emulator":
             return _emulator(args)
+        if args.command == "devices":
+            return _devices(args)
         if args.command == "export":
             return _export(args)
         _parser().print_help()
         return 2
     except ValidationFailed as exc:
+        if getattr(args, "junit", None) and exc.report is not None:
+            _write_junit(exc.report, args.junit)
         _error(f"FAIL: {exc}")
         if getattr(args, "json", False) and exc.report is not None:
             print(json.dumps(exc.report, indent=2, default=str))
@@ -176,7 +215,6 @@ def _progress() -> tuple[Any, Any]:
 def _export(args: argparse.Namespace) -> int:
     from slm_export.pipeline import make_plan, run
     from slm_export.targets import get_target
-    from slm_export.validation.validate import ValidationSettings
 
     profile = get_target(args.target, args.target_file)
     out = args.out or f"build/{profile.id}"
@@ -188,29 +226,56 @@ def _export(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(json.dumps({"plan": plan.to_dict(), "target": profile.id}, indent=2))
         return 0
+    settings = _settings(args)
     progress, close = _progress()
     try:
-        result = run(plan, profile, progress, ValidationSettings(threads=args.threads))
+        result = run(plan, profile, progress, settings)
     finally:
         if close:
             close()
-    return _finish(result.report, args.json, out)
+    return _finish(result.report, args.json, out, args.junit)
 
 
 def _validate(args: argparse.Namespace) -> int:
     from slm_export.pipeline import revalidate
-    from slm_export.validation.validate import ValidationSettings
 
+    settings = _settings(args)
     progress, close = _progress()
     try:
-        result = revalidate(args.artifact, args.eval_data, progress, ValidationSettings(threads=args.threads))
+        result = revalidate(args.artifact, args.eval_data, progress, settings, args.emulate)
     finally:
         if close:
             close()
-    return _finish(result.report, args.json, args.artifact)
+    return _finish(result.report, args.json, args.artifact, args.junit)
 
 
-def _finish(report: dict[str, Any], as_json: bool, out: str) -> int:
+def _write_junit(report: dict[str, Any], path: str) -> None:
+    from slm_export.report import junit_xml
+
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.partial")
+    tmp.write_text(junit_xml(report))
+    tmp.replace(target)
+
+
+def _devices(args: argparse.Namespace) -> int:
+    from slm_export.validation.ssh import SshDevice, check_device
+
+    info = check_device(SshDevice(args.url, args.identity, args.known_hosts, command_timeout=60))
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{info['device']}: reachable; {info.get('hostname')} {info.get('machine')}, {info.get('cpu', '?')}, "
+          f"{info.get('cores')} cores, {info.get('memory_gb', '?')} GB memory, {info.get('free_disk_gb')} GB free")
+    print(f"  python {info.get('python')}; " + ", ".join(f"{k} {v or 'not installed'}"
+                                                         for k, v in info["runtimes"].items())
+          + f"; trtexec {info.get('trtexec') or 'not found'}")
+    return 0
+
+
+def _finish(report: dict[str, Any], as_json: bool, out: str, junit: str | None = None) -> int:
+    if junit:
+        _write_junit(report, junit)
     if as_json:
         print(json.dumps(report, indent=2, default=str))
         return 0

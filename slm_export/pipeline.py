@@ -24,7 +24,7 @@ from slm_export.errors import (
     ValidationFailed,
 )
 from slm_export.plan import IMPLEMENTED_PRECISIONS, QUANTIZED, Plan
-from slm_export.report import SCHEMA_VERSION, default_goals, write_report
+from slm_export.report import SCHEMA_VERSION, default_goals, load_goals, write_report
 from slm_export.targets import TargetProfile
 from slm_export.validation.validate import ValidationSettings, peak_rss_mb
 
@@ -240,12 +240,13 @@ def run(plan: Plan, profile: TargetProfile, progress: Progress | None = None,
                                              runs, progress))
         else:
             stages.skip("validate", "--no-validate")
-        report = _report(plan, profile, model, exported, compiled, metrics, stages.records)
+        report = _report(plan, profile, model, exported, compiled, metrics, stages.records, settings.goals_file)
         report["backends"] = [asdict(r) for r in results]
         report["validated_file"] = runtime_file if plan.validate else None
         report["compression"] = _compression_section(compressed)
         report["crosschecks"] = runs.get("crosscheck", [])
         report["emulation"] = runs.get("emulate", [])
+        report["device"] = runs.get("device", [])
         if plan.sparsity:
             from slm_export.sparsity.verify import verify_sparsity
 
@@ -293,9 +294,15 @@ def _further_runs(model: Any, folder: Path, results: list[Any], validated: str, 
         m, runs["crosscheck"] = stages.run("crosscheck", lambda: checks.crosscheck(
             model, folder, results, validated, text, settings.threads, progress))
         metrics.update(m)
-    if plan.emulate != "off":
+    # A device given: the emulator's stand-in is not needed unless asked for (--emulate).
+    if plan.emulate == "on" or (plan.emulate == "auto" and not settings.device):
         m, runs["emulate"] = stages.run("emulate", lambda: checks.emulate(
             model, folder, results, profile, text, settings.threads, plan.emulate == "on", progress))
+        metrics.update(m)
+    if settings.device:
+        m, device = stages.run("device", lambda: checks.on_device(model, folder, results, validated, text, settings,
+                                                                   progress))
+        runs["device"] = [device]
         metrics.update(m)
     return metrics
 
@@ -362,19 +369,9 @@ def versions() -> dict[str, str]:
 
 
 def _report(plan: Plan, profile: TargetProfile, model: Any, exported: Any, compiled: Any,
-            metrics: dict[str, Any], stages: list[dict[str, Any]]) -> dict[str, Any]:
-    wanted = default_goals(model.kind, plan.precision, plan.method, plan.sparsity, plan.max_ppl_increase,
-                           plan.pow2_scales)
+            metrics: dict[str, Any], stages: list[dict[str, Any]], goals_file: str | None = None) -> dict[str, Any]:
     from slm_export.validation.runs import run_goals
 
-    wanted += run_goals(metrics, plan.precision in QUANTIZED)
-    goals = [g.evaluate(metrics) for g in wanted] if metrics else []
-    if not metrics:
-        verdict = "NOT VALIDATED"
-    elif not wanted:
-        verdict = "NO GOALS"
-    else:
-        verdict = "PASS" if all(g["status"] == "PASS" for g in goals) else "FAIL"
     roof = {}
     if model.kind == "decoder":
         est = profile.roofline(exported.weight_bytes_per_token, exported.flops_per_token, plan.precision)
@@ -383,6 +380,24 @@ def _report(plan: Plan, profile: TargetProfile, model: Any, exported: Any, compi
                 "weight_bytes_read_per_token": exported.weight_bytes_per_token,
                 "bandwidth_gbs": est["bandwidth_gbs"], "peak_gflops": est["peak_gflops"],
                 "source": f"{profile.id} profile: memory.bandwidth_gbs, compute.{plan.precision}"}
+    bound = roof.get(f"{profile.id}_decode_tokens_per_s_bound")
+    if bound and "device_decode_tokens_per_s_p50" in metrics:
+        measured = metrics["device_decode_tokens_per_s_p50"]
+        metrics = {**metrics, "device_decode_fraction_of_roofline": {
+            "value": measured["value"] / bound, "unit": "", "where": f"{measured['where']}, over the {profile.id} "
+            f"profile's roofline bound ({bound:.1f} tokens/s, estimated)"}}
+    if goals_file:
+        wanted = load_goals(goals_file)
+    else:
+        wanted = default_goals(model.kind, plan.precision, plan.method, plan.sparsity, plan.max_ppl_increase,
+                               plan.pow2_scales) + run_goals(metrics, plan.precision in QUANTIZED)
+    goals = [g.evaluate(metrics) for g in wanted] if metrics else []
+    if not metrics:
+        verdict = "NOT VALIDATED"
+    elif not wanted:
+        verdict = "NO GOALS"
+    else:
+        verdict = "PASS" if all(g["status"] == "PASS" for g in goals) else "FAIL"
     artifact_bytes = sum(f.stat().st_size for f in Path(exported.model_path).parent.rglob("*") if f.is_file())
     metrics = {**metrics,
                "artifact_bytes": {"value": artifact_bytes, "unit": "bytes", "where": "artifact folder"},
@@ -419,8 +434,12 @@ __all__ = ["RunResult", "SlmExportError", "make_plan", "run"]
 
 
 def revalidate(artifact: str | Path, eval_data: str | None = None, progress: Progress | None = None,
-               settings: ValidationSettings | None = None) -> RunResult:
-    """Re-run validation of an existing artifact and rewrite its reports (atomically, file by file)."""
+               settings: ValidationSettings | None = None, emulate: str | None = None) -> RunResult:
+    """Re-run validation of an existing artifact (and its cross-checks, emulated and device runs) and rewrite
+    its reports (atomically, file by file). ``emulate`` overrides the artifact's plan ("on", "off")."""
+    from dataclasses import fields
+
+    from slm_export.backends import CompileResult
     from slm_export.exporters.onnx import MODEL_FILE, ExportResult
     from slm_export.models import load_model
     from slm_export.targets import get_target
@@ -440,18 +459,31 @@ def revalidate(artifact: str | Path, eval_data: str | None = None, progress: Pro
     if model.fingerprint != manifest["fingerprint"]:
         raise ConfigError(f"the model at {manifest['source_model']} changed since {artifact} was exported "
                           "(fingerprint differs); export again")
+    if emulate:
+        plan = replace(plan, emulate=emulate)
+    settings = settings or ValidationSettings()
     path = artifact / (old.get("validated_file") or MODEL_FILE)
-    metrics = stages.run("validate", lambda: _validate(model, path, plan, settings or ValidationSettings(), progress))
+    metrics = stages.run("validate", lambda: _validate(model, path, plan, settings, progress))
+    known = {f.name for f in fields(CompileResult)}
+    results = [CompileResult(**{k: (tuple(v) if k == "files" else v) for k, v in b.items() if k in known})
+               for b in old.get("backends", [])]
+    runs: dict[str, list[dict[str, Any]]] = {}
+    if model.kind == "decoder" and results:
+        metrics.update(_further_runs(model, artifact, results, path.name, plan, profile, settings, stages, runs,
+                                     progress))
     exported = ExportResult(path, tuple(manifest["files"]), old.get("artifact", {}).get("bytes", 0),
                             old.get("roofline", {}).get("weight_bytes_read_per_token", 0), 0,
                             manifest["graph_ops"], manifest["opset"])
-    from slm_export.backends import CompileResult
-
-    compiled = CompileResult(**old["compile"]) if "compile" in old else CompileResult(plan.backend, "not run", "")
-    report = _report(plan, profile, model, exported, compiled, metrics, old.get("stages", []) + stages.records)
+    compiled = results[0] if results else CompileResult(plan.backend, "not run", "")
+    report = _report(plan, profile, model, exported, compiled, metrics, old.get("stages", []) + stages.records,
+                     settings.goals_file)
     report["roofline"] = old.get("roofline", report["roofline"])
     report["backends"] = old.get("backends", [report["compile"]])
     report["validated_file"] = path.name
+    report["compression"] = old.get("compression")
+    report["crosschecks"] = runs.get("crosscheck", [])
+    report["emulation"] = runs.get("emulate", [])
+    report["device"] = runs.get("device", [])
     tmp = artifact / f".report.partial-{os.getpid()}"
     tmp.mkdir()
     try:

@@ -138,3 +138,60 @@ def render_markdown(r: dict[str, Any]) -> str:
     lines += ["", "## Plan", "", "```json", json.dumps(r["plan"], indent=2), "```", ""]
     lines += ["## Versions", ""] + [f"- {k}: {v}" for k, v in r["versions"].items()] + [""]
     return "\n".join(lines)
+
+
+def load_goals(path: str | Path) -> list[Goal]:
+    """Goals from a TOML file, replacing the defaults: one table per metric with ``max``, ``min`` or
+    ``equals`` (and an optional ``why``), e.g. ``[perplexity_change_pct]`` / ``max = 5.0``, or
+    ``[device_decode_tokens_per_s_p50]`` / ``min = 10``. ``*_change_pct`` and ``*_pp`` metrics compare
+    their magnitude, so ``max`` is a maximum degradation either way."""
+    import tomllib
+
+    from slm_export.errors import ConfigError
+
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"--goals {path}: cannot read it ({exc.strerror})") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--goals {path}: not valid TOML ({exc})") from None
+    goals = []
+    ops = {"max": "<=", "min": ">=", "equals": "=="}
+    for metric, spec in data.get("goals", data).items():
+        if not isinstance(spec, dict) or not set(spec) - {"why"} or set(spec) - {"why", *ops}:
+            raise ConfigError(f"--goals {path}: [{metric}] needs one of max, min or equals (and optionally why)")
+        for key, op in ops.items():
+            if key in spec:
+                if not isinstance(spec[key], bool | int | float):
+                    raise ConfigError(f"--goals {path}: [{metric}] {key} must be a number or true/false")
+                goals.append(Goal(metric, op, spec[key], str(spec.get("why", f"from {Path(path).name}"))))
+    if not goals:
+        raise ConfigError(f"--goals {path}: no goals in it")
+    return goals
+
+
+def junit_xml(report: dict[str, Any]) -> str:
+    """JUnit XML for CI systems: one test case per goal, a failure for each goal missed."""
+    from xml.sax.saxutils import quoteattr
+
+    goals = report.get("goals", [])
+    failed = sum(g["status"] != "PASS" for g in goals)
+    suite = f"slm-export.{report['target']['id']}.{report['model']['name']}"
+    lines = ['<?xml version="1.0" encoding="UTF-8"?>',
+             f'<testsuites><testsuite name={quoteattr(suite)} tests="{len(goals)}" failures="{failed}">']
+    for g in goals:
+        case = f'  <testcase classname={quoteattr(suite)} name={quoteattr(g["metric"])}'
+        detail = f"{g['metric']} = {g.get('value')} (goal {g['op']} {g['threshold']}); {g.get('where', '')}"
+        if g["status"] == "PASS":
+            lines.append(f"{case}><system-out>{_xml_text(detail)}</system-out></testcase>")
+        else:
+            lines.append(f"{case}><failure message={quoteattr(detail)}>{_xml_text(g.get('why', ''))}"
+                         "</failure></testcase>")
+    lines.append("</testsuite></testsuites>")
+    return "\n".join(lines) + "\n"
+
+
+def _xml_text(text: str) -> str:
+    from xml.sax.saxutils import escape
+
+    return escape(str(text))

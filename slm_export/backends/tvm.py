@@ -122,7 +122,7 @@ class TvmBackend:
         files = [HOST_SO, PARAMS_FILE] + ([AARCH64_SO] if cross else [])
         sizes = {f: (folder / f).stat().st_size for f in files}
         details: dict[str, Any] = {"build_s": round(seconds, 1), **info, "bytes": sizes,
-                                   "max_len": job.plan.max_seq_len, "host_target": td.HOST_TARGET,
+                                   "max_len": job.plan.max_seq_len,  # (info has the host_target)
                                    "aarch64_target": cross, "tuned": False, "weights": td.weight_storage(spec)}
         what = f"Apache TVM {version} Relax build, dynamic batch/sequence/past with the KV cache as inputs and outputs"
         if cross:

@@ -37,26 +37,38 @@ import numpy as np
 from slm_export.calibration.quant import QuantizedTensor
 from slm_export.errors import CompileError
 from slm_export.exporters.decoder import MASK_VALUE, rope_tables
+from slm_export.exporters.tvm_kernels import convert_map, pack_int4, packs_int4, torch_ops
 from slm_export.exporters.tvm_schedule import compile_module
 from slm_export.models.adapters import DecoderSpec
 
 log = logging.getLogger(__name__)
 
 CROSS_CC = "aarch64-linux-gnu-gcc"
-HOST_TARGET: dict[str, Any] = {"kind": "llvm"}
-PARAMS_FORMAT = "slm-export-tvm-params/1"
+HOST_TARGET: dict[str, Any] = {"kind": "llvm"}  # (host_target() adds the CPU where it can)
+PARAMS_FORMAT = "slm-export-tvm-params/2"  # 2: int4 codes in pack_int4's 16-column blocks
 META_KEY = "__meta__"  # the params file's JSON header (a unicode array: loads without pickle)
+
+
+def host_target() -> dict[str, Any]:
+    """The llvm target of the host library: ``x86-64-v3`` (AVX2, FMA) on an x86 machine whose CPU has those
+    (LLVM's generic x86-64 is SSE2 only: a third of the speed), so the library still runs on any such
+    machine; else LLVM's default CPU for the host triple."""
+    import platform
+
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        try:
+            flags = {f for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
+                     for f in line.split(":", 1)[1].split()}
+        except OSError:
+            flags = set()
+        if {"avx2", "fma", "f16c", "bmi2", "movbe"} <= flags:
+            return {**HOST_TARGET, "mcpu": "x86-64-v3"}
+    return dict(HOST_TARGET)
 
 
 def aarch64_target(mcpu: str = "cortex-a72", mattr: tuple[str, ...] = ("+neon",), cores: int = 4) -> dict[str, Any]:
     """The llvm target dict of an aarch64 Linux board (defaults: the Raspberry Pi 4's)."""
     return {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": mcpu, "mattr": list(mattr), "num-cores": cores}
-
-
-def pack_int4(codes: np.ndarray) -> np.ndarray:
-    """uint8 codes ``[out, in]`` (values < 16) -> ``[out, in / 2]``: column ``2j`` low nibble, ``2j + 1`` high."""
-    c = np.ascontiguousarray(codes, dtype=np.uint8)
-    return (c[:, 0::2] | (c[:, 1::2] << 4)).astype(np.uint8)
 
 
 def _concat(ws: tuple[Any, ...]) -> Any:
@@ -76,10 +88,12 @@ def weight_storage(spec: DecoderSpec) -> str:
     if not q:
         return "float32"
     kinds = sorted({(w.bits, w.group, w.zeros is None) for w in q})
-    parts = [f"int{bits} codes {'packed two per byte' if bits == 4 else 'one per byte'} (uint8), float32 scales "
-             f"per group of {group}, {'symmetric' if sym else 'uint8 zero points'}" for bits, group, sym in kinds]
+    packed = {w.bits for w in q if packs_int4(w.bits, w.shape[1])}
+    parts = [f"int{bits} codes {'packed two per byte' if bits in packed else 'one per byte'} (uint8), float32 "
+             f"scales per group of {group}, {'symmetric' if sym else 'uint8 zero points'}"
+             for bits, group, sym in kinds]
     rest = len(linears) - len(q)
-    return "; ".join(parts) + (f"; {rest} linears float32" if rest else "") + "; dequantized in the graph"
+    return "; ".join(parts) + (f"; {rest} linears float32" if rest else "") + "; dequantized inside the matmul kernels"
 
 
 def build_functional_decoder(spec: DecoderSpec, max_len: int) -> Any:
@@ -94,7 +108,11 @@ def build_functional_decoder(spec: DecoderSpec, max_len: int) -> Any:
     def param(a: Any, dtype: Any = np.float32) -> Any:
         return torch.nn.Parameter(torch.from_numpy(np.ascontiguousarray(a, dtype=dtype)), requires_grad=False)
 
+    ops = torch_ops()
+
     class Linear(torch.nn.Module):
+        """A linear through ``tvm_kernels``' custom ops: the weight stays ``[out, in]`` as stored."""
+
         def __init__(self, w: Any, bias: Any = None) -> None:
             super().__init__()
             self.quantized = isinstance(w, QuantizedTensor)
@@ -102,29 +120,21 @@ def build_functional_decoder(spec: DecoderSpec, max_len: int) -> Any:
                 if w.activations != "float":
                     raise CompileError("the TVM build takes weight-only quantization; int8 activations (W8A8) "
                                        "are not part of it in this version")
-                self.out_f, self.in_f = w.shape
-                self.group, self.packed = w.group, w.bits == 4 and w.shape[1] % 2 == 0
+                self.group, self.packed = w.group, packs_int4(w.bits, w.shape[1])
                 self.codes = param(pack_int4(w.codes) if self.packed else w.codes, np.uint8)
                 self.scales = param(w.scales)
-                # symmetric: one zero point for all groups, a constant of the graph
-                self.zero = float(1 << (w.bits - 1)) if w.zeros is None else None
+                # symmetric: one zero point for all groups, a constant of the kernel
+                self.zero = float(1 << (w.bits - 1)) if w.zeros is None else 0.0
                 self.zeros = None if w.zeros is None else param(w.zeros, np.uint8)
             else:
                 self.weight = param(w)
             self.bias = None if bias is None else param(bias)
 
-        def dequantized(self) -> Any:
-            c = self.codes
-            if self.packed:  # [out, in/2] -> [out, in/2, 2] -> [out, in]: low nibble first
-                c = c.to(torch.int32)  # (the importer has no shift operator: divide and remainder instead)
-                c = torch.stack([torch.remainder(c, 16), torch.div(c, 16, rounding_mode="floor")], -1)
-            groups = self.in_f // self.group
-            w = c.reshape(self.out_f, groups, self.group).to(torch.float32)
-            z = self.zero if self.zeros is None else self.zeros.to(torch.float32)[:, :, None]
-            return ((w - z) * self.scales[:, :, None]).reshape(self.out_f, self.in_f)
-
         def forward(self, x: Any) -> Any:
-            return F.linear(x, self.dequantized() if self.quantized else self.weight, self.bias)
+            if self.quantized:
+                return ops.tvm_qlinear(x, self.codes, self.scales, self.zeros, self.bias, self.group, self.zero,
+                                       self.packed)
+            return ops.tvm_linear(x, self.weight, self.bias)
 
     class Norm(torch.nn.Module):
         def __init__(self, weight: Any, bias: Any) -> None:
@@ -145,7 +155,6 @@ def build_functional_decoder(spec: DecoderSpec, max_len: int) -> Any:
         return F.gelu(x, approximate="tanh" if spec.act == "gelu_tanh" else "none")
 
     nh, kv, d, rd = spec.heads, spec.kv_heads, spec.head_dim, spec.rotary_dim
-    rep = nh // kv
 
     def rotary(x: Any, cos: Any, sin: Any) -> Any:  # x [B, H, S, d]; cos/sin [B, 1, S, rd] (sin signed)
         # split, not slices: slicing a dynamic-shaped view makes torch.export emit min() guards it then rejects
@@ -175,15 +184,14 @@ def build_functional_decoder(spec: DecoderSpec, max_len: int) -> Any:
             if rope is not None:
                 q, k = rotary(q, *rope), rotary(k, *rope)
             k_all, v_all = torch.cat([past_k, k], 2), torch.cat([past_v, v], 2)
-            # Grouped-query heads: the queries of a kv head's group get an axis of their own ([B, kv, rep, S, d])
-            # and broadcast against the cache, which is read as it is, never repeated.
-            qg = (q * d ** -0.5).reshape(b, kv, rep, s, d)
-            scores = qg @ k_all.transpose(2, 3)[:, :, None] + mask[:, :, None]
-            ctx = torch.softmax(scores, -1) @ v_all[:, :, None]  # [B, kv, rep, S, d]
-            ctx = ctx.permute(0, 3, 1, 2, 4).reshape(b, s, nh * d)
+            # grouped-query attention in one kernel (tvm_kernels.attention_kernel): the cache is read as it is,
+            # never repeated per query head; the context comes back as [B, S, heads * d]
+            ctx = ops.tvm_attention(q, k_all, v_all, mask)
             x = x + self.o(ctx)
             h = self.up(self.norm2(x))
-            if spec.gated:
+            if spec.gated and spec.act == "silu":  # one kernel, exp in vector lanes (tvm_kernels.silu_mul_kernel)
+                h = ops.tvm_silu_mul(h)
+            elif spec.gated:
                 gate, up = h.split([self.inter, self.inter], -1)
                 h = act(gate) * up
             else:
@@ -230,7 +238,7 @@ def build_functional_decoder(spec: DecoderSpec, max_len: int) -> Any:
                 x, k, v = layer(x, mask, rope, past[2 * i], past[2 * i + 1])
                 presents += [k, v]
             x = self.norm(x)
-            logits = F.linear(x, self.embed) if self.head is None else self.head(x)  # tied: the table itself
+            logits = ops.tvm_linear(x, self.embed, None) if self.head is None else self.head(x)  # tied: the table
             return (logits, *presents)
 
     return Decoder().eval()
@@ -269,7 +277,8 @@ def import_relax(spec: DecoderSpec, max_len: int) -> RelaxDecoder:
         ep = export(module, example, dynamic_shapes=dynamic, strict=False).run_decompositions()
     export_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    mod = from_exported_program(ep, keep_params_as_input=True, run_ep_decomposition=False)
+    mod = from_exported_program(ep, keep_params_as_input=True, run_ep_decomposition=False,
+                                custom_convert_map=convert_map())
     import_s = time.perf_counter() - t0
     # The function's parameters after its user inputs are the lifted weights, named by the export's
     # placeholders: map them back to the module's own tensors rather than trusting an ordering.
@@ -375,9 +384,10 @@ def build_tvm_decoder(spec: DecoderSpec, max_len: int, folder: Path, cross: dict
     relax_mod = import_relax(spec, max_len)
     info: dict[str, Any] = {"torch_export_s": round(relax_mod.export_s, 1),
                             "relax_import_s": round(relax_mod.import_s, 1)}
-    meta = {**relax_mod.meta, "host_target": HOST_TARGET, "aarch64_target": cross, "scheduled": schedule}
+    host = host_target()
+    meta = {**relax_mod.meta, "host_target": host, "aarch64_target": cross, "scheduled": schedule}
     save_params(folder / names["params"], relax_mod.params, meta)
-    builds = [("host", HOST_TARGET, None)]
+    builds = [("host", host, None)]
     if cross is not None:
         builds.append(("aarch64", cross, CROSS_CC))
     for key, target, cc in builds:
@@ -391,4 +401,5 @@ def build_tvm_decoder(spec: DecoderSpec, max_len: int, folder: Path, cross: dict
         export_library(ex, folder / names[key], cc)
         info[f"{key}_link_s"] = round(time.perf_counter() - t0, 1)
     info["param_count"] = len(relax_mod.params)
+    info["host_target"] = host
     return info

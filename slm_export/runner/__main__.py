@@ -13,7 +13,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from .job import SCHEMA, run_job
+SCHEMA = 1  # of the job and result files; job.py says the same
 
 
 def _write(path: Path, data: dict) -> None:  # type: ignore[type-arg]
@@ -32,6 +32,12 @@ def main(argv: list[str]) -> int:
     except (OSError, ValueError) as exc:
         print(f"slm_runner: cannot read the job {job_path}: {exc}", file=sys.stderr)
         return 2
+    try:  # NumPy and the runtime are the far side's to provide: say which is missing, as a result
+        from .job import run_job
+    except ImportError as exc:
+        _write(result_path, {"schema": SCHEMA, "ok": False, "kind": "runtime-missing", "error": str(exc)})
+        print(f"slm_runner: {exc}", file=sys.stderr)
+        return 3
     if job.get("schema") != SCHEMA:
         print(f"slm_runner: job schema {job.get('schema')} is not {SCHEMA}: the runner and the tool differ in "
               "version", file=sys.stderr)

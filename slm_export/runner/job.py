@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-SCHEMA = 1
+SCHEMA = 1  # of the job and result files (__main__.py says the same, before NumPy is imported)
 
 
 def open_runtime(path: Path, threads: int = 0, exact_qdq: bool = False) -> tuple[Any, dict[str, str]]:

@@ -139,5 +139,6 @@ def remote_validation(runner: Runner, artifact: Path, file: str, module: Any, to
     details = {"runner": runner.name, "status": "done", "file": file, "versus": versus, "where": where,
                "environment": res.get("environment", {}), "wall_s": round(wall, 1),
                "load_s": round(res.get("load_s", 0.0), 1), "far_peak_rss_mb": round(res.get("peak_rss_mb", 0.0), 1),
+               "far_wall_s": round(res.get("wall_s", 0.0), 1),
                "windows": [len(windows), s.window_len]}
     return {f"{prefix}_{k}": v for k, v in out.items()}, details

@@ -103,3 +103,28 @@ def run_goals(metrics: dict[str, Any], quantized: bool) -> list[Goal]:
         if name.endswith("_greedy_equals_validated") and not quantized:
             goals.append(Goal(name, "==", True, "a float artifact continues text the same in every runtime"))
     return goals
+
+
+def on_device(model: Any, folder: Path, results: list[Any], validated: str, text: Any, settings: Any,
+              progress: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run the file the device loads (the plan's backend's device file, else the validated one) on the
+    device over SSH, with the host validation's window count, so its figures compare one to one."""
+    from slm_export.validation.ssh import SshDevice, SshRunner
+
+    device = SshDevice(settings.device, settings.identity, settings.known_hosts,
+                       command_timeout=settings.device_timeout)
+    runner = SshRunner(device)
+    primary = results[0]
+    file = primary.device_model if primary.status == "done" and primary.device_model else validated
+    if progress:
+        progress("device", f"{file} on {device.url}")
+    remote = RemoteSettings(windows=settings.windows, window_len=settings.window_len,
+                            greedy_tokens=settings.greedy_tokens, prompt_tokens=settings.prompt_tokens,
+                            decode_tokens=settings.decode_tokens, repeats=settings.repeats, threads=settings.threads)
+    m, d = remote_validation(runner, folder, file, model.torch_module(), model.tokenizer, text, remote, "device",
+                             versus=validated)
+    far_wall = d.pop("far_wall_s", None)
+    d.update(runner.last)
+    if far_wall is not None:
+        d["overhead_s"] = round(d["wall_s"] - far_wall, 1)  # transfer, ssh and start-up beyond the run itself
+    return m, {"backend": primary.backend, "prefix": "device", "versus_label": "host", **d}

@@ -32,6 +32,12 @@ class ValidationSettings:
     repeats: int = 5
     threads: int = 0
     exact_qdq: bool = False  # Q/DQ as float products of the int8 values (the artifact's runtime is not ORT)
+    # A device to validate on too (ssh://user@host:port), how to reach it, and how long a run may take there.
+    device: str | None = None
+    identity: str | None = None
+    known_hosts: str | None = None
+    device_timeout: float = 3600.0
+    goals_file: str | None = None  # TOML goals that replace the defaults (``report.load_goals``)
 
 
 def where_host(model_path: Path | None = None) -> str:
