@@ -11,8 +11,10 @@ exported with torch.export, imported with Relax's PyTorch frontend and compiled 
   scales, dequantized inside the graph), so the libraries hold code only.
 
 There is no tuning: MetaSchedule segfaults in the 0.27 wheel and would need the board itself to
-measure on. The libraries use TVM's default CPU pipeline plus a fixed loop schedule (threads and
-vector lanes, ``exporters/tvm_decoder.py``), which is what the note and the details say.
+measure on. The libraries use hand-written kernels for the linears (int4 dequantized inside the matmul),
+the attention and the gated SiLU (``exporters/tvm_kernels.py``), and TVM's default CPU pipeline plus a
+fixed loop schedule (threads and vector lanes, ``exporters/tvm_schedule.py``) for the rest, which is what
+the note and the details say.
 """
 
 from __future__ import annotations
@@ -132,8 +134,9 @@ class TvmBackend:
                      f"linked with {cc}, needs {', '.join(elf['needed']) or 'no shared library'}")
         what += (f"; {HOST_SO} is the same module for this machine (validation runs it); weights in {PARAMS_FILE} "
                  f"({details['weights']})")
-        note = (f"{what}. Untuned: TVM's default CPU pipeline plus a fixed schedule (parallel outer loops, vector "
-                f"lanes), no MetaSchedule search (it crashes in this wheel and would need the board to measure on)")
+        note = (f"{what}. Untuned: hand-written kernels for the linears, attention and gated SiLU, TVM's default "
+                f"CPU pipeline plus a fixed schedule (parallel outer loops, vector lanes) for the rest, no "
+                f"MetaSchedule search (it crashes in this wheel and would need the board to measure on)")
         return CompileResult(self.name, "done", note, tuple(files), runtime_model=HOST_SO,
                              device_model=AARCH64_SO if cross else HOST_SO, details=details)
 

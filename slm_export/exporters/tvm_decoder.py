@@ -14,9 +14,12 @@ Positions come in as ``position_ids`` (the research found this the robust form f
 shapes) and index precomputed rotary tables, the same tables the ONNX graph gathers from.
 
 Quantized linears (``QuantizedTensor``) stay quantized: int4 codes are stored packed two to a byte
-(``uint8 [out, in / 2]``, even input column in the low nibble), other widths as ``uint8 [out, in]``, with
-float32 per-group scales and (asymmetric) uint8 zero points; the graph unpacks and dequantizes them
-(``(code - zero) * scale``, the arithmetic of ``QuantizedTensor.dequantize``) before each MatMul.
+(``uint8 [out, in / 2]`` in ``tvm_kernels.pack_int4``'s blocks of 16 columns), other widths as
+``uint8 [out, in]``, with float32 per-group scales and (asymmetric) uint8 zero points. Every linear (the
+tied LM head included), the attention and the gated SiLU are custom ops (``tvm_kernels.torch_ops``) that
+the import turns into hand-written TIR kernels: they read the weights as stored (``[out, in]``, no
+transposed or dequantized copy per call) and dequantize (``(code - zero) * scale``, the arithmetic of
+``QuantizedTensor.dequantize``) inside the matmul.
 
 Weights are function parameters of the Relax module, not constants: they go to a separate ``.npz``
 next to the library (the ``.so`` holds only code), in the order the compiled function takes them.

@@ -1,23 +1,27 @@
-"""Hand-written TIR kernels for the TVM decoder's linears, and the glue that puts them into the graph.
+"""Hand-written TIR kernels for the TVM decoder, and the glue that puts them into the graph.
 
 Every Linear of the decoder (float or quantized, the tied LM head included) is one PrimFunc that reads
 the weight as it is stored, ``[out, in]`` (float32, or uint8 codes with float32 scales and uint8 zero
 points per group), and never materialises a transposed or dequantized copy of the whole matrix:
 
-- output rows go in panels of up to 16 across threads; a quantized panel is dequantized once into a
-  stack buffer (``(code - zero) * scale``, ``QuantizedTensor.dequantize``'s arithmetic) that all input
-  rows then read;
-- six input rows at a time (prefill) run a register tile of 6 x 2 dot products, each an 8-lane vector
-  accumulator summed across its lanes at the end; the rows left over (a decode step's single row) run
-  one row against four output rows;
+- prefill: output rows go in panels (up to 16, at most ``PANEL_BYTES`` as float32) across threads; a
+  quantized panel is dequantized once into a stack buffer (``(code - zero) * scale``,
+  ``QuantizedTensor.dequantize``'s arithmetic) that all input rows then read, six at a time, in a
+  register tile of 6 x 2 dot products (8-lane vector accumulators, summed across lanes at the end);
+- the rows left over (a decode step's single row) run in a parallel loop of their own, four output rows
+  at a time, straight from the weight: int4 codes go into the dot products as they are and the zero
+  point comes out of the group sums (``scale * (sum x code - zero * sum x)``), no dequantized copy;
 - int4 codes are packed two to a byte in blocks of 16 input columns (``pack_int4``): byte ``8b + p`` of a
   row holds column ``16b + p`` in its low nibble and ``16b + 8 + p`` in its high one, so one 8-byte load
   gives two 8-lane vectors with a mask and a shift, no shuffles (NEON and AVX2 alike).
 
-The PyTorch decoder calls the custom ops ``slm_export::linear`` / ``slm_export::qlinear`` (``torch_ops``),
-which torch.export keeps as they are; ``convert_map`` turns them into ``call_tir`` of these kernels when
-Relax imports the program. The kernels carry ``op_pattern`` opaque (FuseOps leaves them alone) and
-``slm.kernel`` (``tvm_schedule`` does not reschedule them).
+The attention (grouped-query heads, online softmax) and the gated SiLU are kernels too; their
+exponentials are ``exp_f32``'s arithmetic, which stays in vector lanes (and needs no libm).
+
+The PyTorch decoder calls the custom ops ``slm_export::tvm_linear`` / ``tvm_qlinear`` / ``tvm_attention``
+/ ``tvm_silu_mul`` (``torch_ops``), which torch.export keeps as they are; ``convert_map`` turns them into
+``call_tir`` of these kernels when Relax imports the program. The kernels carry ``op_pattern`` opaque
+(FuseOps leaves them alone) and ``slm.kernel`` (``tvm_schedule`` does not reschedule them).
 """
 
 from __future__ import annotations
@@ -27,9 +31,8 @@ from typing import Any
 
 import numpy as np
 
-LANES = 8  # the vector accumulators' width: one AVX2 register, two NEON ones
 ROW_TILE, COL_TILE, TAIL_TILE = 6, 2, 4  # input rows x output rows of the register tile; output rows of the tail
-PANEL_BYTES = 40 * 1024  # at most this much dequantized panel on each worker's stack
+PANEL_BYTES = 20 * 1024  # a panel of weight rows at most this big (in float32): it stays in L1 with the rows
 
 
 def pack_int4(codes: np.ndarray) -> np.ndarray:
@@ -71,16 +74,19 @@ def linear_kernel(n: int, k: int, quant: str | None = None, group: int = 0, zero
     packed, is_q = quant == "int4", quant is not None
     lanes = 8 if packed else _divisor(k, (8, 4, 2, 1))
     kv = k // lanes
-    panel = _divisor(n, tuple(p for p in (16, 8, 4, 2, 1) if p * k * 4 <= PANEL_BYTES or p == 1)) \
-        if quant else _divisor(n, (16, 8, 4, 2, 1))
-    ji, jt, mi = min(COL_TILE, panel), min(TAIL_TILE, panel), ROW_TILE
-    ngroups = k // group if quant else 1
-    g_lane = quant is not None and group % lanes == 0  # each lane vector within one group
+    panel = _divisor(n, tuple(p for p in (16, 8, 4, 2, 1) if p * k * 4 <= PANEL_BYTES or p == 1))
+    # rows left over (a decode step's one row) read the weight itself in their own parallel loop: float, or
+    # int4 codes with the zero point taken out of the group sums; other codes read the dequantized panel
+    direct = not is_q or (packed and group % 16 == 0)
+    vpanel = _divisor(n, (16, 8, 4, 2, 1)) if direct else panel
+    ji, jt, mi = min(COL_TILE, panel), min(TAIL_TILE, vpanel), ROW_TILE
+    ngroups = k // group if is_q else 1
+    g_lane = is_q and group % lanes == 0  # each lane vector within one group
     per_group = zero is None
     dz = float(zero) if zero is not None else 0.0
-    fused = packed and group % 16 == 0  # rows left over skip the panel: codes straight into the dot products
     wshape = (n, k // 2) if packed else (n, k)
-    wdtype = "uint8" if quant else "float32"
+    wdtype = "uint8" if is_q else "float32"
+    gemm_from = mi if direct else 0  # (the panel loop runs for m >= this)
 
     def zval(zeros: Any, j: Any, g: Any) -> Any:
         return T.Cast("float32", zeros[j, g]) if per_group else T.float32(dz)
@@ -90,14 +96,17 @@ def linear_kernel(n: int, k: int, quant: str | None = None, group: int = 0, zero
         g = col0 // group if g_lane else col // group
         return (T.Cast("float32", c) - zval(zeros, j, g)) * scales[j, g]
 
+    def nibble(w: Any, j: Any, byte: Any, h: Any) -> Any:
+        return (w[j, byte] >> T.uint8(4 * h)) & T.uint8(15)
+
     @T.prim_func(private=True)
     def kernel(a: T.handle, wh: T.handle, sh: T.handle, zh: T.handle, bh: T.handle, o: T.handle) -> None:
         # (the inputs a variant does not read stay untyped handles: the caller passes any tensor there)
         T.func_attr({"tirx.noalias": True})
-        m = T.int64()
-        x = T.match_buffer(a, (m, k), "float32")
+        bsz, seq = T.int64(), T.int64()
+        x3 = T.match_buffer(a, (bsz, seq, k), "float32")
+        out3 = T.match_buffer(o, (bsz, seq, n), "float32")
         w = T.match_buffer(wh, wshape, wdtype)
-        out = T.match_buffer(o, (m, n), "float32")
         if is_q:
             scales = T.match_buffer(sh, (n, ngroups), "float32")
         if is_q and per_group:  # noqa: SIM108 (a TVMScript statement, evaluated while parsing)
@@ -106,114 +115,113 @@ def linear_kernel(n: int, k: int, quant: str | None = None, group: int = 0, zero
             zeros = T.meta_var(None)
         if bias:
             b = T.match_buffer(bh, (n,), "float32")
-        for jp in T.parallel(n // panel):
-            wp = T.alloc_buffer((panel, k), "float32", scope="local")
-            if packed and fused:
-                if m >= mi:
+        m = T.meta_var(bsz * seq)
+        x = T.decl_buffer((m, k), "float32", data=x3.data)  # (rows flattened: batch and sequence alike)
+        out = T.decl_buffer((m, n), "float32", data=out3.data)
+        if m >= gemm_from:
+            for jp in T.parallel(n // panel):
+                wp = T.alloc_buffer((panel, k), "float32", scope="local")
+                if packed:
                     for r, kb in T.grid(panel, k // 16):
                         for h in T.unroll(2):
                             for lane in T.vectorized(8):
                                 wp[r, kb * 16 + h * 8 + lane] = qval(
-                                    scales, zeros, jp * panel + r,
-                                    (w[jp * panel + r, kb * 8 + lane] >> T.uint8(4 * h)) & T.uint8(15),
+                                    scales, zeros, jp * panel + r, nibble(w, jp * panel + r, kb * 8 + lane, h),
                                     kb * 16 + h * 8 + lane, kb * 16 + h * 8)
-            elif packed:
-                for r, kb in T.grid(panel, k // 16):
-                    for h in T.unroll(2):
-                        for lane in T.vectorized(8):
-                            wp[r, kb * 16 + h * 8 + lane] = qval(
-                                scales, zeros, jp * panel + r,
-                                (w[jp * panel + r, kb * 8 + lane] >> T.uint8(4 * h)) & T.uint8(15),
-                                kb * 16 + h * 8 + lane, kb * 16 + h * 8)
-            elif is_q:
-                for r, kb in T.grid(panel, kv):
-                    for lane in T.vectorized(lanes):
-                        wp[r, kb * lanes + lane] = qval(scales, zeros, jp * panel + r,
-                                                        w[jp * panel + r, kb * lanes + lane], kb * lanes + lane,
-                                                        kb * lanes)
-            for mo in range(m // mi):
-                for jo in range(panel // ji):
-                    acc = T.alloc_buffer((mi, ji, lanes), "float32", scope="local")
-                    for r, c in T.grid(mi, ji):
+                elif is_q:
+                    for r, kb in T.grid(panel, kv):
                         for lane in T.vectorized(lanes):
-                            acc[r, c, lane] = T.float32(0)
-                    for kb in range(kv):
+                            wp[r, kb * lanes + lane] = qval(scales, zeros, jp * panel + r,
+                                                            w[jp * panel + r, kb * lanes + lane], kb * lanes + lane,
+                                                            kb * lanes)
+                for mo in range(m // mi):
+                    for jo in range(panel // ji):
+                        acc = T.alloc_buffer((mi, ji, lanes), "float32", scope="local")
+                        for r, c in T.grid(mi, ji):
+                            for lane in T.vectorized(lanes):
+                                acc[r, c, lane] = T.float32(0)
+                        for kb in range(kv):
+                            for r in T.unroll(mi):
+                                for c in T.unroll(ji):
+                                    for lane in T.vectorized(lanes):
+                                        if is_q:
+                                            acc[r, c, lane] = acc[r, c, lane] + x[
+                                                mo * mi + r, kb * lanes + lane] * wp[jo * ji + c, kb * lanes + lane]
+                                        else:
+                                            acc[r, c, lane] = acc[r, c, lane] + x[mo * mi + r, kb * lanes + lane] * w[
+                                                jp * panel + jo * ji + c, kb * lanes + lane]
                         for r in T.unroll(mi):
                             for c in T.unroll(ji):
-                                for lane in T.vectorized(lanes):
-                                    if is_q:
-                                        acc[r, c, lane] = acc[r, c, lane] + x[mo * mi + r, kb * lanes + lane] * wp[
-                                            jo * ji + c, kb * lanes + lane]
-                                    else:
-                                        acc[r, c, lane] = acc[r, c, lane] + x[mo * mi + r, kb * lanes + lane] * w[
-                                            jp * panel + jo * ji + c, kb * lanes + lane]
-                    for r in T.unroll(mi):
-                        for c in T.unroll(ji):
-                            out[mo * mi + r, jp * panel + jo * ji + c] = T.float32(0)
-                            if bias:
-                                out[mo * mi + r, jp * panel + jo * ji + c] = b[jp * panel + jo * ji + c]
-                            for lane in range(lanes):
-                                out[mo * mi + r, jp * panel + jo * ji + c] = out[
-                                    mo * mi + r, jp * panel + jo * ji + c] + acc[r, c, lane]
-            for i in range(m // mi * mi, m):
-                if fused:
-                    # sum_c x (code - zero) scale = scale (sum_c x code - zero sum_c x) per group, in lanes
-                    xs = T.alloc_buffer((ngroups, 8), "float32", scope="local")
-                    part = T.alloc_buffer((jt, 8), "float32", scope="local")
-                    accq = T.alloc_buffer((jt, 8), "float32", scope="local")
-                    for g in range(ngroups):
-                        for lane in T.vectorized(8):
-                            xs[g, lane] = T.float32(0)
-                        for kb in range(group // 8):
-                            for lane in T.vectorized(8):
-                                xs[g, lane] = xs[g, lane] + x[i, g * group + kb * 8 + lane]
-                    for jo in range(panel // jt):
-                        for c in T.unroll(jt):
-                            for lane in T.vectorized(8):
-                                accq[c, lane] = T.float32(0)
-                        for g in range(ngroups):
+                                out[mo * mi + r, jp * panel + jo * ji + c] = T.float32(0)
+                                if bias:
+                                    out[mo * mi + r, jp * panel + jo * ji + c] = b[jp * panel + jo * ji + c]
+                                for lane in range(lanes):
+                                    out[mo * mi + r, jp * panel + jo * ji + c] = out[
+                                        mo * mi + r, jp * panel + jo * ji + c] + acc[r, c, lane]
+                if not direct:  # the rows left over, from the dequantized panel
+                    for i in range(m // mi * mi, m):
+                        for jo in range(panel // jt):
+                            acc1 = T.alloc_buffer((jt, lanes), "float32", scope="local")
                             for c in T.unroll(jt):
-                                for lane in T.vectorized(8):
-                                    part[c, lane] = T.float32(0)
-                            for kb in range(group // 16):
+                                for lane in T.vectorized(lanes):
+                                    acc1[c, lane] = T.float32(0)
+                            for kb in range(kv):
                                 for c in T.unroll(jt):
-                                    for h in T.unroll(2):
-                                        for lane in T.vectorized(8):
-                                            part[c, lane] = part[c, lane] + x[
-                                                i, g * group + kb * 16 + h * 8 + lane] * T.Cast("float32", (w[
-                                                    jp * panel + jo * jt + c, g * (group // 2) + kb * 8 + lane]
-                                                    >> T.uint8(4 * h)) & T.uint8(15))
-                            for c in T.unroll(jt):
-                                for lane in T.vectorized(8):
-                                    accq[c, lane] = accq[c, lane] + scales[jp * panel + jo * jt + c, g] * (
-                                        part[c, lane] - zval(zeros, jp * panel + jo * jt + c, g) * xs[g, lane])
-                        for c in T.unroll(jt):
-                            out[i, jp * panel + jo * jt + c] = T.float32(0)
-                            if bias:
-                                out[i, jp * panel + jo * jt + c] = b[jp * panel + jo * jt + c]
-                            for lane in range(8):
-                                out[i, jp * panel + jo * jt + c] = out[i, jp * panel + jo * jt + c] + accq[c, lane]
-                else:
-                    for jo in range(panel // jt):
-                        acc1 = T.alloc_buffer((jt, lanes), "float32", scope="local")
-                        for c in T.unroll(jt):
-                            for lane in T.vectorized(lanes):
-                                acc1[c, lane] = T.float32(0)
-                        for kb in range(kv):
-                            for c in T.unroll(jt):
-                                for lane in T.vectorized(lanes):
-                                    if is_q:
+                                    for lane in T.vectorized(lanes):
                                         acc1[c, lane] = acc1[c, lane] + x[i, kb * lanes + lane] * wp[
                                             jo * jt + c, kb * lanes + lane]
-                                    else:
-                                        acc1[c, lane] = acc1[c, lane] + x[i, kb * lanes + lane] * w[
-                                            jp * panel + jo * jt + c, kb * lanes + lane]
+                            for c in T.unroll(jt):
+                                out[i, jp * panel + jo * jt + c] = T.float32(0)
+                                if bias:
+                                    out[i, jp * panel + jo * jt + c] = b[jp * panel + jo * jt + c]
+                                for lane in range(lanes):
+                                    out[i, jp * panel + jo * jt + c] = out[i, jp * panel + jo * jt + c] + acc1[c, lane]
+        if direct and m % mi > 0:
+            for jp in T.parallel(n // vpanel):
+                for i in range(m // mi * mi, m):
+                    xs = T.alloc_buffer((ngroups, 8), "float32", scope="local")
+                    part = T.alloc_buffer((jt, lanes), "float32", scope="local")
+                    acc2 = T.alloc_buffer((jt, lanes), "float32", scope="local")
+                    if is_q:  # sum_c x (code - zero) scale = scale (sum_c x code - zero sum_c x), per group
+                        for g in range(ngroups):
+                            for lane in T.vectorized(8):
+                                xs[g, lane] = T.float32(0)
+                            for kb in range(group // 8):
+                                for lane in T.vectorized(8):
+                                    xs[g, lane] = xs[g, lane] + x[i, g * group + kb * 8 + lane]
+                    for jo in range(vpanel // jt):
                         for c in T.unroll(jt):
-                            out[i, jp * panel + jo * jt + c] = T.float32(0)
+                            for lane in T.vectorized(lanes):
+                                acc2[c, lane] = T.float32(0)
+                        if is_q:
+                            for g in range(ngroups):
+                                for c in T.unroll(jt):
+                                    for lane in T.vectorized(8):
+                                        part[c, lane] = T.float32(0)
+                                for kb in range(group // 16):
+                                    for c in T.unroll(jt):
+                                        for h in T.unroll(2):
+                                            for lane in T.vectorized(8):
+                                                part[c, lane] = part[c, lane] + x[
+                                                    i, g * group + kb * 16 + h * 8 + lane] * T.Cast("float32", nibble(
+                                                        w, jp * vpanel + jo * jt + c, g * (group // 2) + kb * 8 + lane,
+                                                        h))
+                                for c in T.unroll(jt):
+                                    for lane in T.vectorized(8):
+                                        acc2[c, lane] = acc2[c, lane] + scales[jp * vpanel + jo * jt + c, g] * (
+                                            part[c, lane] - zval(zeros, jp * vpanel + jo * jt + c, g) * xs[g, lane])
+                        else:
+                            for kb in range(kv):
+                                for c in T.unroll(jt):
+                                    for lane in T.vectorized(lanes):
+                                        acc2[c, lane] = acc2[c, lane] + x[i, kb * lanes + lane] * w[
+                                            jp * vpanel + jo * jt + c, kb * lanes + lane]
+                        for c in T.unroll(jt):
+                            out[i, jp * vpanel + jo * jt + c] = T.float32(0)
                             if bias:
-                                out[i, jp * panel + jo * jt + c] = b[jp * panel + jo * jt + c]
+                                out[i, jp * vpanel + jo * jt + c] = b[jp * vpanel + jo * jt + c]
                             for lane in range(lanes):
-                                out[i, jp * panel + jo * jt + c] = out[i, jp * panel + jo * jt + c] + acc1[c, lane]
+                                out[i, jp * vpanel + jo * jt + c] = out[i, jp * vpanel + jo * jt + c] + acc2[c, lane]
 
     return kernel.with_attr("op_pattern", 8).with_attr("slm.kernel", True)
 
@@ -318,10 +326,14 @@ def silu_mul_kernel(inter: int) -> Any:
         # (h comes in twice, for the gates and for the ups: Relax's RewriteDataflowReshape takes a call_tir of
         # one input buffer for a possible reshape, and then fails on a function without sblocks)
         T.func_attr({"tirx.noalias": True})
-        m = T.int64()
-        g = T.match_buffer(gh, (m, 2 * inter), "float32")
-        u = T.match_buffer(uh, (m, 2 * inter), "float32")
-        out = T.match_buffer(oh, (m, inter), "float32")
+        bsz, seq = T.int64(), T.int64()
+        g3 = T.match_buffer(gh, (bsz, seq, 2 * inter), "float32")
+        u3 = T.match_buffer(uh, (bsz, seq, 2 * inter), "float32")
+        out3 = T.match_buffer(oh, (bsz, seq, inter), "float32")
+        m = T.meta_var(bsz * seq)
+        g = T.decl_buffer((m, 2 * inter), "float32", data=g3.data)
+        u = T.decl_buffer((m, 2 * inter), "float32", data=u3.data)
+        out = T.decl_buffer((m, inter), "float32", data=out3.data)
         for blk in T.parallel(m * nb):
             for c in T.vectorized(chunk):
                 out[blk // nb, blk % nb * chunk + c] = g[blk // nb, blk % nb * chunk + c] / (
@@ -396,21 +408,32 @@ def convert_map() -> dict[str, Any]:
     ``linear_kernel`` (one PrimFunc per distinct shape and variant, shared by the layers)."""
     funcs: dict[tuple[Any, ...], Any] = {}
 
-    def emit(importer: Any, x: Any, weight: Any, extra: list[Any], key: tuple[Any, ...]) -> Any:
+    def rows3(bb: Any, x: Any) -> tuple[Any, list[Any]]:
+        """``x`` as ``[batch, seq, features]`` (the kernels' input; a reshape only for another rank)."""
         from tvm import relax
 
-        bb = importer.block_builder
-        n = int(weight.ty.shape.values[0])
         shape = list(x.ty.shape.values)
+        if len(shape) == 3:
+            return x, shape
         rows = shape[0]
         for d in shape[1:-1]:
             rows = rows * d
+        return bb.emit(relax.op.reshape(x, [1, rows, shape[-1]])), shape
+
+    def call(bb: Any, func: Any, x: Any, args: list[Any], width: int) -> Any:
+        from tvm import relax
+
+        x3, shape = rows3(bb, x)
+        lead = list(x3.ty.shape.values)[:-1]
+        out = bb.emit(relax.call_tir(func, [x3, *args], relax.TensorType([*lead, width], "float32")))
+        return out if len(shape) == 3 else bb.emit(relax.op.reshape(out, [*shape[:-1], width]))
+
+    def emit(importer: Any, x: Any, weight: Any, extra: list[Any], key: tuple[Any, ...]) -> Any:
+        bb = importer.block_builder
+        n = int(weight.ty.shape.values[0])
         if key not in funcs:
             funcs[key] = bb.add_func(linear_kernel(n, *key[1:]), f"slm_linear_{len(funcs)}")
-        flat = bb.emit(relax.op.reshape(x, [rows, shape[-1]]))
-        args = [flat, weight, *(weight if a is None else a for a in extra)]
-        out = bb.emit(relax.call_tir(funcs[key], args, relax.TensorType([rows, n], "float32")))
-        return bb.emit(relax.op.reshape(out, [*shape[:-1], n]))
+        return call(bb, funcs[key], x, [weight, *(weight if a is None else a for a in extra)], n)
 
     def linear(node: Any, importer: Any) -> Any:
         x, weight, bias = importer.retrieve_args(node)
@@ -437,21 +460,14 @@ def convert_map() -> dict[str, Any]:
         return importer.block_builder.emit(relax.call_tir(funcs[key], [q, k, v, mask], out))
 
     def silu_mul(node: Any, importer: Any) -> Any:
-        from tvm import relax
-
         (h,) = importer.retrieve_args(node)
         bb = importer.block_builder
-        shape = list(h.ty.shape.values)
-        rows = shape[0]
-        for dim in shape[1:-1]:
-            rows = rows * dim
-        inter = int(shape[-1]) // 2
+        inter = int(h.ty.shape.values[-1]) // 2
         key = ("silu", inter)
         if key not in funcs:
             funcs[key] = bb.add_func(silu_mul_kernel(inter), f"slm_silu_mul_{len(funcs)}")
-        flat = bb.emit(relax.op.reshape(h, [rows, 2 * inter]))
-        out = bb.emit(relax.call_tir(funcs[key], [flat, flat], relax.TensorType([rows, inter], "float32")))
-        return bb.emit(relax.op.reshape(out, [*shape[:-1], inter]))
+        h3, _ = rows3(bb, h)
+        return call(bb, funcs[key], h, [h3], inter)
 
     return {"tvm_linear.default": linear, "tvm_qlinear.default": qlinear, "tvm_attention.default": attention,
             "tvm_silu_mul.default": silu_mul}

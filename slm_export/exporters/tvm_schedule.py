@@ -2,7 +2,9 @@
 
 MetaSchedule (TVM's tuner) segfaults in the 0.27 wheel and would need the board to measure on, so the
 libraries get a hand-written schedule instead: the Linear matmul split into vector-lane column blocks
-across threads with a small register tile, every other loop nest's outer loops run in parallel.
+across threads with a small register tile, every other loop nest's outer loops run in parallel. (The
+decoder's linears, attention and gated SiLU are ``tvm_kernels``' own PrimFuncs, marked ``slm.kernel``:
+this schedule leaves them as they are and covers what is left, norms, rotary, cache concatenation.)
 """
 
 from __future__ import annotations

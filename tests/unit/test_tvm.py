@@ -210,3 +210,54 @@ def test_what_the_build_does_not_take_is_not_run(tiny_models: dict[str, Path], t
     result = backend.compile(CompileJob(int8, profile, tmp_path / "model.onnx", model=model, weights=w8a8))
     assert result.status == "not run"
     assert "W8A8" in result.note
+
+
+def test_kernels_match_numpy_for_every_weight_kind_and_row_count() -> None:
+    """The hand-written TIR kernels (tvm_kernels) alone: float, packed int4 (zero points per group or one
+    constant) and one-code-per-byte linears, with and without bias, for row counts that hit the register
+    tile, its leftover rows and both; the attention with grouped heads, a cache and a left-padded row."""
+    import tvm
+
+    from slm_export.exporters.tvm_decoder import host_target
+    from slm_export.exporters.tvm_kernels import attention_kernel, linear_kernel, torch_ops, unpack_int4
+
+    target = tvm.target.Target(host_target())
+    rng = np.random.default_rng(0)
+
+    def run(func: Any, args: list[np.ndarray], out_shape: tuple[int, ...]) -> np.ndarray:
+        ex = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+        out = tvm.runtime.tensor(np.zeros(out_shape, np.float32))
+        ex.mod["main"](*(tvm.runtime.tensor(a) for a in args), out)
+        return out.numpy()
+
+    codes = rng.integers(0, 16, (32, 64)).astype(np.uint8)
+    assert (unpack_int4(pack_int4(codes)) == codes).all()
+    for n, k, quant, group, zero, bias in [(30, 20, None, 0, None, True), (32, 64, "int4", 32, None, False),
+                                           (32, 64, "int4", 16, 8.0, True), (24, 40, "byte", 20, None, False)]:
+        codes = rng.integers(0, 16 if quant == "int4" else 256, (n, k)).astype(np.uint8)
+        scales = rng.random((n, max(k // max(group, 1), 1))).astype(np.float32)
+        zeros = rng.integers(0, 16, scales.shape).astype(np.uint8)
+        b = rng.standard_normal(n).astype(np.float32)
+        if quant:
+            z = np.repeat(zeros, group, 1) if zero is None else zero
+            w = (codes.astype(np.float32) - z) * np.repeat(scales, group, 1)
+            stored = pack_int4(codes) if quant == "int4" else codes
+            args = [stored, scales, zeros if zero is None else scales]
+        else:
+            w = rng.standard_normal((n, k)).astype(np.float32)
+            args = [w, w, w]
+        func = linear_kernel(n, k, quant, group, zero, bias)
+        for batch, seq in [(1, 1), (2, 3), (1, 6), (1, 13)]:
+            x = rng.standard_normal((batch, seq, k)).astype(np.float32)
+            got = run(func, [x, *args, b if bias else w], (batch, seq, n))
+            np.testing.assert_allclose(got, x @ w.T + (b if bias else 0), atol=1e-4, rtol=1e-5)
+    heads, kv, d, s, t = 4, 2, 16, 5, 40
+    q, k_all, v_all = (rng.standard_normal(shape).astype(np.float32) for shape in
+                       [(2, heads, s, d), (2, kv, t, d), (2, kv, t, d)])
+    keep = np.ones((2, t), bool)
+    keep[1, :3] = False
+    causal = np.arange(t)[None, :] <= (np.arange(s) + t - s)[:, None]
+    mask = (np.where(causal, 0, -1e9)[None, None] + np.where(keep, 0, -1e9)[:, None, None, :]).astype(np.float32)
+    got = run(attention_kernel(heads, kv, d), [q, k_all, v_all, mask], (2, s, heads * d))
+    ref = torch_ops().tvm_attention(*(torch.from_numpy(a) for a in (q, k_all, v_all, mask))).numpy()
+    np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
