@@ -8,14 +8,21 @@ PY=${PYTHON:-python3}
 stamp=.venv/.slm-export-setup
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 # Debian packages: the aarch64 cross linker (TVM's rpi4b library), QEMU user mode and mmdebstrap (the ARM
-# emulator that validation runs the aarch64 artifacts in).
+# emulator that validation runs the aarch64 artifacts in), and OpenSSH's server (the tests' loopback device).
 need=()
-for c in aarch64-linux-gnu-gcc:gcc-aarch64-linux-gnu qemu-aarch64-static:qemu-user-static mmdebstrap:mmdebstrap; do
+for c in aarch64-linux-gnu-gcc:gcc-aarch64-linux-gnu qemu-aarch64-static:qemu-user-static mmdebstrap:mmdebstrap \
+         /usr/sbin/sshd:openssh-server; do
   command -v "${c%%:*}" >/dev/null || need+=("${c##*:}")
 done
 if ((${#need[@]})); then
   if [ "$(id -u)" = 0 ]; then
+    # policy-rc.d: install sshd without starting a system-wide server (the tests start their own on loopback)
+    own_policy=0
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+      printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && own_policy=1
+    fi
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+    if [ "$own_policy" = 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
   else
     echo "setup: missing Debian packages (sudo apt-get install ${need[*]}); the TVM and emulator parts need them" >&2
   fi

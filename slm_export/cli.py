@@ -237,7 +237,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from slm_export.pipeline import revalidate
+    from slm_export.revalidate import revalidate
 
     settings = _settings(args)
     progress, close = _progress()

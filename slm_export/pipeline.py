@@ -6,7 +6,6 @@ written into a temporary folder beside the destination and renamed into place on
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil
@@ -170,7 +169,7 @@ def _check_writable(out: Path) -> None:
         raise ConfigError(f"cannot write the output folder {out}: {probe} is not writable ({exc.strerror})") from None
 
 
-class _Stages:
+class Stages:
     def __init__(self, progress: Progress | None) -> None:
         self.records: list[dict[str, Any]] = []
         self.progress = progress
@@ -208,7 +207,7 @@ def run(plan: Plan, profile: TargetProfile, progress: Progress | None = None,
     settings = settings or ValidationSettings()
     out = Path(plan.out)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    stages = _Stages(progress)
+    stages = Stages(progress)
     try:
         tmp.mkdir(parents=True, exist_ok=False)
         model = stages.run("load", lambda: load_model(plan.model), lambda m: m.weight_bytes)
@@ -234,13 +233,13 @@ def run(plan: Plan, profile: TargetProfile, progress: Progress | None = None,
         metrics: dict[str, Any] = {}
         runs: dict[str, list[dict[str, Any]]] = {}
         if plan.validate:
-            metrics = stages.run("validate", lambda: _validate(model, tmp / runtime_file, plan, settings, progress))
+            metrics = stages.run("validate", lambda: validate_file(model, tmp / runtime_file, plan, settings, progress))
             if model.kind == "decoder":
-                metrics.update(_further_runs(model, tmp, results, runtime_file, plan, profile, settings, stages,
+                metrics.update(further_runs(model, tmp, results, runtime_file, plan, profile, settings, stages,
                                              runs, progress))
         else:
             stages.skip("validate", "--no-validate")
-        report = _report(plan, profile, model, exported, compiled, metrics, stages.records, settings.goals_file)
+        report = build_report(plan, profile, model, exported, compiled, metrics, stages.records, settings.goals_file)
         report["backends"] = [asdict(r) for r in results]
         report["validated_file"] = runtime_file if plan.validate else None
         report["compression"] = _compression_section(compressed)
@@ -260,11 +259,11 @@ def run(plan: Plan, profile: TargetProfile, progress: Progress | None = None,
         raise
     result = RunResult(report, out)
     if report["verdict"] == "FAIL":
-        raise ValidationFailed(_failed_message(report), report)
+        raise ValidationFailed(failed_message(report), report)
     return result
 
 
-def _validate(model: Any, path: Path, plan: Plan, settings: ValidationSettings, progress: Progress | None) -> Any:
+def validate_file(model: Any, path: Path, plan: Plan, settings: ValidationSettings, progress: Progress | None) -> Any:
     from slm_export.validation.text import load_text
     from slm_export.validation.validate import validate_decoder, validate_encoder
 
@@ -280,8 +279,8 @@ def _validate(model: Any, path: Path, plan: Plan, settings: ValidationSettings, 
     return metrics
 
 
-def _further_runs(model: Any, folder: Path, results: list[Any], validated: str, plan: Plan, profile: TargetProfile,
-                  settings: ValidationSettings, stages: _Stages, runs: dict[str, Any],
+def further_runs(model: Any, folder: Path, results: list[Any], validated: str, plan: Plan, profile: TargetProfile,
+                  settings: ValidationSettings, stages: Stages, runs: dict[str, Any],
                   progress: Progress | None) -> dict[str, Any]:
     """The cross-checks of the other backends' files on the host, then the emulated runs of the target's own
     files (each a stage of its own); their metrics, with their details put in ``runs``."""
@@ -350,7 +349,7 @@ def _replace(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _failed_message(report: dict[str, Any]) -> str:
+def failed_message(report: dict[str, Any]) -> str:
     failed = [g for g in report["goals"] if g["status"] == "FAIL"]
     parts = [f"{g['metric']} = {g.get('value')} (goal {g['op']} {g['threshold']})" for g in failed]
     return "goals missed: " + "; ".join(parts)
@@ -368,7 +367,7 @@ def versions() -> dict[str, str]:
     return out
 
 
-def _report(plan: Plan, profile: TargetProfile, model: Any, exported: Any, compiled: Any,
+def build_report(plan: Plan, profile: TargetProfile, model: Any, exported: Any, compiled: Any,
             metrics: dict[str, Any], stages: list[dict[str, Any]], goals_file: str | None = None) -> dict[str, Any]:
     from slm_export.validation.runs import run_goals
 
@@ -417,82 +416,4 @@ def _report(plan: Plan, profile: TargetProfile, model: Any, exported: Any, compi
     }
 
 
-def load_manifest(artifact: Path) -> dict[str, Any]:
-    """Read an artifact's manifest, for ``validate``."""
-    from slm_export.exporters.onnx import MANIFEST_FILE
-
-    path = artifact / MANIFEST_FILE
-    if not path.is_file():
-        raise ConfigError(f"{artifact} is not an slm-export artifact (no {MANIFEST_FILE})")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path} is corrupt: {exc}") from None
-
-
 __all__ = ["RunResult", "SlmExportError", "make_plan", "run"]
-
-
-def revalidate(artifact: str | Path, eval_data: str | None = None, progress: Progress | None = None,
-               settings: ValidationSettings | None = None, emulate: str | None = None) -> RunResult:
-    """Re-run validation of an existing artifact (and its cross-checks, emulated and device runs) and rewrite
-    its reports (atomically, file by file). ``emulate`` overrides the artifact's plan ("on", "off")."""
-    from dataclasses import fields
-
-    from slm_export.backends import CompileResult
-    from slm_export.exporters.onnx import MODEL_FILE, ExportResult
-    from slm_export.models import load_model
-    from slm_export.targets import get_target
-
-    artifact = Path(artifact)
-    manifest = load_manifest(artifact)
-    old = json.loads((artifact / "report.json").read_text()) if (artifact / "report.json").is_file() else {}
-    old_plan = old.get("plan", {})
-    origin = old.get("target", {}).get("origin", "built-in")
-    profile: TargetProfile = get_target(old_plan.get("target", "host")) if origin == "built-in" \
-        else get_target(target_file=origin)
-    plan = Plan(**{**old_plan, "notes": tuple(old_plan.get("notes", ())), "eval_data": eval_data,
-                   "validate": True}) if old_plan else make_plan(profile, manifest["source_model"], artifact,
-                                                                 manifest["precision"], eval_data)
-    stages = _Stages(progress)
-    model = stages.run("load", lambda: load_model(manifest["source_model"]), lambda m: m.weight_bytes)
-    if model.fingerprint != manifest["fingerprint"]:
-        raise ConfigError(f"the model at {manifest['source_model']} changed since {artifact} was exported "
-                          "(fingerprint differs); export again")
-    if emulate:
-        plan = replace(plan, emulate=emulate)
-    settings = settings or ValidationSettings()
-    path = artifact / (old.get("validated_file") or MODEL_FILE)
-    metrics = stages.run("validate", lambda: _validate(model, path, plan, settings, progress))
-    known = {f.name for f in fields(CompileResult)}
-    results = [CompileResult(**{k: (tuple(v) if k == "files" else v) for k, v in b.items() if k in known})
-               for b in old.get("backends", [])]
-    runs: dict[str, list[dict[str, Any]]] = {}
-    if model.kind == "decoder" and results:
-        metrics.update(_further_runs(model, artifact, results, path.name, plan, profile, settings, stages, runs,
-                                     progress))
-    exported = ExportResult(path, tuple(manifest["files"]), old.get("artifact", {}).get("bytes", 0),
-                            old.get("roofline", {}).get("weight_bytes_read_per_token", 0), 0,
-                            manifest["graph_ops"], manifest["opset"])
-    compiled = results[0] if results else CompileResult(plan.backend, "not run", "")
-    report = _report(plan, profile, model, exported, compiled, metrics, old.get("stages", []) + stages.records,
-                     settings.goals_file)
-    report["roofline"] = old.get("roofline", report["roofline"])
-    report["backends"] = old.get("backends", [report["compile"]])
-    report["validated_file"] = path.name
-    report["compression"] = old.get("compression")
-    report["crosschecks"] = runs.get("crosscheck", [])
-    report["emulation"] = runs.get("emulate", [])
-    report["device"] = runs.get("device", [])
-    tmp = artifact / f".report.partial-{os.getpid()}"
-    tmp.mkdir()
-    try:
-        write_report(report, tmp)
-        for name in ("report.json", "report.md"):
-            (tmp / name).replace(artifact / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    result = RunResult(report, artifact)
-    if report["verdict"] == "FAIL":
-        raise ValidationFailed(_failed_message(report), report)
-    return result
