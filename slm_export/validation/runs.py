@@ -16,7 +16,12 @@ from slm_export.errors import DeviceError
 from slm_export.report import Goal
 from slm_export.validation.remote import HostRunner, RemoteSettings, remote_validation
 
-# A TVM library under QEMU runs untuned loops on an emulated core: a few tokens are what fits.
+# Under QEMU each token costs about a hundred times the host's; emulated speed is not device speed, so
+# the timing is one short run and the tokens go to accuracy. smollm2-135m int4 on rpi4b, 2 threads: the
+# earlier 2 x 256 windows, 16 greedy, 2 x (64 + 16) timed tokens took 25 min for both files.
+EMULATED_ORT = RemoteSettings(windows=1, window_len=256, greedy_tokens=8, prompt_tokens=32, decode_tokens=4,
+                              repeats=1)
+# A TVM library under QEMU runs its loops on an emulated core: a few tokens are what fits.
 EMULATED_TVM = RemoteSettings(windows=1, window_len=128, greedy_tokens=8, prompt_tokens=32, decode_tokens=4,
                               repeats=1)
 
@@ -81,7 +86,7 @@ def emulate(model: Any, folder: Path, results: list[Any], profile: Any, text: An
             continue
         if progress:
             progress("emulate", f"{file} on qemu-aarch64 -cpu {runner.cpu}")
-        settings = EMULATED_TVM if r.backend == "tvm" else RemoteSettings()
+        settings = EMULATED_TVM if r.backend == "tvm" else EMULATED_ORT
         m, d = remote_validation(runner, folder, file, model.torch_module(), model.tokenizer, text,
                                  RemoteSettings(**{**settings.__dict__, "threads": threads}), f"emulated_{r.backend}",
                                  versus=r.runtime_model or file)
@@ -90,13 +95,19 @@ def emulate(model: Any, folder: Path, results: list[Any], profile: Any, text: An
     return metrics, details
 
 
-def run_goals(metrics: dict[str, Any], quantized: bool) -> list[Goal]:
-    """Goals on the cross-check and emulated runs present in ``metrics``."""
+def run_goals(metrics: dict[str, Any], quantized: bool, act_quant: bool = False) -> list[Goal]:
+    """Goals on the cross-check and emulated runs present in ``metrics``. ``act_quant``: the runtime
+    quantizes activations itself (W8A8, or MatMulNBits at accuracy level 4 on a CPU with dot products),
+    each ISA's kernels in its own way (blocks, rounding), so next tokens agree less closely."""
     goals = []
     for name in metrics:
         if name.startswith("emulated_") and name.endswith("_agreement_with_host"):
-            goals.append(Goal(name, ">=", 0.99, "the target's own aarch64 runtime (emulated) must choose the same "
-                              "next tokens as the host run of the same file"))
+            if act_quant:
+                goals.append(Goal(name, ">=", 0.97, "the target's aarch64 kernels (emulated) quantize activations "
+                                  "their own way: they must mostly choose the host's next tokens"))
+            else:
+                goals.append(Goal(name, ">=", 0.99, "the target's own aarch64 runtime (emulated) must choose the "
+                                  "same next tokens as the host run of the same file"))
         if name.endswith("_perplexity_change_vs_host_pp") or name.endswith("_perplexity_change_vs_validated_pp"):
             goals.append(Goal(name, "<=", 0.5, "every runtime of the artifact must reach the same perplexity change "
                               "as the validated file, within half a percentage point"))

@@ -204,3 +204,21 @@ def test_half_precision_ort_keeps_half_weights(tiny_models: dict[str, Path], tmp
     portable = OnnxDecoder(make_session(exported.model_path, 1)).logits(IDS)
     ort_logits = OnnxDecoder(make_session(folder / "model.ort", 1, optimize=False)).logits(IDS)
     np.testing.assert_allclose(ort_logits, portable, atol=1e-4, rtol=1e-4)
+
+
+def test_accuracy_level_follows_the_target_cpu(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    # ORT quantizes MatMulNBits' activations to int8 only where the CPU has dot products (x86 here, the phone);
+    # the Pi's Cortex-A72 multiplies in float32 at any level, so its artifact says 1 and the host computes alike.
+    tiny = str(tiny_models["llama"])
+    assert make_plan(get_target("rpi4b"), tiny, tmp_path / "a", "int4").accuracy_level == 1
+    assert make_plan(get_target("android"), tiny, tmp_path / "b", "int4").accuracy_level == 4
+    assert make_plan(get_target("host"), tiny, tmp_path / "c", "int4").accuracy_level == 4
+    assert make_plan(get_target("rpi4b"), tiny, tmp_path / "d", "int4", accuracy_level=4).accuracy_level == 4
+
+
+def test_emulated_agreement_goal_depends_on_who_quantizes_activations() -> None:
+    from slm_export.validation.runs import run_goals
+
+    metrics = {"emulated_onnxruntime_agreement_with_host": {"value": 0.98}}
+    assert run_goals(metrics, quantized=True)[0].threshold == 0.99
+    assert run_goals(metrics, quantized=True, act_quant=True)[0].threshold == 0.97
