@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from slm_export.calibration.quant import QuantizedTensor, check_group, group_params
+from slm_export.calibration.quant import QuantizedTensor, check_group, group_params, search_group_clip
 from slm_export.errors import ConfigError
 
 
@@ -27,6 +27,7 @@ class GPTQConfig:
     damp: float = 0.01
     act_order: bool = True
     block: int = 128
+    mse: bool = True  # group ranges by the least |w - q(w)|^2.4 over shrink factors, not plain min-max
 
     def __post_init__(self) -> None:
         if self.bits not in (3, 4, 8):
@@ -79,7 +80,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian,
     W[:, prep.dead] = 0
     # Group scales from the original weights, contiguous in the original order.
     if scale is None:
-        scale, zero = group_params(W.reshape(-1, group), cfg.bits, cfg.symmetric)
+        groups = W.reshape(-1, group)
+        scale, zero = (search_group_clip(groups, cfg.bits, cfg.symmetric) if cfg.mse and cfg.bits < 8
+                       else group_params(groups, cfg.bits, cfg.symmetric))
     else:
         if not cfg.symmetric:
             raise ValueError("a fixed GPTQ grid is symmetric")

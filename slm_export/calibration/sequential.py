@@ -101,12 +101,14 @@ def capture_first_layer_inputs(module: nn.Module, batches: list[torch.Tensor]) -
 
 
 def run_layer(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict]]) -> list[tuple[torch.Tensor, dict]]:
-    outs = []
+    """The layer's outputs, written over ``inputs`` batch by batch: one set of hidden states stays resident
+    (128 x 512 tokens of smollm2 are 151 MB), not the inputs and outputs side by side."""
     with torch.no_grad():
-        for hidden, kwargs in inputs:
+        for i, (hidden, kwargs) in enumerate(inputs):
             out = layer(hidden, **kwargs)
-            outs.append((out[0] if isinstance(out, tuple) else out, kwargs))
-    return outs
+            inputs[i] = (out[0] if isinstance(out, tuple) else out, kwargs)
+            del hidden, out
+    return inputs
 
 
 def _shared_input_pass(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict]], new: Callable[[], Any],

@@ -49,6 +49,21 @@ def test_symmetric_int4_uses_all_sixteen_levels() -> None:
     np.testing.assert_array_less(np.abs(q.dequantize() - w.numpy()), np.repeat(q.scales, 32, 1) * 0.5 + 1e-6)
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_mse_group_range_never_worse_than_min_max(symmetric: bool) -> None:
+    from slm_export.calibration.quant import group_params, quantize_codes, search_group_clip
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(256, 32, generator=g)
+
+    def err(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        return ((quantize_codes(w, scale, zero, 4) - zero) * scale - w).abs().pow(2.4).sum(1)
+
+    mse, plain = err(*search_group_clip(w, 4, symmetric)), err(*group_params(w, 4, symmetric))
+    assert bool((mse <= plain + 1e-6).all())
+    assert float(mse.sum()) < 0.95 * float(plain.sum())  # a Gaussian group's tails are worth clipping
+
+
 def test_matmulnbits_packing_shape() -> None:
     q = quantize_rtn(torch.randn(48, 96), 4, 32, False)
     packed = pack_codes(q)
