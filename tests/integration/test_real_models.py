@@ -29,7 +29,10 @@ def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]
 @pytest.fixture(scope="module")
 def rpi4_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("real") / "rpi4"
-    assert main(["--target", "rpi4", "--model", "smollm2-135m", "--out", str(out), "--threads", "2"]) == 0
+    # The profile's defaults but half the calibration samples (64 -> 32): the suite's time, not the figure
+    # (scripts/bench_compress.py measures the default).
+    assert main(["--target", "rpi4", "--model", "smollm2-135m", "--out", str(out), "--threads", "2",
+                 "--calib-samples", "32"]) == 0
     return out
 
 
@@ -42,7 +45,7 @@ def test_rpi4_default_export(rpi4_artifact: Path) -> None:
     assert (report["plan"]["precision"], report["plan"]["method"]) == ("int4", "awq-gptq")
     assert report["metrics"]["perplexity_change_pct"]["value"] <= 10.0
     comp = report["compression"]
-    assert comp["calibration"]["samples"] == 64
+    assert comp["calibration"]["samples"] == 32
     assert comp["calibration"]["source"] == "builtin:pydoc-topics/calibration"
     assert len(comp["layers"]) == 30 * 7
     assert all("output_sqnr_db" in e for e in comp["layers"])
@@ -51,7 +54,21 @@ def test_rpi4_default_export(rpi4_artifact: Path) -> None:
     assert sum(n.op_type == "MatMulNBits" for n in graph.graph.node) == 30 * 4
     assert report["metrics"]["decode_tokens_per_s_p50"]["where"].startswith("measured on host")
     assert report["roofline"]["rpi4b_decode_tokens_per_s_bound"] > 0
-    assert [s["name"] for s in report["stages"]] == ["load", "compress", "export", "compile", "validate"]
+    assert [s["name"] for s in report["stages"]] == ["load", "compress", "export", "compile", "validate",
+                                                     "crosscheck", "emulate"]
+    # The TVM library (rpi4b's second backend) is cross-checked on the host against model.ort, then both
+    # aarch64 files run under QEMU with the target's CPU model, each compared with its host run.
+    m = report["metrics"]
+    assert (rpi4_artifact / "tvm_aarch64.so").is_file()
+    assert (rpi4_artifact / "tvm_host.so").is_file()
+    assert abs(m["tvm_perplexity_change_vs_validated_pp"]["value"]) <= 0.5
+    for prefix in ("emulated_onnxruntime", "emulated_tvm"):
+        assert "qemu-aarch64 -cpu cortex-a72" in m[f"{prefix}_perplexity"]["where"]
+        assert "not device speed" in m[f"{prefix}_perplexity"]["where"]
+    assert abs(m["emulated_onnxruntime_perplexity_change_vs_host_pp"]["value"]) <= 0.5
+    # The Pi's cores have no dot product: ORT multiplies in float32 there, and the artifact says so (level 1).
+    assert report["plan"]["accuracy_level"] == 1
+    assert m["emulated_onnxruntime_agreement_with_host"]["value"] >= 0.99
     assert all(k in report["versions"] for k in ("torch", "onnxruntime", "transformers"))
     assert (rpi4_artifact / "report.md").read_text().startswith("# slm-export report")
     assert (rpi4_artifact / "tokenizer" / "tokenizer.json").is_file()
@@ -59,11 +76,14 @@ def test_rpi4_default_export(rpi4_artifact: Path) -> None:
 
 
 def test_validate_existing_artifact(rpi4_artifact: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out = _cli(["validate", str(rpi4_artifact), "--json", "--threads", "2"], capsys)
+    # The fixture's run already emulated the aarch64 files; re-validating here checks the host and cross-checks.
+    code, out = _cli(["validate", str(rpi4_artifact), "--json", "--threads", "2", "--no-emulate"], capsys)
     assert code == 0, out
     report = json.loads(out)
     assert report["verdict"] == "PASS"
-    assert [s["name"] for s in report["stages"]][-2:] == ["load", "validate"]
+    assert [s["name"] for s in report["stages"]][-3:] == ["load", "validate", "crosscheck"]
+    assert report["emulation"] == []
+    assert not any(k.startswith("emulated_") for k in report["metrics"])
 
 
 def test_gguf_path_with_user_eval_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -179,7 +199,9 @@ def test_a100_sparse_fp16(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
                        "wanda", "--calib-samples", "8", "--calib-seqlen", "256", "--out", str(out), "--json"], capsys)
     report = json.loads(text)
     assert code == 0, report["notes"]
-    assert report["verdict"] == "NO GOALS"
+    # Pruning without fine-tuning has no accuracy goal; only the runtimes' agreement with each other is judged.
+    assert report["verdict"] == "PASS"
+    assert not any(g["metric"] == "perplexity_change_pct" for g in report["goals"])
     assert report["metrics"]["perplexity"]["value"] > report["metrics"]["perplexity_reference"]["value"]
     assert report["sparsity"]["all_satisfy_pattern"]
     assert report["sparsity"]["weights_checked"] == 30 * 4
