@@ -24,6 +24,29 @@ class GenerationTiming:
     decode_s: list[float]
 
 
+def greedy_loop(prefill: Callable[[], np.ndarray], step: Callable[[int, int], np.ndarray], n: int,
+                max_new_tokens: int, eos_token_id: int | None,
+                on_token: Callable[[int], None] | None) -> tuple[list[int], GenerationTiming]:
+    """Greedy decoding with a KV cache: ``prefill()`` runs the ``n``-token prompt and returns the last
+    position's logits; ``step(token, position)`` feeds one token and returns its logits."""
+    t0 = time.perf_counter()
+    last = prefill()
+    prefill_s = time.perf_counter() - t0
+    out: list[int] = []
+    decode_s: list[float] = []
+    while True:
+        token = int(last.argmax())
+        out.append(token)
+        if on_token:
+            on_token(token)
+        if len(out) >= max_new_tokens or token == eos_token_id:
+            break
+        t = time.perf_counter()
+        last = step(token, n + len(out) - 1)
+        decode_s.append(time.perf_counter() - t)
+    return out, GenerationTiming(prefill_s, decode_s)
+
+
 def make_session(model_path: str | Path, threads: int = 0, optimize: bool = True, exact_qdq: bool = False) -> Any:
     """An ONNX Runtime CPU session with the given intra-op thread count (0: all cores).
 
@@ -114,44 +137,34 @@ class OnnxDecoder:
         """Greedy decoding of up to ``max_new_tokens`` after ``prompt`` (batch 1)."""
         if self.static_len is not None:
             return self._static_generate(prompt, max_new_tokens, eos_token_id, on_token)
-        import onnxruntime as ort
-
         sess = self.session
-        binding = sess.io_binding()
         n = len(prompt)
-        ids = np.asarray([prompt], dtype=np.int64)
-        feeds: dict[str, Any] = {"input_ids": ids, "attention_mask": np.ones((1, n), np.int64),
+        feeds: dict[str, Any] = {"input_ids": np.asarray([prompt], dtype=np.int64),
+                                 "attention_mask": np.ones((1, n), np.int64),
                                  "position_ids": np.arange(n, dtype=np.int64)[None], **self._empty_past(1)}
-        for name, value in feeds.items():
-            binding.bind_cpu_input(name, value)
-        for name in ["logits", *self.present_names]:
-            binding.bind_output(name)
-        out: list[int] = []
-        decode_s: list[float] = []
-        t0 = time.perf_counter()
-        sess.run_with_iobinding(binding)
-        prefill_s = time.perf_counter() - t0
-        total = n
-        while True:
-            outputs = binding.get_outputs()
-            logits = outputs[0].numpy()
-            token = int(logits[0, -1].argmax())
-            out.append(token)
-            if on_token:
-                on_token(token)
-            if len(out) >= max_new_tokens or token == eos_token_id:
-                break
-            t = time.perf_counter()
-            binding = sess.io_binding()
-            binding.bind_cpu_input("input_ids", np.asarray([[token]], np.int64))
-            binding.bind_cpu_input("attention_mask", np.ones((1, total + 1), np.int64))
-            binding.bind_cpu_input("position_ids", np.asarray([[total]], np.int64))
-            for past, present in zip(self.past_names, outputs[1:], strict=True):
-                binding.bind_ortvalue_input(past, present)
+        presents: list[Any] = []  # the last run's KV outputs, left on ORT's side and bound as the next inputs
+
+        def run(binding: Any) -> np.ndarray:
             for name in ["logits", *self.present_names]:
                 binding.bind_output(name)
             sess.run_with_iobinding(binding)
-            decode_s.append(time.perf_counter() - t)
-            total += 1
-        del ort
-        return out, GenerationTiming(prefill_s, decode_s)
+            outputs = binding.get_outputs()
+            presents[:] = outputs[1:]
+            return outputs[0].numpy()[0, -1]
+
+        def prefill() -> np.ndarray:
+            binding = sess.io_binding()
+            for name, value in feeds.items():
+                binding.bind_cpu_input(name, value)
+            return run(binding)
+
+        def step(token: int, pos: int) -> np.ndarray:
+            binding = sess.io_binding()
+            binding.bind_cpu_input("input_ids", np.asarray([[token]], np.int64))
+            binding.bind_cpu_input("attention_mask", np.ones((1, pos + 1), np.int64))
+            binding.bind_cpu_input("position_ids", np.asarray([[pos]], np.int64))
+            for past, present in zip(self.past_names, presents, strict=True):
+                binding.bind_ortvalue_input(past, present)
+            return run(binding)
+
+        return greedy_loop(prefill, step, n, max_new_tokens, eos_token_id, on_token)

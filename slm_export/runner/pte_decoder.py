@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .onnx_decoder import GenerationTiming
+from .onnx_decoder import greedy_loop
 
 
 class PteDecoder:
@@ -44,22 +43,6 @@ class PteDecoder:
 
     def generate(self, prompt: list[int], max_new_tokens: int, eos_token_id: int | None = None,
                  on_token: Any = None) -> tuple[list[int], Any]:
-        t0 = time.perf_counter()
-        logits = self._run(list(prompt), 0)
-        prefill_s = time.perf_counter() - t0
-        out: list[int] = []
-        decode_s: list[float] = []
-        pos = len(prompt)
-        while True:
-            token = int(logits[0, -1].argmax())
-            out.append(token)
-            if on_token:
-                on_token(token)
-            if len(out) >= max_new_tokens or token == eos_token_id:
-                break
-            t = time.perf_counter()
-            logits = self._run([token], pos)
-            decode_s.append(time.perf_counter() - t)
-            pos += 1
-        return out, GenerationTiming(prefill_s, decode_s)
+        return greedy_loop(lambda: self._run(list(prompt), 0)[0, -1], lambda token, pos: self._run([token], pos)[0, -1],
+                           len(prompt), max_new_tokens, eos_token_id, on_token)
 

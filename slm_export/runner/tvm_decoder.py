@@ -14,14 +14,13 @@ the present tensors on the TVM side and passes them back as the next step's past
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .onnx_decoder import GenerationTiming
+from .onnx_decoder import GenerationTiming, greedy_loop
 
 PARAMS_FILE = "tvm_params.npz"
 META_KEY = "__meta__"
@@ -95,23 +94,12 @@ class TvmDecoder:
                  on_token: Callable[[int], None] | None = None) -> tuple[list[int], GenerationTiming]:
         """Greedy decoding of up to ``max_new_tokens`` after ``prompt`` (batch 1) with the KV cache."""
         n = len(prompt)
-        t0 = time.perf_counter()
-        logits, past = self._run(np.asarray([prompt]), np.ones((1, n)), np.arange(n)[None], self._empty_past(1))
-        last = logits.numpy()[0, -1]
-        prefill_s = time.perf_counter() - t0
-        out: list[int] = []
-        decode_s: list[float] = []
-        total = n
-        while True:
-            token = int(last.argmax())
-            out.append(token)
-            if on_token:
-                on_token(token)
-            if len(out) >= max_new_tokens or token == eos_token_id:
-                break
-            t = time.perf_counter()
-            logits, past = self._run(np.asarray([[token]]), np.ones((1, 1)), np.asarray([[total]]), past)
-            last = logits.numpy()[0, -1]
-            decode_s.append(time.perf_counter() - t)
-            total += 1
-        return out, GenerationTiming(prefill_s, decode_s)
+        state: list[Any] = [self._empty_past(1)]  # the KV cache, replaced by each run's
+
+        def run(ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
+            logits, state[0] = self._run(ids, mask, pos, state[0])
+            return logits.numpy()[0, -1]
+
+        return greedy_loop(lambda: run(np.asarray([prompt]), np.ones((1, n)), np.arange(n)[None]),
+                           lambda token, pos: run(np.asarray([[token]]), np.ones((1, 1)), np.asarray([[pos]])),
+                           n, max_new_tokens, eos_token_id, on_token)
