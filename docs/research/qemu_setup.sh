@@ -27,7 +27,10 @@ SITE=$ROOT/asite
 HOST_PIP=${HOST_PIP:-python3 -m pip}
 PKGS=${PKGS:-"numpy onnxruntime==1.32.0 apache-tvm==0.27.0.post1"}
 SUITE=bookworm
-MIRROR=${MIRROR:-http://deb.debian.org/debian}
+# The host's own apt mirror (deb822 sources or sources.list), unless MIRROR is given.
+MIRROR=${MIRROR:-$(sed -n 's/^URIs: *\([^ ]*\).*/\1/p' /etc/apt/sources.list.d/*.sources 2>/dev/null | head -n 1)}
+MIRROR=${MIRROR:-$(awk '$1 == "deb" {print $2; exit}' /etc/apt/sources.list 2>/dev/null)}
+[ -n "$MIRROR" ] || { echo "no apt mirror found in /etc/apt: set MIRROR" >&2; exit 2; }
 mkdir -p "$ROOT/bin" "$ROOT/fake"
 
 # 1. host tools (Debian). qemu-user-static: the emulator; mmdebstrap: arm64 rootfs without
