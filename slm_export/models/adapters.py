@@ -18,6 +18,18 @@ from slm_export.registry import Registry
 Array = np.ndarray
 
 
+def _lm_head(w: Mapping[str, Any], key: str, tied: bool) -> Any:
+    """The LM head's own weight, or None when it is the embedding table. A quantized head (the compress
+    stage's ``lm_head_bits``) is its own tensor even when the model ties it: the graph then gathers
+    embeddings from the float table and multiplies by the quantized copy."""
+    from slm_export.calibration.quant import QuantizedTensor
+
+    head = w.get(key)
+    if isinstance(head, QuantizedTensor):
+        return head
+    return None if tied else head
+
+
 @dataclass(frozen=True)
 class DecoderLayer:
     qkv: tuple[Array, Array, Array]
@@ -145,7 +157,7 @@ def _llama_like(cfg: Any, w: Mapping[str, Array], *, gemma: bool = False) -> Dec
         head_dim=head_dim, vocab=cfg.vocab_size, norm="rms", eps=float(cfg.rms_norm_eps),
         norm_offset=1.0 if gemma else 0.0, act=acts[act_name], rope_theta=_rope_theta(cfg), rotary_dim=rotary,
         embed=w["model.embed_tokens.weight"], embed_scale=float(cfg.hidden_size) ** 0.5 if gemma else 1.0,
-        pos_embed=None, lm_head=None if tied else w["lm_head.weight"],
+        pos_embed=None, lm_head=_lm_head(w, "lm_head.weight", tied),
         final_norm=(w["model.norm.weight"], None), layers=tuple(layers),
     )
 
@@ -172,7 +184,7 @@ def _gpt2(cfg: Any, w: Mapping[str, Array]) -> DecoderSpec:
         vocab=cfg.vocab_size, norm="layer", eps=float(cfg.layer_norm_epsilon), norm_offset=0.0,
         act=acts[cfg.activation_function], rope_theta=None, rotary_dim=0, embed=w[pre + "wte.weight"],
         embed_scale=1.0, pos_embed=w[pre + "wpe.weight"],
-        lm_head=None if "lm_head.weight" not in w or cfg.tie_word_embeddings else w["lm_head.weight"],
+        lm_head=_lm_head(w, "lm_head.weight", "lm_head.weight" not in w or cfg.tie_word_embeddings),
         final_norm=(w[pre + "ln_f.weight"], w[pre + "ln_f.bias"]), layers=tuple(layers),
     )
 

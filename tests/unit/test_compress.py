@@ -161,6 +161,48 @@ def test_quantized_export_matches_dequantized_torch(method: str, graph_ops: str,
     np.testing.assert_allclose(got, ref, atol=2e-3, rtol=1e-3)
 
 
+def _mkdir(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
+@pytest.mark.parametrize("head_bits", [4, 8])
+def test_quantized_lm_head_of_a_tied_model(head_bits: int, tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """A tied model's quantized LM head is its own MatMulNBits; the embedding Gather keeps the float table."""
+    model = load_model(str(tiny_models["llama"]))
+    assert model.config.tie_word_embeddings
+    result = compress(model, CompressConfig("int4", "rtn", 32, lm_head_bits=head_bits))
+    head = result.weights["lm_head.weight"]
+    assert isinstance(head, QuantizedTensor)
+    assert head.bits == head_bits
+    plan = Plan(target="host", model="m", out="o", precision="int4", backend="onnxruntime", graph_ops="onnxruntime",
+                opset=17, static_shapes=False, max_seq_len=512, validation="host", accuracy_level=0)
+    exported = OnnxExporter().export(model, plan, tmp_path, result.weights)
+    graph = onnx.load(str(exported.model_path), load_external_data=False).graph
+    assert [n.attribute for n in graph.node if n.name == "lm_head.qmatmul" and n.op_type == "MatMulNBits"]
+    assert not [n for n in graph.node if n.op_type == "Gemm"], "the float table is still multiplied as the head"
+    embed = next(t for t in graph.initializer if t.name == "model.embed")
+    assert embed.data_type == onnx.TensorProto.FLOAT
+    sd = {k: torch.from_numpy(v.dequantize()) if isinstance(v, QuantizedTensor) else v
+          for k, v in result.weights.items()}
+    from slm_export.models.loader import _build_module
+
+    twin = _build_module(type(model)(**{**model.__dict__, "weights": sd, "_module": []}))
+    twin.lm_head.weight = torch.nn.Parameter(sd["lm_head.weight"])  # untied: the float table stays the embedding
+    twin.model.embed_tokens.weight = torch.nn.Parameter(model.weights["model.embed_tokens.weight"].clone())
+    ids = np.asarray([[3, 9, 27, 81, 243, 100]], dtype=np.int64)
+    with torch.no_grad():
+        ref = twin(torch.from_numpy(ids)).logits.numpy()
+        float_head = twin.model(torch.from_numpy(ids)).last_hidden_state @ model.weights[
+            "model.embed_tokens.weight"].T
+    got = OnnxDecoder(make_session(exported.model_path, 1)).logits(ids)
+    np.testing.assert_allclose(got, ref, atol=2e-3, rtol=1e-3)
+    assert np.abs(got - float_head.numpy()).max() > 1e-3, "the head was not quantized"
+    assert exported.weight_bytes_per_token < OnnxExporter().export(
+        model, plan, _mkdir(tmp_path / "f"), {k: v for k, v in result.weights.items() if k != "lm_head.weight"}
+    ).weight_bytes_per_token
+
+
 @pytest.mark.parametrize("pattern", ["2:4", "4:8", "unstructured"])
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
 def test_sparsity_patterns_and_ordering(pattern: str, method: str) -> None:
