@@ -17,9 +17,9 @@ from slm_export.validation.generate import OnnxDecoder, make_session, torch_gree
 from tests.conftest import TINY_DECODERS
 
 
-def _plan(precision: str = "fp32", opset: int = 17) -> Plan:
+def _plan(precision: str = "fp32", opset: int = 17, graph_ops: str = "standard") -> Plan:
     return Plan(target="host", model="tiny", out="x", precision=precision, backend="onnxruntime",
-                graph_ops="standard", opset=opset, static_shapes=False, max_seq_len=512, validation="host")
+                graph_ops=graph_ops, opset=opset, static_shapes=False, max_seq_len=512, validation="host")
 
 
 def test_every_adapter_has_a_tiny_model_test() -> None:
@@ -27,14 +27,19 @@ def test_every_adapter_has_a_tiny_model_test() -> None:
 
 
 @pytest.mark.parametrize("arch", TINY_DECODERS)
-@pytest.mark.parametrize("opset", [13, 17])
-def test_decoder_matches_pytorch_with_kv_cache(arch: str, opset: int, tiny_models: dict[str, Path],
+@pytest.mark.parametrize(("opset", "graph_ops"), [(13, "standard"), (17, "standard"), (17, "onnxruntime")])
+def test_decoder_matches_pytorch_with_kv_cache(arch: str, opset: int, graph_ops: str, tiny_models: dict[str, Path],
                                                tmp_path: Path) -> None:
     model = load_model(str(tiny_models[arch]))
-    result = OnnxExporter().export(model, _plan(opset=opset), tmp_path)
+    result = OnnxExporter().export(model, _plan(opset=opset, graph_ops=graph_ops), tmp_path)
     graph = onnx.load(str(result.model_path), load_external_data=False)
-    assert {o.domain for o in graph.opset_import} == {""}, "portable graph must use the standard domain only"
-    assert all(n.domain == "" for n in graph.graph.node)
+    if graph_ops == "standard":
+        assert {o.domain for o in graph.opset_import} == {""}, "portable graph must use the standard domain only"
+        assert all(n.domain == "" for n in graph.graph.node)
+    else:  # ONNX Runtime's graph: one fused attention kernel per layer, no attention Softmax left
+        layers = model.config.num_hidden_layers if hasattr(model.config, "num_hidden_layers") else model.config.n_layer
+        assert sum(n.op_type == "GroupQueryAttention" for n in graph.graph.node) == layers
+        assert not [n for n in graph.graph.node if n.op_type == "Softmax"]
     assert (tmp_path / "model.onnx.data").stat().st_size > 0
     dec = OnnxDecoder(make_session(result.model_path, threads=1))
     ids = np.asarray([[5, 17, 99, 3, 250, 42, 7, 11]], dtype=np.int64)
@@ -49,9 +54,12 @@ def test_decoder_matches_pytorch_with_kv_cache(arch: str, opset: int, tiny_model
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_left_padded_batch_matches_unpadded(arch: str, tiny_models: dict[str, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("graph_ops", ["standard", "onnxruntime"])
+def test_left_padded_batch_matches_unpadded(arch: str, graph_ops: str, tiny_models: dict[str, Path],
+                                            tmp_path: Path) -> None:
     model = load_model(str(tiny_models[arch]))
-    dec = OnnxDecoder(make_session(OnnxExporter().export(model, _plan(), tmp_path).model_path, threads=1))
+    path = OnnxExporter().export(model, _plan(graph_ops=graph_ops), tmp_path).model_path
+    dec = OnnxDecoder(make_session(path, threads=1))
     short = np.asarray([[9, 8, 7, 6]], dtype=np.int64)
     padded = np.asarray([[1, 1, 9, 8, 7, 6]], dtype=np.int64)
     mask = np.asarray([[0, 0, 1, 1, 1, 1]], dtype=np.int64)
