@@ -1,0 +1,353 @@
+#!/usr/bin/env python
+"""Issue-6 figures: decode speed of this tool's CPU artifacts against PyTorch eager and the fastest peers.
+
+One run, ``smollm2-135m``, the same threads for everyone: greedy decoding of ``--new`` tokens after a
+``--prompt``-token prompt (the start of the built-in evaluation text), one warm-up, then the median of
+``--repeats`` runs. Rows:
+
+- PyTorch eager float32 (transformers ``generate``): the reference, ratio 1.0;
+- this tool's float32, int8 and int4 artifacts (``slm-export --target host``, each profile default
+  method), run by the project's own generation loop;
+- ONNX Runtime GenAI's model builder (``-p int4 -e cpu``, accuracy level 4) through its own generator,
+  when ``onnxruntime_genai`` imports (``pip install onnxruntime-genai --no-deps``);
+- llama.cpp through ``llama_cpp`` when it imports (not installed by the project: it compiles for minutes).
+
+Every row's perplexity change is measured here, through this tool's validator, on the same windows of
+the evaluation text against PyTorch float32. A STREAM-like read (a multi-threaded sum of a buffer several
+times the last-level cache) gives the machine's bandwidth now; each artifact's roofline is that
+bandwidth over the bytes of weights one decoded token reads (every matmul weight, the LM head included;
+of an embedding table only one row).
+
+Usage: python scripts/bench_decode.py [--threads 2] [--work DIR] [--quick]
+  --work DIR keeps the exported artifacts there and reuses them on the next run (export takes minutes).
+  --quick: int4 by round-to-nearest (no calibration), 3 repeats, 2 evaluation windows: a smoke run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MATMUL_OPS = {"MatMul", "Gemm", "MatMulNBits", "MatMulInteger", "FusedMatMul", "QLinearMatMul", "DequantizeLinear",
+              "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm"}
+ONNX_ITEMSIZE = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 16: 2, 21: 0.5, 22: 0.5}
+
+
+def stream_read_gbs(threads: int, megabytes: int = 2048, repeats: int = 5) -> float:
+    """Best read bandwidth (1e9 B/s) of a float32 sum over a buffer far larger than the caches."""
+    import torch
+
+    torch.set_num_threads(threads)
+    buf = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32)
+    buf.sum()  # fault the pages in
+    best = 0.0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        buf.sum()
+        best = max(best, buf.numel() * 4 / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def bytes_read_per_token(onnx_path: Path) -> int:
+    """Bytes of the initializers that matmul-like nodes read: what one decoded token streams from memory."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    size: dict[str, float] = {}
+    for t in model.graph.initializer:
+        ext = {e.key: e.value for e in t.external_data}
+        size[t.name] = int(ext["length"]) if "length" in ext else int(np.prod(t.dims)) * ONNX_ITEMSIZE.get(
+            t.data_type, 4)
+    used = {i for n in model.graph.node if n.op_type in MATMUL_OPS for i in n.input if i in size}
+    return int(sum(size[n] for n in used))
+
+
+def prompt_and_windows(tokenizer: Any, n_prompt: int, n_windows: int) -> tuple[list[int], list[list[int]]]:
+    from slm_export.validation.text import builtin_split, token_windows
+
+    text = builtin_split("evaluation")
+    windows = token_windows(tokenizer, text, n_windows, 512)
+    return tokenizer(text.text[:20000], add_special_tokens=False).input_ids[:n_prompt], windows
+
+
+def median_rates(run, repeats: int) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """``run()`` -> (ttft s, list of per-token decode seconds); warm-up, then medians over ``repeats``."""
+    run()
+    ttft, rate = [], []
+    for _ in range(repeats):
+        first, steps = run()
+        ttft.append(first)
+        rate.append(len(steps) / sum(steps))
+    return {"tok_s": float(np.median(rate)), "ttft_s": float(np.median(ttft)), "tok_s_all": rate}
+
+
+# ---- PyTorch eager ---------------------------------------------------------------------------------
+def eager(module: Any, prompt: list[int], new: int, repeats: int) -> dict[str, float]:
+    import torch
+
+    ids = torch.tensor([prompt])
+
+    def run() -> tuple[float, list[float]]:
+        with torch.no_grad():
+            t = time.perf_counter()
+            module(ids)  # the prefill alone: time to the first token's logits
+            first = time.perf_counter() - t
+            t = time.perf_counter()
+            module.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+            total = time.perf_counter() - t
+        return first, [(total - first) / (new - 1)] * (new - 1)
+
+    return median_rates(run, repeats)
+
+
+# ---- this tool ---------------------------------------------------------------------------------------
+def export(work: Path, name: str, args: list[str], threads: int) -> Path:
+    out = work / name
+    if (out / "report.json").is_file():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    t = time.perf_counter()
+    res = subprocess.run([sys.executable, "-m", "slm_export.cli", "--target", "host", "--model", "smollm2-135m",
+                          *args, "--out", str(out), "--threads", str(threads), "--no-validate", "--json"],
+                         capture_output=True, text=True)
+    if not (out / "report.json").is_file():
+        raise SystemExit(f"export {name} failed (exit {res.returncode}):\n{res.stderr[-3000:]}")
+    print(f"  exported {name} in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
+    return out
+
+
+def ours(out: Path, prompt: list[int], new: int, repeats: int, threads: int) -> tuple[dict[str, float], Any, Path]:
+    from slm_export.runner.onnx_decoder import OnnxDecoder, make_session
+
+    report = json.loads((out / "report.json").read_text())
+    path = out / (report["compile"].get("runtime_model") or "model.onnx")
+    dec = OnnxDecoder(make_session(path, threads))
+
+    def run() -> tuple[float, list[float]]:
+        _, timing = dec.generate(prompt, new)
+        return timing.prefill_s, timing.decode_s
+
+    return median_rates(run, repeats), dec, path
+
+
+# ---- ONNX Runtime GenAI --------------------------------------------------------------------------
+def genai_export(work: Path, model: Any, threads: int) -> Path | None:
+    try:
+        import onnxruntime_genai  # noqa: F401
+    except ImportError:
+        return None
+    out = work / "genai-int4"
+    if not (out / "genai_config.json").is_file():
+        hf = work / "hf-float32"
+        if not (hf / "config.json").is_file():
+            model.torch_module().save_pretrained(hf)
+            model.tokenizer.save_pretrained(hf)
+        t = time.perf_counter()
+        res = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
+                              "-p", "int4", "-e", "cpu", "-c", str(work / "genai-cache"),
+                              "--extra_options", "accuracy_level=4"], capture_output=True, text=True)
+        if res.returncode:
+            raise SystemExit(f"the GenAI builder failed:\n{res.stderr[-3000:]}")
+        print(f"  GenAI builder: {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
+    cfg_path = out / "genai_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    opts = cfg["model"]["decoder"].setdefault("session_options", {})
+    opts["intra_op_num_threads"], opts["inter_op_num_threads"] = threads, 1
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    return out
+
+
+def genai_rates(out: Path, prompt: list[int], new: int, repeats: int) -> dict[str, float]:
+    import onnxruntime_genai as og
+
+    model = og.Model(str(out))
+
+    def run() -> tuple[float, list[float]]:
+        params = og.GeneratorParams(model)
+        params.set_search_options(do_sample=False, max_length=len(prompt) + new, min_length=len(prompt) + new)
+        gen = og.Generator(model, params)
+        t = time.perf_counter()
+        gen.append_tokens(prompt)
+        gen.generate_next_token()
+        gen.get_next_tokens()
+        first = time.perf_counter() - t
+        steps = []
+        while not gen.is_done():
+            t = time.perf_counter()
+            gen.generate_next_token()
+            gen.get_next_tokens()
+            steps.append(time.perf_counter() - t)
+        return first, steps
+
+    return median_rates(run, repeats)
+
+
+class GenAIScorer:
+    """GenAI's decoder graph scored like any artifact: full windows, empty KV cache."""
+
+    def __init__(self, path: Path, threads: int) -> None:
+        from slm_export.runner.onnx_decoder import make_session
+
+        self.session = make_session(path, threads)
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+
+    def logits(self, ids: np.ndarray) -> np.ndarray:
+        n = ids.shape[1]
+        feed: dict[str, np.ndarray] = {"input_ids": ids.astype(np.int64),
+                                       "attention_mask": np.ones((1, n), np.int64)}
+        if "position_ids" in self.inputs:
+            feed["position_ids"] = np.arange(n, dtype=np.int64)[None]
+        for name, i in self.inputs.items():
+            if name.startswith("past_key_values"):
+                dtype = np.float16 if "float16" in i.type else np.float32
+                feed[name] = np.zeros((1, int(i.shape[1]), 0, int(i.shape[3])), dtype)
+        return self.session.run(["logits"], feed)[0]
+
+
+# ---- llama.cpp (optional) ---------------------------------------------------------------------------
+def llama_cpp_rates(prompt: list[int], new: int, repeats: int, threads: int) -> dict[str, float] | None:
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    from slm_export.models.builtin import BUILTIN_MODELS
+
+    llm = llama_cpp.Llama(model_path=str(BUILTIN_MODELS.get("smollm2-135m").path()), n_threads=threads, n_ctx=512,
+                          verbose=False)
+
+    def run() -> tuple[float, list[float]]:
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(prompt)
+        first = time.perf_counter() - t
+        steps, token = [], int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        for _ in range(new - 1):
+            t = time.perf_counter()
+            llm.eval([token])
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            steps.append(time.perf_counter() - t)
+        return first, steps
+
+    return median_rates(run, repeats)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--windows", type=int, default=8, help="evaluation windows of 512 tokens for perplexity")
+    ap.add_argument("--work", type=Path, help="keep (and reuse) the artifacts in this folder")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    if args.quick:
+        args.repeats, args.windows = 3, 2
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    import torch
+
+    from slm_export.models import load_model
+    from slm_export.validation.metrics import decoder_accuracy
+
+    torch.set_num_threads(args.threads)
+    tmp = None
+    if args.work is None:
+        tmp = tempfile.TemporaryDirectory()
+        args.work = Path(tmp.name)
+    args.work.mkdir(parents=True, exist_ok=True)
+    int4_args = ["--precision", "int4"] + (["--method", "rtn"] if args.quick else [])
+    builds = {"fp32": ["--precision", "fp32"], "int8": ["--precision", "int8"], "int4": int4_args}
+    print("exporting ...", file=sys.stderr, flush=True)
+    outs = {name: export(args.work, f"ours-{name}" + ("-quick" if args.quick and name == "int4" else ""), a,
+                         args.threads) for name, a in builds.items()}
+    model = load_model("smollm2-135m")
+    genai_dir = genai_export(args.work, model, args.threads)
+    module = model.torch_module()
+    prompt, windows = prompt_and_windows(model.tokenizer, args.prompt, args.windows)
+
+    def reference(ids: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return module(torch.from_numpy(ids)).logits.numpy()
+
+    bandwidth = stream_read_gbs(args.threads)
+    rows: list[dict[str, Any]] = []
+    print("timing PyTorch eager ...", file=sys.stderr, flush=True)
+    rows.append({"name": "PyTorch eager fp32 (generate)", **eager(module, prompt, args.new, args.repeats),
+                 "ppl": 0.0, "bytes": model.weight_bytes})
+    one_thread = None
+    for name, out in outs.items():
+        print(f"timing ours {name} ...", file=sys.stderr, flush=True)
+        r, dec, path = ours(out, prompt, args.new, args.repeats, args.threads)
+        acc = decoder_accuracy(reference, dec, windows)
+        rows.append({"name": f"slm-export {name} ({path.name})", **r, "ppl": acc["perplexity_change_pct"],
+                     "bytes": bytes_read_per_token(out / "model.onnx"), "key": name})
+        if name == "int4":
+            one_thread = ours(out, prompt, args.new, args.repeats, 1)[0]
+    if genai_dir is not None:
+        print("timing ONNX Runtime GenAI int4 ...", file=sys.stderr, flush=True)
+        r = genai_rates(genai_dir, prompt, args.new, args.repeats)
+        acc = decoder_accuracy(reference, GenAIScorer(genai_dir / "model.onnx", args.threads), windows)
+        rows.append({"name": "ONNX Runtime GenAI int4 (builder, RTN, accuracy level 4)", **r,
+                     "ppl": acc["perplexity_change_pct"], "bytes": bytes_read_per_token(genai_dir / "model.onnx"),
+                     "key": "genai"})
+    llama = llama_cpp_rates(prompt, args.new, args.repeats, args.threads)
+    if llama is not None:
+        rows.append({"name": "llama.cpp (the built-in GGUF, Q4_1)", **llama, "ppl": None, "bytes": None,
+                     "key": "llama"})
+
+    eager_rate = rows[0]["tok_s"]
+    import onnxruntime
+
+    print(f"## smollm2-135m decode, {args.threads} threads, prompt {len(prompt)} tokens, {args.new} new tokens, "
+          f"median of {args.repeats} after a warm-up; onnxruntime {onnxruntime.__version__}")
+    print(f"STREAM-like read now: {bandwidth:.1f} GB/s ({args.threads} threads, float32 sum of a 2 GiB buffer); "
+          f"perplexity change on {len(windows)} x 512 evaluation tokens against PyTorch float32")
+    print("| system | decode tok/s | x eager | TTFT ms | ppl change | weight MB read/token | roofline tok/s | "
+          "of roofline |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        r["roof"] = bandwidth * 1e9 / r["bytes"] if r.get("bytes") else None
+        cells = [r["name"], f"{r['tok_s']:.1f}", f"{r['tok_s'] / eager_rate:.2f}", f"{r['ttft_s'] * 1e3:.0f}",
+                 "-" if r["ppl"] is None else f"{r['ppl']:+.2f}%",
+                 f"{r['bytes'] / 1e6:.0f}" if r.get("bytes") else "-",
+                 f"{r['roof']:.0f}" if r["roof"] else "-", f"{r['tok_s'] / r['roof']:.2f}" if r["roof"] else "-"]
+        print("| " + " | ".join(cells) + " |")
+    by = {r.get("key"): r for r in rows}
+    if one_thread:
+        print(f"\nint4, 1 thread: {one_thread['tok_s']:.1f} tok/s; {args.threads} threads: {by['int4']['tok_s']:.1f} "
+              f"({by['int4']['tok_s'] / one_thread['tok_s']:.2f}x)")
+    checks = {
+        "fp32 >= 2.5x eager": by["fp32"]["tok_s"] >= 2.5 * eager_rate,
+        "int8 >= 6x eager": by["int8"]["tok_s"] >= 6 * eager_rate,
+        "int4 >= 70% of its roofline": by["int4"]["tok_s"] >= 0.7 * by["int4"]["roof"],
+        "int8 >= 70% of its roofline": by["int8"]["tok_s"] >= 0.7 * by["int8"]["roof"],
+        "int4: 2 threads >= 1.6x 1 thread": one_thread is not None and by["int4"]["tok_s"] >= 1.6 * one_thread["tok_s"],
+    }
+    if "genai" in by:
+        g = by["genai"]
+        checks["int4 >= 1.0x GenAI int4"] = by["int4"]["tok_s"] >= g["tok_s"]
+        checks["int4 perplexity change <= GenAI int4's"] = by["int4"]["ppl"] <= g["ppl"]
+        checks["int4 TTFT <= 1.1x GenAI's"] = by["int4"]["ttft_s"] <= 1.1 * g["ttft_s"]
+    else:
+        print("\nonnxruntime_genai is not installed: the GenAI rows and checks were not run "
+              "(pip install onnxruntime-genai --no-deps)")
+    print()
+    for k, v in checks.items():
+        print(f"{'PASS' if v else 'FAIL'}  {k}")
+    if tmp is not None:
+        tmp.cleanup()
+    return 0 if all(checks.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
