@@ -1,4 +1,4 @@
-.PHONY: setup demo test bench
+.PHONY: setup demo test bench bench-decode
 setup:
 	bash scripts/setup.sh
 demo:
@@ -7,3 +7,5 @@ test:
 	bash scripts/test.sh
 bench:
 	bash scripts/setup.sh && .venv/bin/python scripts/bench_export.py
+bench-decode:
+	bash scripts/setup.sh && .venv/bin/python -m pip install -q -e ".[bench]" && .venv/bin/python scripts/bench_decode.py
