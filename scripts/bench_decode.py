@@ -200,6 +200,8 @@ class GenAIScorer:
 
         self.session = make_session(path, threads)
         self.inputs = {i.name: i for i in self.session.get_inputs()}
+        decoder = json.loads((path.parent / "genai_config.json").read_text())["model"]["decoder"]
+        self.kv_shape = (1, decoder["num_key_value_heads"], 0, decoder["head_size"])  # dims are symbolic
 
     def logits(self, ids: np.ndarray) -> np.ndarray:
         n = ids.shape[1]
@@ -210,7 +212,7 @@ class GenAIScorer:
         for name, i in self.inputs.items():
             if name.startswith("past_key_values"):
                 dtype = np.float16 if "float16" in i.type else np.float32
-                feed[name] = np.zeros((1, int(i.shape[1]), 0, int(i.shape[3])), dtype)
+                feed[name] = np.zeros(self.kv_shape, dtype)
         return self.session.run(["logits"], feed)[0]
 
 
@@ -249,6 +251,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--windows", type=int, default=8, help="evaluation windows of 512 tokens for perplexity")
     ap.add_argument("--work", type=Path, help="keep (and reuse) the artifacts in this folder")
+    ap.add_argument("--calib-samples", type=int, help="calibration samples for the int4 rows (default: the profile's)")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     if args.quick:
@@ -266,10 +269,15 @@ def main() -> int:
         args.work = Path(tmp.name)
     args.work.mkdir(parents=True, exist_ok=True)
     int4_args = ["--precision", "int4"] + (["--method", "rtn"] if args.quick else [])
-    builds = {"fp32": ["--precision", "fp32"], "int8": ["--precision", "int8"], "int4": int4_args}
+    if args.calib_samples and not args.quick:
+        int4_args += ["--calib-samples", str(args.calib_samples)]
+    # int4 + int8 head: the tied LM head (28M of the 134M weights, read every token) quantized too.
+    builds = {"fp32": ["--precision", "fp32"], "int8": ["--precision", "int8"], "int4": int4_args,
+              "int4 + int8 head": [*int4_args, "--lm-head-bits", "8"]}
     print("exporting ...", file=sys.stderr, flush=True)
-    outs = {name: export(args.work, f"ours-{name}" + ("-quick" if args.quick and name == "int4" else ""), a,
-                         args.threads) for name, a in builds.items()}
+    outs = {name: export(args.work, "ours-" + "".join(c if c.isalnum() else "_" for c in name)
+                         + ("-quick" if args.quick and name.startswith("int4") else ""), a, args.threads)
+            for name, a in builds.items()}
     model = load_model("smollm2-135m")
     genai_dir = genai_export(args.work, model, args.threads)
     module = model.torch_module()

@@ -161,7 +161,9 @@ def test_w8a8_exports(target: str, method: str, op: str, max_change: float, tmp_
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
     ops = [n.op_type for n in graph.graph.node]
     assert ops.count(op) == 30 * 4  # q/k/v and gate/up share one int8 GEMM each
-    assert {n.domain for n in graph.graph.node} == {""}
+    # The int8 GEMMs are standard ops; ONNX Runtime's graph (host) adds only its fused attention.
+    contrib = {n.op_type for n in graph.graph.node if n.domain}
+    assert contrib == (set() if target == "a100" else {"GroupQueryAttention"})
     layers = report["compression"]["layers"]
     assert len(layers) == 30 * 7
     if method == "smoothquant":
