@@ -80,6 +80,9 @@ def main() -> int:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="16 calibration samples (a smoke run, not the figures)")
+    ap.add_argument("--work", type=Path, default=None,
+                    help="keep the artifacts and each build's figures (build.json) here instead of a temporary "
+                         "folder, and print each scored row to stderr as it finishes")
     args = ap.parse_args()
     n = 16 if args.quick else args.samples
     calib = {"calib_samples": n, "calib_seqlen": args.seqlen}
@@ -126,11 +129,13 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = args.work or Path(scratch)
         built = {}
         for name, spec in runs.items():
             print(f"building {name} ...", file=sys.stderr, flush=True)
             built[name] = build({k: v for k, v in spec.items()}, Path(tmp) / folder(name))
+            (Path(tmp) / folder(name) / "build.json").write_text(json.dumps(built[name]))
         model = load_model("smollm2-135m")
         module = model.torch_module()
         windows = token_windows(model.tokenizer, builtin_split("evaluation"), 8, 512)
@@ -150,6 +155,8 @@ def main() -> int:
                 _, t = dec.generate(prompt, 128)
                 rates.append(len(t.decode_s) / sum(t.decode_s))
             rows.append((name, acc, float(np.median(rates)), info))
+            print(f"scored {name}: {acc['perplexity']:.3f} ({acc['perplexity_change_pct']:+.2f}%), "
+                  f"{rows[-1][2]:.1f} tok/s, {json.dumps(info)}", file=sys.stderr, flush=True)
     fp32_rate = rows[0][2]
     print(f"## smollm2-135m, evaluation half of the built-in text (8 x 512), calibration {n} x {args.seqlen}, "
           f"{args.threads} threads")
