@@ -148,6 +148,7 @@ def compress(model: Any, cfg: CompressConfig, progress: Callable[[str], None] | 
     originals = {name: p for name, p in work.named_parameters()}
     changed: dict[str, torch.Tensor] = {}
     prefix = "model.layers" if hasattr(work, "model") else "transformer.h"
+    head_stats: list[InputStats] = []  # the LM head's input statistics, when calibration runs
     channel_scales: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
     rotations = _rotate_down(work, cfg, rotate_weights=not cfg.needs_data) if cfg.rotate else {}
     head_rotation = _rotate_heads(work, model.config, cfg.seed) if cfg.rotate else None
@@ -217,7 +218,18 @@ def compress(model: Any, cfg: CompressConfig, progress: Callable[[str], None] | 
                 h.remove()
             act_hooks.clear()
 
-        sequential_calibration(work, batches, step, want_hessian=cfg.needs_hessian, after=done)
+        def head_inputs(hidden: list) -> None:
+            """What the LM head reads over the calibration set (final norm of the quantized stack)."""
+            norm = getattr(getattr(work, "model", None), "norm", None)
+            if not cfg.lm_head_bits or cfg.w8a8 or norm is None:
+                return
+            st = InputStats()
+            with torch.no_grad():
+                for h, _ in hidden:
+                    st.update(norm(h), cfg.needs_hessian, 2048)
+            head_stats.append(st.finish())
+
+        sequential_calibration(work, batches, step, want_hessian=cfg.needs_hessian, after=done, final=head_inputs)
     weights: dict[str, Any] = dict(model.weights)
     weights.update(changed)
     weights.update(quantized)
@@ -235,14 +247,32 @@ def compress(model: Any, cfg: CompressConfig, progress: Callable[[str], None] | 
         notes.append(f"attention heads rotated offline by a randomised Hadamard of order {head_rotation} "
                      "(v_proj rows and o_proj columns; no extra op)")
     if cfg.lm_head_bits:
-        head = weights.get("lm_head.weight", model.weights["model.embed_tokens.weight"])
-        weights["lm_head.weight"] = quantize_rtn(head, cfg.lm_head_bits, cfg.group_size, cfg.symmetric)
-        notes.append(f"LM head quantized to int{cfg.lm_head_bits} (round-to-nearest, group {cfg.group_size})")
+        head = torch.as_tensor(np.asarray(weights.get("lm_head.weight", model.weights["model.embed_tokens.weight"]),
+                                          dtype=np.float32))
+        st = head_stats[0] if head_stats else None
+        q, how = _quantize_head(head, cfg, st)
+        weights["lm_head.weight"] = q
+        layer_report.append(_layer_entry("lm_head", head, q, cfg, st))
+        notes.append(f"LM head quantized to int{cfg.lm_head_bits} ({how}, group {cfg.group_size})")
     # Only meaningful when weights are quantized: pruned float weights are stored dense at the artifact's
     # float width, which the compress stage does not decide.
     bpw = _bits_per_weight(weights) if cfg.precision != "none" else None
     return CompressResult(weights, layer_report, calib.describe() if calib else None, time.perf_counter() - t0,
                           bpw, notes, channel_scales=channel_scales)
+
+
+def _quantize_head(w: torch.Tensor, cfg: CompressConfig, st: InputStats | None) -> tuple[QuantizedTensor, str]:
+    """The LM head at ``cfg.lm_head_bits``: GPTQ on the Hessian of its calibration inputs when the
+    method computes Hessians, AWQ's clip search on a sample of them for AWQ, else round-to-nearest.
+
+    A tied head is quantized as its own tensor; the embedding keeps the float table."""
+    if st is not None and st.hessian is not None:
+        return gptq_quantize(w, st.hessian, GPTQConfig(cfg.lm_head_bits, cfg.group_size, cfg.symmetric, cfg.damp,
+                                                       cfg.act_order)), "GPTQ on its calibration inputs"
+    if st is not None and st.sample and cfg.method == "awq":
+        return (awq_quantize(w, torch.cat(st.sample), AWQConfig(cfg.lm_head_bits, cfg.group_size, cfg.symmetric)),
+                "clip search on its calibration inputs")
+    return quantize_rtn(w, cfg.lm_head_bits, cfg.group_size, cfg.symmetric), "round-to-nearest"
 
 
 def _finish_weight(w: torch.Tensor, cfg: CompressConfig, st: InputStats | None,

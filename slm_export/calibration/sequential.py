@@ -168,9 +168,12 @@ LayerStep = Callable[[int, nn.Module, dict[str, InputStats], list[tuple[torch.Te
 
 
 def sequential_calibration(module: nn.Module, batches: list[torch.Tensor], step: LayerStep, want_hessian: bool,
-                           after: Callable[[int, nn.Module], None] | None = None) -> None:
+                           after: Callable[[int, nn.Module], None] | None = None,
+                           final: Callable[[list[tuple[torch.Tensor, dict]]], None] | None = None) -> None:
     """For each layer: collect stats, let ``step`` quantize it (replacing weights), recompute outputs
-    from the quantized layer, then ``after`` (which may restore the layer: it is not run again)."""
+    from the quantized layer, then ``after`` (which may restore the layer: it is not run again).
+    ``final`` gets the last (quantized) layer's outputs over the calibration set: the LM head's inputs
+    before the final norm."""
     limit_heap_growth()
     layers = decoder_layers(module)
     hidden = capture_first_layer_inputs(module, batches)
@@ -182,6 +185,8 @@ def sequential_calibration(module: nn.Module, batches: list[torch.Tensor], step:
         if after:
             after(i, layer)
         _trim_heap()
+    if final:
+        final(hidden)
 
 
 def limit_heap_growth() -> None:
