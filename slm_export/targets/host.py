@@ -7,7 +7,6 @@ import json
 import os
 import platform
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,7 +19,8 @@ ISA_NAMES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64
              "armv7l": "armv7", "armv8l": "armv7"}
 CPUINFO, MEMINFO = Path("/proc/cpuinfo"), Path("/proc/meminfo")
 MAX_FREQ = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
-BUFFER_MB = 256
+BUFFER_MB = 2048
+BANDWIDTH_METHOD = "torch-f32-sum"  # in the cache key: a figure from an older method is measured again
 
 
 def cache_dir() -> Path:
@@ -72,30 +72,43 @@ def _memory_gb() -> float | None:
     return None
 
 
-def measure_bandwidth_gbs(threads: int, megabytes: int = BUFFER_MB, repeats: int = 5) -> float:
-    """Measure read bandwidth the way STREAM would, from Python.
+def _buffer_mb(megabytes: int = BUFFER_MB) -> int:
+    """The bandwidth buffer: ``megabytes``, at most an eighth of this machine's memory."""
+    memory = _memory_gb()
+    return max(16, min(megabytes, int(memory * 1024 / 8))) if memory else megabytes
 
-    ``threads`` workers sum disjoint slices of one buffer much larger than the caches; numpy releases
-    the GIL inside the reduction, so the workers run in parallel.
+
+def measure_bandwidth_gbs(threads: int, megabytes: int | None = None, repeats: int = 5) -> float:
+    """Measure read bandwidth the way STREAM would: a float32 sum over a buffer far larger than the
+    caches (2 GiB by default, at most an eighth of memory), with ``threads`` threads.
+
+    torch's vectorised reduction keeps up with memory; numpy's float64 pairwise sum does not (it read
+    12.9 GB/s on a box where this reads 25), which made every roofline half of what the memory allows.
+    scripts/bench_decode.py uses this same function.
 
     Args:
-        threads: Worker count (use the core count to saturate the memory system).
+        threads: Thread count (use the core count to saturate the memory system).
         megabytes: Buffer size.
-        repeats: Timed passes; the best one counts (the first also faults the pages in).
+        repeats: Timed passes after one that faults the pages in; the best one counts.
 
     Returns:
         Best observed bandwidth in GB/s (1e9 bytes per second).
     """
-    import numpy as np
+    import torch
 
-    buf = np.ones(megabytes * 2**20 // 8, dtype=np.float64)
-    parts = np.array_split(buf, max(1, threads))
-    best = 0.0
-    with ThreadPoolExecutor(len(parts)) as pool:
+    megabytes = megabytes or _buffer_mb()
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads))
+    try:
+        buf = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32)
+        buf.sum()  # fault the pages in
+        best = 0.0
         for _ in range(repeats):
             start = time.perf_counter()
-            list(pool.map(np.sum, parts))
-            best = max(best, buf.nbytes / (time.perf_counter() - start) / 1e9)
+            buf.sum()
+            best = max(best, buf.numel() * 4 / (time.perf_counter() - start) / 1e9)
+    finally:
+        torch.set_num_threads(before)
     return best
 
 
@@ -109,7 +122,8 @@ def _cached_bandwidth(key: str, cores: int) -> tuple[float, str]:
     except (OSError, ValueError, KeyError, TypeError):
         pass  # no cache, another machine's, or a damaged file: measure again
     bandwidth = measure_bandwidth_gbs(cores)
-    source = f"measured: numpy read of {BUFFER_MB} MB with {cores} threads on {time.strftime('%Y-%m-%d')}"
+    source = (f"measured: float32 read of a {_buffer_mb()} MB buffer with {cores} threads on "
+              f"{time.strftime('%Y-%m-%d')}")
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps({"key": key, "bandwidth_gbs": bandwidth, "source": source}), encoding="utf-8")
@@ -140,7 +154,7 @@ def detect_host(profile: TargetProfile) -> TargetProfile:
     model, flags, ghz, freq_src = _cpuinfo()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     memory = _memory_gb()
-    bandwidth, bw_src = _cached_bandwidth(f"{model or machine}|{cores}", cores)
+    bandwidth, bw_src = _cached_bandwidth(f"{model or machine}|{cores}|{BANDWIDTH_METHOD}", cores)
     clock = ghz or 2.0
     per_cycle = _flop_per_cycle(isa, flags)
     fp32 = cores * clock * per_cycle

@@ -213,7 +213,8 @@ def test_calibrated_lm_head_beats_round_to_nearest(tiny_models: dict[str, Path])
     result = compress(model, CompressConfig("int4", "gptq", 32, calib_samples=8, calib_seqlen=64, lm_head_bits=4))
     assert any("LM head quantized to int4 (GPTQ" in n for n in result.notes)
     entry = next(e for e in result.layers if e["layer"] == "lm_head")
-    assert entry["bits"] == 4 and "output_sqnr_db" in entry
+    assert entry["bits"] == 4
+    assert "output_sqnr_db" in entry
     table = model.weights["model.embed_tokens.weight"]
     sd = {k: torch.from_numpy(v.dequantize()) if isinstance(v, QuantizedTensor) else v
           for k, v in result.weights.items() if k != "lm_head.weight"}

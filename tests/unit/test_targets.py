@@ -65,7 +65,7 @@ def test_host_sources_say_how_each_fact_was_found() -> None:
     fields = ("cpu.model", "cpu.cores", "cpu.freq_ghz", "memory.capacity_gb", *(f"compute.{k}" for k in p.peak_gflops))
     for field in fields:
         assert p.sources[field].startswith(HOST_STATUSES), (field, p.sources[field])
-    assert p.sources["memory.bandwidth_gbs"].startswith("measured: numpy read of 256 MB")
+    assert p.sources["memory.bandwidth_gbs"].startswith("measured: float32 read of a 2048 MB buffer")
 
 
 @pytest.mark.parametrize(("alias", "canonical"), [
