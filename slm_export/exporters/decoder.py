@@ -28,6 +28,7 @@ from slm_export.calibration.quant import QuantizedTensor
 from slm_export.exporters.graph import GraphBuilder
 from slm_export.exporters.quantized import quantized_matmul
 from slm_export.models.adapters import DecoderSpec
+from slm_export.runner.onnx_decoder import KV_CACHE_KEY, KV_SHARED_BUFFER
 
 F32, I64 = TensorProto.FLOAT, TensorProto.INT64
 MASK_VALUE = -1e9  # finite, so a fully masked (left-padding) row cannot turn into NaN
@@ -105,6 +106,10 @@ def build_decoder(spec: DecoderSpec, opset: int, precision: str, max_seq_len: in
     fused = None
     if fused_attention:
         fused = _fused_inputs(b, spec, ids_shape, total, pos, mask, max_seq_len)
+        # GroupQueryAttention appends in place when past and present are one buffer (capacity x head
+        # dim, seqlens_k telling the filled length): the runner then keeps one cache per layer instead
+        # of copying the whole cache into a new present every step.
+        b.metadata[KV_CACHE_KEY] = KV_SHARED_BUFFER
 
     for i, layer in enumerate(spec.layers):
         p = f"layers.{i}"

@@ -36,6 +36,7 @@ class GraphBuilder:
         self._names: set[str] = set()
         self._consts: dict[tuple[str, bytes], str] = {}
         self._count = 0
+        self.metadata: dict[str, str] = {}  # model metadata_props (runtimes expose them as custom metadata)
 
     # ---- naming ---------------------------------------------------------------------------
     def fresh(self, hint: str) -> str:
@@ -130,6 +131,8 @@ class GraphBuilder:
         if self.ms_opset:
             opsets.append(helper.make_opsetid("com.microsoft", 1))
         model = helper.make_model(graph, opset_imports=opsets, producer_name="slm-export")
+        if self.metadata:
+            helper.set_model_props(model, self.metadata)
         # The lowest IR version that carries the opset: older runtimes (TensorRT 8.x) read it.
         model.ir_version = 7 if self.opset <= 15 else 8 if self.opset <= 18 else 10
         onnx.save_model(model, str(path))

@@ -2,7 +2,10 @@
 decoder (KV cache kept in OrtValues).
 
 Each decode step binds the previous step's present tensors as the next step's past without a copy
-through NumPy; only the last position's logits come back to Python.
+through NumPy; only the last position's logits come back to Python. A graph whose metadata says its
+attention appends in place (ONNX Runtime's GroupQueryAttention, ``slm_export.kv_cache =
+shared-buffer``) gets one preallocated cache per layer, bound as both past and present, so no step
+copies the cache.
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+# Model metadata written by the exporter: the graph's attention can append to a shared past/present buffer.
+KV_CACHE_KEY, KV_SHARED_BUFFER = "slm_export.kv_cache", "shared-buffer"
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,9 @@ class OnnxDecoder:
         first = next(i for i in session.get_inputs() if i.name.startswith("past_key_values."))
         self.kv_heads, self.head_dim = int(first.shape[1]), int(first.shape[3])
         self.past_dtype = np.float16 if "float16" in first.type else np.float32
+        meta = session.get_modelmeta().custom_metadata_map
+        self.shared_kv = meta.get(KV_CACHE_KEY) == KV_SHARED_BUFFER
+        self.vocab = next(o for o in session.get_outputs() if o.name == "logits").shape[-1]
 
     def _empty_past(self, batch: int) -> dict[str, np.ndarray]:
         empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), self.past_dtype)
@@ -137,6 +146,8 @@ class OnnxDecoder:
         """Greedy decoding of up to ``max_new_tokens`` after ``prompt`` (batch 1)."""
         if self.static_len is not None:
             return self._static_generate(prompt, max_new_tokens, eos_token_id, on_token)
+        if self.shared_kv:
+            return self._shared_generate(prompt, max_new_tokens, eos_token_id, on_token)
         sess = self.session
         n = len(prompt)
         feeds: dict[str, Any] = {"input_ids": np.asarray([prompt], dtype=np.int64),
@@ -166,5 +177,55 @@ class OnnxDecoder:
             for past, present in zip(self.past_names, presents, strict=True):
                 binding.bind_ortvalue_input(past, present)
             return run(binding)
+
+        return greedy_loop(prefill, step, n, max_new_tokens, eos_token_id, on_token)
+
+    def _shared_generate(self, prompt: list[int], max_new_tokens: int, eos_token_id: int | None,
+                         on_token: Callable[[int], None] | None) -> tuple[list[int], GenerationTiming]:
+        """Greedy decoding with one cache buffer per layer (prompt + new tokens long), bound as both the
+        past input and the present output: the attention kernel writes each new position in place and
+        reads only the filled part (its ``seqlens_k``). A step's logits land in one reused array."""
+        import onnxruntime as ort
+
+        sess = self.session
+        n = len(prompt)
+        shape = (1, self.kv_heads, n + max_new_tokens, self.head_dim)
+        caches = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.past_dtype)) for _ in self.past_names]
+        binding = sess.io_binding()
+        for name, cache in zip(self.past_names, caches, strict=True):
+            binding.bind_ortvalue_input(name, cache)
+        step_logits = np.zeros((1, 1, int(self.vocab)), np.float32) if isinstance(self.vocab, int) else None
+        step_out = ort.OrtValue.ortvalue_from_numpy(step_logits) if step_logits is not None else None
+
+        ones = np.ones((1, n + max_new_tokens), np.int64)  # attention_mask: a prefix of it each run
+
+        def bind_outputs(logits: Any) -> None:
+            binding.clear_binding_outputs()
+            if logits is None:
+                binding.bind_output("logits")
+            else:
+                binding.bind_ortvalue_output("logits", logits)
+            for present, cache in zip(self.present_names, caches, strict=True):
+                binding.bind_ortvalue_output(present, cache)
+
+        def run(ids: np.ndarray, total: int, positions: np.ndarray) -> None:
+            binding.bind_cpu_input("input_ids", ids)
+            binding.bind_cpu_input("attention_mask", ones[:, :total])
+            binding.bind_cpu_input("position_ids", positions)
+            sess.run_with_iobinding(binding)
+
+        def prefill() -> np.ndarray:
+            bind_outputs(None)  # the prompt's logits: ORT allocates them
+            run(np.asarray([prompt], np.int64), n, np.arange(n, dtype=np.int64)[None])
+            last = binding.get_outputs()[0].numpy()[0, -1]
+            if step_out is not None:
+                bind_outputs(step_out)  # from here on, each step writes into the same arrays
+            return last  # type: ignore[no-any-return]
+
+        def step(token: int, pos: int) -> np.ndarray:
+            run(np.asarray([[token]], np.int64), pos + 1, np.asarray([[pos]], np.int64))
+            if step_logits is None:
+                return binding.get_outputs()[0].numpy()[0, -1]  # type: ignore[no-any-return]
+            return step_logits[0, -1]
 
         return greedy_loop(prefill, step, n, max_new_tokens, eos_token_id, on_token)

@@ -42,6 +42,8 @@ def test_decoder_matches_pytorch_with_kv_cache(arch: str, opset: int, graph_ops:
         assert not [n for n in graph.graph.node if n.op_type == "Softmax"]
     assert (tmp_path / "model.onnx.data").stat().st_size > 0
     dec = OnnxDecoder(make_session(result.model_path, threads=1))
+    # the fused graph's cache is one buffer per layer, appended in place (generate below runs that path)
+    assert dec.shared_kv == (graph_ops == "onnxruntime")
     ids = np.asarray([[5, 17, 99, 3, 250, 42, 7, 11]], dtype=np.int64)
     with torch.no_grad():
         ref = model.torch_module()(torch.from_numpy(ids)).logits.numpy()
