@@ -44,9 +44,11 @@ def _units(weights: dict[str, Any]) -> dict[str, list[str]]:
 
 
 def _nominal_bits(weights: dict[str, Any]) -> float:
+    """Mean code bits of the decoder layers' quantized weights: what the budget chooses (the LM head's
+    precision is a separate setting, --lm-head-bits)."""
     bits = count = 0
-    for w in weights.values():
-        if isinstance(w, QuantizedTensor):
+    for name, w in weights.items():
+        if isinstance(w, QuantizedTensor) and name.startswith("model.layers."):
             bits += w.bits * w.size
             count += w.size
     return bits / max(count, 1)
