@@ -7,7 +7,8 @@ One run, ``smollm2-135m``, the same threads for everyone: greedy decoding of ``-
 
 - PyTorch eager float32 (transformers ``generate``): the reference, ratio 1.0;
 - this tool's float32, int8 and int4 artifacts (``slm-export --target host``, each profile default
-  method), run by the project's own generation loop;
+  method; int4's default LM head is int8), the int4 artifact with a float and with an int4 head, run by
+  the project's own generation loop;
 - ONNX Runtime GenAI's model builder (``-p int4 -e cpu``, accuracy level 4) through its own generator,
   when ``onnxruntime_genai`` imports (``pip install onnxruntime-genai --no-deps``);
 - llama.cpp through ``llama_cpp`` when it imports (not installed by the project: it compiles for minutes).
@@ -18,7 +19,7 @@ times the last-level cache) gives the machine's bandwidth now; each artifact's r
 bandwidth over the bytes of weights one decoded token reads (every matmul weight, the LM head included;
 of an embedding table only one row).
 
-Usage: python scripts/bench_decode.py [--threads 2] [--work DIR] [--quick]
+Usage: python scripts/bench_decode.py [--threads 2] [--work DIR] [--rows fp32,int8,int4,...] [--quick]
   --work DIR keeps the exported artifacts there and reuses them on the next run (export takes minutes).
   --quick: the int4 rows by round-to-nearest (no calibration): the speed figures hold, their perplexity is
   RTN's, not the default method's.
@@ -245,6 +246,8 @@ def main() -> int:
     ap.add_argument("--windows", type=int, default=8, help="evaluation windows of 512 tokens for perplexity")
     ap.add_argument("--work", type=Path, help="keep (and reuse) the artifacts in this folder")
     ap.add_argument("--calib-samples", type=int, help="calibration samples for the int4 rows (default: the profile's)")
+    ap.add_argument("--rows", help="comma-separated subset of this tool's rows (fp32, int8, int4 always; "
+                    "'int4 + float head', 'int4 + int4 head')")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -262,11 +265,17 @@ def main() -> int:
     int4_args = ["--precision", "int4"] + (["--method", "rtn"] if args.quick else [])
     if args.calib_samples and not args.quick:
         int4_args += ["--calib-samples", str(args.calib_samples)]
-    # int4 + int8 head: the tied LM head (28M of the 134M weights, read every token) quantized too.
-    # int4 + int4 head: as ONNX Runtime GenAI's builder does, by GPTQ on the head's calibration inputs here.
+    # int4: the host default, int8 LM head; the float head (what the tied table costs read every token) and
+    # an int4 head (as ONNX Runtime GenAI's builder does; GPTQ-rounded on the head's inputs here) beside it.
     builds = {"fp32": ["--precision", "fp32"], "int8": ["--precision", "int8"], "int4": int4_args,
-              "int4 + int8 head": [*int4_args, "--lm-head-bits", "8"],
+              "int4 + float head": [*int4_args, "--lm-head-bits", "0"],
               "int4 + int4 head": [*int4_args, "--lm-head-bits", "4"]}
+    if args.rows:
+        wanted = [r.strip() for r in args.rows.split(",")]
+        unknown = set(wanted) - set(builds)
+        if unknown or not {"fp32", "int8", "int4"} <= set(wanted):
+            raise SystemExit(f"--rows: choose from {', '.join(builds)} (fp32, int8 and int4 always)")
+        builds = {k: v for k, v in builds.items() if k in wanted}
     print("exporting ...", file=sys.stderr, flush=True)
     outs = {name: export(args.work, "ours-" + "".join(c if c.isalnum() else "_" for c in name)
                          + ("-quick" if args.quick and name.startswith("int4") else ""), a, args.threads)
@@ -292,7 +301,7 @@ def main() -> int:
         acc = decoder_accuracy(reference, dec, windows)
         rows.append({"name": f"slm-export {name} ({path.name})", **r, "ppl": acc["perplexity_change_pct"],
                      "bytes": bytes_read_per_token(out / "model.onnx"), "key": name})
-        if name == "int4 + int4 head":
+        if name == "int4":
             one_thread = ours(out, prompt, args.new, args.repeats, 1)[0]
     if genai_dir is not None:
         print("timing ONNX Runtime GenAI int4 ...", file=sys.stderr, flush=True)
@@ -325,21 +334,20 @@ def main() -> int:
         print("| " + " | ".join(cells) + " |")
     by = {r.get("key"): r for r in rows}
     if one_thread:
-        both = by["int4 + int4 head"]["tok_s"]
-        print(f"\nint4 + int4 head, 1 thread: {one_thread['tok_s']:.1f} tok/s; {args.threads} threads: {both:.1f} "
+        both = by["int4"]["tok_s"]
+        print(f"\nint4, 1 thread: {one_thread['tok_s']:.1f} tok/s; {args.threads} threads: {both:.1f} "
               f"({both / one_thread['tok_s']:.2f}x)")
     checks = {
         "fp32 >= 2.5x eager": by["fp32"]["tok_s"] >= 2.5 * eager_rate,
         "int8 >= 6x eager": by["int8"]["tok_s"] >= 6 * eager_rate,
         "int4 >= 70% of its roofline": by["int4"]["tok_s"] >= 0.7 * by["int4"]["roof"],
         "int8 >= 70% of its roofline": by["int8"]["tok_s"] >= 0.7 * by["int8"]["roof"],
-        "int4 + int4 head: 2 threads >= 1.6x 1 thread": one_thread is not None
-        and by["int4 + int4 head"]["tok_s"] >= 1.6 * one_thread["tok_s"],
+        "int4: 2 threads >= 1.6x 1 thread": one_thread is not None and by["int4"]["tok_s"] >= 1.6 * one_thread["tok_s"],
     }
     if "genai" in by:
         g = by["genai"]
         # Like for like: GenAI's int4 quantizes its (tied) head to int4 as well.
-        for key in ("int4", "int4 + int4 head"):
+        for key in [k for k in ("int4", "int4 + int4 head") if k in by]:
             checks[f"{key} >= 1.0x GenAI int4"] = by[key]["tok_s"] >= g["tok_s"]
             checks[f"{key} perplexity change <= GenAI int4's"] = by[key]["ppl"] <= g["ppl"]
             checks[f"{key} TTFT <= 1.1x GenAI's"] = by[key]["ttft_s"] <= 1.1 * g["ttft_s"]
