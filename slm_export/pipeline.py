@@ -401,6 +401,12 @@ def build_report(plan: Plan, profile: TargetProfile, model: Any, exported: Any, 
         metrics = {**metrics, "device_decode_fraction_of_roofline": {
             "value": measured["value"] / bound, "unit": "", "where": f"{measured['where']}, over the {profile.id} "
             f"profile's roofline bound ({bound:.1f} tokens/s, estimated)"}}
+    if bound and profile.id == "host" and "decode_tokens_per_s_p50" in metrics:
+        # the host is the target: its own run against its own (measured-bandwidth) roofline
+        measured = metrics["decode_tokens_per_s_p50"]
+        metrics = {**metrics, "decode_fraction_of_roofline": {
+            "value": measured["value"] / bound, "unit": "", "where": f"{measured['where']}, over the host's "
+            f"roofline bound ({bound:.1f} tokens/s: measured bandwidth / weight bytes read per token)"}}
     if goals_file:
         wanted = load_goals(goals_file)
     else:

@@ -144,6 +144,10 @@ def test_quantized_exports(target: str, precision: str, extra: list[str], max_ch
     # Quantized artifacts are smaller than the float32 weights and decode faster than the fp32 bound.
     assert report["artifact"]["bytes"] < 0.6 * report["model"]["float32_weight_bytes"]
     assert code in (0, 1)
+    if target == "host":  # the host is the target: its measured decode over its own roofline
+        frac = report["metrics"]["decode_fraction_of_roofline"]
+        assert 0 < frac["value"] < 1.5
+        assert "host's roofline" in frac["where"]
 
 
 @pytest.mark.parametrize(("target", "method", "op", "max_change"), [
