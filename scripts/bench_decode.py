@@ -7,8 +7,8 @@ One run, ``smollm2-135m``, the same threads for everyone: greedy decoding of ``-
 
 - PyTorch eager float32 (transformers ``generate``): the reference, ratio 1.0;
 - this tool's float32, int8 and int4 artifacts (``slm-export --target host``, each profile default
-  method; the quantized ones quantize the LM head to their bits), the int4 artifact with an int8 and with
-  a float head, run by the project's own generation loop;
+  method; the quantized ones quantize the LM head to int8), the int4 artifact with an int4 and with a
+  float head, run by the project's own generation loop;
 - ONNX Runtime GenAI's model builder (``-p int4 -e cpu``, accuracy level 4) through its own generator,
   when ``onnxruntime_genai`` imports (``pip install onnxruntime-genai --no-deps``);
 - llama.cpp through ``llama_cpp`` when it imports (not installed by the project: it compiles for minutes).
@@ -247,7 +247,7 @@ def main() -> int:
     ap.add_argument("--work", type=Path, help="keep (and reuse) the artifacts in this folder")
     ap.add_argument("--calib-samples", type=int, help="calibration samples for the int4 rows (default: the profile's)")
     ap.add_argument("--rows", help="comma-separated subset of this tool's rows (fp32, int8, int4 always; "
-                    "'int4 + int8 head', 'int4 + float head')")
+                    "'int4 + int4 head', 'int4 + float head')")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -265,10 +265,10 @@ def main() -> int:
     int4_args = ["--precision", "int4"] + (["--method", "rtn"] if args.quick else [])
     if args.calib_samples and not args.quick:
         int4_args += ["--calib-samples", str(args.calib_samples)]
-    # int4: the host default, its LM head int4 too (as ONNX Runtime GenAI's builder does; GPTQ-rounded on the
-    # head's inputs here); an int8 head and the float head (the tied table read every token) beside it.
+    # int4: the host default, its LM head int8 (GPTQ-rounded on the head's inputs); an int4 head (as ONNX
+    # Runtime GenAI's builder does) and the float head (the tied table read every token) beside it.
     builds = {"fp32": ["--precision", "fp32"], "int8": ["--precision", "int8"], "int4": int4_args,
-              "int4 + int8 head": [*int4_args, "--lm-head-bits", "8"],
+              "int4 + int4 head": [*int4_args, "--lm-head-bits", "4"],
               "int4 + float head": [*int4_args, "--lm-head-bits", "0"]}
     if args.rows:
         wanted = [r.strip() for r in args.rows.split(",")]

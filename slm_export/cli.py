@@ -50,8 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4),
                    help="ONNX Runtime MatMulNBits accuracy level (4: int8 compute; default 4)")
     q.add_argument("--lm-head-bits", type=int, choices=(0, 4, 8),
-                   help="quantize the LM head too (default where ONNX Runtime is the target's first backend: the "
-                   "weight-only int4/int8 layers' bits; else 0: float)")
+                   help="quantize the LM head too (default: 8 for weight-only int8/int4 where ONNX Runtime is the "
+                   "target's first backend, else 0: float)")
     q.add_argument("--max-ppl-increase", type=_percent, help="accuracy budget, e.g. 5%%: int4, with the most "
                    "sensitive layers kept at int8 until the perplexity change on the evaluation text is within it")
     sp = e.add_argument_group("sparsity")

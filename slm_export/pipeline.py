@@ -97,14 +97,14 @@ def make_plan(profile: TargetProfile, model: str, out: str | Path, precision: st
                          "scales (the accelerator shifts instead of multiplying)")
         if profile.backends[0] == "onnxruntime" and options["method"] not in ("smoothquant", "dynamic") \
                 and "lm_head_bits" not in options:
-            # The tied head is a fifth of smollm2's weights but, float, 62% of what an int4 token reads (48%
-            # for int8): it takes the layers' bits, as ONNX Runtime GenAI's builder (int4) and llama.cpp's
-            # Q8_0 do; here rounded by GPTQ on the head's own calibration inputs.
-            options["lm_head_bits"] = 4 if precision == "int4" else 8
-            notes.append(f"{profile.id}: the LM head is quantized to int{options['lm_head_bits']} as well (its own "
-                         "MatMulNBits; the embedding keeps the float table); smollm2-135m on the host, AWQ+GPTQ "
-                         "int4: 181 -> 86 MB read per token, 59.8 -> 84.0 tok/s, perplexity change +3.24% -> "
-                         "+4.37% (int8 head: 101 MB, 75.0 tok/s, +3.28%); --lm-head-bits 0 keeps it float")
+            # The tied head is a fifth of smollm2's weights but, float, 62% of what an int4 token reads (48% for
+            # int8). int8, GPTQ-rounded on the head's inputs: an int4 head measured no faster on the host
+            # (interleaved A/B: 89.5 vs 90.9 tok/s) and cost +1.1 points of perplexity.
+            options["lm_head_bits"] = 8
+            notes.append(f"{profile.id}: the LM head is quantized to int8 as well (its own MatMulNBits; the "
+                         "embedding keeps the float table); smollm2-135m AWQ+GPTQ int4 on the host: 181 -> 101 MB "
+                         "read per token, 65 -> 91 tok/s, perplexity change +3.24% -> +3.28%; --lm-head-bits 0 "
+                         "keeps it float, 4 makes it int4 (86 MB, +4.37%, no faster on the host)")
         if profile.graph_ops == "onnxruntime" and profile.cpu.isa == "aarch64" and "asimddp" not in \
                 profile.cpu.features and "accuracy_level" not in options:
             # Measured under qemu-aarch64 -cpu cortex-a72: MatMulNBits at level 4 returns exactly its level-1

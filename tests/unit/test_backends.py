@@ -217,20 +217,20 @@ def test_accuracy_level_follows_the_target_cpu(tiny_models: dict[str, Path], tmp
 
 
 def test_quantized_head_default_follows_the_backend(tiny_models: dict[str, Path], tmp_path: Path) -> None:
-    # ONNX Runtime first (host, rpi4b): weight-only int4/int8 quantize the LM head to their bits unless told;
+    # ONNX Runtime first (host, rpi4b): weight-only int4/int8 quantize the LM head to int8 unless told;
     # ExecuTorch first (android) keeps it float (a grouped int8 head through XNNPACK is not verified); W8A8
     # leaves it alone.
     tiny = str(tiny_models["llama"])
     host = make_plan(get_target("host"), tiny, tmp_path / "a", "int4")
-    assert host.lm_head_bits == 4
-    assert any("LM head is quantized to int4" in n for n in host.notes)
-    assert make_plan(get_target("rpi4b"), tiny, tmp_path / "b", "int4").lm_head_bits == 4
+    assert host.lm_head_bits == 8
+    assert any("LM head is quantized to int8" in n for n in host.notes)
+    assert make_plan(get_target("rpi4b"), tiny, tmp_path / "b", "int4").lm_head_bits == 8
     assert make_plan(get_target("android"), tiny, tmp_path / "c", "int4").lm_head_bits == 0
     assert make_plan(get_target("host"), tiny, tmp_path / "d", "int8").lm_head_bits == 8  # weight-only int8
     assert make_plan(get_target("host"), tiny, tmp_path / "g", "int8", method="smoothquant").lm_head_bits == 0
     assert make_plan(get_target("host"), tiny, tmp_path / "h", "fp32").lm_head_bits == 0
     assert make_plan(get_target("host"), tiny, tmp_path / "e", "int4", lm_head_bits=0).lm_head_bits == 0
-    assert make_plan(get_target("host"), tiny, tmp_path / "f", "int4", lm_head_bits=8).lm_head_bits == 8
+    assert make_plan(get_target("host"), tiny, tmp_path / "f", "int4", lm_head_bits=4).lm_head_bits == 4
 
 
 def test_emulated_agreement_goal_depends_on_who_quantizes_activations() -> None:
