@@ -103,8 +103,9 @@ def make_plan(profile: TargetProfile, model: str, out: str | Path, precision: st
             options["lm_head_bits"] = 8
             notes.append(f"{profile.id}: the LM head is quantized to int8 as well (its own MatMulNBits; the "
                          "embedding keeps the float table); smollm2-135m AWQ+GPTQ int4 on the host: 181 -> 101 MB "
-                         "read per token, 65 -> 91 tok/s, perplexity change +3.24% -> +3.28%; --lm-head-bits 0 "
-                         "keeps it float, 4 makes it int4 (86 MB, +4.37%, no faster on the host)")
+                         "read per token, 59.8 -> 75.0 tok/s (one bench run), perplexity change +3.24% -> "
+                         "+3.28%; --lm-head-bits 0 keeps it float, 4 makes it int4 (86 MB, +4.37%, no faster on "
+                         "the host)")
         if profile.graph_ops == "onnxruntime" and profile.cpu.isa == "aarch64" and "asimddp" not in \
                 profile.cpu.features and "accuracy_level" not in options:
             # Measured under qemu-aarch64 -cpu cortex-a72: MatMulNBits at level 4 returns exactly its level-1
