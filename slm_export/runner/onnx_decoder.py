@@ -223,6 +223,8 @@ class OnnxDecoder:
             return last  # type: ignore[no-any-return]
 
         def step(token: int, pos: int) -> np.ndarray:
+            if step_out is None:  # a symbolic vocabulary: let ORT allocate each step's logits afresh
+                bind_outputs(None)
             run(np.asarray([[token]], np.int64), pos + 1, np.asarray([[pos]], np.int64))
             if step_logits is None:
                 return binding.get_outputs()[0].numpy()[0, -1]  # type: ignore[no-any-return]
