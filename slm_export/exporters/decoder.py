@@ -152,19 +152,22 @@ def _add_norm(b: GraphBuilder, W: _Weights, spec: DecoderSpec, x: str, delta: st
     if W.graph_ops != "onnxruntime" or spec.norm == "layer":
         x = b.op("Add", [x, delta])  # type: ignore[assignment]
         return _norm(b, W, spec, x, wb, name), x
-    weight, _ = wb
-    offset = spec.norm_offset
-    w = W(f"{name}.weight", lambda: weight + offset if offset else weight)
+    w = _norm_weight(W, spec, wb[0], name)
     y, total = b.fresh(f"{name}_out"), (b.fresh(f"{name}_sum") if keep_sum else "")
     b.op_to("SkipSimplifiedLayerNormalization", [delta, x, w], [y, "", "", total] if keep_sum else [y],
             domain="com.microsoft", epsilon=float(spec.eps))
     return y, total
 
 
+def _norm_weight(W: _Weights, spec: DecoderSpec, weight, name: str) -> str:  # type: ignore[no-untyped-def]
+    """The norm's scale as stored (Gemma-style ``1 + w`` norms folded in)."""
+    offset = spec.norm_offset
+    return W(f"{name}.weight", lambda: weight + offset if offset else weight)
+
+
 def _norm(b: GraphBuilder, W: _Weights, spec: DecoderSpec, x: str, wb, name: str) -> str:  # type: ignore[no-untyped-def]
     weight, bias = wb
-    offset = spec.norm_offset
-    w = W(f"{name}.weight", lambda: weight + offset if offset else weight)
+    w = _norm_weight(W, spec, weight, name)
     eps = b.const(np.float32(spec.eps), np.float32)
     if spec.norm == "layer":
         bias_name = W(f"{name}.bias", lambda: bias)
