@@ -127,11 +127,13 @@ def search_group_clip(w: torch.Tensor, bits: int, symmetric: bool, grid: int = 4
     option. Clipping a rare outlier buys a finer step for the rest of the group."""
     best_scale, best_zero = group_params(w, bits, symmetric)
     best_err = torch.full((w.shape[0], 1), float("inf"))
+    qmax = (1 << bits) - 1
     for k in range(grid):
         clip = 1.0 - max_shrink * k / grid
         scale, zero = group_params(w, bits, symmetric, clip=clip)
-        q = (quantize_codes(w, scale, zero, bits) - zero) * scale
-        err = (q - w).abs_().pow_(norm).sum(1, keepdim=True)
+        # quantize_codes, dequantize and the error in place: one temporary instead of six
+        err = torch.div(w, scale).round_().add_(zero).clamp_(0, qmax).sub_(zero).mul_(scale).sub_(w)
+        err = err.abs_().pow_(norm).sum(1, keepdim=True)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)
