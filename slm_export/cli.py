@@ -106,6 +106,13 @@ def _device_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device-timeout", type=float, default=3600.0, help="seconds a run may take on the device")
     g.add_argument("--goals", help="TOML goals replacing the defaults: [metric] with max, min or equals")
     g.add_argument("--junit", help="write the goals as JUnit XML (one test case per goal) to this file")
+    v = p.add_argument_group("validation effort")
+    v.add_argument("--eval-windows", type=_at_least(1), default=8,
+                   help="512-token windows of the evaluation text for perplexity and agreement (default 8)")
+    v.add_argument("--timing-tokens", type=_at_least(2), default=64,
+                   help="tokens decoded in each of the 5 timed runs after the 128-token prompt (default 64)")
+    v.add_argument("--emulate-tokens", type=_at_least(16), help="tokens in each emulated run's accuracy window "
+                   "(default 256 for ONNX Runtime, 128 for TVM: each emulated token costs about a hundred host tokens)")
 
 
 def _settings(args: argparse.Namespace) -> Any:
@@ -117,8 +124,10 @@ def _settings(args: argparse.Namespace) -> Any:
         DeviceUrl.parse(args.device)  # a malformed URL is a user error before any work starts
     if args.goals:
         load_goals(args.goals)
-    return ValidationSettings(threads=args.threads, device=args.device, identity=args.identity,
-                              known_hosts=args.known_hosts, device_timeout=args.device_timeout, goals_file=args.goals)
+    return ValidationSettings(windows=args.eval_windows, decode_tokens=args.timing_tokens,
+                              emulate_tokens=args.emulate_tokens, threads=args.threads,
+                              device=args.device, identity=args.identity, known_hosts=args.known_hosts,
+                              device_timeout=args.device_timeout, goals_file=args.goals)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,6 +186,21 @@ def _percent(text: str) -> float:
         return float(text.strip().rstrip("%"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a percentage like 5% or 2.5, not {text!r}") from None
+
+
+def _at_least(low: int) -> Any:
+    """An argparse type: a whole number >= ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected a whole number of at least {low}, not {text!r}")
+        return value
+
+    return parse
 
 
 def _terminate(signum: int, frame: Any) -> None:

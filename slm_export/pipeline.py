@@ -311,12 +311,13 @@ def further_runs(model: Any, folder: Path, results: list[Any], validated: str, p
     metrics: dict[str, Any] = {}
     if any(r.status == "done" and r.runtime_model and r.runtime_model != validated for r in results):
         m, runs["crosscheck"] = stages.run("crosscheck", lambda: checks.crosscheck(
-            model, folder, results, validated, text, settings.threads, progress))
+            model, folder, results, validated, text, settings, progress))
         metrics.update(m)
     # A device given: the emulator's stand-in is not needed unless asked for (--emulate).
     if plan.emulate == "on" or (plan.emulate == "auto" and not settings.device):
         m, runs["emulate"] = stages.run("emulate", lambda: checks.emulate(
-            model, folder, results, profile, text, settings.threads, plan.emulate == "on", progress))
+            model, folder, results, profile, text, settings.threads, plan.emulate == "on", progress,
+            settings.emulate_tokens))
         metrics.update(m)
     if settings.device:
         m, device = stages.run("device", lambda: checks.on_device(model, folder, results, validated, text, settings,

@@ -89,10 +89,13 @@ def run_job(job: dict[str, Any], base: Path) -> dict[str, Any]:
                            "load_s": time.perf_counter() - t0}
     out["windows"] = [score_window(decoder.logits(np.asarray([w], np.int64))[0], np.asarray(w, np.int64))
                       for w in job.get("windows", [])]
-    if job.get("greedy_prompt"):
-        out["greedy"], _ = decoder.generate(list(job["greedy_prompt"]), int(job.get("greedy_tokens", 32)))
-    prompt = job.get("timing_prompt")
     ttft, rates = [], []
+    if job.get("greedy_prompt"):
+        out["greedy"], timing = decoder.generate(list(job["greedy_prompt"]), int(job.get("greedy_tokens", 32)))
+        if job.get("time_greedy") and timing.decode_s:  # no timed runs of their own: the greedy run's times
+            ttft.append(timing.prefill_s * 1000.0)
+            rates.append(len(timing.decode_s) / sum(timing.decode_s))
+    prompt = job.get("timing_prompt")
     if prompt:
         decoder.generate(list(prompt[:8]), 4)  # warm-up: first-run allocations are not the steady state
         for _ in range(int(job.get("repeats", 3))):

@@ -41,7 +41,7 @@ class RemoteSettings:
     greedy_tokens: int = 16
     prompt_tokens: int = 64
     decode_tokens: int = 16
-    repeats: int = 2
+    repeats: int = 2  # 0: no timed runs of their own; the greedy run's prefill and steps are timed instead
     threads: int = 0
 
 
@@ -82,9 +82,12 @@ def remote_validation(runner: Runner, artifact: Path, file: str, module: Any, to
     windows = token_windows(tokenizer, text, s.windows, s.window_len)
     prompt = windows[0][: min(s.prompt_tokens, len(windows[0]) // 2)]
     job = {"schema": SCHEMA, "model": file, "threads": s.threads, "exact_qdq": exact_qdq, "windows": windows,
-           "greedy_prompt": prompt, "greedy_tokens": s.greedy_tokens,
-           "timing_prompt": (windows[0] * 2)[: s.prompt_tokens],
-           "decode_tokens": s.decode_tokens, "repeats": s.repeats}
+           "greedy_prompt": prompt, "greedy_tokens": s.greedy_tokens}
+    if s.repeats:
+        job.update(timing_prompt=(windows[0] * 2)[: s.prompt_tokens], decode_tokens=s.decode_tokens,
+                   repeats=s.repeats)
+    else:
+        job["time_greedy"] = True
     t0 = time.perf_counter()
     res = runner.run(artifact, job)
     wall = time.perf_counter() - t0
@@ -130,12 +133,13 @@ def remote_validation(runner: Runner, artifact: Path, file: str, module: Any, to
     out[f"perplexity_change_vs_{versus_label}_pp"] = _metric(
         out["perplexity_change_pct"]["value"] - out[f"{versus_label}_perplexity_change_pct"]["value"], "pp",
         where + scope)
+    timed = (f", {s.prompt_tokens}-token prompt", f", {s.decode_tokens} tokens") if s.repeats else \
+        (f", the greedy run's {len(prompt)}-token prompt", f", the greedy run's {s.greedy_tokens} tokens")
     if res.get("ttft_ms"):
-        out["ttft_ms_p50"] = _metric(float(np.median(res["ttft_ms"])), "ms",
-                                     where + f", {s.prompt_tokens}-token prompt")
+        out["ttft_ms_p50"] = _metric(float(np.median(res["ttft_ms"])), "ms", where + timed[0])
     if res.get("decode_tokens_per_s"):
         out["decode_tokens_per_s_p50"] = _metric(float(np.median(res["decode_tokens_per_s"])), "tokens/s",
-                                                 where + f", {s.decode_tokens} tokens")
+                                                 where + timed[1])
     details = {"runner": runner.name, "status": "done", "file": file, "versus": versus, "where": where,
                "environment": res.get("environment", {}), "wall_s": round(wall, 1),
                "load_s": round(res.get("load_s", 0.0), 1), "far_peak_rss_mb": round(res.get("peak_rss_mb", 0.0), 1),

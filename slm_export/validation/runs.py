@@ -9,6 +9,7 @@ which backend's file ran: ``tvm_...`` (host cross-check), ``emulated_onnxruntime
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,19 +17,22 @@ from slm_export.errors import DeviceError
 from slm_export.report import Goal
 from slm_export.validation.remote import HostRunner, RemoteSettings, remote_validation
 
-# Under QEMU each token costs about a hundred times the host's; emulated speed is not device speed, so
-# the timing is one short run and the tokens go to accuracy. smollm2-135m int4 on rpi4b, 2 threads: the
+# Under QEMU each token costs about a hundred times the host's (every decoded token as much as a prompt
+# token: a GEMV reads every weight); emulated speed is not device speed, so the greedy run's times stand
+# for the timing (repeats=0) and the tokens go to accuracy. smollm2-135m int4 on rpi4b, 2 threads: the
 # earlier 2 x 256 windows, 16 greedy, 2 x (64 + 16) timed tokens took 25 min for both files.
-EMULATED_ORT = RemoteSettings(windows=1, window_len=256, greedy_tokens=8, prompt_tokens=32, decode_tokens=4,
-                              repeats=1)
+EMULATED_ORT = RemoteSettings(windows=1, window_len=256, greedy_tokens=8, prompt_tokens=32, repeats=0)
 # A TVM library under QEMU runs its loops on an emulated core: a few tokens are what fits.
-EMULATED_TVM = RemoteSettings(windows=1, window_len=128, greedy_tokens=8, prompt_tokens=32, decode_tokens=4,
-                              repeats=1)
+EMULATED_TVM = RemoteSettings(windows=1, window_len=128, greedy_tokens=8, prompt_tokens=32, repeats=0)
 
 
-def crosscheck(model: Any, folder: Path, results: list[Any], validated: str, text: Any, threads: int,
+def crosscheck(model: Any, folder: Path, results: list[Any], validated: str, text: Any, settings: Any,
                progress: Any = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Run each other backend's runtime file on the host against the validated file."""
+    """Run each other backend's runtime file on the host against the validated file. ``settings`` (the
+    host validation's) caps the windows and timed tokens: a cross-check measures no more than validation."""
+    base = RemoteSettings()
+    remote = replace(base, threads=settings.threads, windows=min(base.windows, settings.windows),
+                     decode_tokens=min(base.decode_tokens, settings.decode_tokens))
     metrics: dict[str, Any] = {}
     details = []
     for r in results:
@@ -37,7 +41,7 @@ def crosscheck(model: Any, folder: Path, results: list[Any], validated: str, tex
         if progress:
             progress("crosscheck", f"{r.runtime_model} against {validated}")
         m, d = remote_validation(HostRunner(), folder, r.runtime_model, model.torch_module(), model.tokenizer, text,
-                                 RemoteSettings(threads=threads), r.backend, versus=validated,
+                                 remote, r.backend, versus=validated,
                                  versus_label="validated")
         metrics.update(m)
         details.append({"backend": r.backend, "prefix": r.backend, "versus_label": "validated", **d})
@@ -58,10 +62,11 @@ def _emulator_can_run(file: str, backend: str, env: Any) -> str | None:
 
 
 def emulate(model: Any, folder: Path, results: list[Any], profile: Any, text: Any, threads: int, required: bool,
-            progress: Any = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+            progress: Any = None, window_len: int | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Run each backend's device file under qemu-aarch64 with the profile's CPU model. When ``required``
     (``--emulate``) an emulator that cannot run is an error; otherwise (the profile's default) it is
-    reported and the host's figures stand."""
+    reported and the host's figures stand. ``window_len``: the accuracy window's tokens (``--emulate-tokens``;
+    default EMULATED_ORT's or EMULATED_TVM's)."""
     from slm_export.validation.emulator import EmulatorRunner
 
     metrics: dict[str, Any] = {}
@@ -88,7 +93,8 @@ def emulate(model: Any, folder: Path, results: list[Any], profile: Any, text: An
             progress("emulate", f"{file} on qemu-aarch64 -cpu {runner.cpu}")
         settings = EMULATED_TVM if r.backend == "tvm" else EMULATED_ORT
         m, d = remote_validation(runner, folder, file, model.torch_module(), model.tokenizer, text,
-                                 RemoteSettings(**{**settings.__dict__, "threads": threads}), f"emulated_{r.backend}",
+                                 replace(settings, threads=threads, window_len=window_len or settings.window_len),
+                                 f"emulated_{r.backend}",
                                  versus=r.runtime_model or file)
         metrics.update(m)
         details.append({"backend": r.backend, "prefix": f"emulated_{r.backend}", "versus_label": "host", **d})

@@ -31,6 +31,7 @@ class ValidationSettings:
     decode_tokens: int = 64
     repeats: int = 5
     threads: int = 0
+    emulate_tokens: int | None = None  # each emulated run's accuracy window (None: runs.EMULATED_*'s)
     exact_qdq: bool = False  # Q/DQ as float products of the int8 values (the artifact's runtime is not ORT)
     # A device to validate on too (ssh://user@host:port), how to reach it, and how long a run may take there.
     device: str | None = None

@@ -80,6 +80,9 @@ def test_bad_models(case: str, expected: str, tmp_path: Path, gguf_path: Path,
     (["--target", "host", "--model", "smollm2-135m", "--sparsity", "3:2"], 2, "need 0 < N < M"),
     (["--target", "host", "--model", "smollm2-135m", "--sparsity", "2:4", "--sparsity-method", "random"], 2,
      "invalid choice"),
+    (["--target", "host", "--model", "smollm2-135m", "--eval-windows", "0"], 2, "at least 1, not '0'"),
+    (["--target", "rpi4", "--model", "smollm2-135m", "--timing-tokens", "one"], 2, "at least 2, not 'one'"),
+    (["validate", "/tmp", "--emulate-tokens", "8"], 2, "at least 16, not '8'"),
 ])
 def test_bad_requests(argv: list[str], code: int, expected: str, capsys: pytest.CaptureFixture[str]) -> None:
     got, out = _run(argv, capsys)
