@@ -14,8 +14,15 @@ import pytest
 
 from slm_export.cli import main
 from slm_export.models.builtin import BUILTIN_MODELS
+from slm_export.validation.validate import ValidationSettings
 
 pytestmark = pytest.mark.slow
+
+# The suite's validation effort: 2 evaluation windows of 512 tokens (not 8), 8 timed tokens a run (not 64).
+# These tests check that each path works and lands in a sane range; scripts/bench_*.py measure the figures
+# with the defaults.
+LIGHT = ["--eval-windows", "2", "--timing-tokens", "8"]
+LIGHT_SETTINGS = ValidationSettings(windows=2, decode_tokens=8)
 
 
 def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
@@ -29,10 +36,11 @@ def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]
 @pytest.fixture(scope="module")
 def rpi4_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("real") / "rpi4"
-    # The profile's defaults but half the calibration samples (64 -> 32): the suite's time, not the figure
-    # (scripts/bench_compress.py measures the default).
+    # The profile's defaults with a quarter of the calibration tokens (16 x 256, not 64 x 512) and 64-token
+    # emulated windows: the suite's time, not the figures (scripts/bench_compress.py and bench_backends.py
+    # measure the defaults).
     assert main(["--target", "rpi4", "--model", "smollm2-135m", "--out", str(out), "--threads", "2",
-                 "--calib-samples", "32"]) == 0
+                 "--calib-samples", "16", "--calib-seqlen", "256", "--emulate-tokens", "64", *LIGHT]) == 0
     return out
 
 
@@ -45,7 +53,7 @@ def test_rpi4_default_export(rpi4_artifact: Path) -> None:
     assert (report["plan"]["precision"], report["plan"]["method"]) == ("int4", "awq-gptq")
     assert report["metrics"]["perplexity_change_pct"]["value"] <= 10.0
     comp = report["compression"]
-    assert comp["calibration"]["samples"] == 32
+    assert (comp["calibration"]["samples"], comp["calibration"]["seqlen"]) == (16, 256)
     assert comp["calibration"]["source"] == "builtin:pydoc-topics/calibration"
     # 30 layers x 7 linears, then the tied LM head: int8 by default on ORT targets, by GPTQ on its inputs
     assert len(comp["layers"]) == 30 * 7 + 1
@@ -73,6 +81,10 @@ def test_rpi4_default_export(rpi4_artifact: Path) -> None:
     # The Pi's cores have no dot product: ORT multiplies in float32 there, and the artifact says so (level 1).
     assert report["plan"]["accuracy_level"] == 1
     assert m["emulated_onnxruntime_agreement_with_host"]["value"] >= 0.99
+    # the validation effort asked for: 2 x 512 evaluation tokens, 8 timed, 64-token emulated windows
+    assert m["tokens_scored"]["value"] == 2 * 511
+    assert m["decode_tokens_per_s_p50"]["where"].endswith(", 8 tokens")
+    assert [e["windows"] for e in report["emulation"]] == [[1, 64], [1, 64]]
     assert all(k in report["versions"] for k in ("torch", "onnxruntime", "transformers"))
     assert (rpi4_artifact / "report.md").read_text().startswith("# slm-export report")
     assert (rpi4_artifact / "tokenizer" / "tokenizer.json").is_file()
@@ -81,13 +93,55 @@ def test_rpi4_default_export(rpi4_artifact: Path) -> None:
 
 def test_validate_existing_artifact(rpi4_artifact: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # The fixture's run already emulated the aarch64 files; re-validating here checks the host and cross-checks.
-    code, out = _cli(["validate", str(rpi4_artifact), "--json", "--threads", "2", "--no-emulate"], capsys)
+    code, out = _cli(["validate", str(rpi4_artifact), "--json", "--threads", "2", "--no-emulate", *LIGHT],
+                     capsys)
     assert code == 0, out
     report = json.loads(out)
     assert report["verdict"] == "PASS"
     assert [s["name"] for s in report["stages"]][-3:] == ["load", "validate", "crosscheck"]
     assert report["emulation"] == []
     assert not any(k.startswith("emulated_") for k in report["metrics"])
+
+
+def test_android_default_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The ExecuTorch path end to end: the .pte validated through ExecuTorch's runtime, the .ort cross-checked
+    # on the host, then run under QEMU as a Cortex-A76 (one 256-token window: 64 tokens left the agreement
+    # figure to a handful of tokens). Round to nearest: the backend path is tested here, the calibrated
+    # methods by the rpi4 run.
+    out = tmp_path / "android"
+    code, text = _cli(["--target", "android", "--model", "smollm2-135m", "--method", "rtn", "--out", str(out),
+                       "--threads", "2", "--json", *LIGHT], capsys)
+    report = json.loads(text)
+    # Measured 2026-12-03 (EPYC, AVX-512 VNNI host): RTN's own goal (+10%) is out of reach for symmetric int4
+    # on a 135M model (+28%), and the three int8-activation runtimes (XNNPACK, ORT x86, ORT aarch64) part by
+    # more than the 0.5 pp / 97% goals (-0.9 pp, -3.0 pp, 93% of top-1 tokens). Those goals must fail
+    # loudly, as they do; no other may fail.
+    failed = {g["metric"] for g in report["goals"] if g["status"] == "FAIL"}
+    may_fail = {"perplexity_change_pct", "onnxruntime_perplexity_change_vs_validated_pp",
+                "emulated_onnxruntime_agreement_with_host", "emulated_onnxruntime_perplexity_change_vs_host_pp"}
+    assert failed <= may_fail, report["goals"]
+    assert code == (1 if failed else 0)
+    assert report["verdict"] == ("FAIL" if failed else "PASS")
+    assert (report["plan"]["precision"], report["plan"]["symmetric"]) == ("int4", True)
+    assert report["validated_file"] == "model.pte"
+    m = report["metrics"]
+    assert "executorch" in m["perplexity"]["where"]
+    assert m["perplexity_change_pct"]["value"] <= 40.0  # symmetric RTN int4: about +28% (a broken scale: far more)
+    assert [c["file"] for c in report["crosschecks"]] == ["model.ort"]
+    # a wrong kernel or layout costs tens of points and most tokens; activation rounding costs a few
+    assert abs(m["onnxruntime_perplexity_change_vs_validated_pp"]["value"]) <= 3.0
+    assert m["onnxruntime_greedy_equals_validated"]["value"] is True
+    delegation = json.loads((out / "pte_delegation.json").read_text())
+    assert delegation["xnnpack_partitions"] >= 1
+    assert all(r["why"] for r in delegation["operators"] if not r["delegated"])
+    emulated = {e["file"]: e for e in report["emulation"]}
+    assert emulated["model.ort"]["status"] == "done"
+    assert emulated["model.ort"]["windows"] == [1, 256]
+    assert emulated["model.pte"]["status"] == "not run"  # no aarch64 torch for ExecuTorch's Python runtime
+    assert "cortex-a76" in m["emulated_onnxruntime_perplexity"]["where"]
+    assert "emulated, not device speed" in m["emulated_onnxruntime_decode_tokens_per_s_p50"]["where"]
+    assert m["emulated_onnxruntime_agreement_with_host"]["value"] >= 0.9
+    assert abs(m["emulated_onnxruntime_perplexity_change_vs_host_pp"]["value"]) <= 6.0
 
 
 def test_gguf_path_with_user_eval_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -97,7 +151,7 @@ def test_gguf_path_with_user_eval_data(tmp_path: Path, capsys: pytest.CaptureFix
     notes.write_text("\n\n".join(topics[k] for k in sorted(topics)[-30:]))
     gguf = BUILTIN_MODELS.get("smollm2-135m").path()
     code, out = _cli(["--target", "host", "--model", str(gguf), "--precision", "fp32", "--eval-data", str(notes),
-                      "--out", str(tmp_path / "h32"), "--json", "--threads", "2"], capsys)
+                      "--out", str(tmp_path / "h32"), "--json", "--threads", "2", *LIGHT], capsys)
     assert code == 0, out
     report = json.loads(out)
     assert report["metrics"]["eval_text"]["value"] == str(notes)
@@ -111,7 +165,7 @@ def test_jetson_fp16_portable_graph(tmp_path: Path) -> None:
     import slm_export
 
     out = tmp_path / "jetson"
-    result = slm_export.export("smollm2-135m", target="jetson", out=out)
+    result = slm_export.export("smollm2-135m", target="jetson", out=out, settings=LIGHT_SETTINGS)
     assert result.passed, result.report["goals"]
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
     assert graph.opset_import[0].version == 13
@@ -126,7 +180,8 @@ def test_jetson_fp16_portable_graph(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("target", "precision", "extra", "max_change"), [
     ("host", "int8", [], 1.0),
-    ("host", "int4", ["--method", "gptq", "--calib-samples", "8", "--calib-seqlen", "256"], 15.0),
+    # AWQ alone at group 64 (GPTQ's rounding, per weight and so slower, runs in the rpi4 default's awq-gptq)
+    ("host", "int4", ["--method", "awq", "--group-size", "64", "--calib-samples", "8", "--calib-seqlen", "256"], 25.0),
     ("a100", "int4", ["--method", "rtn"], 25.0),
 ])
 def test_quantized_exports(target: str, precision: str, extra: list[str], max_change: float, tmp_path: Path,
@@ -135,7 +190,7 @@ def test_quantized_exports(target: str, precision: str, extra: list[str], max_ch
 
     out = tmp_path / "q"
     code, text = _cli(["--target", target, "--model", "smollm2-135m", "--precision", precision, "--out", str(out),
-                       "--threads", "2", "--json", *extra], capsys)
+                       "--threads", "2", "--json", *extra, *LIGHT], capsys)
     report = json.loads(text)
     assert report["metrics"]["perplexity_change_pct"]["value"] <= max_change
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
@@ -161,7 +216,7 @@ def test_w8a8_exports(target: str, method: str, op: str, max_change: float, tmp_
     out = tmp_path / "w8a8"
     code, text = _cli(["--target", target, "--model", "smollm2-135m", "--precision", "int8", "--method", method,
                        "--calib-samples", "8", "--calib-seqlen", "256", "--smooth-alpha", "0.8", "--out", str(out),
-                       "--threads", "2", "--json"], capsys)
+                       "--threads", "2", "--json", *LIGHT], capsys)
     report = json.loads(text)
     assert code in (0, 1), report["notes"]
     # A broken Q/DQ or scale costs hundreds of percent; small calibration here costs a few.
@@ -169,9 +224,9 @@ def test_w8a8_exports(target: str, method: str, op: str, max_change: float, tmp_
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
     ops = [n.op_type for n in graph.graph.node]
     assert ops.count(op) == 30 * 4  # q/k/v and gate/up share one int8 GEMM each
-    # The int8 GEMMs are standard ops; ONNX Runtime's graph (host) adds only its fused attention.
+    # The int8 GEMMs are standard ops; ONNX Runtime's graph (host) adds only its fused attention and norms.
     contrib = {n.op_type for n in graph.graph.node if n.domain}
-    assert contrib == (set() if target == "a100" else {"GroupQueryAttention"})
+    assert contrib == (set() if target == "a100" else {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"})
     layers = report["compression"]["layers"]
     assert len(layers) == 30 * 7
     if method == "smoothquant":
@@ -187,7 +242,7 @@ def test_w8a8_exports(target: str, method: str, op: str, max_change: float, tmp_
 def test_fpga_artifact_maps_linear_layers_to_the_dpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "fpga"
     code, text = _cli(["--target", "fpga", "--model", "smollm2-135m", "--calib-samples", "8", "--calib-seqlen", "256",
-                       "--out", str(out), "--threads", "2", "--json"], capsys)
+                       "--smooth-alpha", "0.8", "--out", str(out), "--threads", "2", "--json", *LIGHT], capsys)
     report = json.loads(text)
     assert code in (0, 1), report["notes"]
     assert report["metrics"]["perplexity_change_pct"]["value"] <= 25.0  # a wrong scale costs hundreds of %
@@ -206,7 +261,8 @@ def test_fpga_artifact_maps_linear_layers_to_the_dpu(tmp_path: Path, capsys: pyt
 def test_a100_sparse_fp16(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "a100"
     code, text = _cli(["--target", "a100", "--model", "smollm2-135m", "--sparsity", "2:4", "--sparsity-method",
-                       "wanda", "--calib-samples", "8", "--calib-seqlen", "256", "--out", str(out), "--json"], capsys)
+                       "wanda", "--calib-samples", "8", "--calib-seqlen", "256", "--out", str(out), "--json", *LIGHT],
+                      capsys)
     report = json.loads(text)
     assert code == 0, report["notes"]
     # Pruning without fine-tuning has no accuracy goal; only the runtimes' agreement with each other is judged.
@@ -222,7 +278,7 @@ def test_a100_sparse_fp16(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 def test_python_api_encoder(tmp_path: Path) -> None:
     import slm_export
 
-    r = slm_export.export("minilm-l6", target="host", out=tmp_path / "x")
+    r = slm_export.export("minilm-l6", target="host", out=tmp_path / "x", settings=LIGHT_SETTINGS)
     assert r.passed
     assert r.report["metrics"]["embedding_cosine_min"]["value"] > 0.9999
 
