@@ -242,7 +242,7 @@ def test_w8a8_exports(target: str, method: str, op: str, max_change: float, tmp_
 def test_fpga_artifact_maps_linear_layers_to_the_dpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "fpga"
     code, text = _cli(["--target", "fpga", "--model", "smollm2-135m", "--calib-samples", "8", "--calib-seqlen", "256",
-                       "--smooth-alpha", "0.8", "--out", str(out), "--threads", "2", "--json", *LIGHT], capsys)
+                       "--out", str(out), "--threads", "2", "--json", *LIGHT], capsys)
     report = json.loads(text)
     assert code in (0, 1), report["notes"]
     assert report["metrics"]["perplexity_change_pct"]["value"] <= 25.0  # a wrong scale costs hundreds of %
