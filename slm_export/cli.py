@@ -192,11 +192,8 @@ def _at_least(low: int) -> Any:
     """An argparse type: a whole number >= ``low``."""
 
     def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = low - 1
-        if value < low:
+        value = int(text) if text.strip().lstrip("+-").isdigit() else None
+        if value is None or value < low:
             raise argparse.ArgumentTypeError(f"expected a whole number of at least {low}, not {text!r}")
         return value
 

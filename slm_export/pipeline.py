@@ -316,8 +316,7 @@ def further_runs(model: Any, folder: Path, results: list[Any], validated: str, p
     # A device given: the emulator's stand-in is not needed unless asked for (--emulate).
     if plan.emulate == "on" or (plan.emulate == "auto" and not settings.device):
         m, runs["emulate"] = stages.run("emulate", lambda: checks.emulate(
-            model, folder, results, profile, text, settings.threads, plan.emulate == "on", progress,
-            settings.emulate_tokens))
+            model, folder, results, profile, text, settings, plan.emulate == "on", progress))
         metrics.update(m)
     if settings.device:
         m, device = stages.run("device", lambda: checks.on_device(model, folder, results, validated, text, settings,

@@ -61,12 +61,12 @@ def _emulator_can_run(file: str, backend: str, env: Any) -> str | None:
     return f"the emulator has no runtime for {file}"
 
 
-def emulate(model: Any, folder: Path, results: list[Any], profile: Any, text: Any, threads: int, required: bool,
-            progress: Any = None, window_len: int | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def emulate(model: Any, folder: Path, results: list[Any], profile: Any, text: Any, settings: Any, required: bool,
+            progress: Any = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Run each backend's device file under qemu-aarch64 with the profile's CPU model. When ``required``
     (``--emulate``) an emulator that cannot run is an error; otherwise (the profile's default) it is
-    reported and the host's figures stand. ``window_len``: the accuracy window's tokens (``--emulate-tokens``;
-    default EMULATED_ORT's or EMULATED_TVM's)."""
+    reported and the host's figures stand. ``settings`` (the host validation's): its threads, and its
+    ``emulate_tokens`` as the accuracy window (``--emulate-tokens``; default EMULATED_ORT's or EMULATED_TVM's)."""
     from slm_export.validation.emulator import EmulatorRunner
 
     metrics: dict[str, Any] = {}
@@ -91,9 +91,10 @@ def emulate(model: Any, folder: Path, results: list[Any], profile: Any, text: An
             continue
         if progress:
             progress("emulate", f"{file} on qemu-aarch64 -cpu {runner.cpu}")
-        settings = EMULATED_TVM if r.backend == "tvm" else EMULATED_ORT
+        base = EMULATED_TVM if r.backend == "tvm" else EMULATED_ORT
         m, d = remote_validation(runner, folder, file, model.torch_module(), model.tokenizer, text,
-                                 replace(settings, threads=threads, window_len=window_len or settings.window_len),
+                                 replace(base, threads=settings.threads,
+                                         window_len=settings.emulate_tokens or base.window_len),
                                  f"emulated_{r.backend}",
                                  versus=r.runtime_model or file)
         metrics.update(m)
