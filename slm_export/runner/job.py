@@ -21,7 +21,8 @@ import numpy as np
 SCHEMA = 1  # of the job and result files (__main__.py says the same, before NumPy is imported)
 
 
-def open_runtime(path: Path, threads: int = 0, exact_qdq: bool = False) -> tuple[Any, dict[str, str]]:
+def open_runtime(path: Path, threads: int = 0, exact_qdq: bool = False,
+                 ort_config: dict[str, str] | None = None) -> tuple[Any, dict[str, str]]:
     """The decoder for an artifact file, by its suffix, and the runtime's name and version."""
     if path.suffix == ".pte":
         from .pte_decoder import PteDecoder
@@ -33,7 +34,7 @@ def open_runtime(path: Path, threads: int = 0, exact_qdq: bool = False) -> tuple
         return TvmDecoder(path, threads), {"runtime": "tvm", "runtime_version": _version("apache-tvm")}
     from .onnx_decoder import OnnxDecoder, make_session
 
-    session = make_session(path, threads, exact_qdq=exact_qdq)
+    session = make_session(path, threads, exact_qdq=exact_qdq, config=ort_config)
     import onnxruntime
 
     return OnnxDecoder(session), {"runtime": "onnxruntime", "runtime_version": onnxruntime.__version__}
@@ -84,7 +85,8 @@ def score_window(logits: np.ndarray, ids: np.ndarray) -> dict[str, Any]:
 def run_job(job: dict[str, Any], base: Path) -> dict[str, Any]:
     """Execute ``job`` (paths relative to ``base``); every timing is taken here, on this machine."""
     t0 = time.perf_counter()
-    decoder, runtime = open_runtime(base / job["model"], int(job.get("threads", 0)), bool(job.get("exact_qdq")))
+    decoder, runtime = open_runtime(base / job["model"], int(job.get("threads", 0)), bool(job.get("exact_qdq")),
+                                    job.get("ort_config"))
     out: dict[str, Any] = {"schema": SCHEMA, "ok": True, "environment": environment(runtime),
                            "load_s": time.perf_counter() - t0}
     out["windows"] = [score_window(decoder.logits(np.asarray([w], np.int64))[0], np.asarray(w, np.int64))

@@ -53,14 +53,18 @@ def greedy_loop(prefill: Callable[[], np.ndarray], step: Callable[[int, int], np
     return out, GenerationTiming(prefill_s, decode_s)
 
 
-def make_session(model_path: str | Path, threads: int = 0, optimize: bool = True, exact_qdq: bool = False) -> Any:
+def make_session(model_path: str | Path, threads: int = 0, optimize: bool = True, exact_qdq: bool = False,
+                 config: dict[str, str] | None = None) -> Any:
     """An ONNX Runtime CPU session with the given intra-op thread count (0: all cores).
 
     ``exact_qdq``: leave QuantizeLinear/DequantizeLinear pairs unfused, so each quantized MatMul runs as
     a float MatMul of the dequantized int8 values: the exact products of the integer arithmetic a GPU or
     DPU performs. ORT's fused int8 kernels on x86 CPUs without VNNI multiply u8 x s8 pairs into int16
     with saturation (pmaddubsw), which can move logits by whole units; they are the truth only for an
-    artifact whose runtime is ORT on such a CPU."""
+    artifact whose runtime is ORT on such a CPU.
+
+    ``config``: further session config entries (a job's ``ort_config``), e.g. ``{"mlas.disable_kleidiai":
+    "1"}`` to take ORT's own NEON kernels instead of KleidiAI's on aarch64 (scripts/diag_ort_arm.py)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -73,6 +77,8 @@ def make_session(model_path: str | Path, threads: int = 0, optimize: bool = True
     so.log_severity_level = 3
     if exact_qdq:
         so.add_session_config_entry("session.disable_quant_qdq", "1")
+    for key, value in (config or {}).items():  # extra session options, e.g. {"mlas.disable_kleidiai": "1"}
+        so.add_session_config_entry(key, str(value))
     return ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
 
 

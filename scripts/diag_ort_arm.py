@@ -1,0 +1,59 @@
+#!/usr/bin/env python
+"""Why an ORT artifact's emulated aarch64 run parts from its host run: the same 256-token window scored on
+the host and under qemu-aarch64 with the profile's CPU, each with ONNX Runtime's KleidiAI kernels on
+(the default a phone build uses) and off (session option ``mlas.disable_kleidiai``).
+
+On a dot-product core ORT runs a symmetric int4 MatMulNBits at accuracy level 4 through KleidiAI, which
+quantizes each activation row with one asymmetric int8 scale over all of K (and carries the weight
+scales as bf16); x86 quantizes per 32-value block, symmetric. With KleidiAI off, aarch64 quantizes per
+block as x86 does, and what is left between the two is rounding (ties away vs ties to even) and order.
+
+Usage: python scripts/diag_ort_arm.py ARTIFACT_FOLDER [--file model.ort] [--target android] [--tokens 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+from slm_export.models import load_model
+from slm_export.runner.job import SCHEMA, run_job
+from slm_export.targets import get_target
+from slm_export.validation.emulator import EmulatorRunner
+from slm_export.validation.text import load_text, token_windows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("folder", type=Path)
+    ap.add_argument("--file", default="model.ort")
+    ap.add_argument("--target", default="android")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    m = load_model(a.model)
+    windows = token_windows(m.tokenizer, load_text(None, "evaluation"), 1, a.tokens)
+    off = {"mlas.disable_kleidiai": "1"}
+    runner = EmulatorRunner(get_target(a.target))
+    res = {}
+    for name, where, cfg in [("host", "host", None), ("host, KleidiAI off", "host", off),
+                             (f"{runner.cpu}", "emu", None), (f"{runner.cpu}, KleidiAI off", "emu", off)]:
+        job = {"schema": SCHEMA, "model": a.file, "threads": a.threads, "windows": windows,
+               **({"ort_config": cfg} if cfg else {})}
+        t = time.perf_counter()
+        res[name] = run_job(job, a.folder) if where == "host" else runner.run(a.folder, job)
+        print(f"{name}: {time.perf_counter() - t:.0f} s", flush=True)
+    host = np.array(res["host"]["windows"][0]["argmax"])
+    print(f"\n{a.file}, {a.tokens} evaluation tokens, {a.threads} threads")
+    print("| run | perplexity | top-1 agreement with host |\n|---|---|---|")
+    for name, r in res.items():
+        w = r["windows"][0]
+        print(f"| {name} | {np.exp(w['nll'] / w['n']):.3f} | {np.mean(np.array(w['argmax']) == host):.4f} |")
+
+
+if __name__ == "__main__":
+    main()
