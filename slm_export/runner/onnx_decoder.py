@@ -77,7 +77,7 @@ def make_session(model_path: str | Path, threads: int = 0, optimize: bool = True
     so.log_severity_level = 3
     if exact_qdq:
         so.add_session_config_entry("session.disable_quant_qdq", "1")
-    for key, value in (config or {}).items():  # extra session options, e.g. {"mlas.disable_kleidiai": "1"}
+    for key, value in (config or {}).items():
         so.add_session_config_entry(key, str(value))
     return ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
 
