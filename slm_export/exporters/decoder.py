@@ -12,10 +12,11 @@ Grouped-query attention is done by reshaping the queries into kv-head groups ins
 cache, so no step copies the cache more than the one Concat that appends to it.
 
 Graphs for ONNX Runtime (``graph_ops="onnxruntime"``, dynamic shapes) keep the same inputs, outputs and
-meaning but use its fused kernels where decode time goes: one com.microsoft.GroupQueryAttention per
-layer (rotary, cache append, grouped heads, the additive mask as attention_bias), the residual add and
-the RMSNorm after it as one com.microsoft.SkipSimplifiedLayerNormalization, and the first RMSNorm written
-as Pow -> ReduceMean -> Add -> Sqrt -> Div -> Mul, the pattern ORT fuses into SimplifiedLayerNormalization.
+meaning (plus ``logits_to_keep``, see ``_keep_last``) but use its fused kernels where decode time goes:
+one com.microsoft.GroupQueryAttention per layer (rotary, cache append, grouped heads, the additive mask
+as attention_bias), the residual add and the RMSNorm after it as one
+com.microsoft.SkipSimplifiedLayerNormalization, and the first RMSNorm written as Pow -> ReduceMean -> Add
+-> Sqrt -> Div -> Mul, the pattern ORT fuses into SimplifiedLayerNormalization.
 Measured on smollm2-135m int4 RTN with an int8 LM head, one thread, ORT's profiler, on a box shared with
 other jobs: about 1,500 -> 400 nodes and 44 -> 24 ms per decoded token.
 """
@@ -29,7 +30,7 @@ from slm_export.calibration.quant import QuantizedTensor
 from slm_export.exporters.graph import GraphBuilder
 from slm_export.exporters.quantized import quantized_matmul
 from slm_export.models.adapters import DecoderSpec
-from slm_export.runner.onnx_decoder import KV_CACHE_KEY, KV_SHARED_BUFFER
+from slm_export.runner.onnx_decoder import KV_CACHE_KEY, KV_SHARED_BUFFER, LOGITS_TO_KEEP
 
 F32, I64 = TensorProto.FLOAT, TensorProto.INT64
 MASK_VALUE = -1e9  # finite, so a fully masked (left-padding) row cannot turn into NaN
@@ -127,6 +128,10 @@ def build_decoder(spec: DecoderSpec, opset: int, precision: str, max_seq_len: in
             b.output(f"present.{i}.value", F32, ["batch", kv, "total", d])
 
     x, _ = _add_norm(b, W, spec, x, delta, spec.final_norm, "final_norm", keep_sum=False)
+    logits_seq = dims[1]
+    if fused is not None:
+        x, ids_shape = _keep_last(b, x, seq)
+        logits_seq = "logits_seq"
     if spec.lm_head is None:  # tied: Gemm with transB reads the embedding table as stored, no copy
         flat = b.op("Reshape", [x, b.const([-1, spec.hidden])])
         logits2d = b.op("Gemm", [flat, embed], transB=1)
@@ -137,8 +142,22 @@ def build_decoder(spec: DecoderSpec, opset: int, precision: str, max_seq_len: in
         b.op_to("Identity", [y], ["logits"])
     else:
         b.op_to("MatMul", [x, W("lm_head", lambda: spec.lm_head.T)], ["logits"])  # type: ignore[union-attr]
-    b.output("logits", F32, [dims[0], dims[1], spec.vocab])
+    b.output("logits", F32, [dims[0], logits_seq, spec.vocab])
     return b
+
+
+def _keep_last(b: GraphBuilder, x: str, seq: str) -> tuple[str, str]:
+    """ONNX Runtime graphs: the LM head runs on the last ``logits_to_keep`` positions only (0, the default,
+    keeps them all). A generation loop's prefill needs one row of logits, not one per prompt token: for
+    smollm2-135m the head is a fifth of the weights, so a 128-token prompt otherwise spends about a fifth of
+    its multiply-adds, and writes 25 MB of logits, on rows nobody reads. A required input (int64 scalar):
+    ORT's IOBinding, which the generation loop needs for its in-place cache, cannot bind an overridable
+    initializer. Returns the kept hidden states and their [batch, kept] shape."""
+    keep_in = b.input(LOGITS_TO_KEEP, I64, [])
+    keep = b.op("Where", [b.op("Equal", [keep_in, b.const(0)]), seq, b.op("Min", [keep_in, seq])])
+    start = b.op("Unsqueeze", [b.op("Neg", [keep]), b.const([0])])
+    kept = b.op("Slice", [x, start, b.const([np.iinfo(np.int64).max]), b.const([1])])
+    return kept, b.op("Slice", [b.op("Shape", [kept]), b.const([0]), b.const([2])])
 
 
 def _add_norm(b: GraphBuilder, W: _Weights, spec: DecoderSpec, x: str, delta: str | None, wb, name: str,  # type: ignore[no-untyped-def]

@@ -20,6 +20,7 @@ import numpy as np
 
 # Model metadata written by the exporter: the graph's attention can append to a shared past/present buffer.
 KV_CACHE_KEY, KV_SHARED_BUFFER = "slm_export.kv_cache", "shared-buffer"
+LOGITS_TO_KEEP = "logits_to_keep"  # optional input of the ORT graphs: logits for the last N positions (0: all)
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,8 @@ class OnnxDecoder:
         meta = session.get_modelmeta().custom_metadata_map
         self.shared_kv = meta.get(KV_CACHE_KEY) == KV_SHARED_BUFFER
         self.vocab = next(o for o in session.get_outputs() if o.name == "logits").shape[-1]
+        # The exporter's ORT graphs can run the LM head on the last position only (a prefill needs no more).
+        self.keep_last = LOGITS_TO_KEEP in {i.name for i in session.get_inputs()}
 
     def _empty_past(self, batch: int) -> dict[str, np.ndarray]:
         empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), self.past_dtype)
@@ -117,6 +120,8 @@ class OnnxDecoder:
         positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
         feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": mask.astype(np.int64),
                 "position_ids": positions.astype(np.int64), **self._empty_past(input_ids.shape[0])}
+        if self.keep_last:
+            feed[LOGITS_TO_KEEP] = np.asarray(0, np.int64)  # every position
         return self.session.run(["logits"], feed)[0]
 
     def _static_logits(self, tokens: list[int]) -> np.ndarray:
@@ -173,6 +178,8 @@ class OnnxDecoder:
             binding = sess.io_binding()
             for name, value in feeds.items():
                 binding.bind_cpu_input(name, value)
+            if self.keep_last:
+                binding.bind_cpu_input(LOGITS_TO_KEEP, np.asarray(1, np.int64))
             return run(binding)
 
         def step(token: int, pos: int) -> np.ndarray:
@@ -204,6 +211,8 @@ class OnnxDecoder:
         step_out = ort.OrtValue.ortvalue_from_numpy(step_logits) if step_logits is not None else None
 
         ones = np.ones((1, n + max_new_tokens), np.int64)  # attention_mask: a prefix of it each run
+        if self.keep_last:  # stays bound: each run's logits are its last position's
+            binding.bind_cpu_input(LOGITS_TO_KEEP, np.asarray(1, np.int64))
 
         def bind_outputs(logits: Any) -> None:
             binding.clear_binding_outputs()

@@ -48,6 +48,14 @@ def test_decoder_matches_pytorch_with_kv_cache(arch: str, opset: int, graph_ops:
     with torch.no_grad():
         ref = model.torch_module()(torch.from_numpy(ids)).logits.numpy()
     np.testing.assert_allclose(dec.logits(ids), ref, atol=2e-4, rtol=1e-3)
+    # ORT graphs: logits_to_keep runs the LM head on the last N positions (a prefill needs one); 0: all.
+    assert dec.keep_last == (graph_ops == "onnxruntime")
+    if dec.keep_last:
+        feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(8)[None],
+                **dec._empty_past(1)}
+        for keep, rows in ((1, 1), (3, 3), (0, 8), (99, 8)):  # more than the sequence: all of it
+            out = dec.session.run(["logits"], {**feed, "logits_to_keep": np.asarray(keep, np.int64)})[0]
+            np.testing.assert_allclose(out, ref[:, -rows:], atol=2e-4, rtol=1e-3)
     # Greedy decoding through the KV cache equals PyTorch's generate, token for token.
     expect = torch_greedy(model.torch_module(), ids[0].tolist(), 12)
     got, timing = dec.generate(ids[0].tolist(), 12)
