@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from slm_export.models import load_model
-from slm_export.runner.job import SCHEMA, run_job
+from slm_export.runner.job import SCHEMA, run_job, score_window
 from slm_export.targets import get_target
 from slm_export.validation.emulator import EmulatorRunner
 from slm_export.validation.text import load_text, token_windows
@@ -47,12 +47,31 @@ def main() -> None:
         t = time.perf_counter()
         res[name] = run_job(job, a.folder) if where == "host" else runner.run(a.folder, job)
         print(f"{name}: {time.perf_counter() - t:.0f} s", flush=True)
+    pte = a.folder / "model.pte"
+    if pte.is_file():  # the phone's other runtime: XNNPACK's 8da4w, per-token asymmetric int8 activations
+        job = {"schema": SCHEMA, "model": pte.name, "threads": a.threads, "windows": windows}
+        res["host, model.pte (ExecuTorch)"] = run_job(job, a.folder)
+    import torch
+
+    ids = np.asarray(windows[0], np.int64)
+    with torch.no_grad():
+        ref = score_window(m.torch_module()(torch.from_numpy(ids[None])).logits.float().numpy()[0], ids)
+    ppl = {name: float(np.exp(r["windows"][0]["nll"] / r["windows"][0]["n"])) for name, r in res.items()}
+    p_ref = float(np.exp(ref["nll"] / ref["n"]))
+    change = {name: 100 * (v / p_ref - 1) for name, v in ppl.items()}
     host = np.array(res["host"]["windows"][0]["argmax"])
-    print(f"\n{a.file}, {a.tokens} evaluation tokens, {a.threads} threads")
-    print("| run | perplexity | top-1 agreement with host |\n|---|---|---|")
+    print(f"\n{a.file}, {a.tokens} evaluation tokens, {a.threads} threads; PyTorch float32 perplexity {p_ref:.3f}")
+    print("| run | perplexity | change vs PyTorch | vs host run (pp) | top-1 agreement with host |"
+          "\n|---|---|---|---|---|")
     for name, r in res.items():
         w = r["windows"][0]
-        print(f"| {name} | {np.exp(w['nll'] / w['n']):.3f} | {np.mean(np.array(w['argmax']) == host):.4f} |")
+        print(f"| {name} | {ppl[name]:.3f} | {change[name]:+.2f}% | {change[name] - change['host']:+.2f} | "
+              f"{np.mean(np.array(w['argmax']) == host):.4f} |")
+    if pte.is_file():
+        t = np.array(res["host, model.pte (ExecuTorch)"]["windows"][0]["argmax"])
+        for name, r in res.items():
+            print(f"{name}: top-1 agreement with model.pte {np.mean(np.array(r['windows'][0]['argmax']) == t):.4f}, "
+                  f"{change[name] - change['host, model.pte (ExecuTorch)']:+.2f} pp from it")
 
 
 if __name__ == "__main__":

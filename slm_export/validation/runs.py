@@ -102,6 +102,14 @@ def emulate(model: Any, folder: Path, results: list[Any], profile: Any, text: An
     return metrics, details
 
 
+# Two runtimes of the same int4 weights that both quantize activations to int8 (android smollm2-135m
+# AWQ+GPTQ, 2026-12-04, AMD EPYC host): the x86 .ort (32-value blocks) and the .pte (XNNPACK, one scale per
+# token) agree on 94.9% of top-1 tokens over 2 x 256 (93.3% on one window); the emulated cortex-a76 .ort
+# (KleidiAI, one scale per row) agrees with the host .ort on 95.7%. Quantization noise of that size, not a
+# fault: a wrong kernel or a broken file lands far below it.
+ACT_QUANT_AGREEMENT = 0.93
+
+
 def run_goals(metrics: dict[str, Any], quantized: bool, act_quant: bool = False) -> list[Goal]:
     """Goals on the cross-check and emulated runs present in ``metrics``. ``act_quant``: the runtime
     quantizes activations itself (W8A8, or MatMulNBits at accuracy level 4 on a CPU with dot products),
@@ -110,8 +118,9 @@ def run_goals(metrics: dict[str, Any], quantized: bool, act_quant: bool = False)
     for name in metrics:
         if name.startswith("emulated_") and name.endswith("_agreement_with_host"):
             if act_quant:
-                goals.append(Goal(name, ">=", 0.97, "the target's aarch64 kernels (emulated) quantize activations "
-                                  "their own way: they must mostly choose the host's next tokens"))
+                goals.append(Goal(name, ">=", ACT_QUANT_AGREEMENT, "the target's aarch64 kernels (emulated) "
+                                  "quantize activations their own way: they must choose the host's next tokens as "
+                                  "often as two int8-activation runtimes of the same weights do on the host"))
             else:
                 goals.append(Goal(name, ">=", 0.99, "the target's own aarch64 runtime (emulated) must choose the "
                                   "same next tokens as the host run of the same file"))
