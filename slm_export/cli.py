@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
                    "sensitive layers kept at int8 until the perplexity change on the evaluation text is within it")
     sp = e.add_argument_group("sparsity")
     sp.add_argument("--sparsity", help="N:M pattern along the input dimension (2:4, 4:8) or 'unstructured'")
-    sp.add_argument("--sparsity-method", choices=("magnitude", "wanda", "sparsegpt"), help="default wanda")
+    sp.add_argument("--sparsity-method", choices=("magnitude", "wanda", "sparsegpt"), help="default sparsegpt")
     sp.add_argument("--sparsity-ratio", type=float, help="fraction of weights removed, unstructured (default 0.5)")
     e.add_argument("--dry-run", action="store_true", help="print the plan and stop")
     e.add_argument("--no-validate", action="store_true", help="skip validation")

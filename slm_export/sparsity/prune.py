@@ -24,7 +24,7 @@ PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
 @dataclass(frozen=True)
 class SparsityConfig:
     pattern: str = "2:4"
-    method: str = "wanda"
+    method: str = "sparsegpt"
     ratio: float = 0.5  # for unstructured
     damp: float = 0.01
     block: int = 128
