@@ -137,7 +137,7 @@ def test_android_default_export(tmp_path: Path, capsys: pytest.CaptureFixture[st
     emulated = {e["file"]: e for e in report["emulation"]}
     assert emulated["model.ort"]["status"] == "done"
     assert emulated["model.ort"]["windows"] == [1, 256]
-    assert emulated["model.pte"]["status"] == "not run"  # no aarch64 torch for ExecuTorch's Python runtime
+    assert emulated["model.pte"]["status"] == "not run"  # ExecuTorch's runtime needs libtorch: CUDA-only on aarch64
     assert "cortex-a76" in m["emulated_onnxruntime_perplexity"]["where"]
     assert "emulated, not device speed" in m["emulated_onnxruntime_decode_tokens_per_s_p50"]["where"]
     assert m["emulated_onnxruntime_agreement_with_host"]["value"] >= 0.9
