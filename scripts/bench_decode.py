@@ -78,6 +78,7 @@ def prompt_and_windows(tokenizer: Any, n_prompt: int, n_windows: int) -> tuple[l
 
 
 Runner = Callable[[], tuple[float, list[float]]]  # () -> (ttft s, per-token decode seconds)
+IDLE_S = 0.5  # pause before each timed run (interleaved_rates)
 
 
 def interleaved_rates(runs: dict[str, Runner], repeats: int) -> dict[str, dict[str, Any]]:
@@ -91,6 +92,10 @@ def interleaved_rates(runs: dict[str, Runner], repeats: int) -> dict[str, dict[s
     rate: dict[str, list[float]] = {n: [] for n in names}
     for r in range(repeats):
         for name in names[r % len(names):] + names[:r % len(names)]:
+            # Let the previous system's threads go idle first: ONNX Runtime's and OpenMP's workers spin for a
+            # while after a run, and on 2 cores that took the next system's prefill from 79 to 107 ms (int4
+            # right after int8, measured 2026-12-04), a cost no system pays when it runs alone.
+            time.sleep(IDLE_S)
             first, steps = runs[name]()
             ttft[name].append(first)
             rate[name].append(len(steps) / sum(steps))
