@@ -147,8 +147,8 @@ def build_decoder(spec: DecoderSpec, opset: int, precision: str, max_seq_len: in
 
 
 def _keep_last(b: GraphBuilder, x: str, seq: str) -> tuple[str, str]:
-    """ONNX Runtime graphs: the LM head runs on the last ``logits_to_keep`` positions only (0, the default,
-    keeps them all). A generation loop's prefill needs one row of logits, not one per prompt token: for
+    """ONNX Runtime graphs: the LM head runs on the last ``logits_to_keep`` positions only (0 keeps them
+    all). A generation loop's prefill needs one row of logits, not one per prompt token: for
     smollm2-135m the head is a fifth of the weights, so a 128-token prompt otherwise spends about a fifth of
     its multiply-adds, and writes 25 MB of logits, on rows nobody reads. A required input (int64 scalar):
     ORT's IOBinding, which the generation loop needs for its in-place cache, cannot bind an overridable

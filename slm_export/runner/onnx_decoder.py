@@ -20,7 +20,7 @@ import numpy as np
 
 # Model metadata written by the exporter: the graph's attention can append to a shared past/present buffer.
 KV_CACHE_KEY, KV_SHARED_BUFFER = "slm_export.kv_cache", "shared-buffer"
-LOGITS_TO_KEEP = "logits_to_keep"  # optional input of the ORT graphs: logits for the last N positions (0: all)
+LOGITS_TO_KEEP = "logits_to_keep"  # input of the fused ORT graphs: logits for the last N positions (0: all)
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,8 @@ class OnnxDecoder:
         meta = session.get_modelmeta().custom_metadata_map
         self.shared_kv = meta.get(KV_CACHE_KEY) == KV_SHARED_BUFFER
         self.vocab = next(o for o in session.get_outputs() if o.name == "logits").shape[-1]
-        # The exporter's ORT graphs can run the LM head on the last position only (a prefill needs no more).
+        # The exporter's fused ORT graphs can run the LM head on the last position only (a prefill needs no
+        # more); they always share the cache buffer, so only _shared_generate feeds it.
         self.keep_last = LOGITS_TO_KEEP in {i.name for i in session.get_inputs()}
 
     def _empty_past(self, batch: int) -> dict[str, np.ndarray]:
@@ -178,8 +179,6 @@ class OnnxDecoder:
             binding = sess.io_binding()
             for name, value in feeds.items():
                 binding.bind_cpu_input(name, value)
-            if self.keep_last:
-                binding.bind_cpu_input(LOGITS_TO_KEEP, np.asarray(1, np.int64))
             return run(binding)
 
         def step(token: int, pos: int) -> np.ndarray:
