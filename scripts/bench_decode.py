@@ -10,10 +10,15 @@ the ratio checks against GenAI and between thread counts use the median of the p
 - PyTorch eager float32 (transformers ``generate``): the reference, ratio 1.0;
 - this tool's float32, int8 and int4 artifacts (``slm-export --target host``, each profile default
   method; the quantized ones quantize the LM head to int8), the int4 artifact with an int4 and with a
-  float head, run by the project's own generation loop;
+  float head, and symmetric int4 (``--symmetric``, the form GenAI's builder writes) with an int8 and an int4
+  head, run by the project's own generation loop;
 - ONNX Runtime GenAI's model builder (``-p int4 -e cpu``, accuracy level 4) through its own generator,
   when ``onnxruntime_genai`` imports (``pip install onnxruntime-genai --no-deps``);
 - llama.cpp through ``llama_cpp`` when it imports (not installed by the project: it compiles for minutes).
+
+Beside the table, the int4 MatMulNBits kernel is timed alone for one token with and without zero points, on
+the int4 artifact's shapes: the cost of the default's asymmetric int4 on this CPU (1.12-1.23x on an AVX2 box,
+2026-12-04), which the symmetric rows show end to end.
 
 Every row's perplexity change is measured here, through this tool's validator, on the same windows of
 the evaluation text against PyTorch float32. A STREAM-like read (a multi-threaded sum of a buffer several
@@ -67,6 +72,58 @@ def bytes_read_per_token(onnx_path: Path) -> int:
             t.data_type, 4)
     used = {i for n in model.graph.node if n.op_type in MATMUL_OPS for i in n.input if i in size}
     return int(sum(size[n] for n in used))
+
+
+def zero_point_cost(onnx_path: Path, threads: int, chain: int = 30, repeats: int = 7) -> dict[tuple[int, int], float]:
+    """Time ONNX Runtime's int4 MatMulNBits for one token (M=1) with zero points over the same kernel without
+    them, for each (N, K) of the artifact's 4-bit matmuls: ``chain`` weights of that shape (random codes),
+    read once per pass as a decode step reads them, best of ``repeats`` passes. Returns asym / sym time."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    shapes = sorted({(a["N"], a["K"], a["block_size"]) for a in (
+        {x.name: helper.get_attribute_value(x) for x in n.attribute} for n in model.graph.node
+        if n.op_type == "MatMulNBits") if a.get("bits") == 4})
+    rng = np.random.default_rng(0)
+    out: dict[tuple[int, int], float] = {}
+    for n, k, block in shapes:
+        best = {}
+        for zp in (False, True):
+            nodes, inits = [], []
+            for i in range(chain):
+                codes = rng.integers(0, 256, (n, k // block, block // 2), dtype=np.uint8)
+                inits += [numpy_helper.from_array(codes, f"w{i}"),
+                          numpy_helper.from_array(rng.random(n * k // block).astype(np.float32) * 0.01, f"s{i}")]
+                ins = ["x", f"w{i}", f"s{i}"]
+                if zp:
+                    inits.append(numpy_helper.from_array(
+                        rng.integers(0, 256, n * ((k // block + 1) // 2), dtype=np.uint8), f"z{i}"))
+                    ins.append(f"z{i}")
+                nodes.append(helper.make_node("MatMulNBits", ins, [f"y{i}"], domain="com.microsoft", K=k, N=n, bits=4,
+                                              block_size=block, accuracy_level=4))
+            graph = helper.make_graph(nodes, "chain",
+                                      [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, k])],
+                                      [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, 1, n])
+                                       for i in range(chain)], inits)
+            so = ort.SessionOptions()
+            so.intra_op_num_threads, so.log_severity_level = threads, 3
+            sess = ort.InferenceSession(helper.make_model(graph, opset_imports=[
+                helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]).SerializeToString(), so,
+                providers=["CPUExecutionProvider"])
+            feed = {"x": rng.random((1, 1, k)).astype(np.float32)}
+            for _ in range(10):
+                sess.run(None, feed)
+            times = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                for _ in range(10):
+                    sess.run(None, feed)
+                times.append(time.perf_counter() - t)
+            best[zp] = min(times)
+        out[(n, k)] = best[True] / best[False]
+    return out
 
 
 def prompt_and_windows(tokenizer: Any, n_prompt: int, n_windows: int) -> tuple[list[int], list[list[int]]]:
@@ -272,7 +329,7 @@ def main() -> int:
     ap.add_argument("--work", type=Path, help="keep (and reuse) the artifacts in this folder")
     ap.add_argument("--calib-samples", type=int, help="calibration samples for the int4 rows (default: the profile's)")
     ap.add_argument("--rows", help="comma-separated subset of this tool's rows (fp32, int8, int4 always; "
-                    "'int4 + int4 head', 'int4 + float head')")
+                    "'int4 + int4 head', 'int4 + float head', 'int4 sym', 'int4 sym + int4 head')")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -294,7 +351,11 @@ def main() -> int:
     # Runtime GenAI's builder does) and the float head (the tied table read every token) beside it.
     builds = {"fp32": ["--precision", "fp32"], "int8": ["--precision", "int8"], "int4": int4_args,
               "int4 + int4 head": [*int4_args, "--lm-head-bits", "4"],
-              "int4 + float head": [*int4_args, "--lm-head-bits", "0"]}
+              "int4 + float head": [*int4_args, "--lm-head-bits", "0"],
+              # symmetric int4 (no zero points): ONNX Runtime's decode (M=1) int4 kernel for AVX2 handles only
+              # this form; with zero points it takes the general path (see README, Decode speed)
+              "int4 sym": [*int4_args, "--symmetric"],
+              "int4 sym + int4 head": [*int4_args, "--symmetric", "--lm-head-bits", "4"]}
     if args.rows:
         wanted = [r.strip() for r in args.rows.split(",")]
         unknown = set(wanted) - set(builds)
@@ -359,7 +420,11 @@ def main() -> int:
         print("| " + " | ".join(cells) + " |")
     by = {r.get("key"): r for r in rows}
     scaling = paired_ratio(by["int4"], one_thread)
-    print(f"\nint4, 1 thread: {one_thread['tok_s']:.1f} tok/s; {args.threads} threads: {by['int4']['tok_s']:.1f} "
+    cost = zero_point_cost(outs["int4"] / "model.onnx", args.threads)
+    print("\nint4 MatMulNBits, one token, time with zero points (asymmetric, the int4 default) over without "
+          "(symmetric), the int4 artifact's shapes, same threads: "
+          + ", ".join(f"N={n} K={k} {r:.2f}x" for (n, k), r in cost.items()))
+    print(f"int4, 1 thread: {one_thread['tok_s']:.1f} tok/s; {args.threads} threads: {by['int4']['tok_s']:.1f} "
           f"(per-round ratio, median: {scaling:.2f}x)")
     checks = {
         "fp32 >= 2.5x eager": by["fp32"]["tok_s"] >= 2.5 * eager_rate,
