@@ -128,9 +128,11 @@ def test_android_default_export(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert "executorch" in m["perplexity"]["where"]
     assert m["perplexity_change_pct"]["value"] <= 40.0  # symmetric RTN int4: about +28% (a broken scale: far more)
     assert [c["file"] for c in report["crosschecks"]] == ["model.ort"]
-    # a wrong kernel or layout costs tens of points and most tokens; activation rounding costs a few
+    # a wrong kernel or layout costs tens of points and most tokens; activation rounding costs a few. Not
+    # greedy equality: two int8-activation runtimes of RTN int4 part within 16 tokens on some CPUs (AVX2
+    # EPYC, 2026-12-04: agreement 0.922, greedy apart), and for quantized files it is not a goal (run_goals).
     assert abs(m["onnxruntime_perplexity_change_vs_validated_pp"]["value"]) <= 3.0
-    assert m["onnxruntime_greedy_equals_validated"]["value"] is True
+    assert m["onnxruntime_agreement_with_validated"]["value"] >= 0.85
     delegation = json.loads((out / "pte_delegation.json").read_text())
     assert delegation["xnnpack_partitions"] >= 1
     assert all(r["why"] for r in delegation["operators"] if not r["delegated"])
