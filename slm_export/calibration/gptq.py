@@ -27,7 +27,9 @@ class GPTQConfig:
     damp: float = 0.01
     act_order: bool = True
     block: int = 128
-    mse: bool = True  # group ranges by the least |w - q(w)|^2.4 over shrink factors, not plain min-max
+    # Group ranges by the least output error over shrink factors (|w - q(w)|^2 weighted by the Hessian's
+    # diagonal), not plain min-max.
+    mse: bool = True
 
     def __post_init__(self) -> None:
         if self.bits not in (3, 4, 8):
@@ -45,12 +47,14 @@ class PreparedHessian:
     perm: torch.Tensor  # column order (descending Hessian diagonal with act_order)
     hinv: torch.Tensor  # upper Cholesky factor of the damped inverse Hessian, in ``perm`` order
     dead: torch.Tensor  # input channels never active in calibration
+    diag: torch.Tensor  # the Hessian's diagonal in the original order: each input channel's energy
 
 
 def prepare_hessian(hessian: torch.Tensor, cfg: GPTQConfig) -> PreparedHessian:
     H = hessian.float().clone()
     in_f = H.shape[0]
-    dead = torch.diag(H) == 0
+    diag = torch.diag(H).clone()
+    dead = diag == 0
     H[dead, dead] = 1
     perm = torch.argsort(torch.diag(H), descending=True) if cfg.act_order else torch.arange(in_f)
     H = H[perm][:, perm]
@@ -61,7 +65,7 @@ def prepare_hessian(hessian: torch.Tensor, cfg: GPTQConfig) -> PreparedHessian:
     except torch.linalg.LinAlgError:
         raise ConfigError("GPTQ: the calibration Hessian is not positive definite even after damping; "
                           "raise the damping or give more calibration samples") from None
-    return PreparedHessian(perm, hinv, dead)
+    return PreparedHessian(perm, hinv, dead, diag)
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian, cfg: GPTQConfig,
@@ -81,8 +85,11 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian,
     # Group scales from the original weights, contiguous in the original order.
     if scale is None:
         groups = W.reshape(-1, group)
-        scale, zero = (search_group_clip(groups, cfg.bits, cfg.symmetric) if cfg.mse and cfg.bits < 8
-                       else group_params(groups, cfg.bits, cfg.symmetric))
+        if cfg.mse and cfg.bits < 8:
+            importance = prep.diag.reshape(1, in_f // group, group).expand(out_f, -1, -1).reshape(-1, group)
+            scale, zero = search_group_clip(groups, cfg.bits, cfg.symmetric, importance=importance)
+        else:
+            scale, zero = group_params(groups, cfg.bits, cfg.symmetric)
     else:
         if not cfg.symmetric:
             raise ValueError("a fixed GPTQ grid is symmetric")

@@ -121,10 +121,17 @@ def group_params(w: torch.Tensor, bits: int, symmetric: bool, clip: torch.Tensor
 
 
 def search_group_clip(w: torch.Tensor, bits: int, symmetric: bool, grid: int = 40, max_shrink: float = 0.2,
-                      norm: float = 2.4) -> tuple[torch.Tensor, torch.Tensor]:
+                      norm: float = 2.4, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point per row of ``w`` ([rows, group]) with the range shrunk by the factor (1 down to
     ``1 - max_shrink``) that minimises ``sum |w - q(w)|^norm`` of the row: the reference GPTQ's ``mse``
-    option. Clipping a rare outlier buys a finer step for the rest of the group."""
+    option. Clipping a rare outlier buys a finer step for the rest of the group.
+
+    ``importance`` ([rows, group], e.g. the calibration inputs' mean square per column, the Hessian's
+    diagonal): minimise ``sum importance * (w - q(w))^2`` instead, each weight's error as large as it is in the
+    layer's output. smollm2-135m symmetric int4 AWQ+GPTQ (64 x 512 calibration, float head, PyTorch): +6.45%
+    perplexity with the plain error, +4.57% with the weighted one."""
+    if importance is not None:
+        norm = 2.0
     best_scale, best_zero = group_params(w, bits, symmetric)
     best_err = torch.full((w.shape[0], 1), float("inf"))
     qmax = (1 << bits) - 1
@@ -133,7 +140,10 @@ def search_group_clip(w: torch.Tensor, bits: int, symmetric: bool, grid: int = 4
         scale, zero = group_params(w, bits, symmetric, clip=clip)
         # quantize_codes, dequantize and the error in place: one temporary instead of six
         err = torch.div(w, scale).round_().add_(zero).clamp_(0, qmax).sub_(zero).mul_(scale).sub_(w)
-        err = err.abs_().pow_(norm).sum(1, keepdim=True)
+        err = err.abs_().pow_(norm)
+        if importance is not None:
+            err.mul_(importance)
+        err = err.sum(1, keepdim=True)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)

@@ -64,6 +64,51 @@ def test_mse_group_range_never_worse_than_min_max(symmetric: bool) -> None:
     assert float(mse.sum()) < 0.95 * float(plain.sum())  # a Gaussian group's tails are worth clipping
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_weighted_group_range_minimises_the_weighted_error(symmetric: bool) -> None:
+    # One hot input channel per group (what AWQ and the Hessian see): its weight's error counts 50x. The
+    # weighted search must pick, per group, the range with the least weighted error among the same shrink
+    # factors, so it beats the plain search on that measure, and clips the hot weight less often.
+    from slm_export.calibration.quant import quantize_codes, search_group_clip
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(512, 32, generator=g)
+    importance = torch.ones(512, 32)
+    importance[:, 0] = 50.0
+    w[:, 0] = 3.0 * torch.sign(w[:, 0])  # the hot weight sits at the group's edge, the one clipping would cut
+
+    def werr(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        return (((quantize_codes(w, scale, zero, 4) - zero) * scale - w) ** 2 * importance).sum(1)
+
+    weighted = werr(*search_group_clip(w, 4, symmetric, importance=importance))
+    plain = werr(*search_group_clip(w, 4, symmetric))
+    assert bool((weighted <= plain + 1e-6).all())
+    assert float(weighted.sum()) < 0.9 * float(plain.sum())
+
+
+def test_gptq_group_ranges_follow_the_hessian_diagonal() -> None:
+    # GPTQ's group ranges come from the Hessian's diagonal: with a few high-energy input channels, the output
+    # error tr(D H D^T) is lower than with ranges fitted to the weights alone (the importance dropped).
+    from slm_export.calibration import gptq as G
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(4096, 128, generator=g)
+    x[:, ::16] *= 8.0  # every 16th channel carries most of the energy
+    h = x.T @ x
+    w = torch.randn(64, 128, generator=g)
+    cfg = G.GPTQConfig(4, 32, symmetric=True)
+
+    def out_err(q: QuantizedTensor) -> float:
+        d = torch.from_numpy(q.dequantize()) - w
+        return float(((d @ h) * d).sum())
+
+    weighted = out_err(G.gptq_quantize(w, h, cfg))
+    prep = G.prepare_hessian(h, cfg)
+    unweighted = out_err(G.gptq_quantize(w, G.PreparedHessian(prep.perm, prep.hinv, prep.dead,
+                                                               torch.ones_like(prep.diag)), cfg))
+    assert weighted < 0.97 * unweighted
+
+
 def test_matmulnbits_packing_shape() -> None:
     q = quantize_rtn(torch.randn(48, 96), 4, 32, False)
     packed = pack_codes(q)
