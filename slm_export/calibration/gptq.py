@@ -87,7 +87,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian,
         groups = W.reshape(-1, group)
         if cfg.mse and cfg.bits < 8:
             importance = prep.diag.reshape(1, in_f // group, group).expand(out_f, -1, -1).reshape(-1, group)
-            scale, zero = search_group_clip(groups, cfg.bits, cfg.symmetric, importance=importance)
+            scale, zero = search_group_clip(groups, cfg.bits, cfg.symmetric, norm=2.0, importance=importance)
         else:
             scale, zero = group_params(groups, cfg.bits, cfg.symmetric)
     else:

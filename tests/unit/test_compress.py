@@ -68,7 +68,7 @@ def test_mse_group_range_never_worse_than_min_max(symmetric: bool) -> None:
 def test_weighted_group_range_minimises_the_weighted_error(symmetric: bool) -> None:
     # One hot input channel per group (what AWQ and the Hessian see): its weight's error counts 50x. The
     # weighted search must pick, per group, the range with the least weighted error among the same shrink
-    # factors, so it beats the plain search on that measure, and clips the hot weight less often.
+    # factors, so it beats the plain search on that measure.
     from slm_export.calibration.quant import quantize_codes, search_group_clip
 
     g = torch.Generator().manual_seed(5)
@@ -80,7 +80,7 @@ def test_weighted_group_range_minimises_the_weighted_error(symmetric: bool) -> N
     def werr(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         return (((quantize_codes(w, scale, zero, 4) - zero) * scale - w) ** 2 * importance).sum(1)
 
-    weighted = werr(*search_group_clip(w, 4, symmetric, importance=importance))
+    weighted = werr(*search_group_clip(w, 4, symmetric, norm=2.0, importance=importance))
     plain = werr(*search_group_clip(w, 4, symmetric))
     assert bool((weighted <= plain + 1e-6).all())
     assert float(weighted.sum()) < 0.9 * float(plain.sum())
