@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from slm_export.calibration.observers import fake_quant
-from slm_export.calibration.quant import QuantizedTensor, quantize_per_tensor, quantize_rtn
+from slm_export.calibration.quant import (QuantizedTensor, group_params, quantize_codes, quantize_per_tensor,
+                                          quantize_rtn)
 from slm_export.errors import ConfigError
 
 Rotate = Callable[[torch.Tensor], torch.Tensor]
@@ -72,25 +73,33 @@ def _act_scale(amax: torch.Tensor, pow2: bool) -> torch.Tensor:
     return torch.exp2(torch.ceil(torch.log2(s))) if pow2 else s
 
 
+def fake_quant_weight(w: torch.Tensor, pow2: bool) -> torch.Tensor:
+    """``quantize_weight(w, pow2).dequantize()`` in torch, without the codes: the same float32 values."""
+    rows = w.reshape(1, -1) if pow2 else w
+    scale, zero = group_params(rows, 8, True, pow2=pow2)
+    return quantize_codes(rows, scale, zero, 8).sub_(zero).mul_(scale).reshape(w.shape)
+
+
 def simulated_error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor, pow2: bool,
-                    act_amax: torch.Tensor | None = None, rotate: Rotate | None = None) -> float:
+                    act_amax: torch.Tensor | None = None, rotate: Rotate | None = None,
+                    refs: list[torch.Tensor] | None = None) -> float:
     """Squared error of int8(x / s) @ int8(W * s)^T against x @ W^T, summed over the linears.
 
     The activation scale is the min-max one the whole calibration set gives after smoothing,
     ``max_j(act_amax_j / s_j)`` (the sample's own maximum when ``act_amax`` is not given).
     ``rotate``: an orthogonal map applied to the smoothed input and weight rows (the sample's maximum
-    then sets the scale: the rotated range is not known from per-channel maxima)."""
+    then sets the scale: the rotated range is not known from per-channel maxima).
+    ``refs``: the float outputs ``x @ W^T`` when the caller has them (a search over ``s`` computes them once)."""
     xs = x / s
     if rotate is not None:
         xs, act_amax = rotate(xs), None
     top = (act_amax / s).amax() if act_amax is not None else xs.abs().amax()
     xq = fake_quant(xs, _act_scale(top, pow2))
     err = 0.0
-    for w in weights:
-        ref = x @ w.T
+    for i, w in enumerate(weights):
+        ref = refs[i] if refs is not None else x @ w.T
         ws = rotate(w * s) if rotate is not None else w * s
-        wq = torch.from_numpy(quantize_weight(ws, pow2).dequantize())
-        err += float(((xq @ wq.T - ref) ** 2).sum())
+        err += float((xq @ fake_quant_weight(ws, pow2).T).sub_(ref).square_().sum())
     return err
 
 
@@ -99,11 +108,12 @@ def choose_scales(x_sample: torch.Tensor, act_amax: torch.Tensor, weights: list[
     """The smoothing scales for one input group, and the alpha chosen (None: no smoothing was best)."""
     if cfg.alpha is not None:
         return smooth_scales(act_amax, weights, cfg.alpha), cfg.alpha
-    best = (simulated_error(x_sample, weights, torch.ones_like(act_amax), cfg.pow2, act_amax, rotate), None)
+    refs = [x_sample @ w.T for w in weights]
+    best = (simulated_error(x_sample, weights, torch.ones_like(act_amax), cfg.pow2, act_amax, rotate, refs), None)
     best_s = torch.ones_like(act_amax)
     for alpha in ALPHA_GRID:
         s = smooth_scales(act_amax, weights, alpha)
-        err = simulated_error(x_sample, weights, s, cfg.pow2, act_amax, rotate)
+        err = simulated_error(x_sample, weights, s, cfg.pow2, act_amax, rotate, refs)
         if err < best[0]:
             best, best_s = (err, alpha), s
     return best_s, best[1]
