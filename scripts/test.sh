@@ -4,7 +4,15 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 3
-.venv/bin/python -m pytest -q "$@"
+# Two workers, a test file each at a time (module fixtures stay in one process): the long real-model
+# runs are single-threaded for minutes at a stretch (ExecuTorch's lowering, QEMU, the TVM build), so on
+# 2 cores two of them side by side take little longer than one. SLM_TEST_WORKERS=0 runs in one process.
+workers="${SLM_TEST_WORKERS:-2}"
+if [ "$workers" -gt 0 ] 2>/dev/null; then
+  .venv/bin/python -m pytest -q -n "$workers" --dist loadfile "$@"
+else
+  .venv/bin/python -m pytest -q "$@"
+fi
 rc=$?
 if [ "$rc" -eq 5 ]; then
   echo "pytest collected no tests: failing on purpose" >&2
