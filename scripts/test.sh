@@ -6,10 +6,13 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 3
 # Two workers, a test file each at a time (module fixtures stay in one process): the long real-model
 # runs are single-threaded for minutes at a stretch (ExecuTorch's lowering, QEMU, the TVM build), so on
-# 2 cores two of them side by side take little longer than one. SLM_TEST_WORKERS=0 runs in one process.
+# 2 cores two of them side by side take little longer than one. Files in collection order, not xdist's
+# "most tests first" (which left the longest single-test files to the end): the real-model files come
+# first. Each run's --threads is the cores over the workers (tests/integration/helpers.py).
+# SLM_TEST_WORKERS=0 runs in one process.
 workers="${SLM_TEST_WORKERS:-2}"
 if [ "$workers" -gt 0 ] 2>/dev/null; then
-  .venv/bin/python -m pytest -q -n "$workers" --dist loadfile "$@"
+  .venv/bin/python -m pytest -q -n "$workers" --dist loadfile --no-loadscope-reorder "$@"
 else
   .venv/bin/python -m pytest -q "$@"
 fi

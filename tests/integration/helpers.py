@@ -3,6 +3,8 @@ suite's workers (``scripts/test.sh``: pytest-xdist, one file per worker at a tim
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from slm_export.cli import main
@@ -13,6 +15,9 @@ from slm_export.validation.validate import ValidationSettings
 # with the defaults.
 LIGHT = ["--eval-windows", "2", "--timing-tokens", "8"]
 LIGHT_SETTINGS = ValidationSettings(windows=2, decode_tokens=8)
+# The threads each run uses: the cores shared among the suite's workers, so that two workers' runtimes
+# (ONNX Runtime's and torch's pools spin while they wait) do not fight over the same cores.
+THREADS = str(max(1, (os.cpu_count() or 2) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 
 def cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import LIGHT, cli
+from .helpers import LIGHT, THREADS, cli
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +19,7 @@ def test_android_default_export(tmp_path: Path, capsys: pytest.CaptureFixture[st
     # methods by the rpi4 run.
     out = tmp_path / "android"
     code, text = cli(["--target", "android", "--model", "smollm2-135m", "--method", "rtn", "--out", str(out),
-                      "--threads", "2", "--json", *LIGHT], capsys)
+                      "--threads", THREADS, "--json", *LIGHT], capsys)
     report = json.loads(text)
     # Measured 2026-12-03 (EPYC, AVX-512 VNNI host): RTN's own goal (+10%) is out of reach for symmetric int4
     # on a 135M model (+28%), and the three int8-activation runtimes (XNNPACK, ORT x86, ORT aarch64) part by

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import LIGHT, cli
+from .helpers import LIGHT, THREADS, cli
 
 pytestmark = pytest.mark.slow
 
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 def test_fpga_artifact_maps_linear_layers_to_the_dpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "fpga"
     code, text = cli(["--target", "fpga", "--model", "smollm2-135m", "--calib-samples", "8", "--calib-seqlen", "256",
-                      "--out", str(out), "--threads", "2", "--json", *LIGHT], capsys)
+                      "--out", str(out), "--threads", THREADS, "--json", *LIGHT], capsys)
     report = json.loads(text)
     assert code in (0, 1), report["notes"]
     assert report["metrics"]["perplexity_change_pct"]["value"] <= 25.0  # a wrong scale costs hundreds of %

@@ -14,7 +14,7 @@ import pytest
 
 from slm_export.models.builtin import BUILTIN_MODELS
 
-from .helpers import LIGHT, LIGHT_SETTINGS, cli
+from .helpers import LIGHT, LIGHT_SETTINGS, THREADS, cli
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +26,7 @@ def test_gguf_path_with_user_eval_data(tmp_path: Path, capsys: pytest.CaptureFix
     notes.write_text("\n\n".join(topics[k] for k in sorted(topics)[-30:]))
     gguf = BUILTIN_MODELS.get("smollm2-135m").path()
     code, out = cli(["--target", "host", "--model", str(gguf), "--precision", "fp32", "--eval-data", str(notes),
-                     "--out", str(tmp_path / "h32"), "--json", "--threads", "2", *LIGHT], capsys)
+                     "--out", str(tmp_path / "h32"), "--json", "--threads", THREADS, *LIGHT], capsys)
     assert code == 0, out
     report = json.loads(out)
     assert report["metrics"]["eval_text"]["value"] == str(notes)
@@ -65,7 +65,7 @@ def test_quantized_exports(target: str, precision: str, extra: list[str], max_ch
 
     out = tmp_path / "q"
     code, text = cli(["--target", target, "--model", "smollm2-135m", "--precision", precision, "--out", str(out),
-                      "--threads", "2", "--json", *extra, *LIGHT], capsys)
+                      "--threads", THREADS, "--json", *extra, *LIGHT], capsys)
     report = json.loads(text)
     assert report["metrics"]["perplexity_change_pct"]["value"] <= max_change
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
@@ -91,7 +91,7 @@ def test_w8a8_exports(target: str, method: str, op: str, max_change: float, tmp_
     out = tmp_path / "w8a8"
     code, text = cli(["--target", target, "--model", "smollm2-135m", "--precision", "int8", "--method", method,
                       "--calib-samples", "8", "--calib-seqlen", "256", "--smooth-alpha", "0.8", "--out", str(out),
-                      "--threads", "2", "--json", *LIGHT], capsys)
+                      "--threads", THREADS, "--json", *LIGHT], capsys)
     report = json.loads(text)
     assert code in (0, 1), report["notes"]
     # A broken Q/DQ or scale costs hundreds of percent; small calibration here costs a few.

@@ -9,7 +9,7 @@ import pytest
 
 from slm_export.cli import main
 
-from .helpers import LIGHT, cli
+from .helpers import LIGHT, THREADS, cli
 
 pytestmark = pytest.mark.slow
 
@@ -20,7 +20,7 @@ def rpi4_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # The profile's defaults with a quarter of the calibration tokens (16 x 256, not 64 x 512) and 64-token
     # emulated windows: the suite's time, not the figures (scripts/bench_compress.py and bench_backends.py
     # measure the defaults).
-    assert main(["--target", "rpi4", "--model", "smollm2-135m", "--out", str(out), "--threads", "2",
+    assert main(["--target", "rpi4", "--model", "smollm2-135m", "--out", str(out), "--threads", THREADS,
                  "--calib-samples", "16", "--calib-seqlen", "256", "--emulate-tokens", "64", *LIGHT]) == 0
     return out
 
@@ -74,7 +74,7 @@ def test_rpi4_default_export(rpi4_artifact: Path) -> None:
 
 def test_validate_existing_artifact(rpi4_artifact: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # The fixture's run already emulated the aarch64 files; re-validating here checks the host and cross-checks.
-    code, out = cli(["validate", str(rpi4_artifact), "--json", "--threads", "2", "--no-emulate", *LIGHT],
+    code, out = cli(["validate", str(rpi4_artifact), "--json", "--threads", THREADS, "--no-emulate", *LIGHT],
                     capsys)
     assert code == 0, out
     report = json.loads(out)
