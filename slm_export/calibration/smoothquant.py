@@ -20,8 +20,13 @@ from dataclasses import dataclass
 import torch
 
 from slm_export.calibration.observers import fake_quant
-from slm_export.calibration.quant import (QuantizedTensor, group_params, quantize_codes, quantize_per_tensor,
-                                          quantize_rtn)
+from slm_export.calibration.quant import (
+    QuantizedTensor,
+    group_params,
+    quantize_codes,
+    quantize_per_tensor,
+    quantize_rtn,
+)
 from slm_export.errors import ConfigError
 
 Rotate = Callable[[torch.Tensor], torch.Tensor]
