@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -151,18 +152,23 @@ def lower(spec: Any, max_len: int) -> tuple[Any, int, list[dict[str, Any]]]:
     module = build_torch_decoder(spec, max_len)
     example = (torch.zeros(1, 2, dtype=torch.long), torch.tensor([0]))
     dynamic = {"tokens": {1: Dim("seq", min=1, max=max_len)}, "input_pos": None}
-    with torch.no_grad():
+    # torch and ExecuTorch warn about their own internals while tracing (about a hundred FutureWarnings from
+    # ExecuTorch's custom ops on smollm2-135m), and about the KV cache buffers that the program mutates,
+    # which InitializedMutableBufferPass below stores: none of it is the user's to act on.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", message="Mutation on a buffer")
         ep = export(module, example, dynamic_shapes=dynamic, strict=False)
         edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()],
                                            compile_config=EdgeCompileConfig(_check_ir_validity=False))
-    partitions, table = _delegation(edge.exported_program().graph_module)
-    program = edge.to_executorch(ExecutorchBackendConfig(
-        passes=[InitializedMutableBufferPass(CACHES)],  # store the zero caches, not "uninitialized"
-        extract_delegate_segments=True,
-        do_quant_fusion_and_const_prop=True,
-        memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
-        sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
-    ))
+        partitions, table = _delegation(edge.exported_program().graph_module)
+        program = edge.to_executorch(ExecutorchBackendConfig(
+            passes=[InitializedMutableBufferPass(CACHES)],  # store the zero caches, not "uninitialized"
+            extract_delegate_segments=True,
+            do_quant_fusion_and_const_prop=True,
+            memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
+            sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
+        ))
     return program, partitions, table
 
 
