@@ -20,7 +20,14 @@ from slm_export.calibration.observers import (
 )
 from slm_export.calibration.quant import QuantizedTensor
 from slm_export.calibration.rotation import Rotation, block_size, make_rotation
-from slm_export.calibration.smoothquant import SmoothQuantConfig, choose_scales, simulated_error, smooth_scales
+from slm_export.calibration.smoothquant import (
+    SmoothQuantConfig,
+    choose_scales,
+    fake_quant_weight,
+    quantize_weight,
+    simulated_error,
+    smooth_scales,
+)
 from slm_export.errors import ConfigError, UnsupportedByTarget
 from slm_export.exporters.onnx import OnnxExporter
 from slm_export.models import load_model
@@ -202,6 +209,14 @@ def test_smoothing_preserves_the_product() -> None:
     x, w = _outlier_inputs()
     s = smooth_scales(x.abs().amax(0), [w], 0.5)
     torch.testing.assert_close((x / s) @ (w * s).T, x @ w.T, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+def test_the_alpha_search_scores_the_weights_the_artifact_stores(pow2: bool) -> None:
+    # The search fake-quantizes in torch; the artifact holds quantize_weight's codes. They must not part.
+    x, w = _outlier_inputs()
+    ws = w * smooth_scales(x.abs().amax(0), [w], 0.5)
+    assert torch.equal(fake_quant_weight(ws, pow2), torch.from_numpy(quantize_weight(ws, pow2).dequantize()))
 
 
 def test_smoothing_reduces_the_w8a8_error_with_outliers() -> None:
