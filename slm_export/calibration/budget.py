@@ -81,6 +81,22 @@ def scaled_floats(model_weights: dict[str, Any], names: list[str],
     return out
 
 
+def float_twin(model: Any, weights: dict[str, Any], float_w: dict[str, torch.Tensor],
+               channel_scales: dict[str, tuple[Any, Any]] | None) -> Any:
+    """The float model in the compressed basis: folded norms from ``weights``, the layers' linears as
+    ``float_w`` (``W * s``). The same function as the original model, since the folding is exact. Its LM
+    head is the original float one, so where AWQ folded the head's scales into the final norm, the twin
+    keeps the original norm."""
+    from dataclasses import replace
+
+    from slm_export.models.loader import _build_module
+
+    floats = {k: v for k, v in weights.items() if not isinstance(v, QuantizedTensor)}
+    if "lm_head.weight" in (channel_scales or {}):
+        floats.pop("model.norm.weight", None)
+    return _build_module(replace(model, weights={**model.weights, **floats, **float_w}, _module=[]))
+
+
 def int8_weights(float_w: dict[str, torch.Tensor], int4: dict[str, Any], group: int) -> dict[str, QuantizedTensor]:
     """Round-to-nearest int8 of each float weight, with its int4 twin's symmetry (ExecuTorch's XNNPACK
     GEMMs take no zero points)."""
@@ -96,17 +112,10 @@ def mixed_precision(model: Any, weights: dict[str, Any], budget_pct: float, cali
     ``channel_scales``: the compress stage's AWQ scales (``weights`` then holds the norms they were
     folded into, and int4 codes of ``W * s``): the int8 groups quantize ``W * s`` too.
     """
-    from dataclasses import replace
-
-    from slm_export.models.loader import _build_module
-
     units = _units(weights)
     names = [n for members in units.values() for n in members]
     float_w = scaled_floats(model.weights, names, channel_scales)
-    # The float model in the compressed basis: folded norms from ``weights``, linears as W * s (the same
-    # function as the original model, since the folding is exact).
-    floats = {k: v for k, v in weights.items() if not isinstance(v, QuantizedTensor)}
-    twin = _build_module(replace(model, weights={**model.weights, **floats, **float_w}, _module=[]))
+    twin = float_twin(model, weights, float_w, channel_scales)
     deq4 = {n: torch.from_numpy(weights[n].dequantize()) for n in names}
     int8 = int8_weights(float_w, weights, group)
     deq8 = {n: torch.from_numpy(q.dequantize()) for n, q in int8.items()}

@@ -250,6 +250,10 @@ def compress(model: Any, cfg: CompressConfig, progress: Callable[[str], None] | 
         head = torch.as_tensor(np.asarray(weights.get("lm_head.weight", model.weights["model.embed_tokens.weight"]),
                                           dtype=np.float32))
         st = head_stats[0] if head_stats else None
+        if st is not None and st.sample and cfg.method in ("awq", "awq-gptq") and "model.norm.weight" in weights:
+            head, norm_w, s = _awq_head(head, st, cfg, weights["model.norm.weight"], model.model_type)
+            weights["model.norm.weight"] = norm_w
+            channel_scales["lm_head.weight"] = (s, None)
         q, how = _quantize_head(head, cfg, st)
         weights["lm_head.weight"] = q
         layer_report.append(_layer_entry("lm_head", head, q, cfg, st))
@@ -259,6 +263,23 @@ def compress(model: Any, cfg: CompressConfig, progress: Callable[[str], None] | 
     bpw = _bits_per_weight(weights) if cfg.precision != "none" else None
     return CompressResult(weights, layer_report, calib.describe() if calib else None, time.perf_counter() - t0,
                           bpw, notes, channel_scales=channel_scales)
+
+
+def _awq_head(w: torch.Tensor, st: InputStats, cfg: CompressConfig, norm_w: Any,
+              model_type: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """AWQ's scale search for the LM head, folded into the final norm (its only reader): the head's columns
+    become ``W * s`` and the norm's weight ``w / s``, so the float model is unchanged. A tied head is its own
+    tensor once quantized, so the embedding table is not touched. Updates ``st`` (sample, Hessian) to the
+    scaled inputs; returns the scaled head, the new norm weight and ``s``."""
+    offset = 1.0 if model_type == "gemma" else 0.0
+    x = torch.cat(st.sample)
+    x = x[:: max(1, x.shape[0] // 512)]  # the head is vocab x hidden: a few hundred tokens rank alpha
+    s = search_scale([w], x, st.abs_mean, AWQConfig(cfg.lm_head_bits, cfg.group_size, cfg.symmetric))
+    norm = torch.as_tensor(np.asarray(norm_w, dtype=np.float32))
+    st.sample = [t / s for t in st.sample]
+    if st.hessian is not None:
+        st.hessian = st.hessian / s[:, None] / s[None, :]
+    return w * s, (norm + offset) / s - offset, s
 
 
 def _quantize_head(w: torch.Tensor, cfg: CompressConfig, st: InputStats | None) -> tuple[QuantizedTensor, str]:

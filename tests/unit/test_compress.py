@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -274,6 +275,64 @@ def test_calibrated_lm_head_beats_round_to_nearest(tiny_models: dict[str, Path])
 
     gptq, rtn = err(result.weights["lm_head.weight"]), err(quantize_rtn(table, 4, 32, False))
     assert gptq < 0.9 * rtn, (gptq, rtn)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_awq_lm_head_folds_its_scales_into_the_final_norm(symmetric: bool, tiny_models: dict[str, Path],
+                                                          tmp_path: Path) -> None:
+    """AWQ methods scale the quantized head's columns by ``s`` and divide the final norm by it: the float
+    model is unchanged (the embedding keeps its table), the exported graph computes the folded norm times
+    the dequantized head, and the budget's float twin keeps the original norm for its original head."""
+    from slm_export.calibration.budget import float_twin, scaled_floats
+    from slm_export.models.loader import _build_module
+    from slm_export.validation.text import builtin_split, token_windows
+
+    model = load_model(str(tiny_models["llama"]))
+    cfg = CompressConfig("int4", "awq-gptq", 32, symmetric=symmetric, calib_samples=8, calib_seqlen=64,
+                         lm_head_bits=4)
+    result = compress(model, cfg)
+    s, rows = result.channel_scales["lm_head.weight"]
+    assert rows is None
+    assert not torch.allclose(s, torch.ones_like(s)), "no scale was searched for the head"
+    norm0 = model.weights["model.norm.weight"]
+    np.testing.assert_allclose(torch.as_tensor(result.weights["model.norm.weight"]) * s, norm0, rtol=1e-5)
+    assert torch.equal(model.weights["model.norm.weight"], norm0), "the float reference was modified"
+    table = model.weights["model.embed_tokens.weight"]
+    head = result.weights["lm_head.weight"]
+    # The folded float head is the original one: W * s read by norm / s.
+    sd = {k: torch.from_numpy(v.dequantize()) if isinstance(v, QuantizedTensor) else v
+          for k, v in result.weights.items()}
+    plan = Plan(target="host", model="m", out="o", precision="int4", backend="onnxruntime", graph_ops="onnxruntime",
+                opset=17, static_shapes=False, max_seq_len=512, validation="host", accuracy_level=0)
+    exported = OnnxExporter().export(model, plan, tmp_path, result.weights)
+    twin = _build_module(type(model)(**{**model.__dict__, "weights": sd, "_module": []}))
+    twin.lm_head.weight = torch.nn.Parameter(sd["lm_head.weight"])
+    twin.model.embed_tokens.weight = torch.nn.Parameter(table.clone())
+    ids = np.asarray([[3, 9, 27, 81, 243, 100]], dtype=np.int64)
+    with torch.no_grad():
+        ref = twin(torch.from_numpy(ids)).logits.numpy()
+    np.testing.assert_allclose(OnnxDecoder(make_session(exported.model_path, 1)).logits(ids), ref,
+                               atol=2e-3, rtol=1e-3)
+    # On held-out text the scaled head is at least as close to the float head as plain GPTQ's.
+    body = {k: v for k, v in sd.items() if k not in ("lm_head.weight", "model.norm.weight")}
+    twin_body = _build_module(type(model)(**{**model.__dict__, "weights": {**model.weights, **body},
+                                             "_module": []})).model
+    held = torch.tensor(token_windows(model.tokenizer, builtin_split("evaluation"), 4, 64))
+    with torch.no_grad():
+        h = twin_body(held).last_hidden_state  # the original final norm's output
+    want = h @ table.T
+    awq_err = float(((h / s) @ torch.from_numpy(head.dequantize()).T - want).pow(2).mean())
+    plain = compress(model, replace(cfg, method="gptq")).weights["lm_head.weight"]
+    gptq_err = float((h @ torch.from_numpy(plain.dequantize()).T - want).pow(2).mean())
+    assert awq_err <= 1.05 * gptq_err, (awq_err, gptq_err)
+    # The budget's float twin (original head, layers as W * s) is the original model: its norm is not folded.
+    names = [n for n in result.weights if n.startswith("model.layers.") and isinstance(result.weights[n],
+                                                                                        QuantizedTensor)]
+    float_w = scaled_floats(model.weights, names, result.channel_scales)
+    with torch.no_grad():
+        np.testing.assert_allclose(float_twin(model, result.weights, float_w, result.channel_scales)(
+            torch.from_numpy(ids)).logits.numpy(), model.torch_module()(torch.from_numpy(ids)).logits.numpy(),
+            atol=1e-4)
 
 
 @pytest.mark.parametrize("pattern", ["2:4", "4:8", "unstructured"])
