@@ -275,11 +275,8 @@ def _awq_head(w: torch.Tensor, st: InputStats, cfg: CompressConfig, norm_w: Any,
     x = torch.cat(st.sample)
     x = x[:: max(1, x.shape[0] // 512)]  # the head is vocab x hidden: a few hundred tokens rank alpha
     s = search_scale([w], x, st.abs_mean, AWQConfig(cfg.lm_head_bits, cfg.group_size, cfg.symmetric))
-    norm = torch.as_tensor(np.asarray(norm_w, dtype=np.float32))
-    st.sample = [t / s for t in st.sample]
-    if st.hessian is not None:
-        st.hessian = st.hessian / s[:, None] / s[None, :]
-    return w * s, (norm + offset) / s - offset, s
+    st.divide(s)
+    return w * s, _fold_into_norm(torch.as_tensor(np.asarray(norm_w, dtype=np.float32)), s, offset), s
 
 
 def _quantize_head(w: torch.Tensor, cfg: CompressConfig, st: InputStats | None) -> tuple[QuantizedTensor, str]:
@@ -436,9 +433,13 @@ def _fold_scales(prev: nn.Module, lins: list[nn.Linear], s: torch.Tensor, offset
         m.weight = nn.Parameter(m.weight.detach() * s, requires_grad=False)
     if isinstance(prev, nn.Linear):  # fold 1/s into the rows of the producing linear
         prev.weight = nn.Parameter(prev.weight.detach() / s.unsqueeze(1), requires_grad=False)
-    else:  # RMSNorm: y = norm(x) * (w + offset)
-        new = (prev.weight.detach() + offset) / s - offset
-        prev.weight = nn.Parameter(new, requires_grad=False)
+    else:
+        prev.weight = nn.Parameter(_fold_into_norm(prev.weight.detach(), s, offset), requires_grad=False)
+
+
+def _fold_into_norm(weight: torch.Tensor, s: torch.Tensor, offset: float) -> torch.Tensor:
+    """An RMSNorm's weight after its output is divided by ``s``: ``y = norm(x) * (w + offset)``."""
+    return (weight + offset) / s - offset
 
 
 def _smooth_layer(layer: nn.Module, stats: dict[str, InputStats], cfg: CompressConfig,
@@ -457,10 +458,8 @@ def _smooth_layer(layer: nn.Module, stats: dict[str, InputStats], cfg: CompressC
         for m_name, m in layer.named_modules():
             if any(m is lin for lin in lins):
                 chosen[m_name] = alpha
-        st.sample = [x / s for x in st.sample]
+        st.divide(s)
         st.abs_max = st.abs_max / s  # type: ignore[operator]
-        if st.hessian is not None:  # sum of (x/s)^T (x/s)
-            st.hessian = st.hessian / s[:, None] / s[None, :]
     return chosen
 
 
@@ -504,7 +503,5 @@ def _awq_layer(layer: nn.Module, stats: dict[str, InputStats], cfg: CompressConf
         cols.update({f"{prefix}.{names[id(m)]}.weight": s for m in lins})
         if isinstance(prev, nn.Linear):
             rows[f"{prefix}.{names[id(prev)]}.weight"] = s
-        st.sample = [x / s for x in st.sample]  # the linears now read x / s (siblings share ``st``)
-        if st.hessian is not None:  # awq-gptq: the Hessian of x / s
-            st.hessian = st.hessian / s[:, None] / s[None, :]
+        st.divide(s)  # the linears now read x / s (siblings share ``st``)
     return {n: (cols.get(n), rows.get(n)) for n in {*cols, *rows}}

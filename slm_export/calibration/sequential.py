@@ -51,6 +51,13 @@ class InputStats:
             self.sample.append(x[::step][: sample_rows - have].clone())
         self.tokens += n
 
+    def divide(self, s: torch.Tensor) -> None:
+        """The layer reads ``x / s`` from now on (a per-channel scale folded into its producer): the
+        sample rows and the Hessian (the sum of ``(x/s)^T (x/s)``) follow."""
+        self.sample = [x / s for x in self.sample]
+        if self.hessian is not None:
+            self.hessian = self.hessian / s[:, None] / s[None, :]
+
     def finish(self) -> InputStats:
         if self.abs_mean is not None:
             self.abs_mean = self.abs_mean / self.tokens
