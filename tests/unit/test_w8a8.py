@@ -251,13 +251,13 @@ def test_rotation_is_orthogonal_and_preserves_the_product() -> None:
 
 
 def test_rotations_leave_the_float_model_unchanged(tiny_models: dict[str, Path], tmp_path: Path) -> None:
-    from slm_export.calibration.compress import _rotate_down, _rotate_heads
+    from slm_export.calibration.transforms import rotate_down, rotate_heads
     from slm_export.models.loader import _build_module
 
     model = load_model(str(tiny_models["qwen2"]))  # q/k/v biases: v's is rotated with its rows
     work = _build_module(model)
-    assert _rotate_heads(work, model.config, 0) == 16
-    rots = _rotate_down(work, CompressConfig("int8", "dynamic", rotate=64), rotate_weights=True)
+    assert rotate_heads(work, model.config, 0) == 16
+    rots = rotate_down(work, CompressConfig("int8", "dynamic", rotate=64), rotate_weights=True)
     assert len(rots) == 2
     for i, layer in enumerate(work.model.layers):
         layer.mlp.down_proj.register_forward_pre_hook(lambda m, a, r=rots[i]: (r.apply(a[0]),))
