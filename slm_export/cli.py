@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--lm-head-bits", type=int, choices=(0, 4, 8),
                    help="quantize the LM head too (default: 8 for weight-only int8/int4 where ONNX Runtime is the "
                    "target's first backend, else 0: float)")
+    q.add_argument("--lm-head-hot", type=_fraction, metavar="FRACTION",
+                   help="an int4 LM head (implied) with this fraction of its rows, the ones the calibration text "
+                   "reads most, at int8 too (ONNX-Runtime-only targets; default 0.05 on the host for int4, else 0)")
     q.add_argument("--max-ppl-increase", type=_percent, help="accuracy budget, e.g. 5%%: int4, with the most "
                    "sensitive layers kept at int8 until the perplexity change on the evaluation text is within it")
     sp = e.add_argument_group("sparsity")
@@ -188,6 +191,16 @@ def _percent(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a percentage like 5% or 2.5, not {text!r}") from None
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1) like 0.05, not {text!r}")
+    return value
+
+
 def _at_least(low: int) -> Any:
     """An argparse type: a whole number >= ``low``."""
 
@@ -242,9 +255,9 @@ def _export(args: argparse.Namespace) -> int:
     profile = get_target(args.target, args.target_file)
     out = args.out or f"build/{profile.id}"
     options = {k: getattr(args, k) for k in ("method", "group_size", "symmetric", "calib_data", "calib_samples",
-                                             "calib_seqlen", "seed", "accuracy_level", "lm_head_bits", "sparsity",
-                                             "sparsity_method", "sparsity_ratio", "max_ppl_increase", "observer",
-                                             "smooth_alpha", "rotate", "emulate")}
+                                             "calib_seqlen", "seed", "accuracy_level", "lm_head_bits",
+                                             "lm_head_hot", "sparsity", "sparsity_method", "sparsity_ratio",
+                                             "max_ppl_increase", "observer", "smooth_alpha", "rotate", "emulate")}
     plan = make_plan(profile, args.model, out, args.precision, args.eval_data, not args.no_validate, **options)
     if args.dry_run:
         print(json.dumps({"plan": plan.to_dict(), "target": profile.id}, indent=2))

@@ -36,6 +36,7 @@ class Plan:
     calib_seqlen: int = 512
     seed: int = 0
     lm_head_bits: int = 0
+    lm_head_hot: float = 0.0  # int4 head: fraction of its rows also kept at int8 (the calibration's most read)
     max_ppl_increase: float | None = None
     observer: str = "minmax"
     smooth_alpha: float | None = None

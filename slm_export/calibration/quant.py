@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from slm_export.errors import ConfigError
+from slm_export.errors import CompileError, ConfigError
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,41 @@ class QuantizedTensor:
         return QuantizedTensor(np.concatenate([p.codes for p in parts], 0),
                                np.concatenate([p.scales for p in parts], 0), zeros, first.bits, first.group,
                                first.act_scale, first.act_dynamic)
+
+
+@dataclass(frozen=True)
+class HotRowsTensor(QuantizedTensor):
+    """An LM head in two precisions: every row at the base width (the inherited fields, e.g. int4), and the
+    ``rows`` its calibration data reads most (``hot``, e.g. int8) again. The graph runs both and writes the
+    hot logits over the base ones, so a token costs the int4 head plus a few percent.
+
+    Only ONNX graphs take it (the exporter's head); a backend that reads the inherited int4 codes alone must
+    refuse it (``refuse_hot_rows``), or it would compute a different model from the one validated."""
+
+    rows: np.ndarray | None = None  # int64 [k], ascending: the vocabulary rows kept at ``hot``'s width
+    hot: QuantizedTensor | None = None  # [k, in]
+
+    def __post_init__(self) -> None:
+        if self.rows is None or self.hot is None or self.hot.shape != (len(self.rows), self.codes.shape[1]):
+            raise ValueError("hot rows need their indices and one quantized row for each")
+
+    @property
+    def base(self) -> QuantizedTensor:
+        return QuantizedTensor(self.codes, self.scales, self.zeros, self.bits, self.group)
+
+    def dequantize(self) -> np.ndarray:
+        w = self.base.dequantize()
+        w[self.rows] = self.hot.dequantize()  # type: ignore[union-attr]
+        return w
+
+    def storage_bytes(self) -> int:
+        return self.base.storage_bytes() + self.hot.storage_bytes() + self.rows.size * 8  # type: ignore[union-attr]
+
+
+def refuse_hot_rows(w: QuantizedTensor, backend: str) -> None:
+    if isinstance(w, HotRowsTensor):
+        raise CompileError(f"{backend} takes one width per LM head; this head keeps {len(w.rows)} rows at "  # type: ignore[arg-type]
+                           f"int{w.hot.bits} over int{w.bits} (--lm-head-hot): build with --lm-head-hot 0")  # type: ignore[union-attr]
 
 
 def check_group(in_features: int, group: int, name: str = "weight") -> None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
-from slm_export.calibration.quant import QuantizedTensor
+from slm_export.calibration.quant import HotRowsTensor, QuantizedTensor
 from slm_export.exporters.graph import GraphBuilder
 from slm_export.exporters.quantized import quantized_matmul
 from slm_export.models.adapters import DecoderSpec
@@ -137,6 +137,8 @@ def build_decoder(spec: DecoderSpec, opset: int, precision: str, max_seq_len: in
         logits2d = b.op("Gemm", [flat, embed], transB=1)
         out_shape = b.op("Concat", [ids_shape, b.const([spec.vocab])], axis=0)
         b.op_to("Reshape", [logits2d, out_shape], ["logits"])
+    elif isinstance(spec.lm_head, HotRowsTensor):
+        b.op_to("Identity", [_hot_rows_head(b, W, x, spec.lm_head)], ["logits"])
     elif isinstance(spec.lm_head, QuantizedTensor):
         y = quantized_matmul(b, x, spec.lm_head, "lm_head.qmatmul", W.graph_ops, W.accuracy_level)
         b.op_to("Identity", [y], ["logits"])
@@ -144,6 +146,16 @@ def build_decoder(spec: DecoderSpec, opset: int, precision: str, max_seq_len: in
         b.op_to("MatMul", [x, W("lm_head", lambda: spec.lm_head.T)], ["logits"])  # type: ignore[union-attr]
     b.output("logits", F32, [dims[0], logits_seq, spec.vocab])
     return b
+
+
+def _hot_rows_head(b: GraphBuilder, W: _Weights, x: str, q: HotRowsTensor) -> str:
+    """Every vocabulary row at the base width, then the hot rows' logits (int8) written over theirs: one
+    ScatterElements on the vocabulary axis, its indices broadcast to the hot logits' shape."""
+    base = quantized_matmul(b, x, q.base, "lm_head.qmatmul", W.graph_ops, W.accuracy_level)
+    hot = quantized_matmul(b, x, q.hot, "lm_head.hot.qmatmul", W.graph_ops, W.accuracy_level)  # type: ignore[arg-type]
+    rows = b.init("lm_head.hot.rows", lambda: q.rows.reshape(1, 1, -1).astype(np.int64))  # type: ignore[union-attr]
+    index = b.op("Expand", [rows, b.op("Shape", [hot])])
+    return b.op("ScatterElements", [base, index, hot], axis=-1)  # type: ignore[return-value]
 
 
 def _keep_last(b: GraphBuilder, x: str, seq: str) -> tuple[str, str]:

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from slm_export.calibration.quant import QuantizedTensor
+from slm_export.calibration.quant import QuantizedTensor, refuse_hot_rows
 from slm_export.errors import CompileError
 from slm_export.exporters.decoder import MASK_VALUE, rope_tables
 from slm_export.exporters.tvm_kernels import convert_map, pack_int4, packs_int4, torch_ops
@@ -120,6 +120,7 @@ def build_functional_decoder(spec: DecoderSpec, max_len: int) -> Any:
             super().__init__()
             self.quantized = isinstance(w, QuantizedTensor)
             if self.quantized:
+                refuse_hot_rows(w, "TVM")
                 if w.activations != "float":
                     raise CompileError("the TVM build takes weight-only quantization; int8 activations (W8A8) "
                                        "are not part of it in this version")

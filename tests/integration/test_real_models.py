@@ -74,6 +74,9 @@ def test_quantized_exports(target: str, precision: str, extra: list[str], max_ch
     # Quantized artifacts are smaller than the float32 weights and decode faster than the fp32 bound.
     assert report["artifact"]["bytes"] < 0.6 * report["model"]["float32_weight_bytes"]
     assert code in (0, 1)
+    if target == "host" and precision == "int4":  # the default int4 head: int4, its hot rows int8 too
+        assert [n for n in graph.graph.node if n.op_type == "ScatterElements"]
+        assert any("kept at int8 too" in n for n in report["compression"]["notes"])
     if target == "host":  # the host is the target: its measured decode over its own roofline
         frac = report["metrics"]["decode_fraction_of_roofline"]
         assert 0 < frac["value"] < 1.5

@@ -217,13 +217,14 @@ def test_accuracy_level_follows_the_target_cpu(tiny_models: dict[str, Path], tmp
 
 
 def test_quantized_head_default_follows_the_backend(tiny_models: dict[str, Path], tmp_path: Path) -> None:
-    # ONNX Runtime first (host, rpi4b): weight-only int4/int8 quantize the LM head to int8 unless told;
-    # ExecuTorch first (android) keeps it float (a grouped int8 head through XNNPACK is not verified); W8A8
-    # leaves it alone.
+    # ONNX Runtime first (host, rpi4b): weight-only int4/int8 quantize the LM head to int8 unless told; on
+    # an ONNX-Runtime-only target (host) int4 makes it int4 with its hot rows int8 too; ExecuTorch first
+    # (android) keeps it float (a grouped int8 head through XNNPACK is not verified); W8A8 leaves it alone.
     tiny = str(tiny_models["llama"])
     host = make_plan(get_target("host"), tiny, tmp_path / "a", "int4")
-    assert host.lm_head_bits == 8
-    assert any("LM head is quantized to int8" in n for n in host.notes)
+    assert (host.lm_head_bits, host.lm_head_hot) == (4, 0.05)
+    assert any("LM head is int4, with the 5% of its rows" in n for n in host.notes)
+    assert make_plan(get_target("host"), tiny, tmp_path / "i", "int4", lm_head_bits=8).lm_head_hot == 0
     assert make_plan(get_target("rpi4b"), tiny, tmp_path / "b", "int4").lm_head_bits == 8
     assert make_plan(get_target("android"), tiny, tmp_path / "c", "int4").lm_head_bits == 0
     assert make_plan(get_target("host"), tiny, tmp_path / "d", "int8").lm_head_bits == 8  # weight-only int8

@@ -83,6 +83,12 @@ def test_bad_models(case: str, expected: str, tmp_path: Path, gguf_path: Path,
     (["--target", "host", "--model", "smollm2-135m", "--eval-windows", "0"], 2, "at least 1, not '0'"),
     (["--target", "rpi4", "--model", "smollm2-135m", "--timing-tokens", "one"], 2, "at least 2, not 'one'"),
     (["validate", "/tmp", "--emulate-tokens", "8"], 2, "at least 16, not '8'"),
+    (["--target", "host", "--model", "smollm2-135m", "--precision", "int4", "--lm-head-hot", "5%"], 2,
+     "expected a fraction in [0, 1) like 0.05, not '5%'"),
+    (["--target", "host", "--model", "smollm2-135m", "--precision", "int4", "--lm-head-bits", "8",
+      "--lm-head-hot", "0.1"], 2, "use it with --lm-head-bits 4"),
+    (["--target", "rpi4", "--model", "smollm2-135m", "--precision", "int4", "--lm-head-bits", "4",
+      "--lm-head-hot", "0.1"], 2, "rpi4b also builds for tvm"),
 ])
 def test_bad_requests(argv: list[str], code: int, expected: str, capsys: pytest.CaptureFixture[str]) -> None:
     got, out = _run(argv, capsys)

@@ -14,7 +14,7 @@ from slm_export.calibration.awq import AWQConfig, awq_quantize, search_scale
 from slm_export.calibration.compress import CompressConfig, compress
 from slm_export.calibration.data import load_calibration
 from slm_export.calibration.gptq import GPTQConfig, gptq_quantize
-from slm_export.calibration.quant import QuantizedTensor, quantize_rtn
+from slm_export.calibration.quant import HotRowsTensor, QuantizedTensor, quantize_rtn
 from slm_export.errors import ConfigError
 from slm_export.exporters.onnx import OnnxExporter
 from slm_export.exporters.quantized import pack_codes
@@ -424,3 +424,78 @@ def test_budget_after_awq_requantizes_the_scaled_weights(tiny_models: dict[str, 
     for n, w8 in int8.items():
         step = np.repeat(w8.scales, 32, axis=1)
         assert np.all(np.abs(w8.dequantize() - float_w[n].numpy()) <= step * 0.5 + 1e-6)
+
+
+@pytest.mark.parametrize("graph_ops", ["onnxruntime", "standard"])
+def test_hot_rows_of_an_int4_lm_head(graph_ops: str, tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """--lm-head-hot: the int4 head's rows the calibration text reads most are quantized to int8 as well,
+    and the graph writes their logits over the int4 ones: its logits equal the twin whose head is int4 with
+    those rows int8, on ORT's fused graph and on the standard one alike."""
+    from slm_export.models.loader import _build_module
+
+    model = load_model(str(tiny_models["llama"]))
+    cfg = CompressConfig("int4", "gptq", 32, calib_samples=8, calib_seqlen=64, lm_head_bits=4, lm_head_hot=0.1)
+    result = compress(model, cfg)
+    head = result.weights["lm_head.weight"]
+    assert isinstance(head, HotRowsTensor)
+    assert head.bits == 4
+    assert head.hot is not None
+    assert head.hot.bits == 8
+    calib = load_calibration(model.tokenizer, None, 8, 64)
+    counts = np.bincount(calib.ids[:, 1:].reshape(-1), minlength=head.shape[0])
+    k = int(np.ceil(0.1 * head.shape[0]))
+    assert len(head.rows) == k
+    assert counts[head.rows].min() >= np.sort(counts)[-k]  # the k most read rows
+    entry = next(e for e in result.layers if e["layer"] == "lm_head")
+    assert (entry["bits"], entry["hot_rows"], entry["hot_bits"]) == (4, k, 8)
+    deq, base = head.dequantize(), head.base.dequantize()
+    cold = np.setdiff1d(np.arange(head.shape[0]), head.rows)
+    np.testing.assert_array_equal(deq[cold], base[cold])
+    table = model.weights["model.embed_tokens.weight"].numpy()
+    assert np.abs(deq[head.rows] - table[head.rows]).max() < 0.25 * np.abs(base[head.rows] - table[head.rows]).max()
+
+    plan = Plan(target="host", model="m", out="o", precision="int4", backend="onnxruntime", graph_ops=graph_ops,
+                opset=17 if graph_ops == "onnxruntime" else 21, static_shapes=False, max_seq_len=512,
+                validation="host", accuracy_level=0)
+    exported = OnnxExporter().export(model, plan, tmp_path, result.weights)
+    graph = onnx.load(str(exported.model_path), load_external_data=False).graph
+    assert [n for n in graph.node if n.op_type == "ScatterElements"]
+    sd = {k: torch.from_numpy(v.dequantize()) if isinstance(v, QuantizedTensor) else v
+          for k, v in result.weights.items()}
+    twin = _build_module(type(model)(**{**model.__dict__, "weights": sd, "_module": []}))
+    twin.lm_head.weight = torch.nn.Parameter(sd["lm_head.weight"])
+    twin.model.embed_tokens.weight = torch.nn.Parameter(model.weights["model.embed_tokens.weight"].clone())
+    ids = np.asarray([[3, 9, 27, 81, 243, 100], [5, 6, 7, 8, 9, 10]], dtype=np.int64)
+    with torch.no_grad():
+        ref = twin(torch.from_numpy(ids)).logits.numpy()
+        twin.lm_head.weight = torch.nn.Parameter(torch.from_numpy(base))
+        int4_only = twin(torch.from_numpy(ids)).logits.numpy()
+    got = OnnxDecoder(make_session(exported.model_path, 1)).logits(ids)
+    np.testing.assert_allclose(got, ref, atol=2e-3, rtol=1e-3)
+    assert np.abs(got - int4_only)[..., head.rows].max() > 1e-2, "the hot rows' int8 logits were not written"
+
+
+def test_hot_rows_need_an_int4_head_and_onnx_runtime_only() -> None:
+    """The option's misuses are refused before any work, and a backend that would read the int4 codes
+    alone refuses such a head instead of building a different model."""
+    from slm_export.calibration.quant import refuse_hot_rows
+    from slm_export.errors import CompileError
+    from slm_export.pipeline import make_plan
+    from slm_export.targets import get_target
+
+    for bad in ({"lm_head_bits": 8, "lm_head_hot": 0.05}, {"lm_head_bits": 4, "lm_head_hot": 1.0},
+                {"lm_head_bits": 4, "lm_head_hot": 0.05, "method": "rtn"}):
+        with pytest.raises(ConfigError, match="lm-head-hot"):
+            CompressConfig("int4", **{"method": "gptq", **bad})
+    with pytest.raises(ConfigError, match="tvm"):
+        make_plan(get_target("rpi4b"), "smollm2-135m", "o", "int4", lm_head_bits=4, lm_head_hot=0.05)
+    host = make_plan(get_target("host"), "smollm2-135m", "o", "int4")
+    assert (host.lm_head_bits, host.lm_head_hot) == (4, 0.05)
+    assert make_plan(get_target("host"), "smollm2-135m", "o", "int8").lm_head_bits == 8
+    assert make_plan(get_target("rpi4b"), "smollm2-135m", "o", "int4").lm_head_hot == 0
+    assert make_plan(get_target("host"), "smollm2-135m", "o", "int4", lm_head_hot=0.1).lm_head_bits == 4
+    q = quantize_rtn(torch.randn(8, 32), 4, 32, False)
+    hot = HotRowsTensor(q.codes, q.scales, q.zeros, 4, 32, rows=np.asarray([1, 5]),
+                        hot=quantize_rtn(torch.randn(2, 32), 8, 32, False))
+    with pytest.raises(CompileError, match="TVM"):
+        refuse_hot_rows(hot, "TVM")
