@@ -9,7 +9,7 @@ the ratio checks against GenAI and between thread counts use the median of the p
 
 - PyTorch eager float32 (transformers ``generate``): the reference, ratio 1.0;
 - this tool's float32, int8 and int4 artifacts (``slm-export --target host``, each profile default
-  method; int8 quantizes the LM head to int8, int4 to int4 with its 5% hot rows int8 too), the int4
+  method; int8 quantizes the LM head to int8, int4 to int4 with its 15% hot rows int8 too), the int4
   artifact with an int8, an int4 and a float head, and symmetric int4 (``--symmetric``, the form GenAI's
   builder writes) with the default and an int4 head, run by the project's own generation loop;
 - ONNX Runtime GenAI's model builder (``-p int4 -e cpu``, accuracy level 4) through its own generator,

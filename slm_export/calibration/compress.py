@@ -55,7 +55,7 @@ class CompressConfig:
     act_order: bool = True
     lm_head_bits: int = 0  # 0: keep the (tied) LM head in float
     # Fraction of an int4 head's rows kept at int8 as well: the vocabulary rows the calibration data reads
-    # most (its next tokens). 0: one width for the whole head.
+    # most (its next tokens and the float head's probability mass). 0: one width for the whole head.
     lm_head_hot: float = 0.0
     sparsity: SparsityConfig | None = None
     smooth_alpha: float | None = None  # SmoothQuant migration strength; None: searched per input group
@@ -167,6 +167,7 @@ def compress(model: Any, cfg: CompressConfig, progress: Callable[[str], None] | 
     prefix = "model.layers" if hasattr(work, "model") else "transformer.h"
     head_stats: list[InputStats] = []  # the LM head's input statistics, when calibration runs
     channel_scales: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+    row_mass: list[np.ndarray] = []  # --lm-head-hot: the float head's probability of each row over those inputs
     rotations = rotate_down(work, cfg, rotate_weights=not cfg.needs_data) if cfg.rotate else {}
     head_rotation = rotate_heads(work, model.config, cfg.seed) if cfg.rotate else None
     if not cfg.needs_data:
@@ -241,9 +242,13 @@ def compress(model: Any, cfg: CompressConfig, progress: Callable[[str], None] | 
             if not cfg.lm_head_bits or cfg.w8a8 or norm is None:
                 return
             st = InputStats()
+            table = _float_head(model) if cfg.lm_head_hot else None
             with torch.no_grad():
                 for h, _ in hidden:
-                    st.update(norm(h), cfg.needs_hessian, 2048)
+                    x = norm(h)
+                    st.update(x, cfg.needs_hessian, 2048)
+                    if table is not None:
+                        row_mass.append(_probability_mass(x, table))
             head_stats.append(st.finish())
 
         sequential_calibration(work, batches, step, want_hessian=cfg.needs_hessian, after=done, final=head_inputs)
@@ -273,18 +278,18 @@ def compress(model: Any, cfg: CompressConfig, progress: Callable[[str], None] | 
         q, how = _quantize_head(head, cfg, st)
         notes.append(f"LM head quantized to int{cfg.lm_head_bits} ({how}, group {cfg.group_size})")
         if cfg.lm_head_hot and calib is not None:
-            # The rows the calibration text's next tokens read. Counting the float head's top-1 predictions
-            # too picked the same rows' worth: smollm2-135m, 5% of the rows, float layers, PyTorch: +0.019%
-            # perplexity from the tokens alone, +0.038% with predictions, +0.98% for the plain int4 head.
-            counts = np.bincount(calib.ids[:, 1:].reshape(-1), minlength=head.shape[0])[:head.shape[0]]
-            rows = hot_rows(counts, cfg.lm_head_hot)
+            # A logit's error moves the loss by (p - y) times it: a row matters as often as it is the next
+            # token (y) and by the probability the head gives it (p). So rows rank by the calibration
+            # text's next tokens plus the float head's probability mass over the same positions.
+            tokens = np.bincount(calib.ids[:, 1:].reshape(-1), minlength=head.shape[0])[:head.shape[0]]
+            rows = hot_rows(tokens + sum(row_mass, np.zeros(head.shape[0])), cfg.lm_head_hot)
             if rows.size:
                 hot, _ = _quantize_head(head[torch.from_numpy(rows)], replace(cfg, lm_head_bits=8, lm_head_hot=0.0),
                                         st)
                 q = HotRowsTensor(q.codes, q.scales, q.zeros, q.bits, q.group, rows=rows, hot=hot)
                 share = rows.size / head.shape[0]
                 notes.append(f"LM head: the {rows.size} rows the calibration text reads most ({share:.1%} "
-                             f"of the vocabulary, {counts[rows].sum() / max(counts.sum(), 1):.1%} of its tokens) kept "
+                             f"of the vocabulary, {tokens[rows].sum() / max(tokens.sum(), 1):.1%} of its tokens) kept "
                              "at int8 too; the graph writes their int8 logits over the int4 ones")
         weights["lm_head.weight"] = q
         layer_report.append(_layer_entry("lm_head", head, q, cfg, st))
@@ -299,6 +304,14 @@ def _float_head(model: Any) -> torch.Tensor:
     """The LM head's float table ([vocab, hidden]): its own weight, or the embedding it is tied to."""
     w = model.weights.get("lm_head.weight", model.weights["model.embed_tokens.weight"])
     return torch.as_tensor(np.asarray(w, dtype=np.float32))
+
+
+def _probability_mass(x: torch.Tensor, table: torch.Tensor, every: int = 4, chunk: int = 512) -> np.ndarray:
+    """Each row's summed softmax probability under the float head over every ``every``-th position of ``x``
+    (the head's inputs), times ``every``."""
+    flat = x.reshape(-1, x.shape[-1])[::every]
+    mass = sum(torch.softmax(flat[i:i + chunk] @ table.T, -1).sum(0) for i in range(0, flat.shape[0], chunk))
+    return mass.double().numpy() * every  # type: ignore[union-attr]
 
 
 def hot_rows(counts: np.ndarray, fraction: float) -> np.ndarray:

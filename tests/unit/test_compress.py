@@ -445,7 +445,9 @@ def test_hot_rows_of_an_int4_lm_head(graph_ops: str, tiny_models: dict[str, Path
     counts = np.bincount(calib.ids[:, 1:].reshape(-1), minlength=head.shape[0])
     k = int(np.ceil(0.1 * head.shape[0]))
     assert len(head.rows) == k
-    assert counts[head.rows].min() >= np.sort(counts)[-k]  # the k most read rows
+    # ranked by next tokens plus the head's probability mass: nearly the tokens of the k most read rows
+    assert counts[head.rows].sum() >= 0.9 * np.sort(counts)[-k:].sum()
+    assert np.argmax(counts) in head.rows
     entry = next(e for e in result.layers if e["layer"] == "lm_head")
     assert (entry["bits"], entry["hot_rows"], entry["hot_bits"]) == (4, k, 8)
     deq, base = head.dequantize(), head.base.dequantize()
@@ -490,7 +492,7 @@ def test_hot_rows_need_an_int4_head_and_onnx_runtime_only() -> None:
     with pytest.raises(ConfigError, match="tvm"):
         make_plan(get_target("rpi4b"), "smollm2-135m", "o", "int4", lm_head_bits=4, lm_head_hot=0.05)
     host = make_plan(get_target("host"), "smollm2-135m", "o", "int4")
-    assert (host.lm_head_bits, host.lm_head_hot) == (4, 0.05)
+    assert (host.lm_head_bits, host.lm_head_hot) == (4, 0.15)
     assert make_plan(get_target("host"), "smollm2-135m", "o", "int8").lm_head_bits == 8
     assert make_plan(get_target("rpi4b"), "smollm2-135m", "o", "int4").lm_head_hot == 0
     assert make_plan(get_target("host"), "smollm2-135m", "o", "int4", lm_head_hot=0.1).lm_head_bits == 4
