@@ -54,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
                    "target's first backend, else 0: float)")
     q.add_argument("--lm-head-hot", type=_fraction, metavar="FRACTION",
                    help="an int4 LM head (implied) with this fraction of its rows, the ones the calibration text "
-                   "reads most, at int8 too (ONNX-Runtime-only targets; default 0.05 on the host for int4, else 0)")
+                   "reads most, at int8 too (ONNX-Runtime-only targets; default 0.15 on the host for int4, else 0)")
     q.add_argument("--max-ppl-increase", type=_percent, help="accuracy budget, e.g. 5%%: int4, with the most "
                    "sensitive layers kept at int8 until the perplexity change on the evaluation text is within it")
     sp = e.add_argument_group("sparsity")

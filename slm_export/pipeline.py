@@ -107,9 +107,9 @@ def make_plan(profile: TargetProfile, model: str, out: str | Path, precision: st
             options.setdefault("lm_head_bits", 4)  # hot rows are int8 rows of an int4 head
         if ort_only and precision == "int4" and options["method"] not in ("smoothquant", "dynamic") \
                 and "lm_head_bits" not in options and "lm_head_hot" not in options:
-            # smollm2-135m, same AWQ+GPTQ layers, Zen 5 host (AVX-512 VNNI), 10 interleaved rounds of
-            # bench_decode's timing: int8 head 229 tok/s, +4.24% perplexity; int4 head 254, +4.81%; int4 with
-            # 5% hot rows 244, +4.37%; with 15% hot rows 251, +4.17%.
+            # smollm2-135m, same AWQ+GPTQ layers, Zen 5 host (AVX-512 VNNI), 10 interleaved rounds of a
+            # scratch A/B (1 / median step time; perplexity by bench_decode's scoring): int8 head 229 tok/s,
+            # +4.24%; int4 head 254, +4.81%; 5% hot rows 244, +4.37%; 15% hot rows 251, +4.17%.
             options["lm_head_bits"], options["lm_head_hot"] = 4, HOT_ROWS
             notes.append(f"{profile.id}: the LM head is int4, with the {HOT_ROWS:.0%} of its rows the calibration "
                          "data reads most kept at int8 too (its own MatMulNBits; the embedding keeps the float "
