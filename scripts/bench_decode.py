@@ -60,6 +60,22 @@ def stream_read_gbs(threads: int) -> float:
     return measure_bandwidth_gbs(threads)
 
 
+def cpu_line() -> str:
+    """The box, as a table needs to name it: the model name alone ("AMD EPYC") does not tell a Zen 3 from a
+    Zen 5, and the int4 kernels' speed (zero points above all) changes with the family and the flags."""
+    from slm_export.targets.host import CPUINFO, _cpuinfo
+
+    name, flags, _, _ = _cpuinfo()
+    ids = {}
+    for line in (CPUINFO.read_text(errors="replace") if CPUINFO.is_file() else "").splitlines():
+        key, _, value = (s.strip() for s in line.partition(":"))
+        if key in ("cpu family", "model", "CPU implementer", "CPU part") and key not in ids:
+            ids[key] = value
+    where = ", ".join(f"{k} {v}" for k, v in ids.items())
+    return f"CPU: {name or 'unknown'}{f' ({where})' if where else ''}, {os.cpu_count()} logical CPUs; " \
+           f"kernel-relevant flags: {' '.join(flags) or 'none found'}"
+
+
 def bytes_read_per_token(onnx_path: Path) -> int:
     """Bytes of the initializers that matmul-like nodes read: what one decoded token streams from memory."""
     import onnx
@@ -412,6 +428,7 @@ def main() -> int:
 
     print(f"## smollm2-135m decode, {args.threads} threads, prompt {len(prompt)} tokens, {args.new} new tokens, "
           f"median of {args.repeats} interleaved rounds after a warm-up; onnxruntime {onnxruntime.__version__}")
+    print(cpu_line())
     print(f"STREAM-like read now: {bandwidth:.1f} GB/s ({args.threads} threads, float32 sum of a 2 GiB buffer); "
           f"perplexity change on {len(windows)} x 512 evaluation tokens against PyTorch float32")
     print("| system | decode tok/s | x eager | TTFT ms | ppl change | weight MB read/token | roofline tok/s | "
