@@ -63,11 +63,11 @@ def stream_read_gbs(threads: int) -> float:
 def cpu_line() -> str:
     """The box, as a table needs to name it: the model name alone ("AMD EPYC") does not tell a Zen 3 from a
     Zen 5, and the int4 kernels' speed (zero points above all) changes with the family and the flags."""
-    from slm_export.targets.host import CPUINFO, _cpuinfo
+    from slm_export.targets.host import CPUINFO, _cpuinfo, _read
 
     name, flags, _, _ = _cpuinfo()
     ids = {}
-    for line in (CPUINFO.read_text(errors="replace") if CPUINFO.is_file() else "").splitlines():
+    for line in (_read(CPUINFO) or "").splitlines():
         key, _, value = (s.strip() for s in line.partition(":"))
         if key in ("cpu family", "model", "CPU implementer", "CPU part") and key not in ids:
             ids[key] = value
@@ -183,13 +183,17 @@ def interleaved_rates(runs: dict[str, Runner], repeats: int) -> dict[str, dict[s
 
 def paired_ratio(a: dict[str, Any], b: dict[str, Any]) -> float:
     """Median over rounds of a's tok/s over b's in the same round."""
-    return float(np.median(np.asarray(a["tok_s_all"]) / np.asarray(b["tok_s_all"])))
+    return float(np.median(round_ratios(a, b)))
+
+
+def round_ratios(a: dict[str, Any], b: dict[str, Any]) -> np.ndarray:
+    return np.asarray(a["tok_s_all"]) / np.asarray(b["tok_s_all"])
 
 
 def ratio_spread(a: dict[str, Any], b: dict[str, Any]) -> str:
     """The middle half of the per-round ratios (25th to 75th percentile): on a shared box one run's median
     can sit 10% from the next run's, and a check passed or failed inside this range says little."""
-    lo, hi = np.percentile(np.asarray(a["tok_s_all"]) / np.asarray(b["tok_s_all"]), [25, 75])
+    lo, hi = np.percentile(round_ratios(a, b), [25, 75])
     return f"{lo:.3f}-{hi:.3f}"
 
 
