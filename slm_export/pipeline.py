@@ -50,6 +50,8 @@ class RunResult:
 DEFAULT_METHOD = {"int4": "awq-gptq", "int8": "rtn"}
 
 
+# Backends whose int4 kernels multiply by the scale as stored, so a group's scale may be negative.
+SIGNED_SCALE_BACKENDS = ("onnxruntime", "tvm")
 HOT_ROWS = 0.15  # int4 LM head: the fraction of its rows kept at int8 by default (ORT-only targets)
 ROTATE_BLOCK = 128  # W8A8 static's default down_proj rotation: 128 multiply-adds per activation
 
@@ -98,6 +100,15 @@ def make_plan(profile: TargetProfile, model: str, out: str | Path, precision: st
             options["pow2_scales"] = True
             notes.append(f"{profile.id}: int8 weights and activations with symmetric, per-tensor, power-of-two "
                          "scales (the accelerator shifts instead of multiplying)")
+        signed_ok = all(b in SIGNED_SCALE_BACKENDS for b in profile.backends)
+        if options.get("signed_scales") and not signed_ok:
+            others = ", ".join(b for b in profile.backends if b not in SIGNED_SCALE_BACKENDS)
+            raise ConfigError(f"signed scales are for ONNX Runtime and TVM; {profile.id} also builds for {others}")
+        if options.get("symmetric") and signed_ok and precision == "int4" \
+                and options["method"] not in ("smoothquant", "dynamic") and "signed_scales" not in options:
+            options["signed_scales"] = True
+            notes.append(f"{profile.id}: symmetric int4 groups whose positive end is the longer take a negative "
+                         "scale, so the grid's extra level (-8) reaches that end (llama.cpp's Q4_0 grid)")
         ort_only = all(b == "onnxruntime" for b in profile.backends)
         if options.get("lm_head_hot") and not ort_only:
             others = ", ".join(b for b in profile.backends if b != "onnxruntime")
@@ -185,7 +196,8 @@ def compress_config(plan: Plan) -> Any:
     quantized = plan.precision in QUANTIZED
     return CompressConfig(precision=plan.precision if quantized else "none",
                           method=plan.method or DEFAULT_METHOD.get(plan.precision, "rtn"), sparsity=sparsity,
-                          group_size=plan.group_size, symmetric=plan.symmetric, calib_data=plan.calib_data,
+                          group_size=plan.group_size, symmetric=plan.symmetric,
+                          signed_scales=plan.signed_scales, calib_data=plan.calib_data,
                           calib_samples=plan.calib_samples, calib_seqlen=plan.calib_seqlen, seed=plan.seed,
                           lm_head_bits=plan.lm_head_bits, lm_head_hot=plan.lm_head_hot,
                           smooth_alpha=plan.smooth_alpha, observer=plan.observer,

@@ -31,6 +31,7 @@ class Plan:
     group_size: int = 32
     accuracy_level: int = 4
     symmetric: bool = False
+    signed_scales: bool = False  # symmetric int4: negative scales where the positive end is the longer one
     calib_data: str | None = None
     calib_samples: int = 64
     calib_seqlen: int = 512

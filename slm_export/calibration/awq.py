@@ -22,6 +22,7 @@ class AWQConfig:
     bits: int = 4
     group: int = 32
     symmetric: bool = False
+    signed: bool = False  # symmetric below 8 bits: signed scales (``group_params``)
     grid: int = 20
     clip_grid: int = 10
     max_shrink: float = 0.5
@@ -37,7 +38,7 @@ def fake_quant(w: torch.Tensor, cfg: AWQConfig, clip: torch.Tensor | float = 1.0
     out_f, in_f = w.shape
     g = w.reshape(-1, cfg.group)
     clip_t = clip if isinstance(clip, float) else clip.reshape(-1, 1)
-    scale, zero = group_params(g, cfg.bits, cfg.symmetric, clip=clip_t)
+    scale, zero = group_params(g, cfg.bits, cfg.symmetric, clip=clip_t, signed=cfg.signed)
     return ((quantize_codes(g, scale, zero, cfg.bits) - zero) * scale).reshape(out_f, in_f)
 
 
@@ -82,7 +83,7 @@ def awq_quantize(w: torch.Tensor, x: torch.Tensor, cfg: AWQConfig) -> QuantizedT
     sub = x[:: max(1, x.shape[0] // 256)]  # the clip search is per group: a few hundred tokens suffice
     clip = search_clip(w, sub, cfg)
     g = w.reshape(-1, cfg.group)
-    scale, zero = group_params(g, cfg.bits, cfg.symmetric, clip=clip.reshape(-1, 1))
+    scale, zero = group_params(g, cfg.bits, cfg.symmetric, clip=clip.reshape(-1, 1), signed=cfg.signed)
     codes = quantize_codes(g, scale, zero, cfg.bits)
     shape = (out_f, in_f // cfg.group)
     return QuantizedTensor(codes.reshape(out_f, in_f).to(torch.uint8).numpy(),

@@ -47,6 +47,9 @@ class CompressConfig:
     method: str = "gptq"
     group_size: int = 32
     symmetric: bool = False
+    # Symmetric int4/int3: a group whose positive end is the longer gets a negative scale, so the grid's extra
+    # level reaches it (``group_params``). ONNX Runtime's MatMulNBits multiplies by the scale as stored.
+    signed_scales: bool = False
     calib_data: str | None = None
     calib_samples: int = 128
     calib_seqlen: int = 512
@@ -81,6 +84,8 @@ class CompressConfig:
         if self.lm_head_hot and (not self.needs_data or self.w8a8):
             raise ConfigError("--lm-head-hot picks the head's rows by calibration data: use a weight-only method that "
                               "calibrates (gptq, awq or awq-gptq)")
+        if self.signed_scales and not self.symmetric:
+            raise ConfigError("signed scales are a form of symmetric quantization: use them with --symmetric")
         if self.method in W8A8_METHODS and self.precision not in ("int8", "none"):
             raise ConfigError(f"--method {self.method} quantizes weights and activations to int8: use --precision int8")
         if self.pow2 and self.method != "smoothquant":
@@ -327,11 +332,14 @@ def _quantize_head(w: torch.Tensor, cfg: CompressConfig, st: InputStats | None) 
     A tied head is quantized as its own tensor; the embedding keeps the float table."""
     if st is not None and st.hessian is not None:
         return gptq_quantize(w, st.hessian, GPTQConfig(cfg.lm_head_bits, cfg.group_size, cfg.symmetric, cfg.damp,
-                                                       cfg.act_order)), "GPTQ on its calibration inputs"
+                                                       cfg.act_order, signed=cfg.signed_scales)), \
+            "GPTQ on its calibration inputs"
     if st is not None and st.sample and cfg.method == "awq":
-        return (awq_quantize(w, torch.cat(st.sample), AWQConfig(cfg.lm_head_bits, cfg.group_size, cfg.symmetric)),
+        return (awq_quantize(w, torch.cat(st.sample), AWQConfig(cfg.lm_head_bits, cfg.group_size, cfg.symmetric,
+                                                                  signed=cfg.signed_scales)),
                 "clip search on its calibration inputs")
-    return quantize_rtn(w, cfg.lm_head_bits, cfg.group_size, cfg.symmetric), "round-to-nearest"
+    return quantize_rtn(w, cfg.lm_head_bits, cfg.group_size, cfg.symmetric, signed=cfg.signed_scales), \
+        "round-to-nearest"
 
 
 def _finish_weight(w: torch.Tensor, cfg: CompressConfig, st: InputStats | None,
@@ -351,14 +359,15 @@ def _finish_weight(w: torch.Tensor, cfg: CompressConfig, st: InputStats | None,
         q = quantize_weight(w, cfg.pow2)
         return replace(q, act_dynamic=True) if cfg.method == "dynamic" else q
     if cfg.method == "rtn" or st is None:
-        return quantize_rtn(w, cfg.bits, cfg.group_size, cfg.symmetric)  # exact zeros stay zero
+        return quantize_rtn(w, cfg.bits, cfg.group_size, cfg.symmetric, signed=cfg.signed_scales)  # zeros stay zero
     if cfg.method in ("gptq", "awq-gptq"):  # awq-gptq: GPTQ rounding of the AWQ-scaled weights
-        gcfg = GPTQConfig(cfg.bits, cfg.group_size, cfg.symmetric, cfg.damp, cfg.act_order)
+        gcfg = GPTQConfig(cfg.bits, cfg.group_size, cfg.symmetric, cfg.damp, cfg.act_order, signed=cfg.signed_scales)
         key = ("gptq", id(st))
         if prepared is not None and key not in prepared:  # q/k/v (and gate/up) share one input: factor once
             prepared[key] = prepare_hessian(st.hessian, gcfg)  # type: ignore[arg-type]
         return gptq_quantize(w, prepared[key] if prepared is not None else st.hessian, gcfg, keep)  # type: ignore[arg-type]
-    return awq_quantize(w, torch.cat(st.sample), AWQConfig(cfg.bits, cfg.group_size, cfg.symmetric))
+    return awq_quantize(w, torch.cat(st.sample), AWQConfig(cfg.bits, cfg.group_size, cfg.symmetric,
+                                                           signed=cfg.signed_scales))
 
 
 def _layer_entry(name: str, w: torch.Tensor, q: QuantizedTensor | torch.Tensor, cfg: CompressConfig,

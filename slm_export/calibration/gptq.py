@@ -30,6 +30,7 @@ class GPTQConfig:
     # Group ranges by the least output error over shrink factors (|w - q(w)|^2 weighted by the Hessian's
     # diagonal), not plain min-max.
     mse: bool = True
+    signed: bool = False  # symmetric below 8 bits: signed scales (``group_params``)
 
     def __post_init__(self) -> None:
         if self.bits not in (3, 4, 8):
@@ -87,9 +88,10 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian,
         groups = W.reshape(-1, group)
         if cfg.mse and cfg.bits < 8:
             importance = prep.diag.reshape(1, in_f // group, group).expand(out_f, -1, -1).reshape(-1, group)
-            scale, zero = search_group_clip(groups, cfg.bits, cfg.symmetric, norm=2.0, importance=importance)
+            scale, zero = search_group_clip(groups, cfg.bits, cfg.symmetric, norm=2.0, importance=importance,
+                                            signed=cfg.signed)
         else:
-            scale, zero = group_params(groups, cfg.bits, cfg.symmetric)
+            scale, zero = group_params(groups, cfg.bits, cfg.symmetric, signed=cfg.signed)
     else:
         if not cfg.symmetric:
             raise ValueError("a fixed GPTQ grid is symmetric")

@@ -18,7 +18,9 @@ from slm_export.errors import CompileError, ConfigError
 class QuantizedTensor:
     """Integer codes with per-group scales: ``w[o, i] = (codes[o, i] - zero[o, i // g]) * scale[o, i // g]``.
 
-    ``zeros`` is None for symmetric quantization (zero point ``2**(bits-1)``, codes stored offset).
+    ``zeros`` is None for symmetric quantization (zero point ``2**(bits-1)``, codes stored offset). A
+    symmetric int4 tensor made with signed scales (``group_params(signed=True)``) has negative scales in the
+    groups whose positive end is the longer one; ``signed_scales`` says whether any group has one.
     """
 
     codes: np.ndarray  # uint8 [out, in], values in [0, 2**bits)
@@ -39,6 +41,10 @@ class QuantizedTensor:
     def per_tensor(self) -> bool:
         """One scale for the whole tensor (the FPGA's power-of-two scheme)."""
         return self.zeros is None and bool(np.all(self.scales == self.scales.flat[0]))
+
+    @property
+    def signed_scales(self) -> bool:
+        return bool((self.scales < 0).any())
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -121,6 +127,13 @@ def refuse_hot_rows(w: QuantizedTensor, backend: str) -> None:
                            f"int{w.hot.bits} over int{w.bits} (--lm-head-hot): build with --lm-head-hot 0")  # type: ignore[union-attr]
 
 
+def refuse_signed_scales(w: QuantizedTensor, backend: str) -> None:
+    if w.signed_scales:
+        raise CompileError(f"{backend} takes positive weight scales; this tensor's int{w.bits} groups have negative "
+                           "ones (signed scales, made for ONNX Runtime's MatMulNBits only): quantize for this "
+                           "target's own profile")
+
+
 def check_group(in_features: int, group: int, name: str = "weight") -> None:
     """A group size must divide the reduction dimension; the message lists the sizes that would."""
     if group <= 0 or in_features % group:
@@ -130,18 +143,26 @@ def check_group(in_features: int, group: int, name: str = "weight") -> None:
 
 
 def group_params(w: torch.Tensor, bits: int, symmetric: bool, clip: torch.Tensor | float = 1.0,
-                 pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point per row of ``w`` ([rows, group]) -> ([rows, 1], [rows, 1])."""
+                 pow2: bool = False, signed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point per row of ``w`` ([rows, group]) -> ([rows, 1], [rows, 1]).
+
+    ``signed`` (symmetric, below 8 bits): a group whose positive end is the longer one gets a negative
+    scale, so that its extra level (code -half) reaches that end, as llama.cpp's Q4_0 does (its ``d = max /
+    -8``). Only for runtimes that multiply by the scale as stored (ONNX Runtime's MatMulNBits)."""
     qmax = (1 << bits) - 1
     if symmetric:
         half = (qmax + 1) // 2
         if bits < 8 and not pow2:
-            # All 2**bits levels: codes run -half..half-1, so the negative end reaches one step further
-            # (llama.cpp's Q4_0 uses the same grid). The smallest step that clips neither end, which is
-            # up to 1/8 finer than amax / 7 at int4. int8 keeps -127..127, what TensorRT's Q/DQ expect.
-            neg = (-w.amin(1, keepdim=True)).clamp_min(0) * clip / half
-            pos = w.amax(1, keepdim=True).clamp_min(0) * clip / (half - 1)
-            return torch.maximum(neg, pos).clamp_min(1e-8), torch.full_like(neg, half)
+            # All 2**bits levels: codes run -half..half-1, so the negative end reaches one step further.
+            # The smallest step that clips neither end, which is up to 1/8 finer than amax / 7 at int4.
+            # int8 keeps -127..127, what TensorRT's Q/DQ expect.
+            neg = (-w.amin(1, keepdim=True)).clamp_min(0) * clip
+            pos = w.amax(1, keepdim=True).clamp_min(0) * clip
+            scale = torch.maximum(neg / half, pos / (half - 1)).clamp_min(1e-8)
+            if signed:
+                flipped = torch.maximum(pos / half, neg / (half - 1)).clamp_min(1e-8)
+                scale = torch.where(flipped < scale, -flipped, scale)
+            return scale, torch.full_like(scale, half)
         amax = (w.abs().amax(1, keepdim=True) * clip).clamp_min(1e-8)
         scale = amax / (qmax // 2)
         if pow2:
@@ -156,7 +177,8 @@ def group_params(w: torch.Tensor, bits: int, symmetric: bool, clip: torch.Tensor
 
 
 def search_group_clip(w: torch.Tensor, bits: int, symmetric: bool, grid: int = 40, max_shrink: float = 0.2,
-                      norm: float = 2.4, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      norm: float = 2.4, importance: torch.Tensor | None = None,
+                      signed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point per row of ``w`` ([rows, group]) with the range shrunk by the factor (1 down to
     ``1 - max_shrink``) that minimises ``sum |w - q(w)|^norm`` of the row: the reference GPTQ's ``mse``
     option. Clipping a rare outlier buys a finer step for the rest of the group.
@@ -165,12 +187,12 @@ def search_group_clip(w: torch.Tensor, bits: int, symmetric: bool, grid: int = 4
     it, so that with ``norm=2`` the sum estimates the error in the layer's output. smollm2-135m symmetric int4
     AWQ+GPTQ (64 x 512 calibration, float head, PyTorch): +6.45% perplexity with the plain |w - q(w)|^2.4,
     +4.57% with the Hessian-weighted square."""
-    best_scale, best_zero = group_params(w, bits, symmetric)
+    best_scale, best_zero = group_params(w, bits, symmetric, signed=signed)
     best_err = torch.full((w.shape[0], 1), float("inf"))
     qmax = (1 << bits) - 1
     for k in range(grid):
         clip = 1.0 - max_shrink * k / grid
-        scale, zero = group_params(w, bits, symmetric, clip=clip)
+        scale, zero = group_params(w, bits, symmetric, clip=clip, signed=signed)
         # quantize_codes, dequantize and the error in place: one temporary instead of six
         err = torch.div(w, scale).round_().add_(zero).clamp_(0, qmax).sub_(zero).mul_(scale).sub_(w)
         err = err.abs_().pow_(norm)
@@ -189,13 +211,13 @@ def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
 
 
 def quantize_rtn(w: torch.Tensor | np.ndarray, bits: int, group: int, symmetric: bool,
-                 pow2: bool = False) -> QuantizedTensor:
+                 pow2: bool = False, signed: bool = False) -> QuantizedTensor:
     """Round-to-nearest, per group along the input dimension (``group == in`` means per channel)."""
     w = torch.as_tensor(w, dtype=torch.float32)
     out_f, in_f = w.shape
     check_group(in_f, group)
     g = w.reshape(out_f * in_f // group, group)
-    scale, zero = group_params(g, bits, symmetric, pow2=pow2)
+    scale, zero = group_params(g, bits, symmetric, pow2=pow2, signed=signed)
     codes = quantize_codes(g, scale, zero, bits)
     shape = (out_f, in_f // group)
     return QuantizedTensor(codes.reshape(out_f, in_f).to(torch.uint8).numpy(),

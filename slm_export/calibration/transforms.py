@@ -124,7 +124,7 @@ def awq_layer(layer: nn.Module, stats: dict[str, InputStats], cfg: CompressConfi
                prefix: str) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
     """Search and fold AWQ scales for the three input-sharing groups of a Llama-family layer; returns
     how each linear's weight was rescaled (``CompressResult.channel_scales``)."""
-    acfg = AWQConfig(cfg.bits, cfg.group_size, cfg.symmetric)
+    acfg = AWQConfig(cfg.bits, cfg.group_size, cfg.symmetric, signed=cfg.signed_scales)
     offset = 1.0 if model_type == "gemma" else 0.0
     names = {id(m): n for n, m in layer.named_modules()}
     cols: dict[str, torch.Tensor] = {}
@@ -150,6 +150,7 @@ def awq_head(w: torch.Tensor, st: InputStats, cfg: CompressConfig, norm_w: Any,
     offset = 1.0 if model_type == "gemma" else 0.0
     x = torch.cat(st.sample)
     x = x[:: max(1, x.shape[0] // 512)]  # the head is vocab x hidden: a few hundred tokens rank alpha
-    s = search_scale([w], x, st.abs_mean, AWQConfig(cfg.lm_head_bits, cfg.group_size, cfg.symmetric))
+    acfg = AWQConfig(cfg.lm_head_bits, cfg.group_size, cfg.symmetric, signed=cfg.signed_scales)
+    s = search_scale([w], x, st.abs_mean, acfg)
     st.divide(s)
     return w * s, fold_into_norm(torch.as_tensor(np.asarray(norm_w, dtype=np.float32)), s, offset), s

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from slm_export.calibration.quant import QuantizedTensor, refuse_hot_rows
+from slm_export.calibration.quant import QuantizedTensor, refuse_hot_rows, refuse_signed_scales
 from slm_export.errors import CompileError
 from slm_export.exporters.decoder import rope_tables
 from slm_export.models.adapters import DecoderSpec
@@ -36,6 +36,7 @@ def _linear_weight(w: np.ndarray | QuantizedTensor) -> Any:
     if not isinstance(w, QuantizedTensor):
         return torch.nn.Parameter(torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)), requires_grad=False)
     refuse_hot_rows(w, "ExecuTorch")
+    refuse_signed_scales(w, "ExecuTorch")
     from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
         IntxUnpackedToInt8Tensor,
         IntxUnpackedToInt8TensorActivationQuantization,

@@ -501,3 +501,90 @@ def test_hot_rows_need_an_int4_head_and_onnx_runtime_only() -> None:
                         hot=quantize_rtn(torch.randn(2, 32), 8, 32, False))
     with pytest.raises(CompileError, match="TVM"):
         refuse_hot_rows(hot, "TVM")
+
+
+def test_signed_scales_give_the_extra_level_to_the_longer_end() -> None:
+    """Symmetric int4 with signed scales: a group whose positive end is the longer takes a negative scale,
+    so code 0 (-8 steps) reaches that end; the step is never coarser than the unsigned grid's, and finer
+    exactly where the positive end is the longer; nothing is clipped either way."""
+    from slm_export.calibration.quant import group_params
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(512, 32, generator=g)
+    plain, _ = group_params(w, 4, True)
+    signed, zero = group_params(w, 4, True, signed=True)
+    pos_longer = (w.amax(1) > -w.amin(1)).unsqueeze(1)
+    assert bool(pos_longer.any()) and bool((~pos_longer).any())
+    assert torch.equal(signed < 0, pos_longer)
+    assert torch.equal(signed[~pos_longer], plain[~pos_longer])  # negative end longer: the grid as before
+    assert bool((signed.abs() <= plain + 1e-9).all())
+    assert bool((signed.abs()[pos_longer] < plain[pos_longer]).all())
+    pos_sets = w.amax(1) >= -w.amin(1) * 8 / 7  # the positive end sets the step: it lands on code 0
+    np.testing.assert_allclose(signed.abs()[pos_sets, 0], w.amax(1)[pos_sets] / 8, rtol=1e-6)
+    q = quantize_rtn(w, 4, 32, True, signed=True)
+    ends = torch.stack([w.amax(1), -w.amin(1)])
+    long_sets = (ends.amax(0) >= ends.amin(0) * 8 / 7).numpy()  # the longer end sets the step: it gets -8
+    assert q.signed_scales and q.codes.max() <= 15 and np.all(q.codes[long_sets].min(1) == 0)
+    step = np.abs(np.repeat(q.scales, 32, axis=1))
+    assert np.all(np.abs(q.dequantize() - w.numpy()) <= step * 0.5 + 1e-6)
+    err = float(((q.dequantize() - w.numpy()) ** 2).sum())
+    assert err < 0.95 * float(((quantize_rtn(w, 4, 32, True).dequantize() - w.numpy()) ** 2).sum())
+    # Asymmetric, int8 and the power-of-two grid are unchanged by the option.
+    for bits, sym, pow2 in ((4, False, False), (8, True, False), (4, True, True)):
+        assert all(torch.equal(a, b) for a, b in zip(group_params(w, bits, sym, pow2=pow2),
+                                                      group_params(w, bits, sym, pow2=pow2, signed=True)))
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq-gptq"])
+def test_signed_scales_export_matches_dequantized_torch(method: str, tiny_models: dict[str, Path],
+                                                       tmp_path: Path) -> None:
+    """ONNX Runtime's MatMulNBits (accuracy level 0: float compute, so the comparison is tight) multiplies by
+    the negative scales as stored: the graph computes the dequantized model, head included."""
+    model = load_model(str(tiny_models["llama"]))
+    cfg = CompressConfig("int4", method, 32, symmetric=True, signed_scales=True, calib_samples=4, calib_seqlen=64,
+                         lm_head_bits=4)
+    result = compress(model, cfg)
+    q = [v for v in result.weights.values() if isinstance(v, QuantizedTensor)]
+    assert q and all(v.zeros is None for v in q)
+    assert all(v.signed_scales for v in q) and all((v.scales > 0).any() for v in q)
+    plan = Plan(target="host", model="m", out="o", precision="int4", backend="onnxruntime", graph_ops="onnxruntime",
+                opset=17, static_shapes=False, max_seq_len=512, validation="host", accuracy_level=0)
+    exported = OnnxExporter().export(model, plan, tmp_path, result.weights)
+    sd = {k: torch.from_numpy(v.dequantize()) if isinstance(v, QuantizedTensor) else v
+          for k, v in result.weights.items()}
+    from slm_export.models.loader import _build_module
+
+    twin = _build_module(type(model)(**{**model.__dict__, "weights": sd, "_module": []}))
+    twin.lm_head.weight = torch.nn.Parameter(sd["lm_head.weight"])  # untied: the float table stays the embedding
+    twin.model.embed_tokens.weight = torch.nn.Parameter(model.weights["model.embed_tokens.weight"].clone())
+    ids = np.asarray([[3, 9, 27, 81, 243, 100]], dtype=np.int64)
+    with torch.no_grad():
+        ref = twin(torch.from_numpy(ids)).logits.numpy()
+    got = OnnxDecoder(make_session(exported.model_path, 1)).logits(ids)
+    np.testing.assert_allclose(got, ref, atol=2e-3, rtol=1e-3)
+
+
+def test_signed_scales_only_where_every_backend_multiplies_by_them() -> None:
+    """The plan turns signed scales on for symmetric int4 where every backend of the profile multiplies by
+    the scale as stored (ONNX Runtime, TVM), refuses them elsewhere, and ExecuTorch refuses such a tensor."""
+    from slm_export.calibration.quant import refuse_signed_scales
+    from slm_export.errors import CompileError
+    from slm_export.pipeline import make_plan
+    from slm_export.targets import get_target
+
+    assert make_plan(get_target("host"), "smollm2-135m", "o", "int4", symmetric=True).signed_scales
+    assert make_plan(get_target("rpi4b"), "smollm2-135m", "o", "int4", symmetric=True).signed_scales
+    assert not make_plan(get_target("host"), "smollm2-135m", "o", "int4").signed_scales  # asymmetric
+    assert not make_plan(get_target("host"), "smollm2-135m", "o", "int8", symmetric=True).signed_scales
+    assert not make_plan(get_target("host"), "smollm2-135m", "o", "int4", symmetric=True,
+                         signed_scales=False).signed_scales
+    android = make_plan(get_target("android-arm64"), "smollm2-135m", "o", "int4")
+    assert android.symmetric and not android.signed_scales
+    with pytest.raises(ConfigError, match="executorch"):
+        make_plan(get_target("android-arm64"), "smollm2-135m", "o", "int4", signed_scales=True)
+    with pytest.raises(ConfigError, match="symmetric"):
+        CompressConfig("int4", "gptq", signed_scales=True)
+    with pytest.raises(CompileError, match="negative"):
+        refuse_signed_scales(quantize_rtn(torch.arange(-8.0, 24.0).reshape(1, 32), 4, 32, True, signed=True),
+                             "ExecuTorch")
+    refuse_signed_scales(quantize_rtn(torch.randn(4, 32), 4, 32, True), "ExecuTorch")  # unsigned: accepted

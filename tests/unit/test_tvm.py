@@ -135,14 +135,18 @@ def test_runtime_only_tvm_runs_the_library(fp32_build: tuple[Any, Any, Path], tm
     assert got["tokens"] == TvmDecoder(out / "tvm_host.so", 1).generate(IDS[0].tolist(), 4)[0]
 
 
-@pytest.mark.parametrize("symmetric", [True, False])
-def test_int4_keeps_codes_and_matches_ort_and_the_dequantized_twin(symmetric: bool, tiny_models: dict[str, Path],
+@pytest.mark.parametrize("symmetric,signed", [(True, False), (True, True), (False, False)])
+def test_int4_keeps_codes_and_matches_ort_and_the_dequantized_twin(symmetric: bool, signed: bool,
+                                                                     tiny_models: dict[str, Path],
                                                                      tmp_path: Path) -> None:
+    """signed: symmetric with negative scales in some groups (rpi4b's --symmetric plan), which the kernels
+    and ONNX Runtime's DequantizeLinear must multiply as stored."""
     tiny = tiny_models["llama"]  # tied embeddings
     model = load_model(str(tiny))
     weights: dict[str, Any] = dict(model.weights)
     for name in [k for k in weights if k.endswith("proj.weight")]:
-        weights[name] = quantize_rtn(weights[name], 4, 32, symmetric=symmetric)
+        weights[name] = quantize_rtn(weights[name], 4, 32, symmetric=symmetric, signed=signed)
+        assert weights[name].signed_scales == signed
     result, _ = _build(tiny, tmp_path / "tvm", "int4", weights)
     assert result.status == "done"
     assert "packed two per byte" in result.details["weights"]
