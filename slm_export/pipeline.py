@@ -116,7 +116,8 @@ def make_plan(profile: TargetProfile, model: str, out: str | Path, precision: st
                               f"builds for {others}")
         if options.get("lm_head_hot"):
             options.setdefault("lm_head_bits", 4)  # hot rows are int8 rows of an int4 head
-        if ort_only and precision == "int4" and options["method"] not in ("smoothquant", "dynamic") \
+        # Hot rows are picked by calibration data: round-to-nearest (no data) keeps the int8 head below.
+        if ort_only and precision == "int4" and options["method"] in ("gptq", "awq", "awq-gptq") \
                 and "lm_head_bits" not in options and "lm_head_hot" not in options:
             # smollm2-135m, same AWQ+GPTQ layers, Zen 5 host (AVX-512 VNNI), 10 interleaved rounds of a
             # scratch A/B (1 / median step time; perplexity by bench_decode's scoring): int8 head 229 tok/s,

@@ -496,6 +496,8 @@ def test_hot_rows_need_an_int4_head_and_onnx_runtime_only() -> None:
     assert make_plan(get_target("host"), "smollm2-135m", "o", "int8").lm_head_bits == 8
     assert make_plan(get_target("rpi4b"), "smollm2-135m", "o", "int4").lm_head_hot == 0
     assert make_plan(get_target("host"), "smollm2-135m", "o", "int4", lm_head_hot=0.1).lm_head_bits == 4
+    rtn = make_plan(get_target("host"), "smollm2-135m", "o", "int4", method="rtn")  # no data to pick rows by
+    assert (rtn.lm_head_bits, rtn.lm_head_hot) == (8, 0)
     q = quantize_rtn(torch.randn(8, 32), 4, 32, False)
     hot = HotRowsTensor(q.codes, q.scales, q.zeros, 4, 32, rows=np.asarray([1, 5]),
                         hot=quantize_rtn(torch.randn(2, 32), 8, 32, False))
