@@ -410,25 +410,26 @@ def main() -> int:
 
     bandwidth = stream_read_gbs(args.threads)
     runs: dict[str, Runner] = {"eager": eager(module, prompt, args.new)}
-    meta: dict[str, dict[str, Any]] = {"eager": {"name": "PyTorch eager fp32 (generate)", "ppl": 0.0,
+    meta: dict[str, dict[str, Any]] = {"eager": {"name": "PyTorch eager fp32 (generate)", "ppl": 0.0, "kl": 0.0,
                                                   "bytes": model.weight_bytes}}
     for name, out in outs.items():
         print(f"scoring ours {name} ...", file=sys.stderr, flush=True)
         runs[name], dec, path = ours(out, prompt, args.new, args.threads)
         acc = decoder_accuracy(reference, dec, windows)
         meta[name] = {"name": f"slm-export {name} ({path.name})", "ppl": acc["perplexity_change_pct"],
-                      "bytes": bytes_read_per_token(out / "model.onnx")}
+                      "kl": acc["mean_kl"], "bytes": bytes_read_per_token(out / "model.onnx")}
     runs["int4, 1 thread"] = ours(outs["int4"], prompt, args.new, 1)[0]
     if genai_dir is not None:
         print("scoring ONNX Runtime GenAI int4 ...", file=sys.stderr, flush=True)
         runs["genai"] = genai_runner(genai_dir, prompt, args.new)
         acc = decoder_accuracy(reference, GenAIScorer(genai_dir / "model.onnx", args.threads), windows)
         meta["genai"] = {"name": "ONNX Runtime GenAI int4 (builder, RTN, accuracy level 4)",
-                         "ppl": acc["perplexity_change_pct"], "bytes": bytes_read_per_token(genai_dir / "model.onnx")}
+                         "ppl": acc["perplexity_change_pct"], "kl": acc["mean_kl"],
+                         "bytes": bytes_read_per_token(genai_dir / "model.onnx")}
     llama = llama_cpp_runner(prompt, args.new, args.threads)
     if llama is not None:
         runs["llama"] = llama
-        meta["llama"] = {"name": "llama.cpp (the built-in GGUF, Q4_1)", "ppl": None, "bytes": None}
+        meta["llama"] = {"name": "llama.cpp (the built-in GGUF, Q4_1)", "ppl": None, "kl": None, "bytes": None}
     print(f"timing {len(runs)} systems, {args.repeats} interleaved rounds ...", file=sys.stderr, flush=True)
     rates = interleaved_rates(runs, args.repeats)
     rows: list[dict[str, Any]] = [{**meta[k], **rates[k], "key": k} for k in runs if k in meta]
@@ -441,14 +442,15 @@ def main() -> int:
           f"median of {args.repeats} interleaved rounds after a warm-up; onnxruntime {onnxruntime.__version__}")
     print(cpu_line())
     print(f"STREAM-like read now: {bandwidth:.1f} GB/s ({args.threads} threads, float32 sum of a 2 GiB buffer); "
-          f"perplexity change on {len(windows)} x 512 evaluation tokens against PyTorch float32")
-    print("| system | decode tok/s | x eager | TTFT ms | ppl change | weight MB read/token | roofline tok/s | "
+          f"perplexity change and mean KL(float32 || system) per token on {len(windows)} x 512 evaluation tokens "
+          "against PyTorch float32 (KL varies less between runs than the perplexity change)")
+    print("| system | decode tok/s | x eager | TTFT ms | ppl change | mean KL | weight MB read/token | roofline tok/s | "
           "of roofline |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         r["roof"] = bandwidth * 1e9 / r["bytes"] if r.get("bytes") else None
         cells = [r["name"], f"{r['tok_s']:.1f}", f"{r['tok_s'] / eager_rate:.2f}", f"{r['ttft_s'] * 1e3:.0f}",
-                 "-" if r["ppl"] is None else f"{r['ppl']:+.2f}%",
+                 "-" if r["ppl"] is None else f"{r['ppl']:+.2f}%", "-" if r["kl"] is None else f"{r['kl']:.4f}",
                  f"{r['bytes'] / 1e6:.0f}" if r.get("bytes") else "-",
                  f"{r['roof']:.0f}" if r["roof"] else "-", f"{r['tok_s'] / r['roof']:.2f}" if r["roof"] else "-"]
         print("| " + " | ".join(cells) + " |")

@@ -130,7 +130,7 @@ def refuse_hot_rows(w: QuantizedTensor, backend: str) -> None:
 def refuse_signed_scales(w: QuantizedTensor, backend: str) -> None:
     if w.signed_scales:
         raise CompileError(f"{backend} takes positive weight scales; this tensor's int{w.bits} groups have negative "
-                           "ones (signed scales, made for ONNX Runtime's MatMulNBits only): quantize for this "
+                           "ones (signed scales, made for ONNX Runtime and TVM targets): quantize for this "
                            "target's own profile")
 
 
@@ -148,7 +148,8 @@ def group_params(w: torch.Tensor, bits: int, symmetric: bool, clip: torch.Tensor
 
     ``signed`` (symmetric, below 8 bits): a group whose positive end is the longer one gets a negative
     scale, so that its extra level (code -half) reaches that end, as llama.cpp's Q4_0 does (its ``d = max /
-    -8``). Only for runtimes that multiply by the scale as stored (ONNX Runtime's MatMulNBits)."""
+    -8``). Only for runtimes that multiply by the scale as stored (ONNX Runtime's MatMulNBits and
+    DequantizeLinear, the TVM kernels); ExecuTorch's XNNPACK GEMMs refuse it (``refuse_signed_scales``)."""
     qmax = (1 << bits) - 1
     if symmetric:
         half = (qmax + 1) // 2
