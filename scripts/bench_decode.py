@@ -444,8 +444,8 @@ def main() -> int:
     print(f"STREAM-like read now: {bandwidth:.1f} GB/s ({args.threads} threads, float32 sum of a 2 GiB buffer); "
           f"perplexity change and mean KL(float32 || system) per token on {len(windows)} x 512 evaluation tokens "
           "against PyTorch float32 (KL varies less between runs than the perplexity change)")
-    print("| system | decode tok/s | x eager | TTFT ms | ppl change | mean KL | weight MB read/token | roofline tok/s | "
-          "of roofline |")
+    print("| system | decode tok/s | x eager | TTFT ms | ppl change | mean KL | weight MB read/token | "
+          "roofline tok/s | of roofline |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         r["roof"] = bandwidth * 1e9 / r["bytes"] if r.get("bytes") else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -212,6 +213,18 @@ def _mkdir(path: Path) -> Path:
     return path
 
 
+def _untied_twin(model: Any, weights: dict[str, Any]) -> torch.nn.Module:
+    """The PyTorch model with ``weights`` dequantized, its quantized LM head untied from the embedding (the
+    Gather keeps the float table): what an exported graph with a quantized head computes."""
+    from slm_export.models.loader import _build_module
+
+    sd = {k: torch.from_numpy(v.dequantize()) if isinstance(v, QuantizedTensor) else v for k, v in weights.items()}
+    twin = _build_module(type(model)(**{**model.__dict__, "weights": sd, "_module": []}))
+    twin.lm_head.weight = torch.nn.Parameter(sd["lm_head.weight"])
+    twin.model.embed_tokens.weight = torch.nn.Parameter(model.weights["model.embed_tokens.weight"].clone())
+    return twin
+
+
 @pytest.mark.parametrize("head_bits", [4, 8])
 def test_quantized_lm_head_of_a_tied_model(head_bits: int, tiny_models: dict[str, Path], tmp_path: Path) -> None:
     """A tied model's quantized LM head is its own MatMulNBits; the embedding Gather keeps the float table."""
@@ -229,13 +242,7 @@ def test_quantized_lm_head_of_a_tied_model(head_bits: int, tiny_models: dict[str
     assert not [n for n in graph.node if n.op_type == "Gemm"], "the float table is still multiplied as the head"
     embed = next(t for t in graph.initializer if t.name == "model.embed")
     assert embed.data_type == onnx.TensorProto.FLOAT
-    sd = {k: torch.from_numpy(v.dequantize()) if isinstance(v, QuantizedTensor) else v
-          for k, v in result.weights.items()}
-    from slm_export.models.loader import _build_module
-
-    twin = _build_module(type(model)(**{**model.__dict__, "weights": sd, "_module": []}))
-    twin.lm_head.weight = torch.nn.Parameter(sd["lm_head.weight"])  # untied: the float table stays the embedding
-    twin.model.embed_tokens.weight = torch.nn.Parameter(model.weights["model.embed_tokens.weight"].clone())
+    twin = _untied_twin(model, result.weights)
     ids = np.asarray([[3, 9, 27, 81, 243, 100]], dtype=np.int64)
     with torch.no_grad():
         ref = twin(torch.from_numpy(ids)).logits.numpy()
@@ -516,7 +523,8 @@ def test_signed_scales_give_the_extra_level_to_the_longer_end() -> None:
     plain, _ = group_params(w, 4, True)
     signed, zero = group_params(w, 4, True, signed=True)
     pos_longer = (w.amax(1) > -w.amin(1)).unsqueeze(1)
-    assert bool(pos_longer.any()) and bool((~pos_longer).any())
+    assert bool(pos_longer.any())
+    assert bool((~pos_longer).any())
     assert torch.equal(signed < 0, pos_longer)
     assert torch.equal(signed[~pos_longer], plain[~pos_longer])  # negative end longer: the grid as before
     assert bool((signed.abs() <= plain + 1e-9).all())
@@ -526,15 +534,17 @@ def test_signed_scales_give_the_extra_level_to_the_longer_end() -> None:
     q = quantize_rtn(w, 4, 32, True, signed=True)
     ends = torch.stack([w.amax(1), -w.amin(1)])
     long_sets = (ends.amax(0) >= ends.amin(0) * 8 / 7).numpy()  # the longer end sets the step: it gets -8
-    assert q.signed_scales and q.codes.max() <= 15 and np.all(q.codes[long_sets].min(1) == 0)
+    assert q.signed_scales
+    assert q.codes.max() <= 15
+    assert np.all(q.codes[long_sets].min(1) == 0)
     step = np.abs(np.repeat(q.scales, 32, axis=1))
     assert np.all(np.abs(q.dequantize() - w.numpy()) <= step * 0.5 + 1e-6)
     err = float(((q.dequantize() - w.numpy()) ** 2).sum())
     assert err < 0.95 * float(((quantize_rtn(w, 4, 32, True).dequantize() - w.numpy()) ** 2).sum())
     # Asymmetric, int8 and the power-of-two grid are unchanged by the option.
     for bits, sym, pow2 in ((4, False, False), (8, True, False), (4, True, True)):
-        assert all(torch.equal(a, b) for a, b in zip(group_params(w, bits, sym, pow2=pow2),
-                                                      group_params(w, bits, sym, pow2=pow2, signed=True)))
+        unsigned_p, signed_p = group_params(w, bits, sym, pow2=pow2), group_params(w, bits, sym, pow2=pow2, signed=True)
+        assert all(torch.equal(a, b) for a, b in zip(unsigned_p, signed_p, strict=True))
 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq", "awq-gptq"])
@@ -547,18 +557,14 @@ def test_signed_scales_export_matches_dequantized_torch(method: str, tiny_models
                          lm_head_bits=4)
     result = compress(model, cfg)
     q = [v for v in result.weights.values() if isinstance(v, QuantizedTensor)]
-    assert q and all(v.zeros is None for v in q)
-    assert all(v.signed_scales for v in q) and all((v.scales > 0).any() for v in q)
+    assert q
+    assert all(v.zeros is None for v in q)
+    assert all(v.signed_scales for v in q)
+    assert all((v.scales > 0).any() for v in q)
     plan = Plan(target="host", model="m", out="o", precision="int4", backend="onnxruntime", graph_ops="onnxruntime",
                 opset=17, static_shapes=False, max_seq_len=512, validation="host", accuracy_level=0)
     exported = OnnxExporter().export(model, plan, tmp_path, result.weights)
-    sd = {k: torch.from_numpy(v.dequantize()) if isinstance(v, QuantizedTensor) else v
-          for k, v in result.weights.items()}
-    from slm_export.models.loader import _build_module
-
-    twin = _build_module(type(model)(**{**model.__dict__, "weights": sd, "_module": []}))
-    twin.lm_head.weight = torch.nn.Parameter(sd["lm_head.weight"])  # untied: the float table stays the embedding
-    twin.model.embed_tokens.weight = torch.nn.Parameter(model.weights["model.embed_tokens.weight"].clone())
+    twin = _untied_twin(model, result.weights)
     ids = np.asarray([[3, 9, 27, 81, 243, 100]], dtype=np.int64)
     with torch.no_grad():
         ref = twin(torch.from_numpy(ids)).logits.numpy()
@@ -581,7 +587,8 @@ def test_signed_scales_only_where_every_backend_multiplies_by_them() -> None:
     assert not make_plan(get_target("host"), "smollm2-135m", "o", "int4", symmetric=True,
                          signed_scales=False).signed_scales
     android = make_plan(get_target("android-arm64"), "smollm2-135m", "o", "int4")
-    assert android.symmetric and not android.signed_scales
+    assert android.symmetric
+    assert not android.signed_scales
     with pytest.raises(ConfigError, match="executorch"):
         make_plan(get_target("android-arm64"), "smollm2-135m", "o", "int4", signed_scales=True)
     with pytest.raises(ConfigError, match="symmetric"):

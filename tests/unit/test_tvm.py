@@ -135,7 +135,7 @@ def test_runtime_only_tvm_runs_the_library(fp32_build: tuple[Any, Any, Path], tm
     assert got["tokens"] == TvmDecoder(out / "tvm_host.so", 1).generate(IDS[0].tolist(), 4)[0]
 
 
-@pytest.mark.parametrize("symmetric,signed", [(True, False), (True, True), (False, False)])
+@pytest.mark.parametrize(("symmetric", "signed"), [(True, False), (True, True), (False, False)])
 def test_int4_keeps_codes_and_matches_ort_and_the_dequantized_twin(symmetric: bool, signed: bool,
                                                                      tiny_models: dict[str, Path],
                                                                      tmp_path: Path) -> None:
