@@ -96,6 +96,9 @@ def main() -> int:
         "int8 RTN g32": {"precision": "int8", "method": "rtn", "group_size": 32},
         "int4 RTN g32 asym": {"precision": "int4", "method": "rtn", "group_size": 32},
         "int4 RTN g32 sym": {"precision": "int4", "method": "rtn", "group_size": 32, "symmetric": True},
+        # signed scales: what --symmetric makes on host and rpi4b (ONNX Runtime and TVM); android keeps unsigned
+        "int4 RTN g32 sym signed": {"precision": "int4", "method": "rtn", "group_size": 32, "symmetric": True,
+                                    "signed_scales": True},
         "int4 GPTQ g32": {"precision": "int4", "method": "gptq", "group_size": 32, **calib},
         "int4 AWQ g32": {"precision": "int4", "method": "awq", "group_size": 32, "calib_samples": min(n, 64),
                          "calib_seqlen": args.seqlen},
@@ -104,6 +107,9 @@ def main() -> int:
                               "calib_samples": min(n, 64), "calib_seqlen": args.seqlen},
         "int4 AWQ+GPTQ g32 sym": {"precision": "int4", "method": "awq-gptq", "group_size": 32, "symmetric": True,
                                   "calib_samples": min(n, 64), "calib_seqlen": args.seqlen},
+        "int4 AWQ+GPTQ g32 sym signed": {"precision": "int4", "method": "awq-gptq", "group_size": 32,
+                                         "symmetric": True, "signed_scales": True, "calib_samples": min(n, 64),
+                                         "calib_seqlen": args.seqlen},
         "budget 5% (AWQ+GPTQ base)": {"precision": "int4", "method": "awq-gptq", "group_size": 32,
                                       "calib_samples": 64, "budget": 5.0},
         # W8A8 static is the a100 (TensorRT) form: scored with its Q/DQ pairs as exact int8 products
@@ -174,13 +180,15 @@ def main() -> int:
     print("W8A8 static rows: Q/DQ run as exact int8 products (the TensorRT arithmetic); decode speed of those "
           "rows is the float emulation's, not a device figure")
     print("peak RSS over the float32 weight bytes: through calibration (load + compress), and through export")
-    print("| artifact | perplexity | change | top-1 agree | calib s | peak RSS calib / export | size MB | "
+    print("mean KL: KL(float32 || artifact) per token on the same windows (it varies less between builds than "
+          "the perplexity change)")
+    print("| artifact | perplexity | change | mean KL | top-1 agree | calib s | peak RSS calib / export | size MB | "
           "bits/weight (stored) | decode tok/s | x fp32 |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, acc, rate, info in rows:
         rss_c = info["calib_peak_rss_bytes"] / info["weight_bytes"]
         rss_x = info["peak_rss_bytes"] / info["weight_bytes"]
-        print(f"| {name} | {acc['perplexity']:.3f} | {acc['perplexity_change_pct']:+.2f}% | "
+        print(f"| {name} | {acc['perplexity']:.3f} | {acc['perplexity_change_pct']:+.2f}% | {acc['mean_kl']:.4f} | "
               f"{acc['top1_agreement']:.3f} | {info['calib_s']:.0f} | {rss_c:.2f}x / {rss_x:.2f}x | "
               f"{info['bytes'] / 1e6:.0f} | "
               f"{info.get('bits_per_weight') or 32:.2f}"
@@ -188,6 +196,7 @@ def main() -> int:
                  if "nominal_bits" in info else "")
               + f" | {rate:.1f} | {rate / fp32_rate:.2f} |")
     change = {name: acc["perplexity_change_pct"] for name, acc, _, _ in rows}
+    kl = {name: acc["mean_kl"] for name, acc, _, _ in rows}
     info = dict((name, i) for name, _, _, i in rows)
     checks: dict[str, Any] = {
         "int8 weight-only <= +0.3%": lambda: change["int8 RTN g32"] <= 0.3,
@@ -201,6 +210,8 @@ def main() -> int:
         <= min(10, change["int4 AWQ g32"], change["int4 GPTQ g32"]),
         "AWQ+GPTQ symmetric <= +10%, better than RTN symmetric": lambda: change["int4 AWQ+GPTQ g32 sym"]
         <= min(10, change["int4 RTN g32 sym"]),
+        "signed scales lower symmetric int4's mean KL (RTN and AWQ+GPTQ)": lambda: kl["int4 RTN g32 sym signed"]
+        < kl["int4 RTN g32 sym"] and kl["int4 AWQ+GPTQ g32 sym signed"] < kl["int4 AWQ+GPTQ g32 sym"],
         "GPTQ calibration < 600 s": lambda: info["int4 GPTQ g32"]["calib_s"] < 600,
         "GPTQ calibration peak RSS <= 3x fp32 weights": lambda: info["int4 GPTQ g32"]["calib_peak_rss_bytes"]
         <= 3 * info["int4 GPTQ g32"]["weight_bytes"],
