@@ -55,6 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--lm-head-hot", type=_fraction, metavar="FRACTION",
                    help="an int4 LM head (implied) with this fraction of its rows, the ones the calibration text "
                    "reads most, at int8 too (ONNX-Runtime-only targets; default 0.15 on the host for int4, else 0)")
+    q.add_argument("--tune-epochs", type=int, metavar="N",
+                   help="after quantizing, tune the norm weights and the group scales (codes fixed: same format, "
+                   "size and speed) so the model's next-token distributions match the float model's on the "
+                   "calibration samples, N passes over them (default 0: off; minutes per pass on CPU)")
     q.add_argument("--max-ppl-increase", type=_percent, help="accuracy budget, e.g. 5%%: int4, with the most "
                    "sensitive layers kept at int8 until the perplexity change on the evaluation text is within it")
     sp = e.add_argument_group("sparsity")
@@ -257,7 +261,8 @@ def _export(args: argparse.Namespace) -> int:
     options = {k: getattr(args, k) for k in ("method", "group_size", "symmetric", "calib_data", "calib_samples",
                                              "calib_seqlen", "seed", "accuracy_level", "lm_head_bits",
                                              "lm_head_hot", "sparsity", "sparsity_method", "sparsity_ratio",
-                                             "max_ppl_increase", "observer", "smooth_alpha", "rotate", "emulate")}
+                                             "max_ppl_increase", "observer", "smooth_alpha", "rotate", "emulate",
+                                             "tune_epochs")}
     plan = make_plan(profile, args.model, out, args.precision, args.eval_data, not args.no_validate, **options)
     if args.dry_run:
         print(json.dumps({"plan": plan.to_dict(), "target": profile.id}, indent=2))
@@ -341,6 +346,8 @@ METHOD_TABLE = (
      "explicit QuantizeLinear/DequantizeLinear"),
     ("quantization", "dynamic", "int8 (W8A8 dynamic)", "int8 weights per channel; activations quantized per "
      "token at run time; MatMulInteger; no data"),
+    ("tuning", "end-to-end", "weight-only int8, int4 (--tune-epochs N)", "after quantization, norms and group "
+     "scales fitted to the float model's next-token distributions (KL) on the calibration samples; codes fixed"),
     ("transform", "hadamard", "int8 W8A8 (--rotate N)", "down_proj input smoothed, then rotated online by a "
      "randomised block Hadamard (one MatMul); attention heads rotated offline through v_proj/o_proj"),
     ("observer", "minmax", "per-tensor, per-channel, per-group", "running min and max"),

@@ -146,8 +146,13 @@ def make_plan(profile: TargetProfile, model: str, out: str | Path, precision: st
             notes.append(f"{profile.id}'s CPU has no dot-product instructions, so ONNX Runtime multiplies the "
                          "int4/int8 weights with float32 activations there at any accuracy level; the artifact says "
                          "level 1 so that the host's validation computes the same")
+        if options.get("tune_epochs") and options.get("max_ppl_increase") is not None:
+            raise ConfigError("--tune-epochs and --max-ppl-increase do not combine: the budget's search compares "
+                              "against the float model in the compressed basis, which tuned norms no longer match")
     elif options.get("method"):
         raise ConfigError(f"--method applies to int8 and int4, not {precision}")
+    elif options.get("tune_epochs"):
+        raise ConfigError(f"--tune-epochs tunes quantized weights: use it with int8 or int4, not {precision}")
     if precision in ("fp16", "bf16"):
         notes.append(f"{precision}: weights are stored at half width and upcast in the graph, so every op (norms, "
                      "softmax, rotary, residuals) computes in float32; half-precision GEMMs are the backend's choice "
@@ -202,7 +207,7 @@ def compress_config(plan: Plan) -> Any:
                           calib_samples=plan.calib_samples, calib_seqlen=plan.calib_seqlen, seed=plan.seed,
                           lm_head_bits=plan.lm_head_bits, lm_head_hot=plan.lm_head_hot,
                           smooth_alpha=plan.smooth_alpha, observer=plan.observer,
-                          pow2=plan.pow2_scales, rotate=plan.rotate)
+                          pow2=plan.pow2_scales, rotate=plan.rotate, tune_epochs=plan.tune_epochs)
 
 
 def _check_writable(out: Path) -> None:
@@ -387,7 +392,7 @@ def _compression_section(result: Any) -> dict[str, Any] | None:
         return None
     layers = sorted(result.layers, key=lambda e: e.get("output_sqnr_db", e["weight_sqnr_db"]))
     return {"calibration": result.calibration, "seconds": result.seconds, "bits_per_weight": result.bits_per_weight,
-            "notes": result.notes, "layers": result.layers, "budget": result.budget,
+            "notes": result.notes, "layers": result.layers, "budget": result.budget, "tuning": result.tuning,
             "least_accurate_layers": [e["layer"] for e in layers[:5]]}
 
 

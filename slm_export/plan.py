@@ -43,6 +43,7 @@ class Plan:
     smooth_alpha: float | None = None
     pow2_scales: bool = False
     rotate: int = 0  # W8A8: block of the online Hadamard rotation of down_proj's input (0: none)
+    tune_epochs: int = 0  # end-to-end tuning of norms and group scales after quantization (0: none)
     # SparseGPT: smollm2-135m 2:4 float32 +127% perplexity against Wanda's +470%, for 64 s of calibration
     # against 39 s (bench_compress, README); unstructured 50% +48% against +96%.
     sparsity_method: str = "sparsegpt"

@@ -30,6 +30,7 @@ from slm_export.calibration.transforms import (
     rotate_heads,
     smooth_layer,
 )
+from slm_export.calibration.tune import TuneConfig, tune_end_to_end
 from slm_export.errors import ConfigError
 from slm_export.sparsity import SparsityConfig, prune, sparsity_of
 
@@ -65,6 +66,9 @@ class CompressConfig:
     observer: str = "minmax"  # activation observer of W8A8 static
     pow2: bool = False  # W8A8 with per-tensor power-of-two scales (DPU-class accelerators)
     rotate: int = 0  # W8A8: online Hadamard rotation of down_proj's input, largest block (0: none)
+    # Passes of end-to-end tuning (norms and group scales against the float model's logits) after
+    # quantization, over the calibration samples; 0: none (``tune.py``).
+    tune_epochs: int = 0
 
     def __post_init__(self) -> None:
         if self.precision == "none" and self.sparsity is None:
@@ -97,6 +101,10 @@ class CompressConfig:
         if self.method == "smoothquant":
             SmoothQuantConfig(self.smooth_alpha, self.observer, self.pow2)
             check_observer(self.observer)
+        TuneConfig(self.tune_epochs)
+        if self.tune_epochs and (self.w8a8 or self.precision == "none"):
+            raise ConfigError("--tune-epochs tunes the scales of weight-only int8/int4: not for W8A8 "
+                              f"({self.method}) or sparsity alone")
 
     @property
     def bits(self) -> int:
@@ -133,6 +141,7 @@ class CompressResult:
     # before down_proj), None where not; a later step can requantize ``W * cols / rows[:, None]`` (the
     # accuracy budget's int8 groups).
     channel_scales: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = field(default_factory=dict)
+    tuning: dict[str, Any] | None = None  # end-to-end tuning's summary (``tune.py``), when it ran
 
 
 def _linear_names(module: nn.Module) -> dict[str, nn.Linear]:
@@ -298,11 +307,23 @@ def compress(model: Any, cfg: CompressConfig, progress: Callable[[str], None] | 
                              "at int8 too; the graph writes their int8 logits over the int4 ones")
         weights["lm_head.weight"] = q
         layer_report.append(_layer_entry("lm_head", head, q, cfg, st))
+    tuned = None
+    if cfg.tune_epochs:
+        if calib is None:  # round-to-nearest read no data so far
+            calib = load_calibration(model.tokenizer, cfg.calib_data, cfg.calib_samples, cfg.calib_seqlen, cfg.seed)
+        weights, tuned = tune_end_to_end(model, weights, calib.ids, TuneConfig(cfg.tune_epochs, seed=cfg.seed),
+                                         progress)
+        notes.append(f"tuned end to end: {tuned['steps']} steps ({cfg.tune_epochs} passes over the calibration "
+                     f"samples) fitted {tuned['norm_tensors']} norm weight vectors and {tuned['scales']} group scales "
+                     "(codes, zero points and signs fixed) to the float model's next-token distributions; "
+                     f"calibration KL {tuned['calibration_kl_first_quarter']:.4f} in the first quarter of the "
+                     f"steps, {tuned['calibration_kl_last_quarter']:.4f} in the last (the per-layer SQNR "
+                     "figures are from before tuning)")
     # Only meaningful when weights are quantized: pruned float weights are stored dense at the artifact's
     # float width, which the compress stage does not decide.
     bpw = _bits_per_weight(weights) if cfg.precision != "none" else None
     return CompressResult(weights, layer_report, calib.describe() if calib else None, time.perf_counter() - t0,
-                          bpw, notes, channel_scales=channel_scales)
+                          bpw, notes, channel_scales=channel_scales, tuning=tuned)
 
 
 def _float_head(model: Any) -> torch.Tensor:

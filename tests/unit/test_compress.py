@@ -597,3 +597,72 @@ def test_signed_scales_only_where_every_backend_multiplies_by_them() -> None:
         refuse_signed_scales(quantize_rtn(torch.arange(-8.0, 24.0).reshape(1, 32), 4, 32, True, signed=True),
                              "ExecuTorch")
     refuse_signed_scales(quantize_rtn(torch.randn(4, 32), 4, 32, True), "ExecuTorch")  # unsigned: accepted
+
+
+def _kl_to_float(model: Any, weights: dict[str, Any], windows: list[list[int]]) -> float:
+    """Mean KL divergence of the dequantized twin's next-token distributions from the float model's."""
+    twin, ref = _untied_twin(model, weights), model.torch_module()
+    ids = torch.tensor(windows)
+    with torch.no_grad():
+        p, q = torch.log_softmax(ref(ids).logits.double(), -1), torch.log_softmax(twin(ids).logits.double(), -1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+@pytest.mark.parametrize(("symmetric", "hot"), [(False, 0.1), (True, 0.0)])
+def test_end_to_end_tuning_keeps_the_format_and_lowers_the_kl(symmetric: bool, hot: float,
+                                                              tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """Tuning moves only the norms and the group scales: codes, zero points, scale signs and the hot rows
+    stay; the model's KL to the float one falls on its calibration samples and on held-out text; the
+    exported graph computes the tuned weights."""
+    from slm_export.validation.text import builtin_split, token_windows
+
+    model = load_model(str(tiny_models["llama"]))
+    base = CompressConfig("int4", "gptq", 32, symmetric=symmetric, signed_scales=symmetric, calib_samples=8,
+                          calib_seqlen=64, lm_head_bits=4, lm_head_hot=hot)
+    before = {k: torch.as_tensor(v).clone() for k, v in model.weights.items()}
+    plain, tuned = compress(model, base), compress(model, replace(base, tune_epochs=4))
+    assert all(torch.equal(before[k], torch.as_tensor(v)) for k, v in model.weights.items()), "the float model moved"
+    assert tuned.tuning is not None
+    assert tuned.tuning["steps"] == 8
+    assert any("tuned end to end" in n for n in tuned.notes)
+    quantized = [k for k, v in plain.weights.items() if isinstance(v, QuantizedTensor)]
+    assert "lm_head.weight" in quantized
+    for k in quantized:
+        a, b = plain.weights[k], tuned.weights[k]
+        assert type(a) is type(b)
+        assert np.array_equal(a.codes, b.codes)
+        assert (a.zeros is None and b.zeros is None) or np.array_equal(a.zeros, b.zeros)
+        assert np.array_equal(np.sign(a.scales), np.sign(b.scales))
+        assert not np.array_equal(a.scales, b.scales), k
+        if isinstance(a, HotRowsTensor):
+            assert np.array_equal(a.rows, b.rows)
+            assert np.array_equal(a.hot.dequantize(), b.hot.dequantize())
+    norms = [k for k in plain.weights if k.endswith("norm.weight")]
+    assert norms
+    assert all(not torch.equal(torch.as_tensor(plain.weights[k]), torch.as_tensor(tuned.weights[k])) for k in norms)
+    calib = load_calibration(model.tokenizer, None, 8, 64, 0).ids.tolist()
+    held_out = token_windows(model.tokenizer, builtin_split("evaluation"), 8, 64)
+    assert _kl_to_float(model, tuned.weights, calib) < 0.9 * _kl_to_float(model, plain.weights, calib)
+    assert _kl_to_float(model, tuned.weights, held_out) < _kl_to_float(model, plain.weights, held_out)
+    plan = Plan(target="host", model="m", out="o", precision="int4", backend="onnxruntime", graph_ops="onnxruntime",
+                opset=17, static_shapes=False, max_seq_len=512, validation="host", accuracy_level=0)
+    exported = OnnxExporter().export(model, plan, tmp_path, tuned.weights)
+    with torch.no_grad():
+        want = _untied_twin(model, tuned.weights)(torch.tensor(held_out[:1])).logits.numpy()
+    got = OnnxDecoder(make_session(exported.model_path, 1)).logits(np.asarray(held_out[:1], np.int64))
+    np.testing.assert_allclose(got, want, atol=2e-3, rtol=1e-3)
+
+
+def test_end_to_end_tuning_refuses_what_it_cannot_tune() -> None:
+    from slm_export.pipeline import make_plan
+    from slm_export.targets import get_target
+
+    with pytest.raises(ConfigError, match="W8A8"):
+        CompressConfig("int8", "smoothquant", tune_epochs=1)
+    with pytest.raises(ConfigError, match="between 0 and 100"):
+        CompressConfig("int4", "gptq", tune_epochs=-1)
+    with pytest.raises(ConfigError, match="int8 or int4"):
+        make_plan(get_target("host"), "smollm2-135m", "o", "fp32", tune_epochs=1)
+    with pytest.raises(ConfigError, match="do not combine"):
+        make_plan(get_target("host"), "smollm2-135m", "o", None, tune_epochs=1, max_ppl_increase=5.0)
+    assert make_plan(get_target("host"), "smollm2-135m", "o", "int4", tune_epochs=2).tune_epochs == 2
