@@ -70,44 +70,41 @@ class _Scaled:
 
 def _centred(q: QuantizedTensor) -> torch.Tensor:
     o, i = q.shape
-    zero = q.zeros.astype(np.float32) if q.zeros is not None else np.full(q.scales.shape, 2 ** (q.bits - 1),
-                                                                          np.float32)
-    return torch.from_numpy(q.codes.astype(np.float32).reshape(o, i // q.group, q.group) - zero[:, :, None])
+    zero = q.zero_points.astype(np.float32)[:, :, None]
+    return torch.from_numpy(q.codes.astype(np.float32).reshape(o, i // q.group, q.group) - zero)
 
 
-def tunable(weights: dict[str, Any]) -> bool:
-    """Whether ``weights`` hold weight-only quantized tensors this step can tune (not W8A8, not rotated)."""
-    qs = [v for v in weights.values() if isinstance(v, QuantizedTensor)]
-    return bool(qs) and all(q.activations == "float" for q in qs) \
-        and not any(k.endswith(".rotation.signs") for k in weights)
+def dequantized_twin(model: Any, weights: dict[str, Any]) -> nn.Module:
+    """The PyTorch model with ``weights`` (the compress stage's) dequantized, on its own copies of every
+    tensor: what an exported graph computes. A quantized LM head of a tied model is untied from the
+    embedding, which keeps the float table (the graph's Gather)."""
+    from slm_export.models.loader import _build_module
+
+    dense = {k: torch.from_numpy(v.dequantize()) if isinstance(v, QuantizedTensor)
+             else v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in weights.items()}
+    twin = _build_module(replace(model, weights=dense, _module=[]))
+    if isinstance(weights.get("lm_head.weight"), QuantizedTensor):
+        twin.lm_head.weight = nn.Parameter(dense["lm_head.weight"])
+        embed = twin.get_input_embeddings()
+        embed.weight = nn.Parameter(embed.weight.detach().clone())
+    return twin
 
 
 def tune_end_to_end(model: Any, weights: dict[str, Any], calib_ids: np.ndarray, cfg: TuneConfig,
                     progress: Callable[[str], None] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Tune ``weights`` (the compress stage's: quantized linears, folded norms) against ``model``'s float
-    outputs on ``calib_ids`` [samples, seqlen]. Returns the new weights and a summary for the report."""
-    from slm_export.models.loader import _build_module
-
-    if not tunable(weights):
-        raise ConfigError("end-to-end tuning applies to weight-only int8/int4 (not W8A8 or rotated weights)")
+    """Tune ``weights`` (the compress stage's weight-only quantized linears and folded norms; W8A8 is refused
+    by ``CompressConfig``) against ``model``'s float outputs on ``calib_ids`` [samples, seqlen]. Returns the
+    new weights and a summary for the report."""
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     reference = model.torch_module().eval()
-    # The twin gets its own copies: the norms it tunes may be the very tensors the float model holds.
-    dense = {k: torch.from_numpy(v.dequantize()) if isinstance(v, QuantizedTensor)
-             else v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in weights.items()}
-    twin = _build_module(replace(model, weights=dense, _module=[]))
-    if isinstance(weights.get("lm_head.weight"), QuantizedTensor):  # a tied head quantized as its own tensor
-        twin.lm_head.weight = nn.Parameter(dense["lm_head.weight"].clone())
-        embed = twin.get_input_embeddings()
-        embed.weight = nn.Parameter(embed.weight.detach().clone())
-    twin.eval()
+    twin = dequantized_twin(model, weights).eval()  # copies: the norms it tunes may be the float model's own
     for p in twin.parameters():
         p.requires_grad_(False)
     modules = dict(twin.named_modules())
     scaled: list[_Scaled] = []
     for name, q in weights.items():
-        if not isinstance(q, QuantizedTensor) or q.bits > 8:
+        if not isinstance(q, QuantizedTensor):
             continue
         module = modules[name.rsplit(".", 1)[0]]
         s = _Scaled(module, name, q, _centred(q), torch.from_numpy(q.scales.astype(np.float32)),

@@ -16,6 +16,7 @@ from slm_export.calibration.compress import CompressConfig, compress
 from slm_export.calibration.data import load_calibration
 from slm_export.calibration.gptq import GPTQConfig, gptq_quantize
 from slm_export.calibration.quant import HotRowsTensor, QuantizedTensor, quantize_rtn
+from slm_export.calibration.tune import dequantized_twin
 from slm_export.errors import ConfigError
 from slm_export.exporters.onnx import OnnxExporter
 from slm_export.exporters.quantized import pack_codes
@@ -216,13 +217,8 @@ def _mkdir(path: Path) -> Path:
 def _untied_twin(model: Any, weights: dict[str, Any]) -> torch.nn.Module:
     """The PyTorch model with ``weights`` dequantized, its quantized LM head untied from the embedding (the
     Gather keeps the float table): what an exported graph with a quantized head computes."""
-    from slm_export.models.loader import _build_module
-
-    sd = {k: torch.from_numpy(v.dequantize()) if isinstance(v, QuantizedTensor) else v for k, v in weights.items()}
-    twin = _build_module(type(model)(**{**model.__dict__, "weights": sd, "_module": []}))
-    twin.lm_head.weight = torch.nn.Parameter(sd["lm_head.weight"])
-    twin.model.embed_tokens.weight = torch.nn.Parameter(model.weights["model.embed_tokens.weight"].clone())
-    return twin
+    assert isinstance(weights["lm_head.weight"], QuantizedTensor)
+    return dequantized_twin(model, weights)
 
 
 @pytest.mark.parametrize("head_bits", [4, 8])
