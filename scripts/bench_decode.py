@@ -15,6 +15,7 @@ the ratio checks against GenAI and between thread counts use the median of the p
 - ONNX Runtime GenAI's model builder (``-p int4 -e cpu``, accuracy level 4) through its own generator,
   when ``onnxruntime_genai`` imports (``pip install onnxruntime-genai --no-deps``);
 - llama.cpp through ``llama_cpp`` when it imports (not installed by the project: it compiles for minutes).
+  Both peers live in ``decode_peers.py``.
 
 Beside the table, the int4 MatMulNBits kernel is timed alone for one token with and without zero points, on
 the int4 artifact's shapes: the cost of the default's asymmetric int4 on this CPU (1.12-1.23x on an AVX2 box,
@@ -42,11 +43,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from decode_peers import GenAIScorer, Runner, genai_export, genai_runner, llama_cpp_runner
 
 MATMUL_OPS = {"MatMul", "Gemm", "MatMulNBits", "MatMulInteger", "FusedMatMul", "QLinearMatMul", "DequantizeLinear",
               "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm"}
@@ -154,7 +155,6 @@ def prompt_and_windows(tokenizer: Any, n_prompt: int, n_windows: int) -> tuple[l
 # issue 6 asks the fast int4 artifact to stay within it.
 COMPRESSION_PPL = 4.33
 TUNE_EPOCHS = 2  # the tuned rows' passes over the calibration samples
-Runner = Callable[[], tuple[float, list[float]]]  # () -> (ttft s, per-token decode seconds)
 IDLE_S = 0.5  # pause before each timed run (interleaved_rates)
 
 
@@ -245,109 +245,6 @@ def ours(out: Path, prompt: list[int], new: int, threads: int) -> tuple[Runner, 
         return timing.prefill_s, timing.decode_s
 
     return run, dec, path
-
-
-# ---- ONNX Runtime GenAI --------------------------------------------------------------------------
-def genai_export(work: Path, model: Any, threads: int) -> Path | None:
-    try:
-        import onnxruntime_genai  # noqa: F401
-    except ImportError:
-        return None
-    out = work / "genai-int4"
-    if not (out / "genai_config.json").is_file():
-        hf = work / "hf-float32"
-        if not (hf / "config.json").is_file():
-            model.torch_module().save_pretrained(hf)
-            model.tokenizer.save_pretrained(hf)
-        t = time.perf_counter()
-        res = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
-                              "-p", "int4", "-e", "cpu", "-c", str(work / "genai-cache"),
-                              "--extra_options", "accuracy_level=4"], capture_output=True, text=True)
-        if res.returncode:
-            raise SystemExit(f"the GenAI builder failed:\n{res.stderr[-3000:]}")
-        print(f"  GenAI builder: {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
-    cfg_path = out / "genai_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    opts = cfg["model"]["decoder"].setdefault("session_options", {})
-    opts["intra_op_num_threads"], opts["inter_op_num_threads"] = threads, 1
-    cfg_path.write_text(json.dumps(cfg, indent=2))
-    return out
-
-
-def genai_runner(out: Path, prompt: list[int], new: int) -> Runner:
-    import onnxruntime_genai as og
-
-    model = og.Model(str(out))
-
-    def run() -> tuple[float, list[float]]:
-        params = og.GeneratorParams(model)
-        params.set_search_options(do_sample=False, max_length=len(prompt) + new, min_length=len(prompt) + new)
-        gen = og.Generator(model, params)
-        t = time.perf_counter()
-        gen.append_tokens(prompt)
-        gen.generate_next_token()
-        gen.get_next_tokens()
-        first = time.perf_counter() - t
-        steps = []
-        while not gen.is_done():
-            t = time.perf_counter()
-            gen.generate_next_token()
-            gen.get_next_tokens()
-            steps.append(time.perf_counter() - t)
-        return first, steps
-
-    return run
-
-
-class GenAIScorer:
-    """GenAI's decoder graph scored like any artifact: full windows, empty KV cache."""
-
-    def __init__(self, path: Path, threads: int) -> None:
-        from slm_export.runner.onnx_decoder import make_session
-
-        self.session = make_session(path, threads)
-        self.inputs = {i.name: i for i in self.session.get_inputs()}
-        decoder = json.loads((path.parent / "genai_config.json").read_text())["model"]["decoder"]
-        self.kv_shape = (1, decoder["num_key_value_heads"], 0, decoder["head_size"])  # dims are symbolic
-
-    def logits(self, ids: np.ndarray) -> np.ndarray:
-        n = ids.shape[1]
-        feed: dict[str, np.ndarray] = {"input_ids": ids.astype(np.int64),
-                                       "attention_mask": np.ones((1, n), np.int64)}
-        if "position_ids" in self.inputs:
-            feed["position_ids"] = np.arange(n, dtype=np.int64)[None]
-        for name, i in self.inputs.items():
-            if name.startswith("past_key_values"):
-                dtype = np.float16 if "float16" in i.type else np.float32
-                feed[name] = np.zeros(self.kv_shape, dtype)
-        return self.session.run(["logits"], feed)[0]
-
-
-# ---- llama.cpp (optional) ---------------------------------------------------------------------------
-def llama_cpp_runner(prompt: list[int], new: int, threads: int) -> Runner | None:
-    try:
-        import llama_cpp
-    except ImportError:
-        return None
-    from slm_export.models.builtin import BUILTIN_MODELS
-
-    llm = llama_cpp.Llama(model_path=str(BUILTIN_MODELS.get("smollm2-135m").path()), n_threads=threads, n_ctx=512,
-                          verbose=False)
-
-    def run() -> tuple[float, list[float]]:
-        llm.reset()
-        t = time.perf_counter()
-        llm.eval(prompt)
-        first = time.perf_counter() - t
-        steps, token = [], int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        for _ in range(new - 1):
-            t = time.perf_counter()
-            llm.eval([token])
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-            steps.append(time.perf_counter() - t)
-        return first, steps
-
-    return run
 
 
 def main() -> int:
