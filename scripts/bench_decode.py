@@ -13,7 +13,8 @@ the ratio checks against GenAI and between thread counts use the median of the p
   artifact with an int8, an int4 and a float head, and symmetric int4 (``--symmetric``, the form GenAI's
   builder writes) with the default and an int4 head, run by the project's own generation loop;
 - ONNX Runtime GenAI's model builder (``-p int4 -e cpu``, accuracy level 4) through its own generator,
-  when ``onnxruntime_genai`` imports (``pip install onnxruntime-genai --no-deps``);
+  when ``onnxruntime_genai`` imports (``pip install onnxruntime-genai --no-deps``), on the bench's threads
+  and on 1 thread (its own 2-thread scaling, printed beside the int4 artifact's);
 - llama.cpp through ``llama_cpp`` when it imports (not installed by the project: it compiles for minutes).
   Both peers live in ``decode_peers.py``.
 
@@ -324,6 +325,8 @@ def main() -> int:
     if genai_dir is not None:
         print("scoring ONNX Runtime GenAI int4 ...", file=sys.stderr, flush=True)
         runs["genai"] = genai_runner(genai_dir, prompt, args.new)
+        # the peer's own scaling, beside ours: the 2-thread goal is a property of the runtime as much as the graph
+        runs["genai, 1 thread"] = genai_runner(genai_dir, prompt, args.new, threads=1)
         acc = decoder_accuracy(reference, GenAIScorer(genai_dir / "model.onnx", args.threads), windows)
         meta["genai"] = {"name": "ONNX Runtime GenAI int4 (builder, RTN, accuracy level 4)",
                          "ppl": acc["perplexity_change_pct"], "kl": acc["mean_kl"],
@@ -365,6 +368,11 @@ def main() -> int:
     print(f"int4, 1 thread: {one_thread['tok_s']:.1f} tok/s; {args.threads} threads: {by['int4']['tok_s']:.1f} "
           f"(per-round ratio, median: {scaling:.2f}x; middle half of the rounds "
           f"{ratio_spread(by['int4'], one_thread)})")
+    if "genai, 1 thread" in rates:
+        g1 = rates["genai, 1 thread"]
+        print(f"GenAI int4, 1 thread: {g1['tok_s']:.1f} tok/s; {args.threads} threads: {by['genai']['tok_s']:.1f} "
+              f"(per-round ratio, median: {paired_ratio(by['genai'], g1):.2f}x; middle half of the rounds "
+              f"{ratio_spread(by['genai'], g1)})")
     checks = {
         "fp32 >= 2.5x eager": by["fp32"]["tok_s"] >= 2.5 * eager_rate,
         "int8 >= 6x eager": by["int8"]["tok_s"] >= 6 * eager_rate,

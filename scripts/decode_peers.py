@@ -44,10 +44,15 @@ def genai_export(work: Path, model: Any, threads: int) -> Path | None:
     return out
 
 
-def genai_runner(out: Path, prompt: list[int], new: int) -> Runner:
+def genai_runner(out: Path, prompt: list[int], new: int, threads: int | None = None) -> Runner:
+    """GenAI's own generator; ``threads`` overrides the config's intra-op thread count (genai_export wrote the
+    bench's), so the same artifact is timed on 1 thread too."""
     import onnxruntime_genai as og
 
-    model = og.Model(str(out))
+    config = og.Config(str(out))
+    if threads is not None:
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+    model = og.Model(config)
 
     def run() -> tuple[float, list[float]]:
         params = og.GeneratorParams(model)
