@@ -192,6 +192,11 @@ def round_ratios(a: dict[str, Any], b: dict[str, Any]) -> np.ndarray:
     return np.asarray(a["tok_s_all"]) / np.asarray(b["tok_s_all"])
 
 
+def scaling_line(label: str, many: dict[str, Any], one: dict[str, Any], threads: int) -> str:
+    return (f"{label}, 1 thread: {one['tok_s']:.1f} tok/s; {threads} threads: {many['tok_s']:.1f} (per-round ratio, "
+            f"median: {paired_ratio(many, one):.2f}x; middle half of the rounds {ratio_spread(many, one)})")
+
+
 def ratio_spread(a: dict[str, Any], b: dict[str, Any]) -> str:
     """The middle half of the per-round ratios (25th to 75th percentile): on a shared box one run's median
     can sit 10% from the next run's, and a check passed or failed inside this range says little."""
@@ -365,14 +370,9 @@ def main() -> int:
     print("\nint4 MatMulNBits, one token, time with zero points (asymmetric, the int4 default) over without "
           "(symmetric), the int4 artifact's shapes, same threads: "
           + ", ".join(f"N={n} K={k} {r:.2f}x" for (n, k), r in cost.items()))
-    print(f"int4, 1 thread: {one_thread['tok_s']:.1f} tok/s; {args.threads} threads: {by['int4']['tok_s']:.1f} "
-          f"(per-round ratio, median: {scaling:.2f}x; middle half of the rounds "
-          f"{ratio_spread(by['int4'], one_thread)})")
+    print(scaling_line("int4", by["int4"], one_thread, args.threads))
     if "genai, 1 thread" in rates:
-        g1 = rates["genai, 1 thread"]
-        print(f"GenAI int4, 1 thread: {g1['tok_s']:.1f} tok/s; {args.threads} threads: {by['genai']['tok_s']:.1f} "
-              f"(per-round ratio, median: {paired_ratio(by['genai'], g1):.2f}x; middle half of the rounds "
-              f"{ratio_spread(by['genai'], g1)})")
+        print(scaling_line("GenAI int4", by["genai"], rates["genai, 1 thread"], args.threads))
     checks = {
         "fp32 >= 2.5x eager": by["fp32"]["tok_s"] >= 2.5 * eager_rate,
         "int8 >= 6x eager": by["int8"]["tok_s"] >= 6 * eager_rate,
