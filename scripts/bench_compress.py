@@ -45,11 +45,11 @@ if spec["precision"] != "fp32" or sparse:
                             "sparsity": SparsityConfig(**sparse) if sparse else None})
     r = compress(m, cfg)
     if budget is not None:
-        from slm_export.pipeline import _fit_budget
+        from slm_export.calibration.budget import fit_budget
         budget_plan = Plan(target="host", model="smollm2-135m", out=str(out), precision="int4", backend="onnxruntime",
                            graph_ops="onnxruntime", opset=17, static_shapes=False, max_seq_len=2048,
                            validation="host", max_ppl_increase=budget)
-        r = _fit_budget(m, r, budget_plan, None)
+        r = fit_budget(m, r, budget_plan, None)
         info["nominal_bits"] = r.budget["nominal_bits_per_weight"]
         info["kept_int8"] = len(r.budget["kept_int8"])
     weights = r.weights

@@ -277,7 +277,9 @@ def run(plan: Plan, profile: TargetProfile, progress: Progress | None = None,
             step = (lambda what: progress("compress", what)) if progress else None
             compressed = stages.run("compress", lambda: compress(model, cfg, step))
             if plan.max_ppl_increase is not None:
-                compressed = stages.run("budget", lambda: _fit_budget(model, compressed, plan, progress))
+                from slm_export.calibration.budget import fit_budget
+
+                compressed = stages.run("budget", lambda: fit_budget(model, compressed, plan, progress))
         else:
             stages.skip("compress", f"{plan.precision} needs no calibration")
         weights = compressed.weights if compressed else None
@@ -362,29 +364,6 @@ def further_runs(model: Any, folder: Path, results: list[Any], validated: str, p
         runs["device"] = [device]
         metrics.update(m)
     return metrics
-
-
-BUDGET_MARGIN = 0.9  # search against 90% of the budget: the runtime's int8 activations add a little
-
-
-def _fit_budget(model: Any, compressed: Any, plan: Plan, progress: Progress | None) -> Any:
-    from dataclasses import replace as dc_replace
-
-    from slm_export.calibration.budget import mixed_precision
-    from slm_export.calibration.data import load_calibration
-    from slm_export.validation.text import load_text, token_windows
-
-    calib = load_calibration(model.tokenizer, plan.calib_data, 8, 256, plan.seed)
-    windows = token_windows(model.tokenizer, load_text(plan.eval_data, "evaluation"), 8, 512)
-    step = (lambda what: progress("budget", what)) if progress else None
-    fit = mixed_precision(model, compressed.weights, plan.max_ppl_increase * BUDGET_MARGIN, calib.ids,  # type: ignore[operator]
-                          windows, plan.group_size, step, compressed.channel_scales)
-    note = (f"accuracy budget {plan.max_ppl_increase}%: {len(fit.kept_int8)} of {len(fit.sensitivity)} projection "
-            f"groups kept at int8 (searched against {BUDGET_MARGIN:.0%} of the budget in PyTorch: "
-            f"{fit.perplexity_change_pct:+.2f}%); mean nominal bits per weight {fit.nominal_bits:.2f}")
-    return dc_replace(compressed, weights=fit.weights, notes=[*compressed.notes, note],
-                      budget={"max_ppl_increase_pct": plan.max_ppl_increase, "kept_int8": fit.kept_int8,
-                              "sensitivity_kl": fit.sensitivity, "nominal_bits_per_weight": fit.nominal_bits})
 
 
 def _compression_section(result: Any) -> dict[str, Any] | None:

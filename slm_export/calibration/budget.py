@@ -170,3 +170,26 @@ def mixed_precision(model: Any, weights: dict[str, Any], budget_pct: float, cali
         for n in units[unit]:
             out[n] = int8[n]
     return BudgetResult(out, kept, sens, change(lo), _nominal_bits(out))
+
+
+BUDGET_MARGIN = 0.9  # search against 90% of the budget: the runtime's int8 activations add a little
+
+
+def fit_budget(model: Any, compressed: Any, plan: Any, progress: Callable[[str, str], None] | None) -> Any:
+    """The pipeline's budget stage: the compress stage's result with the fewest groups raised to int8."""
+    from dataclasses import replace as dc_replace
+
+    from slm_export.calibration.data import load_calibration
+    from slm_export.validation.text import load_text, token_windows
+
+    calib = load_calibration(model.tokenizer, plan.calib_data, 8, 256, plan.seed)
+    windows = token_windows(model.tokenizer, load_text(plan.eval_data, "evaluation"), 8, 512)
+    step = (lambda what: progress("budget", what)) if progress else None
+    fit = mixed_precision(model, compressed.weights, plan.max_ppl_increase * BUDGET_MARGIN, calib.ids,  # type: ignore[operator]
+                          windows, plan.group_size, step, compressed.channel_scales)
+    note = (f"accuracy budget {plan.max_ppl_increase}%: {len(fit.kept_int8)} of {len(fit.sensitivity)} projection "
+            f"groups kept at int8 (searched against {BUDGET_MARGIN:.0%} of the budget in PyTorch: "
+            f"{fit.perplexity_change_pct:+.2f}%); mean nominal bits per weight {fit.nominal_bits:.2f}")
+    return dc_replace(compressed, weights=fit.weights, notes=[*compressed.notes, note],
+                      budget={"max_ppl_increase_pct": plan.max_ppl_increase, "kept_int8": fit.kept_int8,
+                              "sensitivity_kl": fit.sensitivity, "nominal_bits_per_weight": fit.nominal_bits})
