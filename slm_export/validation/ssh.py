@@ -52,9 +52,15 @@ class DeviceUrl:
         if parts.scheme != "ssh" or not parts.hostname:
             raise ConfigError(f"--device must look like ssh://user@host[:port], not {url!r}")
         try:
-            port = parts.port or 22
-        except ValueError:
-            raise ConfigError(f"--device {url!r}: the port is not a number") from None
+            given = parts.port
+        except ValueError:  # not digits, or digits out of urllib's 0-65535
+            raw = parts.netloc.rpartition("@")[2].rpartition(":")[2]
+            if not (raw.isascii() and raw.isdigit()):
+                raise ConfigError(f"--device {url!r}: the port {raw!r} is not a number") from None
+            given = int(raw)
+        if given is not None and not 1 <= given <= 65535:
+            raise ConfigError(f"--device {url!r}: port must be 1-65535, not {given}")
+        port = given or 22
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         unknown = set(query) - {"workdir", "python"}
         if unknown:
