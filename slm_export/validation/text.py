@@ -38,41 +38,105 @@ def builtin_split(part: str) -> TextSource:
     return TextSource(f"{BUILTIN}/{part}", "\n\n".join(topics[k] for k in chosen))
 
 
-def load_text(path: str | None, part: str = "evaluation") -> TextSource:
-    """The built-in split when ``path`` is None, else a UTF-8 text file or JSONL with a "text" field."""
+DATASETS_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")  # what save_to_disk writes
+MIN_TOKENS = 16  # fewer next tokens than this measure nothing: one window must hold at least this many
+
+
+def check_text_input(path: str | None, part: str = "evaluation") -> TextSource:
+    """The text at ``path`` after the checks that need no tokenizer, each failure a ``ConfigError``: it exists,
+    is a file (for "calibration", a ``datasets`` folder saved with ``save_to_disk`` too), is UTF-8 text
+    without NUL bytes, is not empty or whitespace only, and a JSONL file's lines are objects with a "text"
+    string. None: the built-in split of ``part``."""
     if path is None:
         return builtin_split(part)
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise ConfigError(f"{part} data {path}: no such file")
+    if p.is_dir():
+        if part == "calibration" and any((p / m).is_file() for m in DATASETS_MARKERS):
+            from slm_export.calibration.data import datasets_folder
+
+            source = datasets_folder(p)
+            if not source.text.strip():
+                raise ConfigError(f"{part} data {path}: the dataset's \"text\" column holds no text")
+            return source
+        hint = (" (a `datasets` folder saved with save_to_disk holds " + ", ".join(DATASETS_MARKERS[:-1]) +
+                f" or {DATASETS_MARKERS[-1]}; this one holds none)") if part == "calibration" else ""
+        raise ConfigError(f"{part} data {path} is a folder, not a text or JSONL file{hint}")
+    if not p.is_file():
+        raise ConfigError(f"{part} data {path} is not a regular file")
     try:
-        raw = p.read_text(encoding="utf-8")
+        data = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{part} data {path}: cannot read it ({exc.strerror})") from None
+    nul = data.find(b"\0")
+    try:
+        # Universal newlines, as Path.read_text gives: the calibration ids stay those of earlier versions.
+        raw = data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+        bad = -1
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{part} data {path} is not UTF-8 text (byte {exc.start}); re-encode it as UTF-8") from None
-    if p.suffix.lower() in (".jsonl", ".json"):
-        texts = []
-        for n, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"{part} data {path}, line {n}: not JSON ({exc.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise ConfigError(f"{part} data {path}, line {n}: expected an object with a \"text\" string")
-            texts.append(row["text"])
-        raw = "\n\n".join(texts)
-    if not raw.strip():
+        bad = exc.start
+    if nul >= 0 and (bad < 0 or nul < bad):
+        raise ConfigError(f"{part} data {path} is binary, not text: byte {nul} is NUL (0x00); give a UTF-8 text "
+                          "or JSONL file")
+    if bad >= 0:
+        raise ConfigError(f"{part} data {path} is not UTF-8 text: byte {bad} (0x{data[bad]:02x}) is not valid "
+                          "UTF-8; re-encode it as UTF-8")
+    if not data:
         raise ConfigError(f"{part} data {path} is empty")
+    if not raw.strip():
+        raise ConfigError(f"{part} data {path} holds only whitespace")
+    if p.suffix.lower() in (".jsonl", ".json"):
+        raw = _jsonl_text(raw, path, part)
+        if not raw.strip():
+            raise ConfigError(f"{part} data {path}: every line's \"text\" is empty")
     return TextSource(str(p), raw)
+
+
+def _jsonl_text(raw: str, path: str, part: str) -> str:
+    """The "text" fields of a JSONL file's lines, blank lines skipped, joined by blank lines."""
+    texts = []
+    for n, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{part} data {path}, line {n}: not JSON ({exc.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise ConfigError(f"{part} data {path}, line {n}: expected an object with a \"text\" string")
+        texts.append(row["text"])
+    return "\n\n".join(texts)
+
+
+def load_text(path: str | None, part: str = "evaluation") -> TextSource:
+    """The built-in split when ``path`` is None, else a UTF-8 text file or JSONL with a "text" field
+    (``check_text_input``'s checks)."""
+    return check_text_input(path, part)
+
+
+def check_token_count(tokenizer, source: TextSource, windows: int, length: int,  # type: ignore[no-untyped-def]
+                      part: str = "evaluation") -> str | None:
+    """Refuse (``ConfigError``) a text shorter than one window of ``MIN_TOKENS`` tokens, as ``token_windows``
+    would, but before any work. Returns None when the text fills the ``windows`` x ``length`` tokens asked,
+    else a note for the report saying how much of them it holds (``token_windows`` then measures fewer)."""
+    n = len(tokenizer(source.text, add_special_tokens=False).input_ids)
+    if n < MIN_TOKENS:
+        raise ConfigError(f"{part} data {source.name} has {n} tokens; one window needs at least {MIN_TOKENS} "
+                          f"(the {windows} x {length}-token windows asked need {windows * length}); give more text")
+    got = [n] if n < length + 1 else [length] * min(windows, n // length)
+    if len(got) == windows and got[0] == length:
+        return None
+    return (f"{part} data {source.name} has {n} tokens, fewer than the {windows} x {length} asked: "
+            f"{len(got)} window(s) of {got[0]} tokens are measured")
 
 
 def token_windows(tokenizer, source: TextSource, n_windows: int, length: int) -> list[list[int]]:  # type: ignore[no-untyped-def]
     """Up to ``n_windows`` consecutive, disjoint windows of ``length`` tokens from the start of the text."""
     ids = tokenizer(source.text, add_special_tokens=False).input_ids
     if len(ids) < length + 1:
-        if len(ids) < 16:
-            raise ConfigError(f"{source.name} has only {len(ids)} tokens; evaluation needs at least 16")
+        if len(ids) < MIN_TOKENS:
+            raise ConfigError(f"{source.name} has only {len(ids)} tokens; evaluation needs at least {MIN_TOKENS}")
         return [ids]
     count = min(n_windows, len(ids) // length)
     return [ids[i * length:(i + 1) * length] for i in range(count)]
