@@ -48,7 +48,8 @@ def export(model: str, target: str = "host", out: str | Path = "build/out", prec
     except ValidationFailed as exc:
         if raise_on_fail:
             raise
-        return RunResult(exc.report, Path(out))
+        folder = (exc.report or {}).get("output", {}).get("folder")  # beside a passing artifact it is kept
+        return RunResult(exc.report, Path(folder or out))
 
 
 __all__ = ["CompileError", "ConfigError", "DeviceError", "ExportError", "ModelLoadError", "RunResult",

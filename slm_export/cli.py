@@ -1,6 +1,7 @@
 """Command line: ``slm-export --target jetson --model smollm2-135m --out build/jetson`` and subcommands.
 
-Exit codes: 0 pass, 1 goals missed, 2 user error, 3 environment (missing backend or device).
+Exit codes: 0 pass, 1 goals missed, 2 user error, 3 environment (missing backend, device or disk space), 4 internal
+bug, 5 artifact files changed since export (``validate``), 130 Ctrl-C, 143 SIGTERM.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from slm_export.errors import SlmExportError, ValidationFailed
+from slm_export.errors import SlmExportError, Terminated, ValidationFailed
 
 SUBCOMMANDS = ("export", "targets", "validate", "methods", "backends", "emulator", "devices")
 
@@ -26,7 +27,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--model", "-m", required=True, help="built-in name, GGUF file or Hugging Face folder")
     e.add_argument("--target", "-t", default=None, help="target id or alias (see `slm-export targets`)")
     e.add_argument("--target-file", help="a TOML profile of your own device")
-    e.add_argument("--out", "-o", help="artifact folder (default: build/<target>)")
+    e.add_argument("--out", "-o", help="artifact folder (default: build/<target>): written only when absent, empty or "
+                   "an artifact of this tool")
+    e.add_argument("--force", action="store_true", default=None,
+                   help="replace an --out folder that holds other files (never the current or home folder, nor one "
+                   "holding the run's inputs)")
     e.add_argument("--precision", choices=("fp32", "fp16", "bf16", "int8", "int4"),
                    help="override the profile's default precision")
     e.add_argument("--eval-data", help="evaluation text (.txt, or .jsonl with a \"text\" field)")
@@ -74,7 +79,8 @@ def _parser() -> argparse.ArgumentParser:
                     "cannot run")
     em.add_argument("--no-emulate", dest="emulate", action="store_const", const="off",
                     help="host validation only")
-    e.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads for validation (0: all cores)")
+    e.add_argument("--threads", type=_at_least(0), default=0,
+                   help="ONNX Runtime threads for validation (0: all cores)")
     e.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     _device_args(e)
     t = sub.add_parser("targets", help="list built-in targets, or `targets show NAME`")
@@ -90,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="re-run validation of an existing artifact")
     v.add_argument("artifact")
     v.add_argument("--eval-data")
-    v.add_argument("--threads", type=int, default=0)
+    v.add_argument("--threads", type=_at_least(0), default=0, help="ONNX Runtime threads (0: all cores)")
     v.add_argument("--json", action="store_true")
     vm = v.add_mutually_exclusive_group()
     vm.add_argument("--emulate", dest="emulate", action="store_const", const="on", help="run under the emulator too")
@@ -110,7 +116,7 @@ def _device_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="validate on a device too: ssh://user@host[:port][?workdir=DIR&python=python3]")
     g.add_argument("--identity", "-i", help="SSH private key (default: your ssh agent and ~/.ssh keys)")
     g.add_argument("--known-hosts", help="known_hosts file to check the device's key against (default ~/.ssh/)")
-    g.add_argument("--device-timeout", type=float, default=3600.0, help="seconds a run may take on the device")
+    g.add_argument("--device-timeout", type=_positive, default=3600.0, help="seconds a run may take on the device")
     g.add_argument("--goals", help="TOML goals replacing the defaults: [metric] with max, min or equals")
     g.add_argument("--junit", help="write the goals as JUnit XML (one test case per goal) to this file")
     v = p.add_argument_group("validation effort")
@@ -178,13 +184,14 @@ def main(argv: list[str] | None = None) -> int:
     except SlmExportError as exc:
         _error(f"error: {exc}")
         return exc.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         _error("interrupted: no artifact was written")
-        return 130
+        return 143 if isinstance(exc, Terminated) else 130
     except Exception as exc:  # an internal bug: say so plainly, traceback only with --debug
         if args.debug:
             raise
-        _error(f"internal error ({type(exc).__name__}): {exc}. Re-run with --debug for the traceback.")
+        _error(f"internal error ({type(exc).__name__}): {exc}. This is a bug in slm-export: please report it with "
+               "the command line and the traceback that --debug prints.")
         return 4
 
 
@@ -193,6 +200,16 @@ def _percent(text: str) -> float:
         return float(text.strip().rstrip("%"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a percentage like 5% or 2.5, not {text!r}") from None
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, not {text!r}")
+    return value
 
 
 def _fraction(text: str) -> float:
@@ -218,7 +235,7 @@ def _at_least(low: int) -> Any:
 
 
 def _terminate(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
+    raise Terminated
 
 
 def _error(msg: str) -> None:
@@ -262,7 +279,7 @@ def _export(args: argparse.Namespace) -> int:
                                              "calib_seqlen", "seed", "accuracy_level", "lm_head_bits",
                                              "lm_head_hot", "sparsity", "sparsity_method", "sparsity_ratio",
                                              "max_ppl_increase", "observer", "smooth_alpha", "rotate", "emulate",
-                                             "tune_epochs")}
+                                             "tune_epochs", "force")}
     plan = make_plan(profile, args.model, out, args.precision, args.eval_data, not args.no_validate, **options)
     if args.dry_run:
         print(json.dumps({"plan": plan.to_dict(), "target": profile.id}, indent=2))

@@ -1,4 +1,6 @@
-"""Error hierarchy. Each error maps to a CLI exit code (see ``cli.py``).
+"""Error hierarchy. Each error maps to a CLI exit code (see ``cli.py``): 1 goals missed, 2 user error, 3 environment
+(a backend, device or disk space missing), 4 internal bug, 5 artifact files changed since export, 130 Ctrl-C, 143
+SIGTERM.
 
 Messages say what failed, why, and what to do about it.
 """
@@ -44,6 +46,26 @@ class DeviceError(SlmExportError):
     exit_code = 3
 
 
+class DiskFull(SlmExportError):
+    """The disk holding the output folder cannot take the artifact (predicted up front, or ENOSPC mid-run)."""
+
+    exit_code = 3
+
+
+class OutputBusy(SlmExportError):
+    """Another run holds the output folder's lock."""
+
+
+class IntegrityError(SlmExportError):
+    """An artifact's files differ from what its manifest recorded at export: ``validate`` runs nothing."""
+
+    exit_code = 5
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a CI timeout, ``kill``): unwinds like Ctrl-C so partial files are removed, then exits 143."""
+
+
 class ValidationFailed(SlmExportError):
     """Goals were missed; carries the report."""
 
@@ -52,3 +74,9 @@ class ValidationFailed(SlmExportError):
     def __init__(self, message: str, report: Any = None) -> None:
         super().__init__(message)
         self.report = report
+
+
+class NonFiniteOutput(SlmExportError):
+    """A run produced NaN or Inf logits (or embeddings): no figure measured on them means anything."""
+
+    exit_code = 1  # a broken artifact, like goals missed: no goal can pass on it

@@ -15,8 +15,10 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from slm_export import output
 from slm_export.errors import (
     ConfigError,
+    DiskFull,
     ExportError,
     SlmExportError,
     UnsupportedByTarget,
@@ -63,6 +65,8 @@ def make_plan(profile: TargetProfile, model: str, out: str | Path, precision: st
     ``options`` are further ``Plan`` fields (method, group_size, calib_data, calib_samples, ...).
     """
     notes = []
+    _check_ranges(options)
+    given = {k for k, v in options.items() if v is not None and k not in ("emulate", "force")}
     if options.get("max_ppl_increase") is not None:
         budget = options["max_ppl_increase"]
         if not 0 < budget < 1000:
@@ -176,6 +180,7 @@ def make_plan(profile: TargetProfile, model: str, out: str | Path, precision: st
     )
     if precision in QUANTIZED or plan.sparsity:
         compress_config(plan)  # validates method, group size, samples, pattern before any work
+    _refuse_unused(plan, given)
     profile.check(plan)
     emulate = plan.emulate
     if emulate == "on" and profile.cpu.isa != "aarch64":
@@ -190,7 +195,58 @@ def make_plan(profile: TargetProfile, model: str, out: str | Path, precision: st
                                     "on the host instead, and says so on every figure"))
     plan = replace(plan, emulate=emulate if validate else "off")
     _check_writable(Path(out))
+    output.check_out(output.resolve_out(out), plan.force, (model, eval_data, plan.calib_data))
     return plan
+
+
+# Whole-number options and their lowest value (and highest, where one exists): refused before any work.
+INT_RANGES = {"calib_samples": (1, None), "calib_seqlen": (8, None), "seed": (0, None), "group_size": (1, None),
+              "rotate": (0, None), "tune_epochs": (0, None)}
+
+
+def _check_ranges(options: dict[str, Any]) -> None:
+    for name, (low, high) in INT_RANGES.items():
+        value = options.get(name)
+        if value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{flag} must be a whole number, not {value!r}")
+        if value < low or (high is not None and value > high):
+            raise ConfigError(f"{flag} must be at least {low}, not {value}")
+    ratio = options.get("sparsity_ratio")
+    if ratio is not None and not 0 < ratio < 1:
+        raise ConfigError(f"--sparsity-ratio is the fraction of weights removed, in (0, 1), not {ratio}")
+    alpha = options.get("smooth_alpha")
+    if alpha is not None and not 0 <= alpha <= 1:
+        raise ConfigError(f"--smooth-alpha is a migration strength in [0, 1], not {alpha}")
+
+
+def _refuse_unused(plan: Plan, given: set[str]) -> None:
+    """An option the user gave that this plan would not read is an error, never silently ignored."""
+    quantized = plan.precision in QUANTIZED
+    cfg = compress_config(plan) if quantized or plan.sparsity else None
+    data = cfg is not None and (cfg.needs_data or cfg.tune_epochs > 0)
+    w8a8 = quantized and plan.method in ("smoothquant", "dynamic")
+    applies = {
+        "group_size": (quantized and not w8a8, "weight-only int8 and int4"),
+        "symmetric": (quantized and not w8a8, "weight-only int8 and int4"),
+        "accuracy_level": (quantized, "int8 and int4"),
+        "lm_head_bits": (quantized, "int8 and int4"),
+        "observer": (quantized and plan.method == "smoothquant", "--method smoothquant"),
+        "smooth_alpha": (quantized and plan.method == "smoothquant", "--method smoothquant"),
+        "calib_data": (data, "methods that calibrate (not round-to-nearest, dynamic or magnitude pruning)"),
+        "calib_samples": (data, "methods that calibrate (not round-to-nearest, dynamic or magnitude pruning)"),
+        "calib_seqlen": (data, "methods that calibrate (not round-to-nearest, dynamic or magnitude pruning)"),
+        "seed": (data or plan.rotate > 0, "methods that draw calibration samples"),
+        "sparsity_method": (plan.sparsity is not None, "--sparsity"),
+        "sparsity_ratio": (plan.sparsity == "unstructured", "--sparsity unstructured"),
+    }
+    unused = [(name, where) for name, (ok, where) in applies.items() if name in given and not ok]
+    if unused:
+        name, where = unused[0]
+        what = plan.precision + (f" --method {plan.method}" if plan.method else "")
+        raise ConfigError(f"--{name.replace('_', '-')} applies to {where}; this plan ({what}) would ignore it")
 
 
 def compress_config(plan: Plan) -> Any:
@@ -257,70 +313,164 @@ class Stages:
 
 def run(plan: Plan, profile: TargetProfile, progress: Progress | None = None,
         settings: ValidationSettings | None = None) -> RunResult:
-    """Execute ``plan``. Raises ``ValidationFailed`` (carrying the report) when a goal is missed."""
+    """Execute ``plan``. Raises ``ValidationFailed`` (carrying the report) when a goal is missed.
+
+    The output folder is checked, locked and cleared of dead runs' leftovers before any work; the artifact is
+    built in a hidden partial folder beside it and moved into place only at the end (``output.py``).
+    """
+    settings = settings or ValidationSettings()
+    out = output.resolve_out(plan.out)
+    with output.OutputLock(out):
+        cleaned = output.remove_stale(out)
+        for note in cleaned:
+            if progress:
+                progress("output", note)
+        state = output.check_out(out, plan.force, (plan.model, plan.eval_data, plan.calib_data,
+                                                   settings.goals_file))
+        keep_passing = state == "artifact" and output.passing_verdict(out)
+        failed_state = output.check_out(output.failed_name(out), plan.force) if keep_passing else ""
+        check_inputs(plan)
+        tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+        need = 0
+        try:
+            tmp.mkdir(parents=True, exist_ok=False)
+            report, need = _build(plan, profile, settings, tmp, progress)
+            report["output"] = {"folder": str(out), "replaced": state, "stale_removed": cleaned,
+                                "predicted_bytes": need}
+            report["notes"] = [*report["notes"], *cleaned]
+            dest = out
+            if report["verdict"] == "FAIL" and keep_passing:
+                dest = output.failed_name(out)
+                report["output"].update(replaced=failed_state, kept_passing_artifact=str(out))
+            report["output"]["folder"] = str(dest)
+            _seal(report, tmp)
+            output.place(tmp, dest)
+        except BaseException as exc:
+            # Runtimes word a full disk their own way ("Failed to write external initializers"): a disk with
+            # almost nothing left at the moment of the failure is taken as the cause.
+            full = output.is_disk_full(exc) or output.free_bytes(out.parent) < output.NEARLY_FULL
+            shutil.rmtree(tmp, ignore_errors=True)
+            user_error = isinstance(exc, SlmExportError) and exc.exit_code in (1, 2)
+            if full and isinstance(exc, Exception) and not user_error and not isinstance(exc, DiskFull):
+                free = output.free_bytes(out.parent)
+                raise DiskFull(f"disk full while writing the artifact in {out.parent}: {free / 1e6:.0f} MB free, "
+                               f"about {need / 1e6:.0f} MB needed; nothing was written. Free some space or choose "
+                               "another --out") from None
+            raise
+    result = RunResult(report, dest)
+    if report["verdict"] == "FAIL":
+        message = failed_message(report)
+        if dest != out:
+            message += f". The passing artifact in {out} was kept; this run's artifact is in {dest}"
+        raise ValidationFailed(message, report)
+    return result
+
+
+def check_inputs(plan: Plan) -> None:
+    """The evaluation and calibration files: present, text, not empty; before any model is loaded."""
+    from slm_export.validation.text import check_text_input
+
+    if plan.eval_data is not None and plan.validate:
+        check_text_input(plan.eval_data, "evaluation")
+    if plan.calib_data is not None and (plan.precision in QUANTIZED or plan.sparsity):
+        check_text_input(plan.calib_data, "calibration")
+
+
+# Bytes per weight as stored, scales and zero points included; the embedding table stays float32 in quantized
+# graphs. A prediction to refuse a run that cannot fit, not a promise.
+STORED_BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.1, "int4": 0.65}
+
+
+def predicted_bytes(model: Any, plan: Plan, profile: TargetProfile) -> int:
+    """The artifact's size on disk: one copy of the weights in the ONNX graph and one per backend."""
+    vocab = getattr(model.config, "vocab_size", None)
+    embed = max((t.numel() for n, t in model.weights.items() if t.dim() == 2 and t.shape[0] == vocab), default=0)
+    params = model.weight_bytes // 4
+    width = STORED_BYTES.get(plan.precision, 4.0)
+    one = embed * 4 + (params - embed) * width if plan.precision in QUANTIZED else params * width
+    copies = 1 + len(profile.backends)  # ONNX Runtime writes its optimized graph, a copy of the weights too
+    return int(one * copies * 1.05)
+
+
+def _build(plan: Plan, profile: TargetProfile, settings: ValidationSettings, tmp: Path,
+           progress: Progress | None) -> tuple[dict[str, Any], int]:
+    """The stages, into ``tmp``: the report (not yet written) and the predicted artifact size."""
     from slm_export.backends import CompileJob, compile_all, validated_file
     from slm_export.exporters.onnx import OnnxExporter
     from slm_export.models import load_model
 
-    settings = settings or ValidationSettings()
-    out = Path(plan.out)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     stages = Stages(progress)
-    try:
-        tmp.mkdir(parents=True, exist_ok=False)
-        model = stages.run("load", lambda: load_model(plan.model), lambda m: m.weight_bytes)
-        compressed = None
-        if plan.precision in QUANTIZED or plan.sparsity:
-            from slm_export.calibration.compress import compress
+    model = stages.run("load", lambda: load_model(plan.model), lambda m: m.weight_bytes)
+    need = predicted_bytes(model, plan, profile)
+    output.check_space(tmp, need)
+    if plan.validate:
+        _check_eval_tokens(model, plan, settings)
+    compressed = None
+    if plan.precision in QUANTIZED or plan.sparsity:
+        from slm_export.calibration.compress import compress
 
-            cfg = compress_config(plan)
-            step = (lambda what: progress("compress", what)) if progress else None
-            compressed = stages.run("compress", lambda: compress(model, cfg, step))
-            if plan.max_ppl_increase is not None:
-                from slm_export.calibration.budget import fit_budget
+        cfg = compress_config(plan)
+        step = (lambda what: progress("compress", what)) if progress else None
+        compressed = stages.run("compress", lambda: compress(model, cfg, step))
+        if plan.max_ppl_increase is not None:
+            from slm_export.calibration.budget import fit_budget
 
-                compressed = stages.run("budget", lambda: fit_budget(model, compressed, plan, progress))
-        else:
-            stages.skip("compress", f"{plan.precision} needs no calibration")
-        weights = compressed.weights if compressed else None
-        exported = stages.run("export", lambda: OnnxExporter().export(model, plan, tmp, weights), lambda e: e.bytes)
-        job = CompileJob(plan, profile, exported.model_path, model.kind, model=model, weights=weights)
-        results = stages.run("compile", lambda: compile_all(job))
-        compiled = results[0]
-        if compiled.status != "done":
-            stages.records[-1].update(status="not run", note=compiled.note)
-        runtime_file = validated_file(results, exported.model_path.name)
-        metrics: dict[str, Any] = {}
-        runs: dict[str, list[dict[str, Any]]] = {}
-        if plan.validate:
-            metrics = stages.run("validate", lambda: validate_file(model, tmp / runtime_file, plan, settings, progress))
-            if model.kind == "decoder":
-                metrics.update(further_runs(model, tmp, results, runtime_file, plan, profile, settings, stages,
-                                             runs, progress))
-        else:
-            stages.skip("validate", "--no-validate")
-        report = build_report(plan, profile, model, exported, compiled, metrics, stages.records, settings.goals_file)
-        report["backends"] = [asdict(r) for r in results]
-        report["validated_file"] = runtime_file if plan.validate else None
-        report["compression"] = _compression_section(compressed)
-        report["crosschecks"] = runs.get("crosscheck", [])
-        report["emulation"] = runs.get("emulate", [])
-        report["device"] = runs.get("device", [])
-        if plan.sparsity:
-            from slm_export.sparsity.verify import verify_sparsity
+            compressed = stages.run("budget", lambda: fit_budget(model, compressed, plan, progress))
+    else:
+        stages.skip("compress", f"{plan.precision} needs no calibration")
+    weights = compressed.weights if compressed else None
+    exported = stages.run("export", lambda: OnnxExporter().export(model, plan, tmp, weights), lambda e: e.bytes)
+    job = CompileJob(plan, profile, exported.model_path, model.kind, model=model, weights=weights)
+    results = stages.run("compile", lambda: compile_all(job))
+    compiled = results[0]
+    if compiled.status != "done":
+        stages.records[-1].update(status="not run", note=compiled.note)
+    runtime_file = validated_file(results, exported.model_path.name)
+    metrics: dict[str, Any] = {}
+    runs: dict[str, list[dict[str, Any]]] = {}
+    if plan.validate:
+        metrics = stages.run("validate", lambda: validate_file(model, tmp / runtime_file, plan, settings, progress))
+        if model.kind == "decoder":
+            metrics.update(further_runs(model, tmp, results, runtime_file, plan, profile, settings, stages,
+                                         runs, progress))
+    else:
+        stages.skip("validate", "--no-validate")
+    report = build_report(plan, profile, model, exported, compiled, metrics, stages.records, settings.goals_file)
+    report["backends"] = [asdict(r) for r in results]
+    report["validated_file"] = runtime_file if plan.validate else None
+    report["compression"] = _compression_section(compressed)
+    report["crosschecks"] = runs.get("crosscheck", [])
+    report["emulation"] = runs.get("emulate", [])
+    report["device"] = runs.get("device", [])
+    if plan.sparsity:
+        from slm_export.sparsity.verify import verify_sparsity
 
-            report["sparsity"] = verify_sparsity(exported.model_path, plan.sparsity)
-            if not report["sparsity"]["all_satisfy_pattern"]:
-                raise ExportError(f"exported weights break the {plan.sparsity} pattern: {report['sparsity']}")
-        write_report(report, tmp)
-        _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    result = RunResult(report, out)
-    if report["verdict"] == "FAIL":
-        raise ValidationFailed(failed_message(report), report)
-    return result
+        report["sparsity"] = verify_sparsity(exported.model_path, plan.sparsity)
+        if not report["sparsity"]["all_satisfy_pattern"]:
+            raise ExportError(f"exported weights break the {plan.sparsity} pattern: {report['sparsity']}")
+    return report, need
+
+
+def _check_eval_tokens(model: Any, plan: Plan, settings: ValidationSettings) -> None:
+    """Enough evaluation tokens for one window, found before minutes of calibration are spent."""
+    from slm_export.validation.text import check_token_count, load_text
+
+    check_token_count(model.tokenizer, load_text(plan.eval_data, "evaluation"), settings.windows, 512, "evaluation")
+
+
+def _seal(report: dict[str, Any], tmp: Path) -> None:
+    """Hash every file, name them in the report, write the report, then seal the reports in the manifest."""
+    from slm_export import integrity
+
+    table = integrity.file_table(tmp)
+    report["integrity"] = {"algorithm": "sha256", "hashed_at": integrity.now(), "manifest": integrity.MANIFEST_FILE,
+                           "files": {k: v["bytes"] for k, v in table.items()},
+                           "also_sealed": [*integrity.REPORTS, integrity.MANIFEST_FILE]}
+    write_report(report, tmp)
+    manifest = integrity.read_manifest(tmp)
+    table.update({name: {"bytes": (tmp / name).stat().st_size, "sha256": integrity.sha256_file(tmp / name)}
+                  for name in integrity.REPORTS})
+    integrity.seal(tmp, manifest, table)
 
 
 def validate_file(model: Any, path: Path, plan: Plan, settings: ValidationSettings, progress: Progress | None) -> Any:
@@ -373,17 +523,6 @@ def _compression_section(result: Any) -> dict[str, Any] | None:
     return {"calibration": result.calibration, "seconds": result.seconds, "bits_per_weight": result.bits_per_weight,
             "notes": result.notes, "layers": result.layers, "budget": result.budget, "tuning": result.tuning,
             "least_accurate_layers": [e["layer"] for e in layers[:5]]}
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Move the finished artifact into place; an older artifact there is replaced only now."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def failed_message(report: dict[str, Any]) -> str:

@@ -49,6 +49,7 @@ class Plan:
     sparsity_method: str = "sparsegpt"
     sparsity_ratio: float = 0.5
     validate: bool = True
+    force: bool = False  # replace an --out folder that is not an artifact of this tool (never a user's cwd or home)
     emulate: str = "off"  # run the artifact's aarch64 runtime under QEMU too: "on", "auto" (if set up), "off"
     notes: tuple[str, ...] = field(default_factory=tuple)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,33 +28,99 @@ from slm_export.validation.validate import ValidationSettings
 
 
 def load_manifest(artifact: Path) -> dict[str, Any]:
-    """Read an artifact's manifest, for ``validate``."""
-    from slm_export.exporters.onnx import MANIFEST_FILE
+    """Read an artifact's manifest and check every file it lists (``IntegrityError`` names the first that
+    changed); for ``validate``."""
+    from slm_export.integrity import verify
 
-    path = artifact / MANIFEST_FILE
-    if not path.is_file():
-        raise ConfigError(f"{artifact} is not an slm-export artifact (no {MANIFEST_FILE})")
+    if not artifact.is_dir():
+        raise ConfigError(f"{artifact} is not an slm-export artifact folder (no such folder)")
+    manifest = verify(artifact)
+    for key, kind in (("source_model", str), ("fingerprint", str), ("precision", str), ("graph_ops", str),
+                      ("opset", int), ("files", list)):
+        if not isinstance(manifest.get(key), kind) or isinstance(manifest.get(key), bool):
+            raise ConfigError(f"{artifact / 'artifact.json'}: field {key!r} is missing or not a {kind.__name__}")
+    return manifest
+
+
+def parse_report(raw: bytes | str, where: str = "report.json") -> dict[str, Any]:
+    """An artifact's report.json, with the types ``validate`` reads checked: ``ConfigError`` otherwise."""
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path} is corrupt: {exc}") from None
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise ConfigError(f"{where} is corrupt ({str(exc)[:120]}); export the artifact again") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} is corrupt: not a JSON object")
+    for key, kind in (("plan", dict), ("target", dict), ("backends", list), ("stages", list),
+                      ("roofline", dict), ("artifact", dict)):
+        if key in data and not isinstance(data[key], kind):
+            raise ConfigError(f"{where}: {key!r} must be a JSON {'object' if kind is dict else 'array'}")
+    if not all(isinstance(b, dict) for b in data.get("backends", [])):
+        raise ConfigError(f"{where}: every entry of 'backends' must be a JSON object")
+    if not isinstance(data.get("target", {}).get("origin", "built-in"), str):
+        raise ConfigError(f"{where}: target.origin must be a string")
+    if data.get("validated_file") is not None and not isinstance(data["validated_file"], str):
+        raise ConfigError(f"{where}: validated_file must be a string")
+    if "plan" in data:
+        _check_plan(data["plan"], where)
+    return data
 
+
+def _check_plan(raw: dict[str, Any], where: str) -> None:
+    from dataclasses import MISSING, fields
+
+    known = {f.name: f for f in fields(Plan)}
+    unknown = set(raw) - set(known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown plan field(s) {', '.join(sorted(unknown))[:200]}")
+    for name, f in known.items():
+        if name not in raw:
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise ConfigError(f"{where}: plan.{name} is missing")
+            continue
+        value, want = raw[name], str(f.type)
+        ok = (value is None and "None" in want) or _type_ok(value, want)
+        if not ok:
+            raise ConfigError(f"{where}: plan.{name} has the wrong type ({type(value).__name__})")
+
+
+def _type_ok(value: Any, want: str) -> bool:
+    if want.startswith("tuple"):
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if want.startswith("bool"):
+        return isinstance(value, bool)
+    if want.startswith("int"):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if want.startswith("float"):
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if want.startswith("str"):
+        return isinstance(value, str)
+    return True
+
+
+def _inside_or_refuse(artifact: Path, rel: Any, what: str) -> None:
+    from slm_export.integrity import inside
+
+    if rel is not None and not inside(artifact, rel):
+        raise ConfigError(f"{artifact}/report.json names {rel!r} as {what}, which is not inside the artifact folder; "
+                          "validate runs only the artifact's own files")
 
 
 def revalidate(artifact: str | Path, eval_data: str | None = None, progress: Progress | None = None,
                settings: ValidationSettings | None = None, emulate: str | None = None) -> RunResult:
-    """Re-run validation of an existing artifact (and its cross-checks, emulated and device runs) and rewrite
-    its reports (atomically, file by file). ``emulate`` overrides the artifact's plan ("on", "off")."""
-    from dataclasses import fields
-
+    """Check the artifact's files against its manifest, then re-run validation (and its cross-checks, emulated
+    and device runs) on them and rewrite its reports (atomically, file by file). ``emulate`` overrides the
+    artifact's plan ("on", "off")."""
     from slm_export.backends import CompileResult
     from slm_export.exporters.onnx import MODEL_FILE, ExportResult
+    from slm_export.integrity import reseal_reports, unlisted
     from slm_export.models import load_model
+    from slm_export.pipeline import check_inputs
     from slm_export.targets import get_target
 
-    artifact = Path(artifact)
+    artifact = Path(artifact).absolute()
     manifest = load_manifest(artifact)
-    old = json.loads((artifact / "report.json").read_text()) if (artifact / "report.json").is_file() else {}
+    report_path = artifact / "report.json"
+    old = parse_report(report_path.read_bytes(), str(report_path)) if report_path.is_file() else {}
     old_plan = old.get("plan", {})
     origin = old.get("target", {}).get("origin", "built-in")
     profile: TargetProfile = get_target(old_plan.get("target", "host")) if origin == "built-in" \
@@ -62,33 +128,54 @@ def revalidate(artifact: str | Path, eval_data: str | None = None, progress: Pro
     plan = Plan(**{**old_plan, "notes": tuple(old_plan.get("notes", ())), "eval_data": eval_data,
                    "validate": True}) if old_plan else make_plan(profile, manifest["source_model"], artifact,
                                                                  manifest["precision"], eval_data)
+    ran = old.get("validated_file") or MODEL_FILE
+    _inside_or_refuse(artifact, ran, "the file it validated")
+    backends = old.get("backends", [])
+    for b in backends:
+        for key in ("runtime_model", "device_model"):
+            _inside_or_refuse(artifact, b.get(key), f"the {b.get('backend')} {key.replace('_', ' ')}")
+        for f in b.get("files", []) if isinstance(b.get("files"), list) else ["?"]:
+            _inside_or_refuse(artifact, f, f"a {b.get('backend')} file")
+    if eval_data is not None:
+        check_inputs(replace(plan, eval_data=eval_data))
+    notes = []
+    if "integrity" not in manifest:
+        notes.append("this artifact has no integrity record (exported by an older version): its files were not "
+                      "checked against their export-time hashes")
+    extra = unlisted(artifact, manifest) if "integrity" in manifest else []
+    if extra:
+        notes.append(f"files not written by the export, not run: {', '.join(extra[:5])}")
     stages = Stages(progress)
-    model = stages.run("load", lambda: load_model(manifest["source_model"]), lambda m: m.weight_bytes)
+    source = manifest["source_model"]
+    model = stages.run("load", lambda: load_model(source), lambda m: m.weight_bytes)
     if model.fingerprint != manifest["fingerprint"]:
-        raise ConfigError(f"the model at {manifest['source_model']} changed since {artifact} was exported "
+        raise ConfigError(f"the model at {source} changed since {artifact} was exported "
                           "(fingerprint differs); export again")
     if emulate:
         plan = replace(plan, emulate=emulate)
     settings = settings or ValidationSettings()
-    path = artifact / (old.get("validated_file") or MODEL_FILE)
+    path = artifact / ran
     metrics = stages.run("validate", lambda: validate_file(model, path, plan, settings, progress))
     known = {f.name for f in fields(CompileResult)}
     results = [CompileResult(**{k: (tuple(v) if k == "files" else v) for k, v in b.items() if k in known})
-               for b in old.get("backends", [])]
+               for b in backends]
     runs: dict[str, list[dict[str, Any]]] = {}
     if model.kind == "decoder" and results:
-        metrics.update(further_runs(model, artifact, results, path.name, plan, profile, settings, stages, runs,
+        metrics.update(further_runs(model, artifact, results, ran, plan, profile, settings, stages, runs,
                                      progress))
     exported = ExportResult(path, tuple(manifest["files"]), old.get("artifact", {}).get("bytes", 0),
                             old.get("roofline", {}).get("weight_bytes_read_per_token", 0), 0,
                             manifest["graph_ops"], manifest["opset"])
     compiled = results[0] if results else CompileResult(plan.backend, "not run", "")
     report = build_report(plan, profile, model, exported, compiled, metrics, old.get("stages", []) + stages.records,
-                     settings.goals_file)
+                          settings.goals_file)
+    report["notes"] = [*report["notes"], *notes]
     report["roofline"] = old.get("roofline", report["roofline"])
-    report["backends"] = old.get("backends", [report["compile"]])
-    report["validated_file"] = path.name
-    report["compression"] = old.get("compression")
+    report["backends"] = backends or [report["compile"]]
+    report["validated_file"] = ran
+    for key in ("compression", "integrity", "output", "sparsity"):
+        if key in old:
+            report[key] = old[key]
     report["crosschecks"] = runs.get("crosscheck", [])
     report["emulation"] = runs.get("emulate", [])
     report["device"] = runs.get("device", [])
@@ -100,6 +187,7 @@ def revalidate(artifact: str | Path, eval_data: str | None = None, progress: Pro
             (tmp / name).replace(artifact / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    reseal_reports(artifact, manifest)
     result = RunResult(report, artifact)
     if report["verdict"] == "FAIL":
         raise ValidationFailed(failed_message(report), report)

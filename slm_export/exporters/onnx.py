@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,12 +12,12 @@ from slm_export.calibration.quant import QuantizedTensor
 from slm_export.errors import ExportError
 from slm_export.exporters.decoder import build_decoder
 from slm_export.exporters.encoder import build_encoder
+from slm_export.integrity import write_manifest
 from slm_export.models.adapters import DecoderSpec, spec_for
 from slm_export.models.loader import LoadedModel
 from slm_export.plan import Plan
 
 MODEL_FILE = "model.onnx"
-MANIFEST_FILE = "artifact.json"
 
 
 @dataclass(frozen=True)
@@ -61,14 +61,21 @@ class OnnxExporter:
         model.config.to_json_file(out_dir / "config.json")
         manifest = {
             "kind": model.kind, "model_type": model.model_type, "precision": plan.precision,
-            "graph_ops": plan.graph_ops, "opset": plan.opset, "source_model": model.path,
+            "graph_ops": plan.graph_ops, "opset": plan.opset, "tool": "slm-export",
+            # absolute, so that `validate` finds the model from any folder
+            "source_model": source_path(model.path),
             "model_name": model.name, "fingerprint": model.fingerprint, "max_seq_len": plan.max_seq_len,
             "static_seq_len": plan.max_seq_len if plan.static_shapes else None,
             "eos_token_id": _eos(model), "files": [MODEL_FILE, MODEL_FILE + ".data", "tokenizer", "config.json"],
         }
-        (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+        write_manifest(out_dir, manifest)
         return ExportResult(path, tuple(manifest["files"]), model_bytes + data_bytes, per_token, 2 * macs,
                             plan.graph_ops, plan.opset)
+
+
+def source_path(path: str) -> str:
+    """A model path as an absolute path when it names a file or folder (a built-in name stays a name)."""
+    return os.path.abspath(path) if os.path.exists(path) else path
 
 
 def _decoder_bytes_per_token(spec: DecoderSpec, precision: str) -> tuple[int, int]:
