@@ -7,14 +7,16 @@ bug, 5 artifact files changed since export (``validate``), 130 Ctrl-C, 143 SIGTE
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
 from typing import Any
 
-from slm_export.errors import SlmExportError, Terminated, ValidationFailed
+from slm_export.errors import ConfigError, SlmExportError, Terminated, ValidationFailed
 
 SUBCOMMANDS = ("export", "targets", "validate", "methods", "backends", "emulator", "devices")
 
@@ -184,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     except SlmExportError as exc:
         _error(f"error: {exc}")
         return exc.exit_code
+    except BrokenPipeError:  # `slm-export targets | head`: the reader left; say nothing more
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt as exc:
         _error("interrupted: no artifact was written")
         return 143 if isinstance(exc, Terminated) else 130
@@ -379,14 +385,27 @@ METHOD_TABLE = (
 )
 
 
-def _methods() -> int:
+def _table(headers: tuple[str, ...], rows: Any, title: str | None = None) -> None:
+    """A boxed table on a terminal; off one (a pipe, a file, CI), plain tab-separated rows that are never cut,
+    so that `slm-export targets | grep android-arm64` finds its row."""
+    if not sys.stdout.isatty():
+        if title:
+            print(f"# {title}")
+        print("\t".join(headers))
+        for row in rows:
+            print("\t".join(str(c) for c in row))
+        return
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("stage", "method", "applies to", "what it does")
-    for row in METHOD_TABLE:
-        table.add_row(*row)
+    table = Table(*headers, title=title)
+    for row in rows:
+        table.add_row(*(str(c) for c in row))
     Console(soft_wrap=True).print(table)
+
+
+def _methods() -> int:
+    _table(("stage", "method", "applies to", "what it does"), METHOD_TABLE)
     print("Weight-only layers export as MatMulNBits (ONNX Runtime targets) or DequantizeLinear + MatMul (others);")
     print("W8A8 static as QuantizeLinear/DequantizeLinear pairs, W8A8 dynamic as MatMulInteger.")
     print("--max-ppl-increase P: int4 with the most sensitive projection groups kept at int8 until within P.")
@@ -430,42 +449,30 @@ def _backends(args: argparse.Namespace) -> int:
 
 
 def _targets(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
     from slm_export.targets import get_target, registry
 
     reg = registry()
-    c = Console()
     if args.action == "show":
         if not args.name:
-            raise SystemExit("usage: slm-export targets show NAME")
+            raise ConfigError("usage: slm-export targets show NAME (see `slm-export targets`)")
         profile = get_target(args.name)
         data = profile.to_dict()
         if args.json:
             print(json.dumps(data, indent=2))
             return 0
-        c.print(f"[bold]{profile.id}[/bold]: {profile.name}\n{profile.description}\n")
+        print(f"{profile.id}: {profile.name}\n{profile.description}\n")
         sources = data.pop("sources")
-        table = Table("field", "value", title="profile")
-        for key, value in _flatten(data):
-            table.add_row(key, str(value))
-        c.print(table)
-        src = Table("profile field", "source (and how sure)", title="sources")
-        for key, value in sources.items():
-            src.add_row(key, value)
-        c.print(src)
+        _table(("field", "value"), _flatten(data), "profile")
+        _table(("profile field", "source (and how sure)"), sources.items(), "sources")
         return 0
     rows = [reg.get(n) for n in reg.names()]
     if args.json:
         print(json.dumps([{"id": p.id, "aliases": list(p.aliases), "backends": list(p.backends),
                            "precisions": list(p.precisions), "default": p.default_precision} for p in rows]))
         return 0
-    table = Table("id", "aliases", "backends", "precisions (default)", "validation", "name")
-    for p in rows:
-        table.add_row(p.id, ", ".join(p.aliases), ", ".join(p.backends),
-                      f"{', '.join(p.precisions)} ({p.default_precision})", p.validation, p.name)
-    c.print(table)
+    _table(("id", "aliases", "backends", "precisions (default)", "validation", "name"),
+           [(p.id, ", ".join(p.aliases), ", ".join(p.backends), f"{', '.join(p.precisions)} ({p.default_precision})",
+             p.validation, p.name) for p in rows])
     return 0
 
 
