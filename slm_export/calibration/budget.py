@@ -2,12 +2,16 @@
 
 Each projection group (q/k/v, o, gate/up, down of every layer) is scored by the KL divergence of the
 model's next-token distribution when only that group is quantized (on calibration windows). Then the
-most sensitive groups are raised to int8, the fewest that bring the perplexity change on the
-evaluation text within the budget (binary search over how many, most sensitive first).
+most sensitive groups are raised to int8, the fewest that bring the perplexity change within the budget
+(binary search over how many, most sensitive first). The search measures that change on a held-out tail
+of the calibration text (``data.split_calibration``), which the calibration samples never reach and
+which is not the evaluation text: the evaluation figure in the report is then a measurement of the
+choice, not the target it was tuned to.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +20,7 @@ import numpy as np
 import torch
 
 from slm_export.calibration.quant import QuantizedTensor, quantize_rtn
-from slm_export.errors import ValidationFailed
+from slm_export.errors import NonFiniteOutput, ValidationFailed
 
 GROUPS = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "o": ("self_attn.o_proj",),
           "gate_up": ("mlp.gate_proj", "mlp.up_proj"), "down": ("mlp.down_proj",)}
@@ -104,10 +108,11 @@ def int8_weights(float_w: dict[str, torch.Tensor], int4: dict[str, Any], group: 
 
 
 def mixed_precision(model: Any, weights: dict[str, Any], budget_pct: float, calib_ids: np.ndarray,
-                    eval_windows: list[list[int]], group: int,
+                    windows: list[list[int]], group: int,
                     progress: Callable[[str], None] | None = None,
                     channel_scales: dict[str, tuple[Any, Any]] | None = None) -> BudgetResult:
-    """Raise the most sensitive projection groups from int4 to int8 until the budget holds.
+    """Raise the most sensitive projection groups from int4 to int8 until the perplexity change on
+    ``windows`` (the held-out calibration text's, in the pipeline) is within ``budget_pct``.
 
     ``channel_scales``: the compress stage's AWQ scales (``weights`` then holds the norms they were
     folded into, and int4 codes of ``W * s``): the int8 groups quantize ``W * s`` too.
@@ -142,10 +147,13 @@ def mixed_precision(model: Any, weights: dict[str, Any], budget_pct: float, cali
     def ppl(k: int) -> float:
         for i, (unit, _) in enumerate(sens):
             use(deq8 if i < k else deq4, units[unit])
-        return _perplexity(twin, eval_windows)
+        return _perplexity(twin, windows)
 
     use(float_w, names)
-    ppl_ref = _perplexity(twin, eval_windows)
+    ppl_ref = _perplexity(twin, windows)
+    if not math.isfinite(ppl_ref):
+        raise NonFiniteOutput(f"the budget's search: the float model's perplexity on its windows is {ppl_ref}; "
+                              "the model's weights or the text give NaN or Inf logits in PyTorch")
     cache: dict[int, float] = {}
 
     def change(k: int) -> float:
@@ -154,9 +162,12 @@ def mixed_precision(model: Any, weights: dict[str, Any], budget_pct: float, cali
         return cache[k]
 
     lo, hi = 0, len(sens)
+    if not math.isfinite(change(hi)):
+        raise NonFiniteOutput(f"the budget's search: with every group at int8 the quantized model's perplexity "
+                              f"change is {change(hi)}: its weights give NaN or Inf logits in PyTorch")
     if change(hi) > budget_pct:
         raise ValidationFailed(f"even with every group at int8 the perplexity change exceeds {budget_pct}%")
-    while lo < hi:  # the smallest k whose change is within budget
+    while lo < hi:  # the smallest k whose change is within budget; NaN is never within it
         mid = (lo + hi) // 2
         if change(mid) <= budget_pct:
             hi = mid
@@ -173,23 +184,40 @@ def mixed_precision(model: Any, weights: dict[str, Any], budget_pct: float, cali
 
 
 BUDGET_MARGIN = 0.9  # search against 90% of the budget: the runtime's int8 activations add a little
+PROBE_SAMPLES, PROBE_LEN = 8, 256  # the sensitivity ranking's calibration samples (it reads 2 x 128 of them)
 
 
 def fit_budget(model: Any, compressed: Any, plan: Any, progress: Callable[[str, str], None] | None) -> Any:
-    """The pipeline's budget stage: the compress stage's result with the fewest groups raised to int8."""
+    """The pipeline's budget stage: the compress stage's result with the fewest groups raised to int8,
+    fitted on the held-out tail of the calibration text. The evaluation text is not read here: the
+    budget's ``eval_ppl_change_pct`` is left None for validation's figure."""
     from dataclasses import replace as dc_replace
 
-    from slm_export.calibration.data import load_calibration
-    from slm_export.validation.text import load_text, token_windows
+    from slm_export.calibration.data import check_budget_sources, split_calibration
 
-    calib = load_calibration(model.tokenizer, plan.calib_data, 8, 256, plan.seed)
-    windows = token_windows(model.tokenizer, load_text(plan.eval_data, "evaluation"), 8, 512)
+    check_budget_sources(plan.calib_data, plan.eval_data)
+    split = split_calibration(model.tokenizer, plan.calib_data, max(plan.calib_seqlen, PROBE_LEN))
+    probe = split.samples(PROBE_SAMPLES, PROBE_LEN, plan.seed)
+    windows = split.windows()
     step = (lambda what: progress("budget", what)) if progress else None
-    fit = mixed_precision(model, compressed.weights, plan.max_ppl_increase * BUDGET_MARGIN, calib.ids,  # type: ignore[operator]
+    fit = mixed_precision(model, compressed.weights, plan.max_ppl_increase * BUDGET_MARGIN, probe.ids,  # type: ignore[operator]
                           windows, plan.group_size, step, compressed.channel_scales)
+    fitted_on = split.describe_heldout()
+    # The compress stage drew its samples from the head too (CompressConfig.calib_holdout) unless it read
+    # no data at all (round-to-nearest): only then is the held-out tail text the weights never saw.
+    calib = compressed.calibration
+    disjoint = calib is None or calib.get("heldout_tokens") == fitted_on["tokens"]
     note = (f"accuracy budget {plan.max_ppl_increase}%: {len(fit.kept_int8)} of {len(fit.sensitivity)} projection "
-            f"groups kept at int8 (searched against {BUDGET_MARGIN:.0%} of the budget in PyTorch: "
+            f"groups kept at int8 (searched against {BUDGET_MARGIN:.0%} of the budget in PyTorch on "
+            f"{fitted_on['tokens']} held-out calibration tokens, not the evaluation text: "
             f"{fit.perplexity_change_pct:+.2f}%); mean nominal bits per weight {fit.nominal_bits:.2f}")
+    if not disjoint:
+        note += ("; the calibration samples were drawn from the whole calibration text, the held-out tail "
+                 "included")
     return dc_replace(compressed, weights=fit.weights, notes=[*compressed.notes, note],
                       budget={"max_ppl_increase_pct": plan.max_ppl_increase, "kept_int8": fit.kept_int8,
-                              "sensitivity_kl": fit.sensitivity, "nominal_bits_per_weight": fit.nominal_bits})
+                              "sensitivity_kl": fit.sensitivity, "nominal_bits_per_weight": fit.nominal_bits,
+                              "fitted_on": fitted_on, "searched_against_pct": plan.max_ppl_increase * BUDGET_MARGIN,
+                              "heldout_ppl_change_pct": fit.perplexity_change_pct,
+                              "calibration_disjoint_from_heldout": disjoint,
+                              "eval_ppl_change_pct": None})

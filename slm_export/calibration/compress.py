@@ -54,6 +54,9 @@ class CompressConfig:
     calib_data: str | None = None
     calib_samples: int = 128
     calib_seqlen: int = 512
+    # Draw the samples from the head of the calibration text only: the accuracy budget (--max-ppl-increase)
+    # fits its choice on the held-out tail (``data.split_calibration``), which the weights must not have seen.
+    calib_holdout: bool = False
     seed: int = 0
     damp: float = 0.01
     act_order: bool = True
@@ -196,7 +199,8 @@ def compress(model: Any, cfg: CompressConfig, progress: Callable[[str], None] | 
             if p is not originals[name] and name not in quantized:
                 changed[name] = p.detach()
     else:
-        calib = load_calibration(model.tokenizer, cfg.calib_data, cfg.calib_samples, cfg.calib_seqlen, cfg.seed)
+        calib = load_calibration(model.tokenizer, cfg.calib_data, cfg.calib_samples, cfg.calib_seqlen, cfg.seed,
+                                 cfg.calib_holdout)
         ids = torch.from_numpy(calib.ids)
         batches = list(ids.split(8))
 
@@ -310,7 +314,8 @@ def compress(model: Any, cfg: CompressConfig, progress: Callable[[str], None] | 
     tuned = None
     if cfg.tune_epochs:
         if calib is None:  # round-to-nearest read no data so far
-            calib = load_calibration(model.tokenizer, cfg.calib_data, cfg.calib_samples, cfg.calib_seqlen, cfg.seed)
+            calib = load_calibration(model.tokenizer, cfg.calib_data, cfg.calib_samples, cfg.calib_seqlen, cfg.seed,
+                                     cfg.calib_holdout)
         weights, tuned = tune_end_to_end(model, weights, calib.ids, TuneConfig(cfg.tune_epochs, seed=cfg.seed),
                                          progress)
         notes.append(f"tuned end to end: {tuned['steps']} steps ({cfg.tune_epochs} passes over the calibration "
