@@ -26,11 +26,26 @@ class Goal:
         if m is None:
             return {**self.as_dict(), "value": None, "status": "FAIL", "note": "metric was not measured"}
         value = m["value"]
+        if not self._finite(value):  # None, NaN or Inf is a broken measurement: never a pass
+            return {**self.as_dict(), "value": value, "where": m.get("where"), "status": "FAIL",
+                    "note": "the value is not a finite number"}
         ok = _OPS[self.op](abs(value) if self.metric.endswith(("change_pct", "_pp")) else value, self.threshold)
         return {**self.as_dict(), "value": value, "where": m["where"], "status": "PASS" if ok else "FAIL"}
 
     def as_dict(self) -> dict[str, Any]:
         return {"metric": self.metric, "op": self.op, "threshold": self.threshold, "why": self.why}
+
+    @staticmethod
+    def _finite(value: Any) -> bool:
+        """A bool or a finite number (NumPy's too); None, NaN, Inf and text are not."""
+        import math
+
+        if value is None or isinstance(value, str | bytes):
+            return False
+        try:
+            return math.isfinite(float(value))
+        except (TypeError, ValueError):
+            return False
 
 
 def default_goals(kind: str, precision: str, method: str | None = None, sparsity: str | None = None,

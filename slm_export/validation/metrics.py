@@ -6,6 +6,33 @@ from typing import Any
 
 import numpy as np
 
+from slm_export.errors import NonFiniteOutput
+
+
+def first_nonfinite(x: np.ndarray) -> tuple[int, ...] | None:
+    """The index of the first NaN or Inf in ``x`` (C order), or None when every value is finite."""
+    bad = ~np.isfinite(x)
+    if not bad.any():
+        return None
+    return tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), x.shape))
+
+
+def check_finite(x: np.ndarray, whose: str, where: str, axes: tuple[str, ...] = ("position", "vocabulary index"),
+                 window: int | None = None) -> None:
+    """Raise ``NonFiniteOutput`` when ``x`` holds NaN or Inf: a perplexity, agreement or argmax taken over such
+    values is meaningless (an all-NaN row's argmax is index 0, so two broken runs "agree"). ``whose``: the
+    values' owner ("the artifact's logits"); ``where``: which run of which file; ``axes`` names x's dimensions."""
+    x = np.asarray(x)
+    at = first_nonfinite(x)
+    if at is None:
+        return
+    value = x[at]
+    count = int((~np.isfinite(x)).sum())
+    pos = ", ".join(f"{name} {i}" for name, i in zip(axes, at, strict=False))
+    win = f"window {window}, " if window is not None else ""
+    raise NonFiniteOutput(f"{where}: {whose} hold {value} at {win}{pos} (counted from 0; {count} of {x.size} "
+                          "values are NaN or Inf); no accuracy figure can be measured on them, so the artifact fails")
+
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
@@ -23,18 +50,24 @@ def compare_logits(ref: np.ndarray, art: np.ndarray, targets: np.ndarray) -> dic
             "n": float(len(targets)), "max_abs": float(np.abs(ref - art).max())}
 
 
-def decoder_accuracy(reference: Any, artifact: Any, windows: list[list[int]]) -> dict[str, float]:
+def decoder_accuracy(reference: Any, artifact: Any, windows: list[list[int]], file: str = "the artifact",
+                     run: str = "host") -> dict[str, float]:
     """Perplexity of both, its change, top-1 agreement and mean KL over the evaluation windows.
 
     Args:
         reference: callable ids[1, n] -> logits [1, n, vocab] (PyTorch float32).
         artifact: object with ``logits(ids)`` (the exported graph under its runtime).
         windows: token windows of the evaluation text.
+        file, run: the artifact file and the run ("host", "crosscheck", "emulated", "device") that a
+            ``NonFiniteOutput`` names when either side's logits hold NaN or Inf.
     """
     total: dict[str, float] = {}
-    for w in windows:
+    for i, w in enumerate(windows):
         ids = np.asarray([w], dtype=np.int64)
-        part = compare_logits(reference(ids)[0, :-1], artifact.logits(ids)[0, :-1], ids[0, 1:])
+        ref, art = reference(ids)[0], artifact.logits(ids)[0]
+        check_finite(ref, "the PyTorch float32 reference's logits", f"{run} run of {file}", window=i)
+        check_finite(art, "the artifact's logits", f"{run} run of {file}", window=i)
+        part = compare_logits(ref[:-1], art[:-1], ids[0, 1:])
         for k, v in part.items():
             total[k] = max(total.get(k, 0.0), v) if k == "max_abs" else total.get(k, 0.0) + v
     n = total["n"]

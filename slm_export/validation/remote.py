@@ -17,8 +17,12 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from slm_export.errors import NonFiniteOutput
 from slm_export.runner.job import SCHEMA, open_runtime, score_window
+from slm_export.validation.metrics import check_finite
 from slm_export.validation.text import TextSource, token_windows
+
+RUN_LABELS = {"host": "crosscheck", "emulator": "emulated", "device": "device"}  # runner name: its run's name
 
 
 class Runner(Protocol):
@@ -94,15 +98,27 @@ def remote_validation(runner: Runner, artifact: Path, file: str, module: Any, to
     where = runner.where(res, file)
 
     # The same windows on the host: the float32 reference and the same artifact file under the host runtime.
+    # The far side returns each window's summed NLL, not its logits: a NaN or +Inf logit makes that sum
+    # non-finite (log-sum-exp), so the window is known but not the position.
+    far = res["windows"]
+    run = RUN_LABELS.get(runner.name, runner.name)
+    for i, x in enumerate(far):
+        if not np.isfinite(x["nll"]):
+            raise NonFiniteOutput(f"{run} run of {file}: window {i}'s negative log-likelihood is {x['nll']}, so its "
+                                  "logits hold NaN or Inf (the runner returns sums per window, not the position); no "
+                                  "accuracy figure can be measured on them, so the artifact fails")
     versus = versus or file
     host_dec, _ = open_runtime(artifact / versus, s.threads, exact_qdq)
     ref_scores, host_scores = [], []
     with torch.no_grad():
-        for w in windows:
+        for i, w in enumerate(windows):
             ids = np.asarray(w, np.int64)
-            ref_scores.append(score_window(module(torch.from_numpy(ids[None])).logits.float().numpy()[0], ids))
-            host_scores.append(score_window(host_dec.logits(ids[None])[0], ids))
-    far = res["windows"]
+            ref, host = module(torch.from_numpy(ids[None])).logits.float().numpy()[0], host_dec.logits(ids[None])[0]
+            check_finite(ref, "the PyTorch float32 reference's logits", f"{run} run of {file}", window=i)
+            check_finite(host, "the host's logits", f"{run} run of {file}, compared with the host run of {versus}",
+                         window=i)
+            ref_scores.append(score_window(ref, ids))
+            host_scores.append(score_window(host, ids))
     n = sum(x["n"] for x in far)
 
     def ppl(scores: list[dict[str, Any]]) -> float:

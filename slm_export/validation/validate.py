@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from slm_export.validation.generate import OnnxDecoder, make_session, torch_greedy
-from slm_export.validation.metrics import cosine, decoder_accuracy
+from slm_export.validation.metrics import check_finite, cosine, decoder_accuracy
 from slm_export.validation.text import TextSource, token_windows
 
 
@@ -70,7 +70,7 @@ def validate_decoder(model_path: Path, module: Any, tokenizer: Any, text: TextSo
         with torch.no_grad():
             return module(torch.from_numpy(ids)).logits.float().numpy()
 
-    acc = decoder_accuracy(reference, dec, windows)
+    acc = decoder_accuracy(reference, dec, windows, Path(model_path).name, "host")  # NaN or Inf: NonFiniteOutput
     out: dict[str, Any] = {k: metric(v, "", host) for k, v in acc.items()}
     out["perplexity_change_pct"]["unit"] = "%"
     if progress:
@@ -146,6 +146,9 @@ def validate_encoder(model_path: Path, module: Any, tokenizer: Any, text: TextSo
         hidden = module(**{k: torch.from_numpy(v) for k, v in feed.items()}).last_hidden_state.numpy()
     m = feed["attention_mask"][..., None].astype(np.float32)
     ref = (hidden * m).sum(1) / np.maximum(m.sum(1), 1e-9)
+    run, axes = f"host run of {Path(model_path).name}", ("sentence", "dimension")
+    check_finite(ref, "the PyTorch float32 reference's sentence embeddings", run, axes)
+    check_finite(got, "the artifact's sentence embeddings", run, axes)  # its own error, not a low cosine
     cos = cosine(ref, got)
     if progress:
         progress("accuracy")
