@@ -37,9 +37,13 @@ def _load_builtin(name: str) -> TargetProfile:
 
 
 def get_target(name: str | None = None, target_file: str | Path | None = None) -> TargetProfile:
-    """Resolve ``--target NAME`` or ``--target-file FILE`` to a profile."""
+    """Resolve ``--target NAME`` or ``--target-file FILE`` to a profile.
+
+    Raises:
+        ConfigError: an unknown name, or a file that is missing, a folder, unreadable or not a valid profile.
+    """
     if target_file is not None:
-        return TargetProfile.from_toml(target_file)
+        return TargetProfile.from_toml(Path(target_file).expanduser())
     return registry().get(name or "host")
 
 

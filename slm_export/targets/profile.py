@@ -17,6 +17,7 @@ SPARSITY_PATTERNS = ("2:4", "4:8", "unstructured")
 INT8_METHODS = ("rtn", "gptq", "awq", "awq-gptq", "smoothquant", "dynamic")
 INT8_SCALES = ("per-channel", "pow2-per-tensor")
 INT8_OBSERVERS = ("minmax", "moving-average", "percentile", "entropy", "mse")  # calibration.observers.OBSERVERS
+MAX_PROFILE_BYTES = 1 << 20  # profiles are a few KiB; reading a large file whole would only fail later
 
 
 @dataclass(frozen=True)
@@ -128,10 +129,23 @@ class TargetProfile:
         """Load and validate a profile file; errors name the file, the field and the problem."""
         path = Path(path)
         try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+            if path.is_dir():
+                raise ConfigError(f"target file {path} is a folder; pass the profile's .toml file inside it")
+            if path.exists() and not path.is_file():
+                raise ConfigError(f"target file {path} is not a regular file (a device or a pipe); pass a .toml "
+                                  "file")
+            with open(path, "rb") as fh:
+                data = fh.read(MAX_PROFILE_BYTES + 1)
         except FileNotFoundError:
             raise ConfigError(f"target file {path} does not exist") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        except OSError as exc:
+            raise ConfigError(f"target file {path} cannot be read: {exc.strerror or exc}") from None
+        if len(data) > MAX_PROFILE_BYTES:
+            raise ConfigError(f"target file {path} is over {MAX_PROFILE_BYTES // 1024} KiB: not a device profile "
+                              "(a model file passed by mistake?)")
+        try:
+            raw = tomllib.loads(data.decode("utf-8"))
+        except (ValueError, RecursionError) as exc:  # TOMLDecodeError, UnicodeDecodeError, an over-long integer
             raise ConfigError(f"target file {path} is not valid TOML: {exc}") from None
         try:
             return cls.from_dict(raw, origin=origin or str(path))
@@ -176,7 +190,7 @@ class TargetProfile:
         if not backends:
             raise ConfigError("backends.order: must name at least one backend")
         sources = raw.get("sources", {})
-        if not isinstance(sources, dict):
+        if not isinstance(sources, dict) or not all(isinstance(v, str) for v in sources.values()):
             raise ConfigError("sources: expected a table of field = \"source\"")
         return cls(
             id=r.str("id"), name=r.str("name"), aliases=tuple(r.str_list("aliases", required=False)),
@@ -231,6 +245,18 @@ def _reject_unknown(raw: dict[str, Any]) -> None:
                 raise ConfigError(f"{where}: unknown field{hint} Known here: {', '.join(sorted(allowed))}")
 
 
+_HUGE = 1e308  # larger magnitudes are no device's figure, and an int beyond it does not convert to float
+
+
+def _shown(value: Any) -> str:
+    """``repr`` cut short: a huge integer's repr raises, and a long list would swamp the message."""
+    try:
+        text = repr(value)
+    except ValueError:  # Python refuses the repr of an integer of over 4300 digits
+        text = f"a {type(value).__name__} holding an integer too long to print"
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
 class _Reader:
     """Typed access to one TOML table, with errors that name the field."""
 
@@ -247,7 +273,7 @@ class _Reader:
         return self.raw[key]
 
     def _bad(self, key: str, want: str, got: Any) -> ConfigError:
-        return ConfigError(f"{self.prefix}{key}: expected {want}, got {got!r}")
+        return ConfigError(f"{self.prefix}{key}: expected {want}, got {_shown(got)}")
 
     def section(self, key: str) -> _Reader:
         return _Reader(self._get(key), f"{self.prefix}{key}.")
@@ -286,6 +312,8 @@ class _Reader:
         value = self._get(key)
         if not isinstance(value, int | float) or isinstance(value, bool):
             raise self._bad(key, "a number", value)
+        if not (-_HUGE < value < _HUGE):  # NaN, an infinity or an integer past float range
+            raise self._bad(key, "a finite number", value)
         if minimum is not None and value < minimum:
             raise self._bad(key, f"a number >= {minimum}", value)
         return float(value)
