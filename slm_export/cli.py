@@ -276,7 +276,7 @@ def _progress() -> tuple[Any, Any]:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from slm_export.pipeline import make_plan, run
+    from slm_export.pipeline import IGNORED, make_plan, run
     from slm_export.targets import get_target
 
     profile = get_target(args.target, args.target_file)
@@ -287,6 +287,9 @@ def _export(args: argparse.Namespace) -> int:
                                              "max_ppl_increase", "observer", "smooth_alpha", "rotate", "emulate",
                                              "tune_epochs", "force")}
     plan = make_plan(profile, args.model, out, args.precision, args.eval_data, not args.no_validate, **options)
+    for note in plan.notes:
+        if note.startswith(IGNORED):
+            _error("warning: " + note[len(IGNORED):])
     if args.dry_run:
         print(json.dumps({"plan": plan.to_dict(), "target": profile.id}, indent=2))
         return 0

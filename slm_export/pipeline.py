@@ -180,7 +180,9 @@ def make_plan(profile: TargetProfile, model: str, out: str | Path, precision: st
     )
     if precision in QUANTIZED or plan.sparsity:
         compress_config(plan)  # validates method, group size, samples, pattern before any work
-    _refuse_unused(plan, given)
+    ignored = _unused(plan, given)
+    if ignored:
+        plan = replace(plan, notes=(*plan.notes, *ignored))
     profile.check(plan)
     emulate = plan.emulate
     if emulate == "on" and profile.cpu.isa != "aarch64":
@@ -222,8 +224,12 @@ def _check_ranges(options: dict[str, Any]) -> None:
         raise ConfigError(f"--smooth-alpha is a migration strength in [0, 1], not {alpha}")
 
 
-def _refuse_unused(plan: Plan, given: set[str]) -> None:
-    """An option the user gave that this plan would not read is an error, never silently ignored."""
+IGNORED = "ignored: "  # the prefix of a note about an option the plan does not read; the CLI prints it as a warning
+
+
+def _unused(plan: Plan, given: set[str]) -> list[str]:
+    """Options the user gave that this plan does not read: a note each, never silently dropped. Not an error: a
+    pipeline may pass the same flags to every target of a matrix."""
     quantized = plan.precision in QUANTIZED
     cfg = compress_config(plan) if quantized or plan.sparsity else None
     data = cfg is not None and (cfg.needs_data or cfg.tune_epochs > 0)
@@ -242,11 +248,9 @@ def _refuse_unused(plan: Plan, given: set[str]) -> None:
         "sparsity_method": (plan.sparsity is not None, "--sparsity"),
         "sparsity_ratio": (plan.sparsity == "unstructured", "--sparsity unstructured"),
     }
-    unused = [(name, where) for name, (ok, where) in applies.items() if name in given and not ok]
-    if unused:
-        name, where = unused[0]
-        what = plan.precision + (f" --method {plan.method}" if plan.method else "")
-        raise ConfigError(f"--{name.replace('_', '-')} applies to {where}; this plan ({what}) would ignore it")
+    what = plan.precision + (f" --method {plan.method}" if plan.method else "")
+    return [f"{IGNORED}--{name.replace('_', '-')} applies to {where}; this plan ({what}) does not read it"
+            for name, (ok, where) in applies.items() if name in given and not ok]
 
 
 def compress_config(plan: Plan) -> Any:
@@ -263,7 +267,8 @@ def compress_config(plan: Plan) -> Any:
                           calib_samples=plan.calib_samples, calib_seqlen=plan.calib_seqlen, seed=plan.seed,
                           lm_head_bits=plan.lm_head_bits, lm_head_hot=plan.lm_head_hot,
                           smooth_alpha=plan.smooth_alpha, observer=plan.observer,
-                          pow2=plan.pow2_scales, rotate=plan.rotate, tune_epochs=plan.tune_epochs)
+                          pow2=plan.pow2_scales, rotate=plan.rotate, tune_epochs=plan.tune_epochs,
+                          calib_holdout=plan.max_ppl_increase is not None)
 
 
 def _check_writable(out: Path) -> None:
@@ -374,6 +379,10 @@ def check_inputs(plan: Plan) -> None:
         check_text_input(plan.eval_data, "evaluation")
     if plan.calib_data is not None and (plan.precision in QUANTIZED or plan.sparsity):
         check_text_input(plan.calib_data, "calibration")
+    if plan.max_ppl_increase is not None:
+        from slm_export.calibration.data import check_budget_sources
+
+        check_budget_sources(plan.calib_data, plan.eval_data)
 
 
 # Bytes per weight as stored, scales and zero points included; the embedding table stays float32 in quantized
@@ -403,8 +412,7 @@ def _build(plan: Plan, profile: TargetProfile, settings: ValidationSettings, tmp
     model = stages.run("load", lambda: load_model(plan.model), lambda m: m.weight_bytes)
     need = predicted_bytes(model, plan, profile)
     output.check_space(tmp, need)
-    if plan.validate:
-        _check_eval_tokens(model, plan, settings)
+    early_notes = [n for n in [_check_eval_tokens(model, plan, settings)] if n] if plan.validate else []
     compressed = None
     if plan.precision in QUANTIZED or plan.sparsity:
         from slm_export.calibration.compress import compress
@@ -439,6 +447,10 @@ def _build(plan: Plan, profile: TargetProfile, settings: ValidationSettings, tmp
     report["backends"] = [asdict(r) for r in results]
     report["validated_file"] = runtime_file if plan.validate else None
     report["compression"] = _compression_section(compressed)
+    report["notes"] = [*report["notes"], *early_notes]
+    budget = (report["compression"] or {}).get("budget")
+    if budget and "perplexity_change_pct" in metrics:  # the figure the budget reached on the evaluation text
+        budget["eval_ppl_change_pct"] = metrics["perplexity_change_pct"]["value"]
     report["crosschecks"] = runs.get("crosscheck", [])
     report["emulation"] = runs.get("emulate", [])
     report["device"] = runs.get("device", [])
@@ -451,11 +463,13 @@ def _build(plan: Plan, profile: TargetProfile, settings: ValidationSettings, tmp
     return report, need
 
 
-def _check_eval_tokens(model: Any, plan: Plan, settings: ValidationSettings) -> None:
-    """Enough evaluation tokens for one window, found before minutes of calibration are spent."""
+def _check_eval_tokens(model: Any, plan: Plan, settings: ValidationSettings) -> str | None:
+    """Enough evaluation tokens for one window, found before minutes of calibration are spent; a note when the
+    text holds fewer windows than asked."""
     from slm_export.validation.text import check_token_count, load_text
 
-    check_token_count(model.tokenizer, load_text(plan.eval_data, "evaluation"), settings.windows, 512, "evaluation")
+    text = load_text(plan.eval_data, "evaluation")
+    return check_token_count(model.tokenizer, text, settings.windows, settings.window_len, "evaluation")
 
 
 def _seal(report: dict[str, Any], tmp: Path) -> None:

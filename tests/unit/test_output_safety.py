@@ -201,10 +201,9 @@ def test_second_run_on_the_same_out_fails_naming_the_first(model: Path, tmp_path
 
 @pytest.mark.parametrize(("extra", "expected"), [
     (["--threads", "-3"], "at least 0, not '-3'"),
-    (["--group-size", "7"], "--group-size applies to weight-only int8 and int4"),
     (["--precision", "int4", "--method", "rtn", "--calib-samples", "-1"], "--calib-samples must be at least 1"),
-    (["--precision", "int4", "--method", "rtn", "--calib-samples", "8"], "round-to-nearest"),
-    (["--sparsity-ratio", "0.3"], "--sparsity-ratio applies to --sparsity unstructured"),
+    (["--precision", "int4", "--group-size", "7"], "group size must be a power of two"),
+    (["--sparsity", "unstructured", "--sparsity-ratio", "1.5"], "--sparsity-ratio is the fraction"),
     (["--device-timeout", "-1"], "positive number of seconds"),
 ])
 def test_options_refused_before_any_work(extra: list[str], expected: str, model: Path, tmp_path: Path,
@@ -218,6 +217,21 @@ def test_options_refused_before_any_work(extra: list[str], expected: str, model:
     assert expected in out
     assert "Traceback" not in out
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(("extra", "expected"), [
+    (["--group-size", "7"], "--group-size applies to weight-only int8 and int4; this plan (fp32) does not read it"),
+    (["--precision", "int4", "--method", "rtn", "--calib-samples", "8"], "--calib-samples applies to methods that "
+     "calibrate"),
+    (["--sparsity-ratio", "0.3"], "--sparsity-ratio applies to --sparsity unstructured"),
+])
+def test_options_the_plan_ignores_are_warned(extra: list[str], expected: str, model: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = _run([*QUICK, "--model", model, "--out", tmp_path / "o", "--dry-run", *extra], capsys)
+    assert code == 0, out
+    assert f"warning: {expected}" in out
+    plan = json.JSONDecoder().raw_decode(out[out.index("{"):])[0]["plan"]
+    assert any(expected in n for n in plan["notes"])
 
 
 def _no_work(*args: object, **kwargs: object) -> None:
