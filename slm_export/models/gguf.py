@@ -234,7 +234,8 @@ def _dequantize(info: GgufTensorInfo, mm: mmap.mmap, start: int) -> np.ndarray:
         return raw.view(np.float64).reshape(shape).astype(np.float32)
     rows = raw.reshape(n // info.dims[0], -1)
     try:
-        values = gguf.quants.dequantize(rows, qtype)
+        with np.errstate(invalid="ignore", over="ignore"):  # damaged scales give NaN: the loader refuses those
+            values = gguf.quants.dequantize(rows, qtype)
     except NotImplementedError:
         raise ModelLoadError(f"tensor {info.name} is {qtype.name}, which this reader cannot dequantize; "
                              "convert the model to another GGUF type (Q4_0, Q4_K, Q8_0, F16 ...)") from None

@@ -159,7 +159,9 @@ def _load_gguf(name: str, path: Path) -> LoadedModel:
     _check_finite(weights, path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    except Exception as exc:  # transformers' own GGUF tokenizer reader on a damaged vocabulary
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # transformers' GGUF reader on a damaged vocabulary; tokenizers' Rust panics
         raise ModelLoadError(f"{path}: cannot build the tokenizer from the GGUF's vocabulary: "
                              f"{type(exc).__name__}: {str(exc)[:300]}") from None
     check_tokenizer(tokenizer, rows, path)
@@ -206,7 +208,9 @@ def check_tokenizer(tokenizer: Any, rows: int, where: Path | str) -> None:
         added = {int(i): str(t) for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()}
         used = {int(i) for i in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
                 if i is not None}
-    except Exception as exc:  # a tokenizer object transformers built but cannot run
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # a tokenizer transformers built but cannot run; Rust panics included
         raise ModelLoadError(f"{where}: the tokenizer fails on the sample {TOKENIZER_SAMPLE!r}: "
                              f"{type(exc).__name__}: {str(exc)[:300]}") from None
 
@@ -345,7 +349,9 @@ def _load_hf_folder(name: str, path: Path) -> LoadedModel:
     _tokenizer_files(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except Exception as exc:
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # tokenizers' Rust panics (a merge naming no token) are BaseExceptions
         raise ModelLoadError(f"{path}: the tokenizer files cannot be read: {type(exc).__name__}: "
                              f"{str(exc)[:300]}") from None
     shapes, _, rows = _expected_shapes(config, kind, path)
