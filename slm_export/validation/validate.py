@@ -22,7 +22,7 @@ from slm_export.validation.text import TextSource, token_windows
 
 @dataclass(frozen=True)
 class ValidationSettings:
-    """How much to measure. Defaults match ../shared/baselines.md (8 windows of 512 tokens)."""
+    """How much to measure. Defaults match docs/benchmarks/baselines.md (8 windows of 512 tokens)."""
 
     windows: int = 8
     window_len: int = 512
