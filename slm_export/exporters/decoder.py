@@ -30,7 +30,7 @@ from slm_export.calibration.quant import HotRowsTensor, QuantizedTensor
 from slm_export.exporters.graph import GraphBuilder
 from slm_export.exporters.quantized import quantized_matmul
 from slm_export.models.adapters import DecoderSpec
-from slm_export.runner.onnx_decoder import KV_CACHE_KEY, KV_SHARED_BUFFER, LOGITS_TO_KEEP
+from slm_export.runner.onnx_run import KV_CACHE_KEY, KV_SHARED_BUFFER, LOGITS_TO_KEEP
 
 F32, I64 = TensorProto.FLOAT, TensorProto.INT64
 MASK_VALUE = -1e9  # finite, so a fully masked (left-padding) row cannot turn into NaN

@@ -25,14 +25,14 @@ def open_runtime(path: Path, threads: int = 0, exact_qdq: bool = False,
                  ort_config: dict[str, str] | None = None) -> tuple[Any, dict[str, str]]:
     """The decoder for an artifact file, by its suffix, and the runtime's name and version."""
     if path.suffix == ".pte":
-        from .pte_decoder import PteDecoder
+        from .pte_run import PteDecoder
 
         return PteDecoder(path, threads), {"runtime": "executorch", "runtime_version": _version("executorch")}
     if path.suffix == ".so":
-        from .tvm_decoder import TvmDecoder
+        from .tvm_run import TvmDecoder
 
         return TvmDecoder(path, threads), {"runtime": "tvm", "runtime_version": _version("apache-tvm")}
-    from .onnx_decoder import OnnxDecoder, make_session
+    from .onnx_run import OnnxDecoder, make_session
 
     session = make_session(path, threads, exact_qdq=exact_qdq, config=ort_config)
     import onnxruntime

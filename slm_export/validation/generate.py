@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from slm_export.runner.onnx_decoder import GenerationTiming, OnnxDecoder, make_session
+from slm_export.runner.onnx_run import GenerationTiming, OnnxDecoder, make_session
 
 __all__ = ["GenerationTiming", "OnnxDecoder", "make_session", "torch_greedy"]
 

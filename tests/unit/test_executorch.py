@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 
 from slm_export.backends import CompileJob, get_backend
+from slm_export.backends.executorch.torch_decoder import build_torch_decoder
 from slm_export.calibration.quant import quantize_rtn
 from slm_export.cli import main
 from slm_export.errors import CompileError
-from slm_export.exporters.torch_decoder import build_torch_decoder
 from slm_export.models import load_model
 from slm_export.models.adapters import spec_for
 from slm_export.pipeline import make_plan
-from slm_export.runner.pte_decoder import PteDecoder
+from slm_export.runner.pte_run import PteDecoder
 from slm_export.targets import get_target
 from slm_export.validation.generate import OnnxDecoder, make_session
 

@@ -8,7 +8,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from slm_export.runner.job import open_runtime
-from slm_export.runner.onnx_decoder import make_session
+from slm_export.runner.onnx_run import make_session
 
 
 def _identity(path: Path) -> Path:

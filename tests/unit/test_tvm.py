@@ -18,14 +18,14 @@ import pytest
 import torch
 
 from slm_export.backends import CompileJob, get_backend
+from slm_export.backends.tvm.build import elf_info, pack_int4
 from slm_export.calibration.quant import QuantizedTensor, quantize_rtn
 from slm_export.errors import CompileError
 from slm_export.exporters.onnx import OnnxExporter
-from slm_export.exporters.tvm_decoder import elf_info, pack_int4
 from slm_export.models import load_model
 from slm_export.models.loader import _build_module
 from slm_export.pipeline import make_plan
-from slm_export.runner.tvm_decoder import PARAMS_FILE, TvmDecoder
+from slm_export.runner.tvm_run import PARAMS_FILE, TvmDecoder
 from slm_export.targets import get_target
 from slm_export.validation.generate import OnnxDecoder, make_session
 
@@ -117,7 +117,7 @@ def test_runtime_only_tvm_runs_the_library(fp32_build: tuple[Any, Any, Path], tm
     shutil.copytree(Path(slm_export.runner.__file__).parent, tmp_path / "slm_runner")
     code = (
         f"import sys, json\nsys.path.insert(0, {str(tmp_path)!r})\n"
-        "from slm_runner.tvm_decoder import TvmDecoder\n"
+        "from slm_runner.tvm_run import TvmDecoder\n"
         "runner_torch = 'torch' in sys.modules\n"  # (tvm_ffi itself imports torch where it is installed)
         "import tvm\n"
         f"d = TvmDecoder({str(out / 'tvm_host.so')!r}, 1)\n"
@@ -217,13 +217,13 @@ def test_what_the_build_does_not_take_is_not_run(tiny_models: dict[str, Path], t
 
 
 def test_kernels_match_numpy_for_every_weight_kind_and_row_count() -> None:
-    """The hand-written TIR kernels (tvm_kernels) alone: float, packed int4 (zero points per group or one
+    """The hand-written TIR kernels (backends/tvm/kernels.py) alone: float, packed int4 (zero points per group or one
     constant) and one-code-per-byte linears, with and without bias, for row counts that hit the register
     tile, its leftover rows and both; the attention with grouped heads, a cache and a left-padded row."""
     import tvm
 
-    from slm_export.exporters.tvm_decoder import host_target
-    from slm_export.exporters.tvm_kernels import attention_kernel, linear_kernel, torch_ops, unpack_int4
+    from slm_export.backends.tvm.build import host_target
+    from slm_export.backends.tvm.kernels import attention_kernel, linear_kernel, torch_ops, unpack_int4
 
     target = tvm.target.Target(host_target())
     rng = np.random.default_rng(0)

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .onnx_decoder import greedy_loop
+from .onnx_run import greedy_loop
 
 
 class PteDecoder:

@@ -14,9 +14,9 @@ Positions come in as ``position_ids`` (the research found this the robust form f
 shapes) and index precomputed rotary tables, the same tables the ONNX graph gathers from.
 
 Quantized linears (``QuantizedTensor``) stay quantized: int4 codes are stored packed two to a byte
-(``uint8 [out, in / 2]`` in ``tvm_kernels.pack_int4``'s blocks of 16 columns), other widths as
+(``uint8 [out, in / 2]`` in ``kernels.pack_int4``'s blocks of 16 columns), other widths as
 ``uint8 [out, in]``, with float32 per-group scales and (asymmetric) uint8 zero points. Every linear (the
-tied LM head included), the attention and the gated SiLU are custom ops (``tvm_kernels.torch_ops``) that
+tied LM head included), the attention and the gated SiLU are custom ops (``kernels.torch_ops``) that
 the import turns into hand-written TIR kernels: they read the weights as stored (``[out, in]``, no
 transposed or dequantized copy per call) and dequantize (``(code - zero) * scale``, the arithmetic of
 ``QuantizedTensor.dequantize``) inside the matmul.
@@ -37,11 +37,11 @@ from typing import Any
 
 import numpy as np
 
+from slm_export.backends.tvm.kernels import convert_map, pack_int4, packs_int4, torch_ops
+from slm_export.backends.tvm.schedule import compile_module
 from slm_export.calibration.quant import QuantizedTensor, refuse_hot_rows
 from slm_export.errors import CompileError
 from slm_export.exporters.decoder import MASK_VALUE, rope_tables
-from slm_export.exporters.tvm_kernels import convert_map, pack_int4, packs_int4, torch_ops
-from slm_export.exporters.tvm_schedule import compile_module
 from slm_export.models.adapters import DecoderSpec
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ def build_functional_decoder(spec: DecoderSpec, max_len: int) -> Any:
     ops = torch_ops()
 
     class Linear(torch.nn.Module):
-        """A linear through ``tvm_kernels``' custom ops: the weight stays ``[out, in]`` as stored."""
+        """A linear through ``kernels``' custom ops: the weight stays ``[out, in]`` as stored."""
 
         def __init__(self, w: Any, bias: Any = None) -> None:
             super().__init__()
@@ -188,12 +188,12 @@ def build_functional_decoder(spec: DecoderSpec, max_len: int) -> Any:
             if rope is not None:
                 q, k = rotary(q, *rope), rotary(k, *rope)
             k_all, v_all = torch.cat([past_k, k], 2), torch.cat([past_v, v], 2)
-            # grouped-query attention in one kernel (tvm_kernels.attention_kernel): the cache is read as it is,
+            # grouped-query attention in one kernel (kernels.attention_kernel): the cache is read as it is,
             # never repeated per query head; the context comes back as [B, S, heads * d]
             ctx = ops.tvm_attention(q, k_all, v_all, mask)
             x = x + self.o(ctx)
             h = self.up(self.norm2(x))
-            if spec.gated and spec.act == "silu":  # one kernel, exp in vector lanes (tvm_kernels.silu_mul_kernel)
+            if spec.gated and spec.act == "silu":  # one kernel, exp in vector lanes (kernels.silu_mul_kernel)
                 h = ops.tvm_silu_mul(h)
             elif spec.gated:
                 gate, up = h.split([self.inter, self.inter], -1)

@@ -1,7 +1,7 @@
 """Apache TVM (Relax): the decoder compiled into a shared library that TVM's runtime loads on the board.
 
 The decoder is rebuilt in PyTorch from the same spec and weights the ONNX exporter used
-(``exporters/tvm_decoder.py``: KV cache as inputs and outputs, dynamic batch, sequence and past),
+(``tvm/build.py``: KV cache as inputs and outputs, dynamic batch, sequence and past),
 exported with torch.export, imported with Relax's PyTorch frontend and compiled twice:
 
 - ``tvm_aarch64.so`` for the profile's CPU (``mtriple aarch64-linux-gnu``, its ``llvm_mcpu``/``llvm_mattr``),
@@ -12,8 +12,8 @@ exported with torch.export, imported with Relax's PyTorch frontend and compiled 
 
 There is no tuning: MetaSchedule segfaults in the 0.27 wheel and would need the board itself to
 measure on. The libraries use hand-written kernels for the linears (int4 dequantized inside the matmul),
-the attention and the gated SiLU (``exporters/tvm_kernels.py``), and TVM's default CPU pipeline plus a
-fixed loop schedule (threads and vector lanes, ``exporters/tvm_schedule.py``) for the rest, which is what
+the attention and the gated SiLU (``tvm/kernels.py``), and TVM's default CPU pipeline plus a
+fixed loop schedule (threads and vector lanes, ``tvm/schedule.py``) for the rest, which is what
 the note and the details say.
 """
 
@@ -56,7 +56,7 @@ class TvmBackend:
     name = "tvm"
 
     def check(self) -> Availability:
-        from slm_export.exporters.tvm_decoder import CROSS_CC, cross_compiler
+        from slm_export.backends.tvm.build import CROSS_CC, cross_compiler
 
         version = _version()
         if version is None:
@@ -98,7 +98,7 @@ class TvmBackend:
         broken = _compiler_missing()
         if broken:
             return self._refuse(job, broken)
-        from slm_export.exporters import tvm_decoder as td
+        from slm_export.backends.tvm import build as td
         from slm_export.models.adapters import spec_for
 
         cross = None
@@ -113,8 +113,8 @@ class TvmBackend:
 
     def _build(self, job: CompileJob, spec: Any, cross: dict[str, Any] | None, version: str,
                cc: str | None) -> CompileResult:
-        from slm_export.exporters import tvm_decoder as td
-        from slm_export.runner.tvm_decoder import PARAMS_FILE
+        from slm_export.backends.tvm import build as td
+        from slm_export.runner.tvm_run import PARAMS_FILE
 
         folder = job.model_path.parent
         names = {"host": HOST_SO, "aarch64": AARCH64_SO, "params": PARAMS_FILE}
@@ -146,7 +146,7 @@ def open_tvm(path: Any, threads: int = 0) -> Any:
     from slm_export.errors import DeviceError
 
     try:
-        from slm_export.runner.tvm_decoder import TvmDecoder
+        from slm_export.runner.tvm_run import TvmDecoder
 
         return TvmDecoder(path, threads)
     except ImportError:

@@ -21,7 +21,7 @@ exponentials are ``exp_f32``'s arithmetic, which stays in vector lanes (and need
 The PyTorch decoder calls the custom ops ``slm_export::tvm_linear`` / ``tvm_qlinear`` / ``tvm_attention``
 / ``tvm_silu_mul`` (``torch_ops``), which torch.export keeps as they are; ``convert_map`` turns them into
 ``call_tir`` of these kernels when Relax imports the program. The kernels carry ``op_pattern`` opaque
-(FuseOps leaves them alone) and ``slm.kernel`` (``tvm_schedule`` does not reschedule them).
+(FuseOps leaves them alone) and ``slm.kernel`` (``schedule`` does not reschedule them).
 """
 
 from __future__ import annotations

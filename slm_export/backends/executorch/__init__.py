@@ -1,7 +1,7 @@
 """ExecuTorch with the XNNPACK delegate: the ``.pte`` program an Android (or any arm64) app loads.
 
 The decoder is rebuilt in PyTorch from the same spec and weights the ONNX exporter used
-(``exporters/torch_decoder.py``: a static in-place KV cache, ExecuTorch's LLM attention kernels),
+(``executorch/torch_decoder.py``: a static in-place KV cache, ExecuTorch's LLM attention kernels),
 exported with one dynamic sequence dimension so a single ``forward(tokens, input_pos)`` method serves
 prefill and decode, lowered with the XNNPACK partitioner and written as ``model.pte``.
 
@@ -147,7 +147,7 @@ def lower(spec: Any, max_len: int) -> tuple[Any, int, list[dict[str, Any]]]:
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
     from torch.export import Dim, export
 
-    from slm_export.exporters.torch_decoder import build_torch_decoder
+    from slm_export.backends.executorch.torch_decoder import build_torch_decoder
 
     module = build_torch_decoder(spec, max_len)
     example = (torch.zeros(1, 2, dtype=torch.long), torch.tensor([0]))
@@ -190,7 +190,7 @@ def _delegation(graph_module: Any) -> tuple[int, list[dict[str, Any]]]:
 def open_pte(path: Path, threads: int = 0) -> Any:
     """The runner's ``PteDecoder`` for ``path``; a missing runtime is a DeviceError that says how to install it."""
     try:
-        from slm_export.runner.pte_decoder import PteDecoder
+        from slm_export.runner.pte_run import PteDecoder
 
         return PteDecoder(path, threads)
     except ImportError:

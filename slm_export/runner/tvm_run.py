@@ -5,7 +5,7 @@ so it runs with ``TVM_USE_RUNTIME_LIB=1`` or a runtime-only install on the board
 code only; the weights come from the params file beside it (an uncompressed ``.npz`` whose
 ``__meta__`` entry is a JSON header, loaded without pickle), passed after the user inputs on each call.
 
-The module's interface (``exporters/tvm_decoder.py``): ``input_ids``, ``attention_mask`` and
+The module's interface (``slm_export/backends/tvm/build.py``): ``input_ids``, ``attention_mask`` and
 ``position_ids`` [batch, seq] (the mask covers the new tokens only), past keys/values per layer
 [batch, kv_heads, past, head_dim]; it returns the logits and the present keys/values. Decoding keeps
 the present tensors on the TVM side and passes them back as the next step's past (no NumPy copy).
@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .onnx_decoder import GenerationTiming, greedy_loop
+from .onnx_run import GenerationTiming, greedy_loop
 
 PARAMS_FILE = "tvm_params.npz"
 META_KEY = "__meta__"
