@@ -28,60 +28,47 @@ from onnx import TensorProto
 
 from slm_export.calibration.quant import HotRowsTensor, QuantizedTensor
 from slm_export.exporters.graph import GraphBuilder
+from slm_export.exporters.layers import MASK_VALUE, Weights, activation, linear, rope_tables
 from slm_export.exporters.quantized import quantized_matmul
 from slm_export.models.adapters import DecoderSpec
 from slm_export.runner.onnx_run import KV_CACHE_KEY, KV_SHARED_BUFFER, LOGITS_TO_KEEP
 
 F32, I64 = TensorProto.FLOAT, TensorProto.INT64
-MASK_VALUE = -1e9  # finite, so a fully masked (left-padding) row cannot turn into NaN
-
-
-def to_bf16(arr: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bit patterns (uint16), rounded to nearest even; NaN stays NaN."""
-    u = np.ascontiguousarray(arr, dtype=np.float32).view(np.uint32)
-    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-    return np.where(np.isnan(arr), np.uint16(0x7FC0), rounded)
-
-
-class _Weights:
-    """Stores weights in the artifact's precision (fp32, fp16 or bf16) and hands back float32 tensor
-    names: a half-width weight is upcast by a Cast right after it, so every op (norms, softmax, rotary,
-    residual adds) computes in float32 and only storage and reads are halved. TensorRT's builder picks
-    fp16 kernels for the GEMMs itself under --fp16 and keeps the rest where it must."""
-
-    def __init__(self, b: GraphBuilder, precision: str, graph_ops: str = "standard", accuracy_level: int = 4) -> None:
-        self.b, self.precision = b, precision if precision in ("fp16", "bf16") else "fp32"
-        self.graph_ops, self.accuracy_level = graph_ops, accuracy_level
-
-    def __call__(self, name: str, fn) -> str:  # type: ignore[no-untyped-def]
-        if self.precision == "fp32":
-            return self.b.init(name, lambda: np.asarray(fn(), dtype=np.float32))
-        if self.precision == "fp16":
-            init = self.b.init(name, lambda: np.asarray(fn(), dtype=np.float32).astype(np.float16))
-        else:
-            init = self.b.init(name, lambda: to_bf16(np.asarray(fn(), dtype=np.float32)), elem=TensorProto.BFLOAT16)
-        return self.b.op("Cast", [init], to=F32, name=name + "_f32")  # type: ignore[return-value]
-
-
-def rope_tables(theta: float, dim: int, max_pos: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos and signed sin, [max_pos, dim], computed in float32 the way transformers does."""
-    inv_freq = (1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))).astype(np.float32)
-    freqs = np.arange(max_pos, dtype=np.float32)[:, None] * inv_freq[None, :]
-    cos, sin = np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
-    return np.concatenate([cos, cos], -1), np.concatenate([-sin, sin], -1)
 
 
 def build_decoder(spec: DecoderSpec, opset: int, precision: str, max_seq_len: int, graph_ops: str = "standard",
                   accuracy_level: int = 4, static_len: int | None = None) -> GraphBuilder:
     """Build the graph; weights are written only when the builder is saved."""
     b = GraphBuilder(f"{spec.model_type}_decoder", opset)
-    W = _Weights(b, precision, graph_ops, accuracy_level)
-    kv, d = spec.kv_heads, spec.head_dim
+    W = Weights(b, precision, graph_ops, accuracy_level)
     dims = (1, static_len, static_len) if static_len else ("batch", "seq", "total")
     ids = b.input("input_ids", I64, [dims[0], dims[1]])
     mask_in = b.input("attention_mask", I64, [dims[0], dims[2]])
     pos = b.input("position_ids", I64, [dims[0], dims[1]])
+    ids_shape, seq, total, mask = _additive_mask(b, ids, mask_in)
+    embed, x = _embed(b, W, spec, ids, pos)
+    fused_attention = graph_ops == "onnxruntime" and static_len is None and spec.rotary_dim in (0, spec.head_dim)
+    rope = None if fused_attention else _rope_inputs(b, spec, pos, max_seq_len)
+    fused = None
+    if fused_attention:
+        fused = _fused_inputs(b, spec, ids_shape, total, pos, mask, max_seq_len)
+        # GroupQueryAttention appends in place when past and present are one buffer (capacity x head
+        # dim, seqlens_k telling the filled length): the runner then keeps one cache per layer instead
+        # of copying the whole cache into a new present every step.
+        b.metadata[KV_CACHE_KEY] = KV_SHARED_BUFFER
+    x = _blocks(b, W, spec, x, mask, rope, fused, cache=static_len is None)
+    logits_seq = dims[1]
+    if fused is not None:
+        x, ids_shape = _keep_last(b, x, seq)
+        logits_seq = "logits_seq"
+    _lm_head(b, W, spec, x, embed, ids_shape)
+    b.output("logits", F32, [dims[0], logits_seq, spec.vocab])
+    return b
 
+
+def _additive_mask(b: GraphBuilder, ids: str, mask_in: str) -> tuple[str, str, str, str]:
+    """The input ids' shape, the new tokens' and the total length, and the additive mask [batch, 1, seq,
+    total]: causal over the past and the new tokens, padding (``attention_mask`` 0) hidden."""
     ids_shape = b.op("Shape", [ids])
     seq = b.op("Gather", [ids_shape, b.const(1)], axis=0)
     total = b.op("Gather", [b.op("Shape", [mask_in]), b.const(1)], axis=0)
@@ -90,29 +77,36 @@ def build_decoder(spec: DecoderSpec, opset: int, precision: str, max_seq_len: in
                                   b.op("Unsqueeze", [b.op("Range", [past_len, total, b.const(1)]), b.const([1])])])
     pad = b.op("Unsqueeze", [b.op("Cast", [mask_in], to=TensorProto.BOOL), b.const([1, 2])])
     mask = b.op("Where", [b.op("And", [causal, pad]), b.const(0.0, np.float32), b.const(MASK_VALUE, np.float32)])
+    return ids_shape, seq, total, mask  # type: ignore[return-value]
 
+
+def _embed(b: GraphBuilder, W: Weights, spec: DecoderSpec, ids: str, pos: str) -> tuple[str, str]:
+    """The embedding table's name and the embedded tokens (scaled, plus learned positions where the model
+    has them)."""
     embed = W("model.embed", lambda: spec.embed)
     x = b.op("Gather", [embed, ids], axis=0)
     if spec.embed_scale != 1.0:
         x = b.op("Mul", [x, b.const(np.float32(spec.embed_scale), np.float32)])
     if spec.pos_embed is not None:
         x = b.op("Add", [x, b.op("Gather", [W("model.pos_embed", lambda: spec.pos_embed), pos], axis=0)])
-    fused_attention = graph_ops == "onnxruntime" and static_len is None and spec.rotary_dim in (0, spec.head_dim)
-    rope = None
-    if spec.rope_theta is not None and not fused_attention:
-        cos_t, sin_t = rope_tables(spec.rope_theta, spec.rotary_dim, max_seq_len)
-        cos = b.op("Unsqueeze", [b.op("Gather", [b.init("rope.cos", lambda: cos_t), pos], axis=0), b.const([1])])
-        sin = b.op("Unsqueeze", [b.op("Gather", [b.init("rope.sin", lambda: sin_t), pos], axis=0), b.const([1])])
-        rope = (cos, sin)
+    return embed, x  # type: ignore[return-value]
 
-    fused = None
-    if fused_attention:
-        fused = _fused_inputs(b, spec, ids_shape, total, pos, mask, max_seq_len)
-        # GroupQueryAttention appends in place when past and present are one buffer (capacity x head
-        # dim, seqlens_k telling the filled length): the runner then keeps one cache per layer instead
-        # of copying the whole cache into a new present every step.
-        b.metadata[KV_CACHE_KEY] = KV_SHARED_BUFFER
 
+def _rope_inputs(b: GraphBuilder, spec: DecoderSpec, pos: str, max_seq_len: int) -> tuple[str, str] | None:
+    """cos and signed sin of every position [batch, 1, seq, rotary_dim], gathered from the tables; None
+    without rotary embeddings."""
+    if spec.rope_theta is None:
+        return None
+    cos_t, sin_t = rope_tables(spec.rope_theta, spec.rotary_dim, max_seq_len)
+    cos = b.op("Unsqueeze", [b.op("Gather", [b.init("rope.cos", lambda: cos_t), pos], axis=0), b.const([1])])
+    sin = b.op("Unsqueeze", [b.op("Gather", [b.init("rope.sin", lambda: sin_t), pos], axis=0), b.const([1])])
+    return cos, sin  # type: ignore[return-value]
+
+
+def _blocks(b: GraphBuilder, W: Weights, spec: DecoderSpec, x: str, mask: str, rope: tuple[str, str] | None,
+            fused: dict[str, str] | None, cache: bool) -> str:
+    """Every transformer block, then the final norm; declares the present outputs when there is a cache."""
+    kv, d = spec.kv_heads, spec.head_dim
     delta: str | None = None  # the last block's output, not yet added to the residual stream x
     for i, layer in enumerate(spec.layers):
         p = f"layers.{i}"
@@ -120,18 +114,18 @@ def build_decoder(spec: DecoderSpec, opset: int, precision: str, max_seq_len: in
         if fused is not None:
             attn = _fused_attention(b, W, spec, h, layer, i, fused)
         else:
-            attn = _attention(b, W, spec, h, layer, i, mask, rope, cache=static_len is None)
+            attn = _attention(b, W, spec, h, layer, i, mask, rope, cache=cache)
         h, x = _add_norm(b, W, spec, x, attn, layer.norm2, f"{p}.norm2")
         delta = _mlp(b, W, spec, h, layer, p)
-        if static_len is None:
+        if cache:
             b.output(f"present.{i}.key", F32, ["batch", kv, "total", d])
             b.output(f"present.{i}.value", F32, ["batch", kv, "total", d])
-
     x, _ = _add_norm(b, W, spec, x, delta, spec.final_norm, "final_norm", keep_sum=False)
-    logits_seq = dims[1]
-    if fused is not None:
-        x, ids_shape = _keep_last(b, x, seq)
-        logits_seq = "logits_seq"
+    return x
+
+
+def _lm_head(b: GraphBuilder, W: Weights, spec: DecoderSpec, x: str, embed: str, ids_shape: str) -> None:
+    """The ``logits`` output: the tied embedding table, a hot-rows, quantized or float head."""
     if spec.lm_head is None:  # tied: Gemm with transB reads the embedding table as stored, no copy
         flat = b.op("Reshape", [x, b.const([-1, spec.hidden])])
         logits2d = b.op("Gemm", [flat, embed], transB=1)
@@ -144,11 +138,9 @@ def build_decoder(spec: DecoderSpec, opset: int, precision: str, max_seq_len: in
         b.op_to("Identity", [y], ["logits"])
     else:
         b.op_to("MatMul", [x, W("lm_head", lambda: spec.lm_head.T)], ["logits"])  # type: ignore[union-attr]
-    b.output("logits", F32, [dims[0], logits_seq, spec.vocab])
-    return b
 
 
-def _hot_rows_head(b: GraphBuilder, W: _Weights, x: str, q: HotRowsTensor) -> str:
+def _hot_rows_head(b: GraphBuilder, W: Weights, x: str, q: HotRowsTensor) -> str:
     """Every vocabulary row at the base width, then the hot rows' logits (int8) written over theirs: one
     ScatterElements on the vocabulary axis, its indices broadcast to the hot logits' shape."""
     base = quantized_matmul(b, x, q.base, "lm_head.qmatmul", W.graph_ops, W.accuracy_level)
@@ -172,7 +164,7 @@ def _keep_last(b: GraphBuilder, x: str, seq: str) -> tuple[str, str]:
     return kept, b.op("Slice", [b.op("Shape", [kept]), b.const([0]), b.const([2])])
 
 
-def _add_norm(b: GraphBuilder, W: _Weights, spec: DecoderSpec, x: str, delta: str | None, wb, name: str,  # type: ignore[no-untyped-def]
+def _add_norm(b: GraphBuilder, W: Weights, spec: DecoderSpec, x: str, delta: str | None, wb, name: str,  # type: ignore[no-untyped-def]
               keep_sum: bool = True) -> tuple[str, str]:
     """(norm(x + delta), x + delta); x alone when ``delta`` is None. ONNX Runtime graphs with RMSNorm do
     both in one com.microsoft.SkipSimplifiedLayerNormalization (its fourth output is the sum), which ORT's
@@ -190,13 +182,13 @@ def _add_norm(b: GraphBuilder, W: _Weights, spec: DecoderSpec, x: str, delta: st
     return y, total
 
 
-def _norm_weight(W: _Weights, spec: DecoderSpec, weight, name: str) -> str:  # type: ignore[no-untyped-def]
+def _norm_weight(W: Weights, spec: DecoderSpec, weight, name: str) -> str:  # type: ignore[no-untyped-def]
     """The norm's scale as stored (Gemma-style ``1 + w`` norms folded in)."""
     offset = spec.norm_offset
     return W(f"{name}.weight", lambda: weight + offset if offset else weight)
 
 
-def _norm(b: GraphBuilder, W: _Weights, spec: DecoderSpec, x: str, wb, name: str) -> str:  # type: ignore[no-untyped-def]
+def _norm(b: GraphBuilder, W: Weights, spec: DecoderSpec, x: str, wb, name: str) -> str:  # type: ignore[no-untyped-def]
     weight, bias = wb
     w = _norm_weight(W, spec, weight, name)
     eps = b.const(np.float32(spec.eps), np.float32)
@@ -214,28 +206,6 @@ def _norm(b: GraphBuilder, W: _Weights, spec: DecoderSpec, x: str, wb, name: str
     y = b.op("Mul", [b.op("Div", [x, b.op("Sqrt", [b.op("Add", [var, eps])])]), w])
     if spec.norm == "layer":
         y = b.op("Add", [y, bias_name])
-    return y  # type: ignore[return-value]
-
-
-def _linear(b: GraphBuilder, W: _Weights, x: str, name: str, weights: tuple, bias: tuple | None) -> str:  # type: ignore[type-arg]
-    """One MatMul for several projections of the same input (q/k/v, gate/up): fewer, larger GEMMs."""
-    if isinstance(weights[0], QuantizedTensor):
-        scales = {float(w.scales.flat[0]) for w in weights}
-        if len(weights) > 1 and all(w.per_tensor for w in weights) and len(scales) > 1:
-            # per-tensor scales (the DPU's scheme) differ per projection: one MatMul each, outputs joined
-            parts = [quantized_matmul(W.b, x, w, f"{name}.{j}.qmatmul", W.graph_ops, W.accuracy_level)
-                     for j, w in enumerate(weights)]
-            y = b.op("Concat", parts, axis=-1)
-        else:
-            q = QuantizedTensor.concat(list(weights))
-            y = quantized_matmul(W.b, x, q, f"{name}.qmatmul", W.graph_ops, W.accuracy_level)
-        if bias is not None:
-            y = b.op("Add", [y, W(f"{name}.bias", lambda: np.concatenate(bias, 0))])
-        return y
-    w = W(f"{name}.weight", lambda: np.concatenate(weights, 0).T if len(weights) > 1 else weights[0].T)
-    y = b.op("MatMul", [x, w])
-    if bias is not None:
-        y = b.op("Add", [y, W(f"{name}.bias", lambda: np.concatenate(bias, 0))])
     return y  # type: ignore[return-value]
 
 
@@ -269,12 +239,12 @@ def _fused_inputs(b: GraphBuilder, spec: DecoderSpec, ids_shape: str, total: str
     return fused
 
 
-def _fused_attention(b: GraphBuilder, W: _Weights, spec: DecoderSpec, h: str, layer, i: int,  # type: ignore[no-untyped-def]
+def _fused_attention(b: GraphBuilder, W: Weights, spec: DecoderSpec, h: str, layer, i: int,  # type: ignore[no-untyped-def]
                      fused: dict[str, str]) -> str:
     """ONNX Runtime graphs: one com.microsoft.GroupQueryAttention per layer on the packed q/k/v
     projection (rotary, cache append, grouped heads and softmax inside one kernel)."""
     nh, kv, d = spec.heads, spec.kv_heads, spec.head_dim
-    qkv = _linear(b, W, h, f"layers.{i}.qkv", layer.qkv, layer.qkv_bias)
+    qkv = linear(b, W, h, f"layers.{i}.qkv", layer.qkv, layer.qkv_bias)
     past_k = b.input(f"past_key_values.{i}.key", F32, ["batch", kv, "past", d])
     past_v = b.input(f"past_key_values.{i}.value", F32, ["batch", kv, "past", d])
     ctx = b.fresh(f"layers.{i}.gqa")
@@ -285,13 +255,13 @@ def _fused_attention(b: GraphBuilder, W: _Weights, spec: DecoderSpec, h: str, la
             [ctx, f"present.{i}.key", f"present.{i}.value"], domain="com.microsoft",
             num_heads=nh, kv_num_heads=kv, do_rotary=int(bool(fused["cos"])), rotary_interleaved=0,
             scale=float(d ** -0.5))
-    return _linear(b, W, ctx, f"layers.{i}.o", (layer.o,), (layer.o_bias,) if layer.o_bias is not None else None)
+    return linear(b, W, ctx, f"layers.{i}.o", (layer.o,), (layer.o_bias,) if layer.o_bias is not None else None)
 
 
-def _attention(b: GraphBuilder, W: _Weights, spec: DecoderSpec, h: str, layer, i: int,  # type: ignore[no-untyped-def]
+def _attention(b: GraphBuilder, W: Weights, spec: DecoderSpec, h: str, layer, i: int,  # type: ignore[no-untyped-def]
                mask: str, rope: tuple[str, str] | None, cache: bool = True) -> str:
     nh, kv, d = spec.heads, spec.kv_heads, spec.head_dim
-    qkv = _linear(b, W, h, f"layers.{i}.qkv", layer.qkv, layer.qkv_bias)
+    qkv = linear(b, W, h, f"layers.{i}.qkv", layer.qkv, layer.qkv_bias)
     q, k, v = b.split(qkv, [nh * d, kv * d, kv * d], axis=-1)
     perm = [0, 2, 1, 3]
     q = b.op("Transpose", [b.op("Reshape", [q, b.const([0, 0, nh, d])])], perm=perm)
@@ -321,23 +291,7 @@ def _attention(b: GraphBuilder, W: _Weights, spec: DecoderSpec, h: str, layer, i
     if grouped:
         ctx = b.op("Reshape", [ctx, b.const([0, nh, -1, d])])
     ctx = b.op("Reshape", [b.op("Transpose", [ctx], perm=perm), b.const([0, 0, nh * d])])
-    return _linear(b, W, ctx, f"layers.{i}.o", (layer.o,), (layer.o_bias,) if layer.o_bias is not None else None)
-
-
-def _act(b: GraphBuilder, x: str, act: str) -> str:
-    if act == "silu":
-        return b.op("Mul", [x, b.op("Sigmoid", [x])])  # type: ignore[return-value]
-    if act == "relu":
-        return b.op("Relu", [x])  # type: ignore[return-value]
-    half = b.const(np.float32(0.5), np.float32)
-    one = b.const(np.float32(1.0), np.float32)
-    if act == "gelu":
-        inner = b.op("Erf", [b.op("Mul", [x, b.const(np.float32(2 ** -0.5), np.float32)])])
-    else:  # tanh approximation
-        cube = b.op("Mul", [b.op("Mul", [x, x]), x])
-        poly = b.op("Add", [x, b.op("Mul", [cube, b.const(np.float32(0.044715), np.float32)])])
-        inner = b.op("Tanh", [b.op("Mul", [poly, b.const(np.float32((2 / np.pi) ** 0.5), np.float32)])])
-    return b.op("Mul", [b.op("Mul", [x, half]), b.op("Add", [inner, one])])  # type: ignore[return-value]
+    return linear(b, W, ctx, f"layers.{i}.o", (layer.o,), (layer.o_bias,) if layer.o_bias is not None else None)
 
 
 def _rotate(b: GraphBuilder, x: str, rotation: tuple, name: str) -> str:  # type: ignore[type-arg]
@@ -351,15 +305,15 @@ def _rotate(b: GraphBuilder, x: str, rotation: tuple, name: str) -> str:  # type
     return b.op("Reshape", [y, b.const([0, 0, signs.shape[0]])])  # type: ignore[return-value]
 
 
-def _mlp(b: GraphBuilder, W: _Weights, spec: DecoderSpec, h: str, layer, p: str) -> str:  # type: ignore[no-untyped-def]
-    up = _linear(b, W, h, f"{p}.up", layer.up, (layer.up_bias,) if layer.up_bias is not None else None)
+def _mlp(b: GraphBuilder, W: Weights, spec: DecoderSpec, h: str, layer, p: str) -> str:  # type: ignore[no-untyped-def]
+    up = linear(b, W, h, f"{p}.up", layer.up, (layer.up_bias,) if layer.up_bias is not None else None)
     if spec.gated:
         inter = layer.up[0].shape[0]
         gate, up = b.split(up, [inter, inter], axis=-1)
-        act = b.op("Mul", [_act(b, gate, spec.act), up])
+        act = b.op("Mul", [activation(b, gate, spec.act), up])
     else:
-        act = _act(b, up, spec.act)
+        act = activation(b, up, spec.act)
     if layer.down_rotation is not None:
         act = _rotate(b, act, layer.down_rotation, f"{p}.down.rotation")
     bias = (layer.down_bias,) if layer.down_bias is not None else None
-    return _linear(b, W, act, f"{p}.down", (layer.down,), bias)  # type: ignore[arg-type]
+    return linear(b, W, act, f"{p}.down", (layer.down,), bias)  # type: ignore[arg-type]

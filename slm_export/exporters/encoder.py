@@ -9,14 +9,14 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
-from slm_export.exporters.decoder import MASK_VALUE, _act, _linear, _Weights
 from slm_export.exporters.graph import GraphBuilder
+from slm_export.exporters.layers import MASK_VALUE, Weights, activation, linear
 from slm_export.models.adapters import EncoderSpec
 
 F32, I64 = TensorProto.FLOAT, TensorProto.INT64
 
 
-def _layer_norm(b: GraphBuilder, W: _Weights, x: str, wb: tuple, name: str, eps: float) -> str:  # type: ignore[type-arg]
+def _layer_norm(b: GraphBuilder, W: Weights, x: str, wb: tuple, name: str, eps: float) -> str:  # type: ignore[type-arg]
     w, bias = W(f"{name}.weight", lambda: wb[0]), W(f"{name}.bias", lambda: wb[1])
     if b.opset >= 17:
         return b.op("LayerNormalization", [x, w, bias], axis=-1, epsilon=eps)  # type: ignore[return-value]
@@ -29,7 +29,7 @@ def _layer_norm(b: GraphBuilder, W: _Weights, x: str, wb: tuple, name: str, eps:
 def build_encoder(spec: EncoderSpec, opset: int, precision: str) -> GraphBuilder:
     """Build the encoder graph; weights are written when the builder is saved."""
     b = GraphBuilder("bert_encoder", opset)
-    W = _Weights(b, precision)
+    W = Weights(b, precision)
     nh, d = spec.heads, spec.hidden // spec.heads
     ids = b.input("input_ids", I64, ["batch", "seq"])
     mask_in = b.input("attention_mask", I64, ["batch", "seq"])
@@ -48,17 +48,17 @@ def build_encoder(spec: EncoderSpec, opset: int, precision: str) -> GraphBuilder
     perm = [0, 2, 1, 3]
     for i, layer in enumerate(spec.layers):
         p = f"layers.{i}"
-        qkv = _linear(b, W, x, f"{p}.qkv", layer.qkv, layer.qkv_bias)
+        qkv = linear(b, W, x, f"{p}.qkv", layer.qkv, layer.qkv_bias)
         q, k, v = (b.op("Transpose", [b.op("Reshape", [t, b.const([0, 0, nh, d])])], perm=perm)
                    for t in b.split(qkv, [spec.hidden] * 3, axis=-1))
         q = b.op("Mul", [q, b.const(np.float32(d ** -0.5), np.float32)])
         scores = b.op("Add", [b.op("MatMul", [q, b.op("Transpose", [k], perm=[0, 1, 3, 2])]), additive])
         ctx = b.op("MatMul", [b.op("Softmax", [scores], axis=-1), v])
         ctx = b.op("Reshape", [b.op("Transpose", [ctx], perm=perm), b.const([0, 0, spec.hidden])])
-        attn = _linear(b, W, ctx, f"{p}.o", (layer.o,), (layer.o_bias,))
+        attn = linear(b, W, ctx, f"{p}.o", (layer.o,), (layer.o_bias,))
         x = _layer_norm(b, W, b.op("Add", [x, attn]), layer.norm1, f"{p}.norm1", spec.eps)
-        h = _act(b, _linear(b, W, x, f"{p}.fc", (layer.fc,), (layer.fc_bias,)), spec.act)
-        x = _layer_norm(b, W, b.op("Add", [x, _linear(b, W, h, f"{p}.down", (layer.down,), (layer.down_bias,))]),
+        h = activation(b, linear(b, W, x, f"{p}.fc", (layer.fc,), (layer.fc_bias,)), spec.act)
+        x = _layer_norm(b, W, b.op("Add", [x, linear(b, W, h, f"{p}.down", (layer.down,), (layer.down_bias,))]),
                         layer.norm2, f"{p}.norm2", spec.eps)
     b.op_to("Identity", [x], ["last_hidden_state"])
     b.output("last_hidden_state", F32, ["batch", "seq", spec.hidden])

@@ -21,7 +21,7 @@ import numpy as np
 
 from slm_export.calibration.quant import QuantizedTensor, refuse_hot_rows, refuse_signed_scales
 from slm_export.errors import CompileError
-from slm_export.exporters.decoder import rope_tables
+from slm_export.exporters.layers import rope_tables
 from slm_export.models.adapters import DecoderSpec
 
 

@@ -41,7 +41,7 @@ from slm_export.backends.tvm.kernels import convert_map, pack_int4, packs_int4, 
 from slm_export.backends.tvm.schedule import compile_module
 from slm_export.calibration.quant import QuantizedTensor, refuse_hot_rows
 from slm_export.errors import CompileError
-from slm_export.exporters.decoder import MASK_VALUE, rope_tables
+from slm_export.exporters.layers import MASK_VALUE, rope_tables
 from slm_export.models.adapters import DecoderSpec
 
 log = logging.getLogger(__name__)
