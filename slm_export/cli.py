@@ -31,47 +31,13 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--target-file", help="a TOML profile of your own device")
     e.add_argument("--out", "-o", help="artifact folder (default: build/<target>): written only when absent, empty or "
                    "an artifact of this tool")
-    e.add_argument("--force", action="store_true", default=None,
-                   help="replace an --out folder that holds other files (never the current or home folder, nor one "
-                   "holding the run's inputs)")
-    e.add_argument("--precision", choices=("fp32", "fp16", "bf16", "int8", "int4"),
-                   help="override the profile's default precision")
-    e.add_argument("--eval-data", help="evaluation text (.txt, or .jsonl with a \"text\" field)")
-    q = e.add_argument_group("compression (int8, int4)")
-    q.add_argument("--method", choices=("rtn", "gptq", "awq", "awq-gptq", "smoothquant", "dynamic"),
-                   help="quantization method (default: awq-gptq for int4; for int8 the profile's: rtn weight-only on "
-                   "CPU targets, smoothquant W8A8 static on a100 and fpga). dynamic: W8A8, activations per token")
-    q.add_argument("--observer", help="activation observer of W8A8 static: minmax, moving-average, percentile, "
-                   "entropy, mse (default minmax)")
-    q.add_argument("--smooth-alpha", type=float, help="SmoothQuant migration strength in [0, 1] "
-                   "(default: searched per input group)")
-    q.add_argument("--rotate", type=int, help="W8A8: rotate down_proj's input online by a randomised Hadamard "
-                   "of this block size, smoothing first (default 128 for smoothquant; 0: off)")
-    q.add_argument("--group-size", type=int, help="weights per quantization group along the input (default 32)")
-    q.add_argument("--symmetric", action="store_true", default=None, help="symmetric quantization (no zero points)")
-    q.add_argument("--calib-data", help="calibration text: .txt, .jsonl with \"text\", or a `datasets` folder "
-                   "(default: the built-in calibration half, disjoint from evaluation)")
-    q.add_argument("--calib-samples", type=int, help="calibration samples (default 64)")
-    q.add_argument("--calib-seqlen", type=int, help="tokens per calibration sample (default 512)")
-    q.add_argument("--seed", type=int, help="seed for drawing calibration samples (default 0)")
-    q.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4),
-                   help="ONNX Runtime MatMulNBits accuracy level (4: int8 compute; default 4)")
-    q.add_argument("--lm-head-bits", type=int, choices=(0, 4, 8),
-                   help="quantize the LM head too (default: 8 for weight-only int8/int4 where ONNX Runtime is the "
-                   "target's first backend, else 0: float)")
-    q.add_argument("--lm-head-hot", type=_fraction, metavar="FRACTION",
-                   help="an int4 LM head (implied) with this fraction of its rows, the ones the calibration text "
-                   "reads most, at int8 too (ONNX-Runtime-only targets; default 0.15 on the host for int4, else 0)")
-    q.add_argument("--tune-epochs", type=int, metavar="N",
-                   help="after quantizing, tune the norm weights and the group scales (codes fixed: same format, "
-                   "size and speed) so the model's next-token distributions match the float model's on the "
-                   "calibration samples, N passes over them (default 0: off; minutes per pass on CPU)")
-    q.add_argument("--max-ppl-increase", type=_percent, help="accuracy budget, e.g. 5%%: int4, with the most "
-                   "sensitive layers kept at int8 until the perplexity change on the evaluation text is within it")
-    sp = e.add_argument_group("sparsity")
-    sp.add_argument("--sparsity", help="N:M pattern along the input dimension (2:4, 4:8) or 'unstructured'")
-    sp.add_argument("--sparsity-method", choices=("magnitude", "wanda", "sparsegpt"), help="default sparsegpt")
-    sp.add_argument("--sparsity-ratio", type=float, help="fraction of weights removed, unstructured (default 0.5)")
+    from slm_export.calibration.config import COMPRESSION, SPARSITY
+    from slm_export.options import add_arguments
+    from slm_export.plan import Plan
+
+    # Every plan option's flag, help, choices and type come from its one declaration (plan.py, calibration/config.py)
+    add_arguments({"": e, COMPRESSION: e.add_argument_group(COMPRESSION), SPARSITY: e.add_argument_group(SPARSITY)},
+                  Plan)
     e.add_argument("--dry-run", action="store_true", help="print the plan and stop")
     e.add_argument("--no-validate", action="store_true", help="skip validation")
     em = e.add_mutually_exclusive_group()
@@ -201,13 +167,6 @@ def main(argv: list[str] | None = None) -> int:
         return 4
 
 
-def _percent(text: str) -> float:
-    try:
-        return float(text.strip().rstrip("%"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a percentage like 5% or 2.5, not {text!r}") from None
-
-
 def _positive(text: str) -> float:
     try:
         value = float(text)
@@ -215,16 +174,6 @@ def _positive(text: str) -> float:
         value = -1.0
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a positive number of seconds, not {text!r}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1) like 0.05, not {text!r}")
     return value
 
 
@@ -276,16 +225,17 @@ def _progress() -> tuple[Any, Any]:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from slm_export.options import given
     from slm_export.pipeline import IGNORED, make_plan, run
+    from slm_export.plan import Plan
     from slm_export.targets import get_target
 
     profile = get_target(args.target, args.target_file)
     out = args.out or f"build/{profile.id}"
-    options = {k: getattr(args, k) for k in ("method", "group_size", "symmetric", "calib_data", "calib_samples",
-                                             "calib_seqlen", "seed", "accuracy_level", "lm_head_bits",
-                                             "lm_head_hot", "sparsity", "sparsity_method", "sparsity_ratio",
-                                             "max_ppl_increase", "observer", "smooth_alpha", "rotate", "emulate",
-                                             "tune_epochs", "force")}
+    options = given(Plan, vars(args))
+    options.pop("precision", None)
+    options.pop("eval_data", None)
+    options["emulate"] = args.emulate
     plan = make_plan(profile, args.model, out, args.precision, args.eval_data, not args.no_validate, **options)
     for note in plan.notes:
         if note.startswith(IGNORED):

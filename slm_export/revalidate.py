@@ -125,9 +125,8 @@ def revalidate(artifact: str | Path, eval_data: str | None = None, progress: Pro
     origin = old.get("target", {}).get("origin", "built-in")
     profile: TargetProfile = get_target(old_plan.get("target", "host")) if origin == "built-in" \
         else get_target(target_file=origin)
-    plan = Plan(**{**old_plan, "notes": tuple(old_plan.get("notes", ())), "eval_data": eval_data,
-                   "validate": True}) if old_plan else make_plan(profile, manifest["source_model"], artifact,
-                                                                 manifest["precision"], eval_data)
+    plan = Plan.from_dict({**old_plan, "eval_data": eval_data, "validate": True}) if old_plan \
+        else make_plan(profile, manifest["source_model"], artifact, manifest["precision"], eval_data)
     ran = old.get("validated_file") or MODEL_FILE
     _inside_or_refuse(artifact, ran, "the file it validated")
     backends = old.get("backends", [])

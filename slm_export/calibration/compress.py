@@ -16,12 +16,13 @@ import torch
 from torch import nn
 
 from slm_export.calibration.awq import AWQConfig, awq_quantize
+from slm_export.calibration.config import CompressConfig
 from slm_export.calibration.data import CalibrationSet, load_calibration
 from slm_export.calibration.gptq import GPTQConfig, gptq_quantize, prepare_hessian
-from slm_export.calibration.observers import check_observer, fake_quant, make_observer
+from slm_export.calibration.observers import fake_quant, make_observer
 from slm_export.calibration.quant import HotRowsTensor, QuantizedTensor, check_group, quantize_rtn, sqnr_db
 from slm_export.calibration.sequential import InputStats, decoder_layers, observe_inputs, sequential_calibration
-from slm_export.calibration.smoothquant import SmoothQuantConfig, pow2_weight_scale, quantize_weight
+from slm_export.calibration.smoothquant import pow2_weight_scale, quantize_weight
 from slm_export.calibration.transforms import (
     apply_rotation,
     awq_head,
@@ -32,102 +33,12 @@ from slm_export.calibration.transforms import (
 )
 from slm_export.calibration.tune import TuneConfig, tune_end_to_end
 from slm_export.errors import ConfigError
-from slm_export.sparsity import SparsityConfig, prune, sparsity_of
+from slm_export.sparsity import prune, sparsity_of
 
-METHODS = ("rtn", "gptq", "awq", "awq-gptq", "smoothquant", "dynamic")
-W8A8_METHODS = ("smoothquant", "dynamic")  # int8 activations too: static (calibrated) or per token at run time
-BITS = {"int8": 8, "int4": 4, "int3": 3, "none": 0}
+__all__ = ["CompressConfig", "CompressResult", "compress"]
+
 AWQ_TYPES = ("llama", "mistral", "qwen2", "gemma")
 
-
-@dataclass(frozen=True)
-class CompressConfig:
-    """Weight-only quantization settings; validated on construction."""
-
-    precision: str = "int4"
-    method: str = "gptq"
-    group_size: int = 32
-    symmetric: bool = False
-    # Symmetric int4/int3: a group whose positive end is the longer gets a negative scale, so the grid's extra
-    # level reaches it (``group_params``). ONNX Runtime's MatMulNBits multiplies by the scale as stored.
-    signed_scales: bool = False
-    calib_data: str | None = None
-    calib_samples: int = 128
-    calib_seqlen: int = 512
-    # Draw the samples from the head of the calibration text only: the accuracy budget (--max-ppl-increase)
-    # fits its choice on the held-out tail (``data.split_calibration``), which the weights must not have seen.
-    calib_holdout: bool = False
-    seed: int = 0
-    damp: float = 0.01
-    act_order: bool = True
-    lm_head_bits: int = 0  # 0: keep the (tied) LM head in float
-    # Fraction of an int4 head's rows kept at int8 as well: the vocabulary rows the calibration data reads
-    # most (its next tokens and the float head's probability mass). 0: one width for the whole head.
-    lm_head_hot: float = 0.0
-    sparsity: SparsityConfig | None = None
-    smooth_alpha: float | None = None  # SmoothQuant migration strength; None: searched per input group
-    observer: str = "minmax"  # activation observer of W8A8 static
-    pow2: bool = False  # W8A8 with per-tensor power-of-two scales (DPU-class accelerators)
-    rotate: int = 0  # W8A8: online Hadamard rotation of down_proj's input, largest block (0: none)
-    # Passes of end-to-end tuning (norms and group scales against the float model's logits) after
-    # quantization, over the calibration samples; 0: none (``tune.py``).
-    tune_epochs: int = 0
-
-    def __post_init__(self) -> None:
-        if self.precision == "none" and self.sparsity is None:
-            raise ConfigError("nothing to compress: no quantization and no sparsity")
-        if self.precision not in BITS:
-            raise ConfigError(f"weight-only precision must be one of {', '.join(BITS)}, not {self.precision!r}")
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown method {self.method!r}; methods: {', '.join(METHODS)}")
-        if self.group_size < 16 or self.group_size & (self.group_size - 1):
-            raise ConfigError(f"group size must be a power of two >= 16 (what MatMulNBits runs), not {self.group_size}")
-        if self.lm_head_bits not in (0, 4, 8):
-            raise ConfigError("LM head bits must be 0 (float), 4 or 8")
-        if not 0 <= self.lm_head_hot < 1:
-            raise ConfigError(f"--lm-head-hot is a fraction of the LM head's rows, in [0, 1), not {self.lm_head_hot}")
-        if self.lm_head_hot and self.lm_head_bits != 4:
-            raise ConfigError("--lm-head-hot keeps some rows of an int4 LM head at int8: use it with --lm-head-bits 4")
-        if self.lm_head_hot and (not self.needs_data or self.w8a8):
-            raise ConfigError("--lm-head-hot picks the head's rows by calibration data: use a weight-only method that "
-                              "calibrates (gptq, awq or awq-gptq)")
-        if self.signed_scales and not self.symmetric:
-            raise ConfigError("signed scales are a form of symmetric quantization: use them with --symmetric")
-        if self.method in W8A8_METHODS and self.precision not in ("int8", "none"):
-            raise ConfigError(f"--method {self.method} quantizes weights and activations to int8: use --precision int8")
-        if self.pow2 and self.method != "smoothquant":
-            raise ConfigError("power-of-two per-tensor scales are made by the W8A8 static method (smoothquant)")
-        if self.rotate and (self.rotate < 16 or self.rotate & (self.rotate - 1)):
-            raise ConfigError(f"rotation block must be a power of two >= 16, not {self.rotate}")
-        if self.rotate and self.method not in W8A8_METHODS:
-            raise ConfigError("the down_proj rotation is for int8 activations: --method smoothquant or dynamic")
-        if self.method == "smoothquant":
-            SmoothQuantConfig(self.smooth_alpha, self.observer, self.pow2)
-            check_observer(self.observer)
-        TuneConfig(self.tune_epochs)
-        if self.tune_epochs and (self.w8a8 or self.precision == "none"):
-            raise ConfigError("--tune-epochs tunes the scales of weight-only int8/int4: not for W8A8 "
-                              f"({self.method}) or sparsity alone")
-
-    @property
-    def bits(self) -> int:
-        return BITS[self.precision]
-
-    @property
-    def w8a8(self) -> bool:
-        return self.precision == "int8" and self.method in W8A8_METHODS
-
-    @property
-    def needs_data(self) -> bool:
-        quant = self.precision != "none" and self.method not in ("rtn", "dynamic")
-        return quant or (self.sparsity is not None and self.sparsity.needs_data)
-
-    @property
-    def needs_hessian(self) -> bool:
-        # W8A8 static rounds its (smoothed) int8 weights with GPTQ, as TensorRT Model Optimizer and
-        # llm-compressor's W8A8 recipes do; on the power-of-two per-tensor grid too (step chosen first).
-        quant = self.precision != "none" and self.method in ("gptq", "awq-gptq", "smoothquant")
-        return quant or (self.sparsity is not None and self.sparsity.method == "sparsegpt")
 
 
 @dataclass(frozen=True)
@@ -163,6 +74,10 @@ def compress(model: Any, cfg: CompressConfig, progress: Callable[[str], None] | 
     """Quantize ``model``'s decoder linears per ``cfg``; the model's own weights are left untouched."""
     from slm_export.models.loader import _build_module
 
+    if not cfg.compresses:
+        raise ConfigError("nothing to compress: no quantization and no sparsity")
+    if cfg.quantized and cfg.method is None:
+        raise ConfigError("a quantized plan needs a method (the planner's rules choose one)")
     if model.kind != "decoder":
         raise ConfigError("weight quantization applies to decoders; encoders export in fp32 or fp16")
     if model.model_type == "gpt2":
@@ -191,7 +106,7 @@ def compress(model: Any, cfg: CompressConfig, progress: Callable[[str], None] | 
         for name, lin in linears.items():  # no data: prune by magnitude, round to nearest, no forward passes
             w = lin.weight.detach()
             if cfg.sparsity is not None:
-                w = prune(w, cfg.sparsity)
+                w = prune(w, cfg.sparsity_config)
             q = _finish_weight(w, cfg, None, None)
             quantized[name + ".weight"] = q
             layer_report.append(_layer_entry(name, lin.weight.detach(), q, cfg, None))
@@ -223,12 +138,12 @@ def compress(model: Any, cfg: CompressConfig, progress: Callable[[str], None] | 
                 st = stats[name]
                 if cfg.sparsity is not None:
                     hess = None
-                    if cfg.sparsity.method == "sparsegpt":
+                    if cfg.sparsity_method == "sparsegpt":
                         key = ("sparse", id(st))
                         if key not in prepared:
                             prepared[key] = prepare_hessian(st.hessian, GPTQConfig(damp=cfg.damp, act_order=False))  # type: ignore[arg-type]
                         hess = prepared[key]
-                    w = prune(w, cfg.sparsity, st.sq_sum, hess)
+                    w = prune(w, cfg.sparsity_config, st.sq_sum, hess)
                 q = _finish_weight(w, cfg, st, prepared)
                 quantized[full + ".weight"] = q
                 layer_report.append(_layer_entry(full, ref, q, cfg, st))
@@ -326,7 +241,7 @@ def compress(model: Any, cfg: CompressConfig, progress: Callable[[str], None] | 
                      "figures are from before tuning)")
     # Only meaningful when weights are quantized: pruned float weights are stored dense at the artifact's
     # float width, which the compress stage does not decide.
-    bpw = _bits_per_weight(weights) if cfg.precision != "none" else None
+    bpw = _bits_per_weight(weights) if cfg.quantized else None
     return CompressResult(weights, layer_report, calib.describe() if calib else None, time.perf_counter() - t0,
                           bpw, notes, channel_scales=channel_scales, tuning=tuned)
 
@@ -371,7 +286,7 @@ def _quantize_head(w: torch.Tensor, cfg: CompressConfig, st: InputStats | None) 
 def _finish_weight(w: torch.Tensor, cfg: CompressConfig, st: InputStats | None,
                    prepared: dict[Any, Any] | None) -> QuantizedTensor | torch.Tensor:
     """Quantize a (possibly pruned) weight by the configured method; float when only pruning."""
-    if cfg.precision == "none":
+    if not cfg.quantized:
         return w
     keep = (w != 0) if cfg.sparsity is not None else None
     if cfg.w8a8:  # int8 weights; smoothquant sets the activation scale after observing the inputs
@@ -380,9 +295,9 @@ def _finish_weight(w: torch.Tensor, cfg: CompressConfig, st: InputStats | None,
             key = ("gptq8", id(st))
             if key not in prepared:
                 prepared[key] = prepare_hessian(st.hessian, gcfg)
-            grid = torch.tensor([[pow2_weight_scale(w, st.hessian)]]) if cfg.pow2 else None
+            grid = torch.tensor([[pow2_weight_scale(w, st.hessian)]]) if cfg.pow2_scales else None
             return gptq_quantize(w, prepared[key], gcfg, keep, scale=grid)
-        q = quantize_weight(w, cfg.pow2)
+        q = quantize_weight(w, cfg.pow2_scales)
         return replace(q, act_dynamic=True) if cfg.method == "dynamic" else q
     if cfg.method == "rtn" or st is None:
         return quantize_rtn(w, cfg.bits, cfg.group_size, cfg.symmetric, signed=cfg.signed_scales)  # zeros stay zero
@@ -401,10 +316,10 @@ def _layer_entry(name: str, w: torch.Tensor, q: QuantizedTensor | torch.Tensor, 
     ref = w.float().numpy()
     deq = q.dequantize() if isinstance(q, QuantizedTensor) else q.numpy()
     bits = q.bits if isinstance(q, QuantizedTensor) else 32
-    entry = {"layer": name, "method": cfg.method if cfg.precision != "none" else "float", "bits": bits,
+    entry = {"layer": name, "method": cfg.method if cfg.quantized else "float", "bits": bits,
              "group": q.group if isinstance(q, QuantizedTensor) else 0, "weight_sqnr_db": round(_sqnr32(ref, deq), 2)}
     if cfg.w8a8:
-        entry["group"] = "tensor" if cfg.pow2 else "channel"
+        entry["group"] = "tensor" if cfg.pow2_scales else "channel"
     if isinstance(q, HotRowsTensor):
         entry["hot_rows"], entry["hot_bits"] = len(q.rows), q.hot.bits  # type: ignore[arg-type, union-attr]
     if cfg.sparsity is not None:
@@ -454,7 +369,7 @@ def _calibrate_activations(layer: nn.Module, inputs: list, cfg: CompressConfig, 
         if not isinstance(lin, nn.Linear):
             continue
         full = f"{prefix}.{name}"
-        scale = float(observers[name].scale(8, pow2=cfg.pow2))
+        scale = float(observers[name].scale(8, pow2=cfg.pow2_scales))
         quantized[full + ".weight"] = replace(quantized[full + ".weight"], act_scale=scale)
         x = torch.cat(stats[name].sample)  # smoothed rows of this input
         act_sqnr = sqnr_db(x.numpy(), fake_quant(x, scale).numpy())

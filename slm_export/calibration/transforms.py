@@ -17,7 +17,7 @@ from slm_export.calibration.sequential import InputStats, decoder_layers
 from slm_export.calibration.smoothquant import SmoothQuantConfig, choose_scales
 
 if TYPE_CHECKING:
-    from slm_export.calibration.compress import CompressConfig
+    from slm_export.calibration.config import CompressConfig
 
 
 def rotate_down(work: nn.Module, cfg: CompressConfig, rotate_weights: bool) -> dict[int, Rotation]:
@@ -103,7 +103,7 @@ def smooth_layer(layer: nn.Module, stats: dict[str, InputStats], cfg: CompressCo
                   model_type: str, rotation: Rotation | None = None) -> dict[str, float | None]:
     """SmoothQuant's scale migration for each input group; returns the alpha chosen per group.
     ``rotation``: down_proj's input will be rotated after smoothing; the alpha search accounts for it."""
-    sq = SmoothQuantConfig(cfg.smooth_alpha, cfg.observer, cfg.pow2)
+    sq = SmoothQuantConfig(cfg.smooth_alpha, cfg.observer, cfg.pow2_scales)
     offset = 1.0 if model_type == "gemma" else 0.0
     chosen: dict[str, float | None] = {}
     for prev, lins, key in input_groups(layer):

@@ -367,12 +367,11 @@ def test_sparsegpt_beats_wanda_beats_magnitude_on_output_error() -> None:
 
 @pytest.mark.parametrize("precision", ["fp32", "int4"])
 def test_sparse_export_keeps_pattern_in_onnx(precision: str, tiny_models: dict[str, Path], tmp_path: Path) -> None:
-    from slm_export.sparsity import SparsityConfig
     from slm_export.sparsity.verify import verify_sparsity
 
     model = load_model(str(tiny_models["llama"]))
     cfg = CompressConfig("int4" if precision == "int4" else "none", "gptq", 32, calib_samples=4, calib_seqlen=64,
-                         sparsity=SparsityConfig("2:4", "sparsegpt"))
+                         sparsity="2:4", sparsity_method="sparsegpt")
     result = compress(model, cfg)
     assert all(e["sparsity"] == pytest.approx(0.5, abs=0.01) for e in result.layers)
     plan = Plan(target="host", model="m", out="o", precision=precision, backend="onnxruntime",

@@ -202,8 +202,9 @@ def test_second_run_on_the_same_out_fails_naming_the_first(model: Path, tmp_path
 @pytest.mark.parametrize(("extra", "expected"), [
     (["--threads", "-3"], "at least 0, not '-3'"),
     (["--precision", "int4", "--method", "rtn", "--calib-samples", "-1"], "--calib-samples must be at least 1"),
-    (["--precision", "int4", "--group-size", "7"], "group size must be a power of two"),
-    (["--sparsity", "unstructured", "--sparsity-ratio", "1.5"], "--sparsity-ratio is the fraction"),
+    (["--precision", "int4", "--group-size", "7"], "--group-size must be a power of two"),
+    (["--group-size", "7"], "--group-size must be a power of two"),  # out of range, even where it is not read
+    (["--sparsity", "unstructured", "--sparsity-ratio", "1.5"], "--sparsity-ratio must be in (0, 1)"),
     (["--device-timeout", "-1"], "positive number of seconds"),
 ])
 def test_options_refused_before_any_work(extra: list[str], expected: str, model: Path, tmp_path: Path,
@@ -220,7 +221,7 @@ def test_options_refused_before_any_work(extra: list[str], expected: str, model:
 
 
 @pytest.mark.parametrize(("extra", "expected"), [
-    (["--group-size", "7"], "--group-size applies to weight-only int8 and int4; this plan (fp32) does not read it"),
+    (["--group-size", "64"], "--group-size applies to weight-only int8 and int4; this plan (fp32) does not read it"),
     (["--precision", "int4", "--method", "rtn", "--calib-samples", "8"], "--calib-samples applies to methods that "
      "calibrate"),
     (["--sparsity-ratio", "0.3"], "--sparsity-ratio applies to --sparsity unstructured"),
@@ -431,7 +432,7 @@ def test_report_parser_fuzz(artifact: Path, data: st.DataObject) -> None:
         report = parse_report(raw)
         plan = report.get("plan")
         if plan:
-            Plan(**{**plan, "notes": tuple(plan.get("notes", ()))})
+            Plan.from_dict(plan)
         _inside_or_refuse(artifact, report.get("validated_file"), "the file it validated")
     except ConfigError:
         pass

@@ -307,7 +307,7 @@ def _twin(model, weights: dict, hooks: str):  # type: ignore[no-untyped-def]
 def test_w8a8_export_matches_simulation(method: str, pow2: bool, opset: int, rotate: int, arch: str,
                                         tiny_models: dict[str, Path], tmp_path: Path) -> None:
     model = load_model(str(tiny_models[arch]))
-    cfg = CompressConfig("int8", method, calib_samples=4, calib_seqlen=64, pow2=pow2, observer="minmax",
+    cfg = CompressConfig("int8", method, calib_samples=4, calib_seqlen=64, pow2_scales=pow2, observer="minmax",
                          rotate=rotate)
     result = compress(model, cfg)
     q = {k: v for k, v in result.weights.items() if isinstance(v, QuantizedTensor)}
