@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from slm_export.backends import Availability, CompileJob, CompileResult
+from slm_export.backends.base import Availability, CompileJob, CompileResult
 from slm_export.errors import CompileError, DeviceError
 
 INSTALL = "pip install onnxruntime"

@@ -20,7 +20,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from slm_export.backends import Availability, CompileJob, CompileResult
+from slm_export.backends.base import Availability, CompileJob, CompileResult
 from slm_export.errors import CompileError
 
 INSTALL = "pip install tensorrt (needs an NVIDIA GPU and driver); on Jetson it comes with JetPack"

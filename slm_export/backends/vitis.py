@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from slm_export.backends import Availability, CompileJob, CompileResult
+from slm_export.backends.base import Availability, CompileJob, CompileResult
 from slm_export.errors import CompileError
 
 INSTALL = "the Vitis AI 3.0 docker image (xilinx/vitis-ai-pytorch-cpu:3.0) provides vai_c_xir"

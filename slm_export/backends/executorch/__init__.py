@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from slm_export.backends import Availability, CompileJob, CompileResult
+from slm_export.backends.base import Availability, CompileJob, CompileResult
 from slm_export.errors import CompileError, DeviceError
 
 INSTALL = ("pip install --no-deps executorch==1.5.1 torchao==0.18.0, then its runtime needs: flatbuffers "

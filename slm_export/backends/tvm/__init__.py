@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from slm_export.backends import Availability, CompileJob, CompileResult
+from slm_export.backends.base import Availability, CompileJob, CompileResult
 from slm_export.errors import CompileError
 
 PACKAGE = "apache-tvm==0.27.0.post1"
