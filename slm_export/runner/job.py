@@ -23,15 +23,17 @@ SCHEMA = 1  # of the job and result files (__main__.py says the same, before Num
 
 def open_runtime(path: Path, threads: int = 0, exact_qdq: bool = False,
                  ort_config: dict[str, str] | None = None) -> tuple[Any, dict[str, str]]:
-    """The decoder for an artifact file, by its suffix, and the runtime's name and version."""
+    """The decoder for an artifact file, by its suffix, and the runtime's name and version: an ExecuTorch
+    program (``.pte``), a TVM library (``.so``) or, for anything else, an ONNX Runtime session
+    (``make_session``). The one place the runner and the host's validation open an artifact."""
     if path.suffix == ".pte":
         from .pte_run import PteDecoder
 
-        return PteDecoder(path, threads), {"runtime": "executorch", "runtime_version": _version("executorch")}
+        return PteDecoder(path, threads), {"runtime": "executorch", "runtime_version": dist_version("executorch")}
     if path.suffix == ".so":
         from .tvm_run import TvmDecoder
 
-        return TvmDecoder(path, threads), {"runtime": "tvm", "runtime_version": _version("apache-tvm")}
+        return TvmDecoder(path, threads), {"runtime": "tvm", "runtime_version": dist_version("apache-tvm")}
     from .onnx_run import OnnxDecoder, make_session
 
     session = make_session(path, threads, exact_qdq=exact_qdq, config=ort_config)
@@ -40,13 +42,14 @@ def open_runtime(path: Path, threads: int = 0, exact_qdq: bool = False,
     return OnnxDecoder(session), {"runtime": "onnxruntime", "runtime_version": onnxruntime.__version__}
 
 
-def _version(dist: str) -> str:
+def dist_version(dist: str, missing: str | None = "unknown") -> str | None:
+    """The installed version of the distribution ``dist``, or ``missing``."""
     try:
         from importlib.metadata import version
 
         return version(dist)
     except Exception:  # a runtime imported from a plain folder has no metadata
-        return "unknown"
+        return missing
 
 
 def cpu_name() -> str:

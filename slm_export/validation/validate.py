@@ -15,7 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from slm_export.validation.generate import OnnxDecoder, make_session, torch_greedy
+from slm_export.errors import DeviceError
+from slm_export.runner.job import dist_version, open_runtime
+from slm_export.validation.generate import make_session, torch_greedy
 from slm_export.validation.metrics import check_finite, cosine, decoder_accuracy
 from slm_export.validation.text import TextSource, token_windows
 
@@ -38,7 +40,7 @@ class ValidationSettings:
     identity: str | None = None
     known_hosts: str | None = None
     device_timeout: float = 3600.0
-    goals_file: str | None = None  # TOML goals that replace the defaults (``report.load_goals``)
+    goals_file: str | None = None  # TOML goals that replace the defaults (``goals.load_goals``)
 
 
 def where_host(model_path: Path | None = None) -> str:
@@ -109,26 +111,40 @@ def validate_decoder(model_path: Path, module: Any, tokenizer: Any, text: TextSo
 
 
 def open_decoder(path: Path, s: ValidationSettings) -> tuple[Any, str, Any]:
-    """The runner for a decoder artifact file, the label of its figures and its thread count: an
-    ExecuTorch program through ExecuTorch's runtime, a TVM library through TVM's, anything else through
-    ONNX Runtime."""
+    """The runner for a decoder artifact file (the runner's ``open_runtime``), the label of its figures and
+    its thread count: an ExecuTorch program through ExecuTorch's runtime, a TVM library through TVM's,
+    anything else through ONNX Runtime."""
     if path.suffix == ".pte":
-        from slm_export.backends.executorch import _version, open_pte
-
-        where = (f"measured on host ({platform.machine()}, executorch {_version()} runtime, XNNPACK, "
-                 f"{path.name})")
-        return open_pte(path, s.threads), where, s.threads or "all"
+        where = (f"measured on host ({platform.machine()}, executorch {dist_version('executorch', None)} runtime, "
+                 f"XNNPACK, {path.name})")
+        return _open_runtime(path, s), where, s.threads or "all"
     if path.suffix == ".so":
-        from slm_export.backends.tvm import _version as tvm_version
-        from slm_export.backends.tvm import open_tvm
-
-        where = f"measured on host ({platform.machine()}, tvm {tvm_version()} runtime, untuned, {path.name})"
-        return open_tvm(path, s.threads), where, s.threads or "all"
+        where = (f"measured on host ({platform.machine()}, tvm {dist_version('apache-tvm', None)} runtime, untuned, "
+                 f"{path.name})")
+        return _open_runtime(path, s), where, s.threads or "all"
     host = where_host(path)
     if s.exact_qdq:
         host += ", Q/DQ pairs run as exact int8 products in float (emulated quantized arithmetic)"
-    session = make_session(path, s.threads, exact_qdq=s.exact_qdq)
-    return OnnxDecoder(session), host, s.threads or session.get_session_options().intra_op_num_threads or "all"
+    dec = _open_runtime(path, s)
+    return dec, host, s.threads or dec.session.get_session_options().intra_op_num_threads or "all"
+
+
+def _open_runtime(path: Path, s: ValidationSettings) -> Any:
+    """``open_runtime``'s decoder; a missing ExecuTorch or TVM runtime is a DeviceError that says how to
+    install it."""
+    try:
+        decoder, _ = open_runtime(path, s.threads, exact_qdq=s.exact_qdq)
+    except ImportError:
+        if path.suffix == ".pte":
+            from slm_export.backends.executorch import INSTALL
+
+            raise DeviceError(f"ExecuTorch's runtime is not installed; install: {INSTALL}") from None
+        if path.suffix == ".so":
+            from slm_export.backends.tvm import INSTALL
+
+            raise DeviceError(f"TVM's runtime is not installed; install: {INSTALL}") from None
+        raise
+    return decoder
 
 
 def validate_encoder(model_path: Path, module: Any, tokenizer: Any, text: TextSource,

@@ -18,11 +18,10 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from pathlib import Path
 from typing import Any
 
 from slm_export.backends.base import Availability, CompileJob, CompileResult
-from slm_export.errors import CompileError, DeviceError
+from slm_export.errors import CompileError
 
 INSTALL = ("pip install --no-deps executorch==1.5.1 torchao==0.18.0, then its runtime needs: flatbuffers "
            "pandas pyyaml ruamel.yaml tabulate (scripts/setup.sh does this)")
@@ -186,12 +185,3 @@ def _delegation(graph_module: Any) -> tuple[int, list[dict[str, Any]]]:
             rows.append({"op": op, "delegated": False, "count": counts.non_delegated, "why": _why(op)})
     return info.num_delegated_subgraphs, rows
 
-
-def open_pte(path: Path, threads: int = 0) -> Any:
-    """The runner's ``PteDecoder`` for ``path``; a missing runtime is a DeviceError that says how to install it."""
-    try:
-        from slm_export.runner.pte_run import PteDecoder
-
-        return PteDecoder(path, threads)
-    except ImportError:
-        raise DeviceError(f"ExecuTorch's runtime is not installed; install: {INSTALL}") from None

@@ -140,14 +140,3 @@ class TvmBackend:
         return CompileResult(self.name, "done", note, tuple(files), runtime_model=HOST_SO,
                              device_model=AARCH64_SO if cross else HOST_SO, details=details)
 
-
-def open_tvm(path: Any, threads: int = 0) -> Any:
-    """The runner's ``TvmDecoder`` for ``path``; a missing runtime is a DeviceError that says how to install it."""
-    from slm_export.errors import DeviceError
-
-    try:
-        from slm_export.runner.tvm_run import TvmDecoder
-
-        return TvmDecoder(path, threads)
-    except ImportError:
-        raise DeviceError(f"TVM's runtime is not installed; install: {INSTALL}") from None
