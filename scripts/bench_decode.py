@@ -5,13 +5,15 @@ One run, ``smollm2-135m``, the same threads for everyone: greedy decoding of ``-
 ``--prompt``-token prompt (the start of the built-in evaluation text), one warm-up each, then
 ``--repeats`` rounds; each round runs every system once, in a rotated order, so that a machine whose speed
 drifts over minutes (a shared box) slows every row alike. Each row's figure is its median over the rounds;
-the ratio checks against GenAI and between thread counts use the median of the per-round ratios. Rows:
+the ratio checks against GenAI and between thread counts use the median of the per-round ratios (the rounds,
+medians and ratios are ``slm_export.bench``'s, which every bench script shares). Rows:
 
 - PyTorch eager float32 (transformers ``generate``): the reference, ratio 1.0;
-- this tool's float32, int8 and int4 artifacts (``slm-export --target host``, each profile default
-  method; int8 quantizes the LM head to int8, int4 to int4 with its 15% hot rows int8 too), the int4
-  artifact with an int8, an int4 and a float head, and symmetric int4 (``--symmetric``, the form GenAI's
-  builder writes) with the default and an int4 head, run by the project's own generation loop;
+- this tool's float32, int8 and int4 artifacts (``slm_export.export`` for the host target, a fresh process
+  each: the CLI's plan and defaults, each profile default method; int8 quantizes the LM head to int8, int4 to
+  int4 with its 15% hot rows int8 too), the int4 artifact with an int8, an int4 and a float head, and
+  symmetric int4 (``--symmetric``, the form GenAI's builder writes) with the default and an int4 head, run by
+  the project's own generation loop;
 - ONNX Runtime GenAI's model builder (``-p int4 -e cpu``, accuracy level 4) through its own generator,
   when ``onnxruntime_genai`` imports (``pip install onnxruntime-genai --no-deps``), on the bench's threads
   and on 1 thread (its own 2-thread scaling, printed beside the int4 artifact's);
@@ -25,8 +27,9 @@ the int4 artifact's shapes: the cost of the default's asymmetric int4 on this CP
 Every row's perplexity change is measured here, through this tool's validator, on the same windows of
 the evaluation text against PyTorch float32. A STREAM-like read (a multi-threaded sum of a buffer several
 times the last-level cache) gives the machine's bandwidth now; each artifact's roofline is that
-bandwidth over the bytes of weights one decoded token reads (every matmul weight, the LM head included;
-of an embedding table only one row).
+bandwidth over the bytes of weights one decoded token reads, as its report records them
+(``roofline.weight_bytes_read_per_token``: every linear weight, the LM head included; of an embedding table
+only one row); GenAI's are counted from its graph's matmul initializers (``decode_peers.bytes_read_per_token``).
 
 Usage: python scripts/bench_decode.py [--threads 2] [--work DIR] [--rows fp32,int8,int4,...] [--quick]
   --work DIR keeps the exported artifacts there and reuses them on the next run (export takes minutes).
@@ -40,7 +43,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,11 +50,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from decode_peers import GenAIScorer, Runner, genai_export, genai_runner, llama_cpp_runner
+from decode_peers import GenAIScorer, bytes_read_per_token, genai_export, genai_runner, llama_cpp_runner
 
-MATMUL_OPS = {"MatMul", "Gemm", "MatMulNBits", "MatMulInteger", "FusedMatMul", "QLinearMatMul", "DequantizeLinear",
-              "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm"}
-ONNX_ITEMSIZE = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 16: 2, 21: 0.5, 22: 0.5}
+from slm_export.bench import (
+    Rates,
+    Runner,
+    export_report,
+    in_fresh_process,
+    interleaved_rounds,
+    paired_ratio,
+    paired_ratios,
+    print_table,
+)
+
+CPUINFO = Path("/proc/cpuinfo")
 
 
 def stream_read_gbs(threads: int) -> float:
@@ -65,31 +76,22 @@ def stream_read_gbs(threads: int) -> float:
 def cpu_line() -> str:
     """The box, as a table needs to name it: the model name alone ("AMD EPYC") does not tell a Zen 3 from a
     Zen 5, and the int4 kernels' speed (zero points above all) changes with the family and the flags."""
-    from slm_export.targets.host import CPUINFO, _cpuinfo, _read
+    from slm_export.targets import get_target
 
-    name, flags, _, _ = _cpuinfo()
+    cpu = get_target("host").cpu  # model and ML-relevant flags as the host profile detects them
+    name, flags = (None if cpu.model == "unknown" else cpu.model), cpu.features
+    try:
+        text = CPUINFO.read_text(encoding="utf-8", errors="replace")
+    except OSError:  # containers, macOS
+        text = ""
     ids = {}
-    for line in (_read(CPUINFO) or "").splitlines():
+    for line in text.splitlines():
         key, _, value = (s.strip() for s in line.partition(":"))
         if key in ("cpu family", "model", "CPU implementer", "CPU part") and key not in ids:
             ids[key] = value
     where = ", ".join(f"{k} {v}" for k, v in ids.items())
     return f"CPU: {name or 'unknown'}{f' ({where})' if where else ''}, {os.cpu_count()} logical CPUs; " \
            f"kernel-relevant flags: {' '.join(flags) or 'none found'}"
-
-
-def bytes_read_per_token(onnx_path: Path) -> int:
-    """Bytes of the initializers that matmul-like nodes read: what one decoded token streams from memory."""
-    import onnx
-
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    size: dict[str, float] = {}
-    for t in model.graph.initializer:
-        ext = {e.key: e.value for e in t.external_data}
-        size[t.name] = int(ext["length"]) if "length" in ext else int(np.prod(t.dims)) * ONNX_ITEMSIZE.get(
-            t.data_type, 4)
-    used = {i for n in model.graph.node if n.op_type in MATMUL_OPS for i in n.input if i in size}
-    return int(sum(size[n] for n in used))
 
 
 def zero_point_cost(onnx_path: Path, threads: int, chain: int = 30, repeats: int = 7) -> dict[tuple[int, int], float]:
@@ -156,52 +158,13 @@ def prompt_and_windows(tokenizer: Any, n_prompt: int, n_windows: int) -> tuple[l
 # issue 6 asks the fast int4 artifact to stay within it.
 COMPRESSION_PPL = 4.33
 TUNE_EPOCHS = 2  # the tuned rows' passes over the calibration samples
-IDLE_S = 0.5  # pause before each timed run (interleaved_rates)
+IDLE_S = 0.5  # pause before each timed run (interleaved_rounds' idle_s)
 
 
-def interleaved_rates(runs: dict[str, Runner], repeats: int) -> dict[str, dict[str, Any]]:
-    """One warm-up of each runner, then ``repeats`` rounds of all of them (order rotated each round).
-    Per runner: median tok/s and TTFT over the rounds, and the per-round tok/s (for paired ratios)."""
-    for name, run in runs.items():
-        print(f"  warm-up {name} ...", file=sys.stderr, flush=True)
-        run()
-    names = list(runs)
-    ttft: dict[str, list[float]] = {n: [] for n in names}
-    rate: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            # Let the previous system's threads go idle first: ONNX Runtime's and OpenMP's workers spin for a
-            # while after a run, and on 2 cores that took the next system's prefill from 79 to 107 ms (int4
-            # right after int8, measured 2026-12-04), a cost no system pays when it runs alone.
-            time.sleep(IDLE_S)
-            first, steps = runs[name]()
-            ttft[name].append(first)
-            rate[name].append(len(steps) / sum(steps))
-        print(f"  round {r + 1}/{repeats}: " + ", ".join(f"{n} {rate[n][-1]:.1f}" for n in names),
-              file=sys.stderr, flush=True)
-    return {n: {"tok_s": float(np.median(rate[n])), "ttft_s": float(np.median(ttft[n])), "tok_s_all": rate[n]}
-            for n in names}
-
-
-def paired_ratio(a: dict[str, Any], b: dict[str, Any]) -> float:
-    """Median over rounds of a's tok/s over b's in the same round."""
-    return float(np.median(round_ratios(a, b)))
-
-
-def round_ratios(a: dict[str, Any], b: dict[str, Any]) -> np.ndarray:
-    return np.asarray(a["tok_s_all"]) / np.asarray(b["tok_s_all"])
-
-
-def scaling_line(label: str, many: dict[str, Any], one: dict[str, Any], threads: int) -> str:
-    return (f"{label}, 1 thread: {one['tok_s']:.1f} tok/s; {threads} threads: {many['tok_s']:.1f} (per-round ratio, "
-            f"median: {paired_ratio(many, one):.2f}x; middle half of the rounds {ratio_spread(many, one)})")
-
-
-def ratio_spread(a: dict[str, Any], b: dict[str, Any]) -> str:
-    """The middle half of the per-round ratios (25th to 75th percentile): on a shared box one run's median
-    can sit 10% from the next run's, and a check passed or failed inside this range says little."""
-    lo, hi = np.percentile(round_ratios(a, b), [25, 75])
-    return f"{lo:.3f}-{hi:.3f}"
+def scaling_line(label: str, many: Rates, one: Rates, threads: int) -> str:
+    ratio = paired_ratio(many, one)
+    return (f"{label}, 1 thread: {one.tok_s:.1f} tok/s; {threads} threads: {many.tok_s:.1f} (per-round ratio, "
+            f"median: {ratio.median:.2f}x; middle half of the rounds {ratio.spread})")
 
 
 # ---- PyTorch eager ---------------------------------------------------------------------------------
@@ -224,25 +187,29 @@ def eager(module: Any, prompt: list[int], new: int) -> Runner:
 
 
 # ---- this tool ---------------------------------------------------------------------------------------
-def export(work: Path, name: str, args: list[str], threads: int) -> Path:
+def export(work: Path, name: str, options: dict[str, Any], threads: int) -> tuple[Path, dict[str, Any]]:
+    """The host artifact of ``options`` (``slm_export.export``'s keywords: the CLI's plan and defaults), built in
+    a fresh process without validation (this script scores every row itself), and its report; an artifact
+    already in ``work`` is reused."""
+    from slm_export.validation.validate import ValidationSettings
+
     out = work / name
     if (out / "report.json").is_file():
-        return out
+        return out, json.loads((out / "report.json").read_text())
     shutil.rmtree(out, ignore_errors=True)
     t = time.perf_counter()
-    res = subprocess.run([sys.executable, "-m", "slm_export.cli", "--target", "host", "--model", "smollm2-135m",
-                          *args, "--out", str(out), "--threads", str(threads), "--no-validate", "--json"],
-                         capture_output=True, text=True)
-    if not (out / "report.json").is_file():
-        raise SystemExit(f"export {name} failed (exit {res.returncode}):\n{res.stderr[-3000:]}")
+    try:
+        report = in_fresh_process(export_report, "smollm2-135m", "host", out, validate=False,
+                                  settings=ValidationSettings(threads=threads), **options)
+    except Exception as exc:
+        raise SystemExit(f"export {name} failed: {type(exc).__name__}: {exc}") from None
     print(f"  exported {name} in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
-    return out
+    return out, report
 
 
-def ours(out: Path, prompt: list[int], new: int, threads: int) -> tuple[Runner, Any, Path]:
-    from slm_export.runner.onnx_decoder import OnnxDecoder, make_session
+def ours(out: Path, report: dict[str, Any], prompt: list[int], new: int, threads: int) -> tuple[Runner, Any, Path]:
+    from slm_export.runner.onnx_run import OnnxDecoder, make_session
 
-    report = json.loads((out / "report.json").read_text())
     path = out / (report["compile"].get("runtime_model") or "model.onnx")
     dec = OnnxDecoder(make_session(path, threads))
 
@@ -279,24 +246,25 @@ def main() -> int:
         tmp = tempfile.TemporaryDirectory()
         args.work = Path(tmp.name)
     args.work.mkdir(parents=True, exist_ok=True)
-    int4_args = ["--precision", "int4"] + (["--method", "rtn"] if args.quick else [])
+    int4: dict[str, Any] = {"precision": "int4", **({"method": "rtn"} if args.quick else {})}
     if args.calib_samples and not args.quick:
-        int4_args += ["--calib-samples", str(args.calib_samples)]
+        int4["calib_samples"] = args.calib_samples
     # int4: the host default, its LM head int4 with the rows the calibration text reads most int8 too (both
     # GPTQ-rounded on the head's inputs); an int8 head (the default before), an int4 head (as ONNX Runtime
     # GenAI's builder does) and the float head (the tied table read every token) beside it.
-    builds = {"fp32": ["--precision", "fp32"], "int8": ["--precision", "int8"], "int4": int4_args,
-              "int4 + int8 head": [*int4_args, "--lm-head-bits", "8"],
-              "int4 + int4 head": [*int4_args, "--lm-head-bits", "4"],
-              "int4 + float head": [*int4_args, "--lm-head-bits", "0"],
-              # symmetric int4 (no zero points): ONNX Runtime's decode (M=1) int4 kernel for AVX2 handles only
-              # this form; with zero points it takes the general path (see README, Decode speed)
-              "int4 sym": [*int4_args, "--symmetric"],
-              "int4 sym + int4 head": [*int4_args, "--symmetric", "--lm-head-bits", "4"],
-              # the same formats after end-to-end tuning of their norms and group scales (same speed)
-              "int4 tuned": [*int4_args, "--tune-epochs", str(TUNE_EPOCHS)],
-              "int4 sym + int4 head tuned": [*int4_args, "--symmetric", "--lm-head-bits", "4", "--tune-epochs",
-                                             str(TUNE_EPOCHS)]}
+    # Each build: slm_export.export's keywords (the CLI's flags by their Python names) for the host target.
+    builds: dict[str, dict[str, Any]] = {
+        "fp32": {"precision": "fp32"}, "int8": {"precision": "int8"}, "int4": int4,
+        "int4 + int8 head": {**int4, "lm_head_bits": 8},
+        "int4 + int4 head": {**int4, "lm_head_bits": 4},
+        "int4 + float head": {**int4, "lm_head_bits": 0},
+        # symmetric int4 (no zero points): ONNX Runtime's decode (M=1) int4 kernel for AVX2 handles only
+        # this form; with zero points it takes the general path (see README, Decode speed)
+        "int4 sym": {**int4, "symmetric": True},
+        "int4 sym + int4 head": {**int4, "symmetric": True, "lm_head_bits": 4},
+        # the same formats after end-to-end tuning of their norms and group scales (same speed)
+        "int4 tuned": {**int4, "tune_epochs": TUNE_EPOCHS},
+        "int4 sym + int4 head tuned": {**int4, "symmetric": True, "lm_head_bits": 4, "tune_epochs": TUNE_EPOCHS}}
     if args.rows:
         wanted = [r.strip() for r in args.rows.split(",")]
         unknown = set(wanted) - set(builds)
@@ -304,9 +272,10 @@ def main() -> int:
             raise SystemExit(f"--rows: choose from {', '.join(builds)} (fp32, int8 and int4 always)")
         builds = {k: v for k, v in builds.items() if k in wanted}
     print("exporting ...", file=sys.stderr, flush=True)
-    outs = {name: export(args.work, "ours-" + "".join(c if c.isalnum() else "_" for c in name)
-                         + ("-quick" if args.quick and name.startswith("int4") else ""), a, args.threads)
-            for name, a in builds.items()}
+    built = {name: export(args.work, "ours-" + "".join(c if c.isalnum() else "_" for c in name)
+                          + ("-quick" if args.quick and name.startswith("int4") else ""), options, args.threads)
+             for name, options in builds.items()}
+    outs = {name: out for name, (out, _) in built.items()}
     model = load_model("smollm2-135m")
     genai_dir = genai_export(args.work, model, args.threads)
     module = model.torch_module()
@@ -322,11 +291,12 @@ def main() -> int:
                                                   "bytes": model.weight_bytes}}
     for name, out in outs.items():
         print(f"scoring ours {name} ...", file=sys.stderr, flush=True)
-        runs[name], dec, path = ours(out, prompt, args.new, args.threads)
+        report = built[name][1]
+        runs[name], dec, path = ours(out, report, prompt, args.new, args.threads)
         acc = decoder_accuracy(reference, dec, windows)
         meta[name] = {"name": f"slm-export {name} ({path.name})", "ppl": acc["perplexity_change_pct"],
-                      "kl": acc["mean_kl"], "bytes": bytes_read_per_token(out / "model.onnx")}
-    runs["int4, 1 thread"] = ours(outs["int4"], prompt, args.new, 1)[0]
+                      "kl": acc["mean_kl"], "bytes": report["roofline"]["weight_bytes_read_per_token"]}
+    runs["int4, 1 thread"] = ours(outs["int4"], built["int4"][1], prompt, args.new, 1)[0]
     if genai_dir is not None:
         print("scoring ONNX Runtime GenAI int4 ...", file=sys.stderr, flush=True)
         runs["genai"] = genai_runner(genai_dir, prompt, args.new)
@@ -341,8 +311,12 @@ def main() -> int:
         runs["llama"] = llama
         meta["llama"] = {"name": "llama.cpp (the built-in GGUF, Q4_1)", "ppl": None, "kl": None, "bytes": None}
     print(f"timing {len(runs)} systems, {args.repeats} interleaved rounds ...", file=sys.stderr, flush=True)
-    rates = interleaved_rates(runs, args.repeats)
-    rows: list[dict[str, Any]] = [{**meta[k], **rates[k], "key": k} for k in runs if k in meta]
+    # IDLE_S before each timed run: ONNX Runtime's and OpenMP's workers spin for a while after a run, and on 2
+    # cores that took the next system's prefill from 79 to 107 ms (int4 right after int8, measured 2026-12-04),
+    # a cost no system pays when it runs alone.
+    rates = interleaved_rounds(runs, args.repeats, idle_s=IDLE_S)
+    rows: list[dict[str, Any]] = [{**meta[k], "tok_s": rates[k].tok_s, "ttft_s": rates[k].ttft_s, "key": k}
+                                  for k in runs if k in meta]
     one_thread = rates["int4, 1 thread"]
 
     eager_rate = rows[0]["tok_s"]
@@ -354,25 +328,25 @@ def main() -> int:
     print(f"STREAM-like read now: {bandwidth:.1f} GB/s ({args.threads} threads, float32 sum of a 2 GiB buffer); "
           f"perplexity change and mean KL(float32 || system) per token on {len(windows)} x 512 evaluation tokens "
           "against PyTorch float32 (KL varies less between runs than the perplexity change)")
-    print("| system | decode tok/s | x eager | TTFT ms | ppl change | mean KL | weight MB read/token | "
-          "roofline tok/s | of roofline |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    cells = []
     for r in rows:
         r["roof"] = bandwidth * 1e9 / r["bytes"] if r.get("bytes") else None
-        cells = [r["name"], f"{r['tok_s']:.1f}", f"{r['tok_s'] / eager_rate:.2f}", f"{r['ttft_s'] * 1e3:.0f}",
-                 "-" if r["ppl"] is None else f"{r['ppl']:+.2f}%", "-" if r["kl"] is None else f"{r['kl']:.4f}",
-                 f"{r['bytes'] / 1e6:.0f}" if r.get("bytes") else "-",
-                 f"{r['roof']:.0f}" if r["roof"] else "-", f"{r['tok_s'] / r['roof']:.2f}" if r["roof"] else "-"]
-        print("| " + " | ".join(cells) + " |")
+        cells.append([r["name"], f"{r['tok_s']:.1f}", f"{r['tok_s'] / eager_rate:.2f}", f"{r['ttft_s'] * 1e3:.0f}",
+                      "-" if r["ppl"] is None else f"{r['ppl']:+.2f}%", "-" if r["kl"] is None else f"{r['kl']:.4f}",
+                      f"{r['bytes'] / 1e6:.0f}" if r.get("bytes") else "-",
+                      f"{r['roof']:.0f}" if r["roof"] else "-",
+                      f"{r['tok_s'] / r['roof']:.2f}" if r["roof"] else "-"])
+    print_table(["system", "decode tok/s", "x eager", "TTFT ms", "ppl change", "mean KL", "weight MB read/token",
+                 "roofline tok/s", "of roofline"], cells)
     by = {r.get("key"): r for r in rows}
-    scaling = paired_ratio(by["int4"], one_thread)
+    scaling = paired_ratio(rates["int4"], one_thread).median
     cost = zero_point_cost(outs["int4"] / "model.onnx", args.threads)
     print("\nint4 MatMulNBits, one token, time with zero points (asymmetric, the int4 default) over without "
           "(symmetric), the int4 artifact's shapes, same threads: "
           + ", ".join(f"N={n} K={k} {r:.2f}x" for (n, k), r in cost.items()))
-    print(scaling_line("int4", by["int4"], one_thread, args.threads))
+    print(scaling_line("int4", rates["int4"], one_thread, args.threads))
     if "genai, 1 thread" in rates:
-        print(scaling_line("GenAI int4", by["genai"], rates["genai, 1 thread"], args.threads))
+        print(scaling_line("GenAI int4", rates["genai"], rates["genai, 1 thread"], args.threads))
     checks = {
         "fp32 >= 2.5x eager": by["fp32"]["tok_s"] >= 2.5 * eager_rate,
         "int8 >= 6x eager": by["int8"]["tok_s"] >= 6 * eager_rate,
@@ -384,9 +358,10 @@ def main() -> int:
     }
     if "genai" in by:
         g = by["genai"]
-        vs = {k: paired_ratio(by[k], g) for k in outs if k.startswith("int4")}
+        ratios = paired_ratios(rates, "genai", [k for k in outs if k.startswith("int4")])
+        vs = {k: r.median for k, r in ratios.items()}
         print("per-round decode ratio to GenAI int4, median (middle half of the rounds): "
-              + ", ".join(f"{k} {v:.3f}x ({ratio_spread(by[k], g)})" for k, v in vs.items()))
+              + ", ".join(f"{k} {v:.3f}x ({ratios[k].spread})" for k, v in vs.items()))
         checks["int4 >= 1.0x GenAI int4"] = vs["int4"] >= 1.0
         both = [k for k in vs if vs[k] >= 1.0 and by[k]["ppl"] is not None and by[k]["ppl"] <= COMPRESSION_PPL]
         print("int4 forms at >= 1.0x GenAI and within +"

@@ -1,6 +1,6 @@
 """The peers bench_decode.py times beside this tool's artifacts: ONNX Runtime GenAI's model builder and
 generator, and llama.cpp through llama-cpp-python. Each is optional: its functions return None when its
-package does not import."""
+package does not import. Their runners are ``slm_export.bench.Runner``s, timed by its interleaved rounds."""
 
 from __future__ import annotations
 
@@ -8,13 +8,32 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-Runner = Callable[[], tuple[float, list[float]]]  # () -> (ttft s, per-token decode seconds)
+from slm_export.bench import Runner
+
+MATMUL_OPS = {"MatMul", "Gemm", "MatMulNBits", "MatMulInteger", "FusedMatMul", "QLinearMatMul", "DequantizeLinear",
+              "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm"}
+ONNX_ITEMSIZE = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 16: 2, 21: 0.5, 22: 0.5}
+
+
+def bytes_read_per_token(onnx_path: Path) -> int:
+    """Bytes of the initializers that matmul-like nodes read: what one decoded token streams from memory. For a
+    peer's graph, which has no report; this tool's artifacts record theirs (``roofline.weight_bytes_read_per_token``
+    in report.json)."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    size: dict[str, float] = {}
+    for t in model.graph.initializer:
+        ext = {e.key: e.value for e in t.external_data}
+        size[t.name] = int(ext["length"]) if "length" in ext else int(np.prod(t.dims)) * ONNX_ITEMSIZE.get(
+            t.data_type, 4)
+    used = {i for n in model.graph.node if n.op_type in MATMUL_OPS for i in n.input if i in size}
+    return int(sum(size[n] for n in used))
 
 
 # ---- ONNX Runtime GenAI --------------------------------------------------------------------------
@@ -78,7 +97,7 @@ class GenAIScorer:
     """GenAI's decoder graph scored like any artifact: full windows, empty KV cache."""
 
     def __init__(self, path: Path, threads: int) -> None:
-        from slm_export.runner.onnx_decoder import make_session
+        from slm_export.runner.onnx_run import make_session
 
         self.session = make_session(path, threads)
         self.inputs = {i.name: i for i in self.session.get_inputs()}
