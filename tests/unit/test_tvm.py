@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from slm_export.backends import CompileJob, get_backend
-from slm_export.backends.tvm.build import elf_info, pack_int4
+from slm_export.backends.tvm.build import elf_info
+from slm_export.backends.tvm.ops import pack_int4
 from slm_export.calibration.quant import QuantizedTensor, quantize_rtn
 from slm_export.errors import CompileError
 from slm_export.exporters.onnx import OnnxExporter
@@ -222,8 +223,10 @@ def test_kernels_match_numpy_for_every_weight_kind_and_row_count() -> None:
     tile, its leftover rows and both; the attention with grouped heads, a cache and a left-padded row."""
     import tvm
 
+    from slm_export.backends.tvm.attention import attention_kernel
     from slm_export.backends.tvm.build import host_target
-    from slm_export.backends.tvm.kernels import attention_kernel, linear_kernel, torch_ops, unpack_int4
+    from slm_export.backends.tvm.kernels import linear_kernel
+    from slm_export.backends.tvm.ops import torch_ops, unpack_int4
 
     target = tvm.target.Target(host_target())
     rng = np.random.default_rng(0)

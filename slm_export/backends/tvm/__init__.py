@@ -1,8 +1,8 @@
 """Apache TVM (Relax): the decoder compiled into a shared library that TVM's runtime loads on the board.
 
 The decoder is rebuilt in PyTorch from the same spec and weights the ONNX exporter used
-(``tvm/build.py``: KV cache as inputs and outputs, dynamic batch, sequence and past),
-exported with torch.export, imported with Relax's PyTorch frontend and compiled twice:
+(``torch_decoder.py``: KV cache as inputs and outputs, dynamic batch, sequence and past),
+exported with torch.export, imported with Relax's PyTorch frontend and compiled twice (``build.py``):
 
 - ``tvm_aarch64.so`` for the profile's CPU (``mtriple aarch64-linux-gnu``, its ``llvm_mcpu``/``llvm_mattr``),
   linked with Debian's ``aarch64-linux-gnu-gcc``; it needs only libc, so the board needs just TVM's runtime;
@@ -12,9 +12,9 @@ exported with torch.export, imported with Relax's PyTorch frontend and compiled 
 
 There is no tuning: MetaSchedule segfaults in the 0.27 wheel and would need the board itself to
 measure on. The libraries use hand-written kernels for the linears (int4 dequantized inside the matmul),
-the attention and the gated SiLU (``tvm/kernels.py``), and TVM's default CPU pipeline plus a
-fixed loop schedule (threads and vector lanes, ``tvm/schedule.py``) for the rest, which is what
-the note and the details say.
+the attention and the gated SiLU (``kernels.py``, ``attention.py``; ``ops.py`` puts them into the
+graph), and TVM's default CPU pipeline plus a fixed loop schedule (threads and vector lanes,
+``schedule.py``) for the rest, which is what the note and the details say.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 MetaSchedule (TVM's tuner) segfaults in the 0.27 wheel and would need the board to measure on, so the
 libraries get a hand-written schedule instead: the Linear matmul split into vector-lane column blocks
 across threads with a small register tile, every other loop nest's outer loops run in parallel. (The
-decoder's linears, attention and gated SiLU are ``kernels``' own PrimFuncs, marked ``slm.kernel``:
-this schedule leaves them as they are and covers what is left, norms, rotary, cache concatenation.)
+decoder's linears, attention and gated SiLU are the hand-written PrimFuncs of ``kernels.py`` and
+``attention.py``, marked ``slm.kernel``: this schedule leaves them as they are and covers what is left,
+norms, rotary, cache concatenation.)
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def schedule_cpu(func: Any, lanes: int) -> Any:
     """A fixed CPU schedule for one legalized PrimFunc, or ``func`` unchanged where it does not apply."""
     from tvm.s_tir import Schedule
 
-    if func.attrs and "slm.kernel" in func.attrs:  # kernels.py's own loops, scheduled by hand
+    if func.attrs and "slm.kernel" in func.attrs:  # the hand-written kernels' own loops
         return func
     try:
         sch = Schedule(func)
