@@ -8,10 +8,11 @@ PY=${PYTHON:-python3}
 stamp=.venv/.slm-export-setup
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 # Debian packages: the aarch64 cross linker (TVM's rpi4b library), QEMU user mode and mmdebstrap (the ARM
-# emulator that validation runs the aarch64 artifacts in), and OpenSSH's server (the tests' loopback device).
+# emulator that validation runs the aarch64 artifacts in), OpenSSH's server (the tests' loopback device) and
+# Chromium (the test that renders report.html headless).
 need=()
 for c in aarch64-linux-gnu-gcc:gcc-aarch64-linux-gnu qemu-aarch64-static:qemu-user-static mmdebstrap:mmdebstrap \
-         /usr/sbin/sshd:openssh-server; do
+         /usr/sbin/sshd:openssh-server chromium:chromium; do
   command -v "${c%%:*}" >/dev/null || need+=("${c##*:}")
 done
 if ((${#need[@]})); then

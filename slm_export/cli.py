@@ -97,7 +97,7 @@ def _device_args(p: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace) -> Any:
-    from slm_export.report import load_goals
+    from slm_export.goals import load_goals
     from slm_export.validation.ssh import DeviceUrl
     from slm_export.validation.validate import ValidationSettings
 
@@ -298,15 +298,16 @@ def _finish(report: dict[str, Any], as_json: bool, out: str, junit: str | None =
         return 0
     from rich.console import Console
 
+    from slm_export.report_md import fmt, headline
+
     c = Console(highlight=False, soft_wrap=True)
     c.print(f"[bold]{report['verdict']}[/bold]  {report['model']['name']} -> {report['target']['id']}  ({out})")
     for g in report["goals"]:
-        c.print(f"  {g['status']}  {g['metric']} = {g.get('value')} (goal {g['op']} {g['threshold']})", markup=False)
-    for name in ("decode_tokens_per_s_p50", "ttft_ms_p50", "latency_ms_p50", "artifact_bytes", "peak_rss_mb"):
-        m = report["metrics"].get(name)
-        if m:
-            c.print(f"  {name}: {m['value']:.4g} {m['unit']}  [{m['where']}]", markup=False)
-    c.print(f"  report: {out}/report.md")
+        c.print(f"  {g['status']}  {g['metric']} = {fmt(g.get('value'))} (goal {g['op']} {fmt(g['threshold'])})",
+                markup=False)
+    for label, value, where in headline(report):
+        c.print(f"  {label}: {value}  [{where}]", markup=False)
+    c.print(f"  report: {out}/report.md (and report.html)")
     return 0
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from slm_export.errors import IntegrityError
 
 MANIFEST_FILE = "artifact.json"
-REPORTS = ("report.json", "report.md")
+REPORTS = ("report.json", "report.md", "report.html")
 
 
 def sha256_file(path: Path) -> str:

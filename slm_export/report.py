@@ -1,212 +1,196 @@
-"""Reports: ``report.json`` (stable keys, schema version) and ``report.md`` for people."""
+"""The report: one typed object built here from what the stages returned, written as ``report.json`` (stable keys,
+schema version), ``report.md`` and ``report.html``. Nothing edits a report after it is built: placing the artifact
+and sealing its files make new reports (``placed``, ``sealed``)."""
 
 from __future__ import annotations
 
 import json
-import operator
-from dataclasses import dataclass
+import platform
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from slm_export import goals as goal_rules
+
 SCHEMA_VERSION = 1
-_OPS = {"<=": operator.le, ">=": operator.ge, "==": operator.eq}
+OPTIONAL = ("sparsity", "output", "integrity")  # keys present only when the run had them
 
 
 @dataclass(frozen=True)
-class Goal:
-    """A threshold on one metric: ``metric op threshold``."""
+class Report:
+    """Every section of ``report.json``, in its order."""
 
-    metric: str
-    op: str
-    threshold: Any
-    why: str
+    schema_version: int
+    verdict: str
+    notes: list[str]
+    target: dict[str, Any]
+    model: dict[str, Any]
+    plan: dict[str, Any]
+    artifact: dict[str, Any]
+    compile: dict[str, Any]
+    stages: list[dict[str, Any]]
+    metrics: dict[str, Any]
+    goals: list[dict[str, Any]]
+    roofline: dict[str, Any]
+    versions: dict[str, str]
+    created: str
+    backends: list[dict[str, Any]] = field(default_factory=list)
+    validated_file: str | None = None
+    compression: dict[str, Any] | None = None
+    crosschecks: list[dict[str, Any]] = field(default_factory=list)
+    emulation: list[dict[str, Any]] = field(default_factory=list)
+    device: list[dict[str, Any]] = field(default_factory=list)
+    sparsity: dict[str, Any] | None = None
+    output: dict[str, Any] | None = None
+    integrity: dict[str, Any] | None = None
 
-    def evaluate(self, metrics: dict[str, Any]) -> dict[str, Any]:
-        m = metrics.get(self.metric)
-        if m is None:
-            return {**self.as_dict(), "value": None, "status": "FAIL", "note": "metric was not measured"}
-        value = m["value"]
-        if not self._finite(value):  # None, NaN or Inf is a broken measurement: never a pass
-            return {**self.as_dict(), "value": value, "where": m.get("where"), "status": "FAIL",
-                    "note": "the value is not a finite number"}
-        ok = _OPS[self.op](abs(value) if self.metric.endswith(("change_pct", "_pp")) else value, self.threshold)
-        return {**self.as_dict(), "value": value, "where": m["where"], "status": "PASS" if ok else "FAIL"}
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {k: v for k, v in data.items() if not (k in OPTIONAL and v is None)}
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"metric": self.metric, "op": self.op, "threshold": self.threshold, "why": self.why}
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Report:
+        """A report read back (``validate``): sections a report of an older version lacks take their defaults."""
+        names = {f.name for f in fields(cls)}
+        base = {"schema_version": SCHEMA_VERSION, "verdict": "NOT VALIDATED", "notes": [], "target": {}, "model": {},
+                "plan": {}, "artifact": {}, "compile": {}, "stages": [], "metrics": {}, "goals": [], "roofline": {},
+                "versions": {}, "created": ""}
+        return cls(**{**base, **{k: v for k, v in data.items() if k in names}})
 
-    @staticmethod
-    def _finite(value: Any) -> bool:
-        """A bool or a finite number (NumPy's too); None, NaN, Inf and text are not."""
-        import math
+    @property
+    def passed(self) -> bool:
+        return self.verdict in ("PASS", "NO GOALS")
 
-        if value is None or isinstance(value, str | bytes):
-            return False
+    def placed(self, output: dict[str, Any], notes: list[str]) -> Report:
+        """This report with where its artifact went (and the notes that says)."""
+        return replace(self, output=output, notes=[*self.notes, *notes])
+
+    def sealed(self, integrity: dict[str, Any]) -> Report:
+        """This report with the record of the files hashed into the manifest."""
+        return replace(self, integrity=integrity)
+
+
+@dataclass(frozen=True)
+class Runs:
+    """What validation measured beyond the validated file: cross-checks, emulated and device runs."""
+
+    crosschecks: list[dict[str, Any]] = field(default_factory=list)
+    emulation: list[dict[str, Any]] = field(default_factory=list)
+    device: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def from_map(cls, runs: dict[str, list[dict[str, Any]]]) -> Runs:
+        return cls(runs.get("crosscheck", []), runs.get("emulate", []), runs.get("device", []))
+
+
+def build_report(plan: Any, profile: Any, model: Any, exported: Any, results: list[Any], metrics: dict[str, Any],
+                 stages: list[dict[str, Any]], goals_file: str | None = None, *, validated_file: str | None = None,
+                 compression: dict[str, Any] | None = None, runs: Runs | None = None,
+                 sparsity: dict[str, Any] | None = None, notes: list[str] | None = None,
+                 roofline: dict[str, Any] | None = None, backends: list[dict[str, Any]] | None = None) -> Report:
+    """The report of a run (or of ``validate``, which passes the sections it keeps from the export)."""
+    from slm_export.validation.validate import peak_rss_mb
+
+    roof = roofline if roofline is not None else estimate(plan, profile, model, exported)
+    metrics = {**metrics, **fractions_of_roofline(profile, roof, metrics)}
+    wanted = goal_rules.choose(model.kind, plan, metrics, goals_file)
+    judged, verdict = goal_rules.judge(wanted, metrics)
+    folder = Path(exported.model_path).parent
+    artifact_bytes = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    metrics = {**metrics,
+               "artifact_bytes": {"value": artifact_bytes, "unit": "bytes", "where": "artifact folder"},
+               "peak_rss_mb": {"value": peak_rss_mb(), "unit": "MB",
+                               "where": "measured on host: whole run (load, export, validation) in one process"}}
+    runs = runs or Runs()
+    compiled = results[0] if results else None
+    return Report(
+        schema_version=SCHEMA_VERSION, verdict=verdict, notes=[*plan.notes, *(notes or [])],
+        target={"id": profile.id, "name": profile.name, "origin": profile.origin},
+        model={"name": model.name, "path": model.path, "format": model.fmt, "kind": model.kind,
+               "architecture": model.model_type, "fingerprint": model.fingerprint,
+               "float32_weight_bytes": model.weight_bytes},
+        plan=plan.to_dict(), artifact={"files": list(exported.files), "bytes": exported.bytes,
+                                       "graph_ops": exported.graph_ops, "opset": exported.opset},
+        compile=asdict(compiled) if compiled is not None else {"backend": plan.backend, "status": "not run"},
+        stages=stages, metrics=metrics, goals=judged, roofline=roof, versions=versions(),
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        backends=backends if backends is not None else [asdict(r) for r in results],
+        validated_file=validated_file, compression=compression, crosschecks=runs.crosschecks,
+        emulation=runs.emulation, device=runs.device, sparsity=sparsity)
+
+
+def estimate(plan: Any, profile: Any, model: Any, exported: Any) -> dict[str, Any]:
+    """What the target should reach: its roofline from the profile's bandwidth and compute (decoders only)."""
+    if model.kind != "decoder":
+        return {}
+    est = profile.roofline(exported.weight_bytes_per_token, exported.flops_per_token, plan.precision)
+    return {f"{profile.id}_decode_tokens_per_s_bound": est["decode_tokens_per_s"],
+            f"{profile.id}_prefill_tokens_per_s_bound": est["prefill_tokens_per_s"],
+            "weight_bytes_read_per_token": exported.weight_bytes_per_token,
+            "bandwidth_gbs": est["bandwidth_gbs"], "peak_gflops": est["peak_gflops"],
+            "source": f"{profile.id} profile: memory.bandwidth_gbs, compute.{plan.precision}"}
+
+
+def fractions_of_roofline(profile: Any, roof: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+    """A device's measured decode rate over the target's bound; on the host, the host's own over its bound."""
+    bound = roof.get(f"{profile.id}_decode_tokens_per_s_bound")
+    out: dict[str, Any] = {}
+    if not bound:
+        return out
+    if "device_decode_tokens_per_s_p50" in metrics:
+        measured = metrics["device_decode_tokens_per_s_p50"]
+        out["device_decode_fraction_of_roofline"] = {
+            "value": measured["value"] / bound, "unit": "", "where": f"{measured['where']}, over the {profile.id} "
+            f"profile's roofline bound ({bound:.1f} tokens/s, estimated)"}
+    if profile.id == "host" and "decode_tokens_per_s_p50" in metrics:
+        measured = metrics["decode_tokens_per_s_p50"]
+        out["decode_fraction_of_roofline"] = {
+            "value": measured["value"] / bound, "unit": "", "where": f"{measured['where']}, over the host's "
+            f"roofline bound ({bound:.1f} tokens/s: measured bandwidth / weight bytes read per token)"}
+    return out
+
+
+def compression_section(result: Any, eval_ppl_change: float | None = None) -> dict[str, Any] | None:
+    """The compress stage's record; an accuracy budget's entry gains the evaluation figure it reached."""
+    if result is None:
+        return None
+    layers = sorted(result.layers, key=lambda e: e.get("output_sqnr_db", e["weight_sqnr_db"]))
+    budget = result.budget
+    if budget is not None and eval_ppl_change is not None:
+        budget = {**budget, "eval_ppl_change_pct": eval_ppl_change}
+    return {"calibration": result.calibration, "seconds": result.seconds, "bits_per_weight": result.bits_per_weight,
+            "notes": result.notes, "layers": result.layers, "budget": budget, "tuning": result.tuning,
+            "least_accurate_layers": [e["layer"] for e in layers[:5]]}
+
+
+def failed_message(report: dict[str, Any]) -> str:
+    failed = [g for g in report["goals"] if g["status"] == "FAIL"]
+    parts = [f"{g['metric']} = {g.get('value')} (goal {g['op']} {g['threshold']})" for g in failed]
+    return "goals missed: " + "; ".join(parts)
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version(), "machine": platform.machine()}
+    for pkg in ("slm-export", "torch", "transformers", "onnx", "onnxruntime", "numpy", "gguf"):
         try:
-            return math.isfinite(float(value))
-        except (TypeError, ValueError):
-            return False
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
 
 
-def default_goals(kind: str, precision: str, method: str | None = None, sparsity: str | None = None,
-                  budget: float | None = None, pow2: bool = False) -> list[Goal]:
-    """Goals an artifact must meet against the float32 reference."""
-    if budget is not None:
-        return [Goal("perplexity_change_pct", "<=", budget, "the accuracy budget given with --max-ppl-increase")]
-    if sparsity:
-        return []  # pruning without fine-tuning has no model-independent accuracy bound: report, don't judge
-    if kind == "encoder":
-        floor = 0.9999 if precision == "fp32" else 0.999
-        return [Goal("embedding_cosine_min", ">=", floor, "sentence embeddings must match the reference")]
-    if precision == "fp32":
-        return [Goal("greedy_match", "==", True, "float32 must continue text exactly as PyTorch does"),
-                Goal("perplexity_change_pct", "<=", 0.1, "float32 export must not change perplexity"),
-                Goal("top1_agreement", ">=", 0.999, "next-token choice must agree with PyTorch")]
-    if precision == "int8" and pow2:
-        return [Goal("perplexity_change_pct", "<=", 15.0, "int8 with one power-of-two scale per tensor (weights and "
-                     "activations) costs at most 15% perplexity")]
-    if precision == "int8" and method in ("smoothquant", "dynamic"):
-        return [Goal("perplexity_change_pct", "<=", 2.0, f"W8A8 ({method}) costs at most 2% perplexity")]
-    if precision == "int8":
-        return [Goal("perplexity_change_pct", "<=", 1.0, "int8 weights cost at most 1% perplexity")]
-    if precision == "int4":
-        return [Goal("perplexity_change_pct", "<=", 10.0, f"int4 with {method} costs at most 10% perplexity")]
-    return [Goal("perplexity_change_pct", "<=", 1.0, f"{precision} rounding of weights costs at most 1% perplexity"),
-            Goal("top1_agreement", ">=", 0.97, "next-token choice must mostly agree with PyTorch")]
+def write_report(report: Report | dict[str, Any], out_dir: Path) -> None:
+    """Write ``report.json``, ``report.md`` and ``report.html`` into ``out_dir``."""
+    from slm_export.report_html import render_html
+    from slm_export.report_md import render_markdown
+
+    data = report.to_dict() if isinstance(report, Report) else report
+    (out_dir / "report.json").write_text(json.dumps(data, indent=2, default=str))
+    (out_dir / "report.md").write_text(render_markdown(data))
+    (out_dir / "report.html").write_text(render_html(data))
 
 
-def write_report(report: dict[str, Any], out_dir: Path) -> None:
-    """Write both report files into ``out_dir``."""
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    (out_dir / "report.md").write_text(render_markdown(report))
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
-def render_markdown(r: dict[str, Any]) -> str:
-    """The report for people: verdict first, then goals, metrics, roofline, stages, plan."""
-    lines = [f"# slm-export report: {r['model']['name']} for {r['target']['id']}", ""]
-    lines += [f"**Verdict: {r['verdict']}**", ""]
-    for note in r.get("notes", []):
-        lines.append(f"- {note}")
-    if r.get("goals"):
-        lines += ["", "## Goals", "", "| metric | goal | value | where | status |", "|---|---|---|---|---|"]
-        for g in r["goals"]:
-            lines.append(f"| {g['metric']} | {g['op']} {_fmt(g['threshold'])} | {_fmt(g.get('value'))} | "
-                         f"{g.get('where', '')} | {g['status']} |")
-    if r.get("metrics"):
-        lines += ["", "## Metrics", "", "| metric | value | unit | where |", "|---|---|---|---|"]
-        for name, m in r["metrics"].items():
-            value = m["value"] if not isinstance(m["value"], str) else m["value"].replace("\n", " ")[:120]
-            lines.append(f"| {name} | {_fmt(value)} | {m['unit']} | {m['where']} |")
-    comp = r.get("compression")
-    if comp:
-        lines += ["", "## Compression", ""]
-        bpw = comp["bits_per_weight"]
-        if bpw is not None:
-            lines.append(f"- mean bits per weight (linear layers and LM head, scales included): {bpw:.2f}")
-        lines.append(f"- time: {comp['seconds']:.1f} s")
-        if comp.get("calibration"):
-            c = comp["calibration"]
-            lines.append(f"- calibration: {c['samples']} x {c['seqlen']} tokens from {c['source']} "
-                         f"(seed {c['seed']}, sha256 {c['sha256'][:16]})")
-        lines += [f"- {n}" for n in comp.get("notes", [])]
-        if comp.get("budget"):
-            top = ", ".join(f"{u} ({kl:.3g})" for u, kl in comp["budget"]["sensitivity_kl"][:8])
-            lines.append(f"- most sensitive projection groups (KL when only they are int4): {top}")
-        w8a8 = any("act_scale" in e for e in comp["layers"])
-        head = "| layer | bits | group | weight SQNR dB | output SQNR dB |"
-        if w8a8:
-            head += " activation scale | activation SQNR dB | SmoothQuant alpha |"
-        lines += ["", head, "|" + "---|" * (head.count("|") - 1)]
-        for e in comp["layers"]:
-            row = (f"| {e['layer']} | {e['bits']} | {e['group']} | {e['weight_sqnr_db']} | "
-                   f"{e.get('output_sqnr_db', '')} |")
-            if w8a8:
-                row += f" {_fmt(e.get('act_scale', ''))} | {e.get('act_sqnr_db', '')} | {e.get('smooth_alpha', '')} |"
-            lines.append(row)
-    if r.get("backends"):
-        lines += ["", "## Backends", ""]
-        if r.get("validated_file"):
-            lines.append(f"Validation ran `{r['validated_file']}`.")
-            lines.append("")
-        for b in r["backends"]:
-            files = ", ".join(f"`{f}`" for f in b.get("files", ())) or "no files"
-            lines.append(f"- **{b['backend']}** ({b['status']}): {b['note']}; {files}")
-            for k, v in (b.get("details") or {}).items():
-                lines.append(f"  - {k}: {_fmt(v) if not isinstance(v, str) else f'`{v}`'}")
-    if r.get("roofline"):
-        lines += ["", "## Roofline (estimated from the target profile, not measured)", ""]
-        for k, v in r["roofline"].items():
-            lines.append(f"- {k}: {_fmt(v)}")
-    lines += ["", "## Stages", "", "| stage | status | seconds | peak RSS MB (process high-water) | output bytes |",
-              "|---|---|---|---|---|"]
-    for s in r["stages"]:
-        lines.append(f"| {s['name']} | {s['status']} | {s['seconds']:.2f} | {s['peak_rss_mb']:.0f} | "
-                     f"{s.get('output_bytes', '')} |")
-        if s.get("note"):
-            lines.append(f"|  | {s['note']} | | | |")
-    lines += ["", "## Plan", "", "```json", json.dumps(r["plan"], indent=2), "```", ""]
-    lines += ["## Versions", ""] + [f"- {k}: {v}" for k, v in r["versions"].items()] + [""]
-    return "\n".join(lines)
-
-
-def load_goals(path: str | Path) -> list[Goal]:
-    """Goals from a TOML file, replacing the defaults: one table per metric with ``max``, ``min`` or
-    ``equals`` (and an optional ``why``), e.g. ``[perplexity_change_pct]`` / ``max = 5.0``, or
-    ``[device_decode_tokens_per_s_p50]`` / ``min = 10``. ``*_change_pct`` and ``*_pp`` metrics compare
-    their magnitude, so ``max`` is a maximum degradation either way."""
-    import tomllib
-
-    from slm_export.errors import ConfigError
-
-    try:
-        data = tomllib.loads(Path(path).read_text())
-    except OSError as exc:
-        raise ConfigError(f"--goals {path}: cannot read it ({exc.strerror})") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"--goals {path}: not valid TOML ({exc})") from None
-    goals = []
-    ops = {"max": "<=", "min": ">=", "equals": "=="}
-    for metric, spec in data.get("goals", data).items():
-        if not isinstance(spec, dict) or not set(spec) - {"why"} or set(spec) - {"why", *ops}:
-            raise ConfigError(f"--goals {path}: [{metric}] needs one of max, min or equals (and optionally why)")
-        for key, op in ops.items():
-            if key in spec:
-                if not isinstance(spec[key], bool | int | float):
-                    raise ConfigError(f"--goals {path}: [{metric}] {key} must be a number or true/false")
-                goals.append(Goal(metric, op, spec[key], str(spec.get("why", f"from {Path(path).name}"))))
-    if not goals:
-        raise ConfigError(f"--goals {path}: no goals in it")
-    return goals
-
-
-def junit_xml(report: dict[str, Any]) -> str:
-    """JUnit XML for CI systems: one test case per goal, a failure for each goal missed."""
-    from xml.sax.saxutils import quoteattr
-
-    goals = report.get("goals", [])
-    failed = sum(g["status"] != "PASS" for g in goals)
-    suite = f"slm-export.{report['target']['id']}.{report['model']['name']}"
-    lines = ['<?xml version="1.0" encoding="UTF-8"?>',
-             f'<testsuites><testsuite name={quoteattr(suite)} tests="{len(goals)}" failures="{failed}">']
-    for g in goals:
-        case = f'  <testcase classname={quoteattr(suite)} name={quoteattr(g["metric"])}'
-        detail = f"{g['metric']} = {g.get('value')} (goal {g['op']} {g['threshold']}); {g.get('where', '')}"
-        if g["status"] == "PASS":
-            lines.append(f"{case}><system-out>{_xml_text(detail)}</system-out></testcase>")
-        else:
-            lines.append(f"{case}><failure message={quoteattr(detail)}>{_xml_text(g.get('why', ''))}"
-                         "</failure></testcase>")
-    lines.append("</testsuite></testsuites>")
-    return "\n".join(lines) + "\n"
-
-
-def _xml_text(text: str) -> str:
-    from xml.sax.saxutils import escape
-
-    return escape(str(text))
+REPORT_FILES = ("report.json", "report.md", "report.html")

@@ -11,19 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from slm_export.errors import ConfigError, ValidationFailed
-from slm_export.pipeline import (
-    Progress,
-    RunResult,
-    Stages,
-    build_report,
-    failed_message,
-    further_runs,
-    make_plan,
-    validate_file,
-)
+from slm_export.pipeline import Progress, RunResult, Stages
 from slm_export.plan import Plan
-from slm_export.report import write_report
+from slm_export.planning import make_plan
+from slm_export.report import Report, Runs, build_report, failed_message, write_report
 from slm_export.targets import TargetProfile
+from slm_export.validation.stage import further_runs, validate_file
 from slm_export.validation.validate import ValidationSettings
 
 
@@ -110,23 +103,59 @@ def revalidate(artifact: str | Path, eval_data: str | None = None, progress: Pro
     """Check the artifact's files against its manifest, then re-run validation (and its cross-checks, emulated
     and device runs) on them and rewrite its reports (atomically, file by file). ``emulate`` overrides the
     artifact's plan ("on", "off")."""
-    from slm_export.backends import CompileResult
-    from slm_export.exporters.onnx import MODEL_FILE, ExportResult
-    from slm_export.integrity import reseal_reports, unlisted
     from slm_export.models import load_model
-    from slm_export.pipeline import check_inputs
-    from slm_export.targets import get_target
 
     artifact = Path(artifact).absolute()
     manifest = load_manifest(artifact)
     report_path = artifact / "report.json"
     old = parse_report(report_path.read_bytes(), str(report_path)) if report_path.is_file() else {}
+    plan, profile = _plan_of(old, manifest, artifact, eval_data, emulate)
+    ran, backends = _runnable(artifact, old)
+    notes = _integrity_notes(artifact, manifest)
+    stages = Stages(progress)
+    source = manifest["source_model"]
+    model = stages.run("load", lambda: load_model(source), lambda m: m.weight_bytes)
+    if model.fingerprint != manifest["fingerprint"]:
+        raise ConfigError(f"the model at {source} changed since {artifact} was exported "
+                          "(fingerprint differs); export again")
+    settings = settings or ValidationSettings()
+    metrics = stages.run("validate", lambda: validate_file(model, artifact / ran, plan, settings, progress))
+    results = _results(backends)
+    runs: dict[str, list[dict[str, Any]]] = {}
+    if model.kind == "decoder" and results:
+        metrics.update(further_runs(model, artifact, results, ran, plan, profile, settings, stages, runs, progress))
+    report = build_report(plan, profile, model, _exported(artifact / ran, manifest, old), results, metrics,
+                          old.get("stages", []) + stages.records, settings.goals_file, validated_file=ran,
+                          compression=old.get("compression"), runs=Runs.from_map(runs), sparsity=old.get("sparsity"),
+                          notes=notes, roofline=old.get("roofline"), backends=backends or None)
+    report = replace(report, output=old.get("output"), integrity=old.get("integrity"))
+    _rewrite_reports(artifact, report, manifest)
+    data = report.to_dict()
+    if report.verdict == "FAIL":
+        raise ValidationFailed(failed_message(data), data)
+    return RunResult(data, artifact)
+
+
+def _plan_of(old: dict[str, Any], manifest: dict[str, Any], artifact: Path, eval_data: str | None,
+             emulate: str | None) -> tuple[Plan, TargetProfile]:
+    from slm_export.preflight import check_inputs
+    from slm_export.targets import get_target
+
     old_plan = old.get("plan", {})
     origin = old.get("target", {}).get("origin", "built-in")
-    profile: TargetProfile = get_target(old_plan.get("target", "host")) if origin == "built-in" \
-        else get_target(target_file=origin)
+    profile = get_target(old_plan.get("target", "host")) if origin == "built-in" else get_target(target_file=origin)
     plan = Plan.from_dict({**old_plan, "eval_data": eval_data, "validate": True}) if old_plan \
         else make_plan(profile, manifest["source_model"], artifact, manifest["precision"], eval_data)
+    if eval_data is not None:
+        check_inputs(plan)
+    return (replace(plan, emulate=emulate) if emulate else plan), profile
+
+
+def _runnable(artifact: Path, old: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
+    """The file the report says was validated and the backends' records, every file they name inside the
+    artifact (a report naming anything else is refused)."""
+    from slm_export.exporters.onnx import MODEL_FILE
+
     ran = old.get("validated_file") or MODEL_FILE
     _inside_or_refuse(artifact, ran, "the file it validated")
     backends = old.get("backends", [])
@@ -135,59 +164,46 @@ def revalidate(artifact: str | Path, eval_data: str | None = None, progress: Pro
             _inside_or_refuse(artifact, b.get(key), f"the {b.get('backend')} {key.replace('_', ' ')}")
         for f in b.get("files", []) if isinstance(b.get("files"), list) else ["?"]:
             _inside_or_refuse(artifact, f, f"a {b.get('backend')} file")
-    if eval_data is not None:
-        check_inputs(replace(plan, eval_data=eval_data))
-    notes = []
+    return ran, backends
+
+
+def _integrity_notes(artifact: Path, manifest: dict[str, Any]) -> list[str]:
+    from slm_export.integrity import unlisted
+
     if "integrity" not in manifest:
-        notes.append("this artifact has no integrity record (exported by an older version): its files were not "
-                      "checked against their export-time hashes")
-    extra = unlisted(artifact, manifest) if "integrity" in manifest else []
-    if extra:
-        notes.append(f"files not written by the export, not run: {', '.join(extra[:5])}")
-    stages = Stages(progress)
-    source = manifest["source_model"]
-    model = stages.run("load", lambda: load_model(source), lambda m: m.weight_bytes)
-    if model.fingerprint != manifest["fingerprint"]:
-        raise ConfigError(f"the model at {source} changed since {artifact} was exported "
-                          "(fingerprint differs); export again")
-    if emulate:
-        plan = replace(plan, emulate=emulate)
-    settings = settings or ValidationSettings()
-    path = artifact / ran
-    metrics = stages.run("validate", lambda: validate_file(model, path, plan, settings, progress))
+        return ["this artifact has no integrity record (exported by an older version): its files were not checked "
+                "against their export-time hashes"]
+    extra = unlisted(artifact, manifest)
+    return [f"files not written by the export, not run: {', '.join(extra[:5])}"] if extra else []
+
+
+def _results(backends: list[dict[str, Any]]) -> list[Any]:
+    from slm_export.backends import CompileResult
+
     known = {f.name for f in fields(CompileResult)}
-    results = [CompileResult(**{k: (tuple(v) if k == "files" else v) for k, v in b.items() if k in known})
-               for b in backends]
-    runs: dict[str, list[dict[str, Any]]] = {}
-    if model.kind == "decoder" and results:
-        metrics.update(further_runs(model, artifact, results, ran, plan, profile, settings, stages, runs,
-                                     progress))
-    exported = ExportResult(path, tuple(manifest["files"]), old.get("artifact", {}).get("bytes", 0),
-                            old.get("roofline", {}).get("weight_bytes_read_per_token", 0), 0,
-                            manifest["graph_ops"], manifest["opset"])
-    compiled = results[0] if results else CompileResult(plan.backend, "not run", "")
-    report = build_report(plan, profile, model, exported, compiled, metrics, old.get("stages", []) + stages.records,
-                          settings.goals_file)
-    report["notes"] = [*report["notes"], *notes]
-    report["roofline"] = old.get("roofline", report["roofline"])
-    report["backends"] = backends or [report["compile"]]
-    report["validated_file"] = ran
-    for key in ("compression", "integrity", "output", "sparsity"):
-        if key in old:
-            report[key] = old[key]
-    report["crosschecks"] = runs.get("crosscheck", [])
-    report["emulation"] = runs.get("emulate", [])
-    report["device"] = runs.get("device", [])
+    return [CompileResult(**{k: (tuple(v) if k == "files" else v) for k, v in b.items() if k in known})
+            for b in backends]
+
+
+def _exported(path: Path, manifest: dict[str, Any], old: dict[str, Any]) -> Any:
+    from slm_export.exporters.onnx import ExportResult
+
+    return ExportResult(path, tuple(manifest["files"]), old.get("artifact", {}).get("bytes", 0),
+                        old.get("roofline", {}).get("weight_bytes_read_per_token", 0), 0,
+                        manifest["graph_ops"], manifest["opset"])
+
+
+def _rewrite_reports(artifact: Path, report: Report, manifest: dict[str, Any]) -> None:
+    """Replace the reports file by file (each rename atomic), then seal their new hashes into the manifest."""
+    from slm_export.integrity import reseal_reports
+    from slm_export.report import REPORT_FILES
+
     tmp = artifact / f".report.partial-{os.getpid()}"
     tmp.mkdir()
     try:
         write_report(report, tmp)
-        for name in ("report.json", "report.md"):
+        for name in REPORT_FILES:
             (tmp / name).replace(artifact / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     reseal_reports(artifact, manifest)
-    result = RunResult(report, artifact)
-    if report["verdict"] == "FAIL":
-        raise ValidationFailed(failed_message(report), report)
-    return result

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from slm_export.errors import DeviceError
-from slm_export.report import Goal
 from slm_export.validation.remote import HostRunner, RemoteSettings, remote_validation
 
 # Under QEMU each token costs about a hundred times the host's (every decoded token as much as a prompt
@@ -104,36 +103,6 @@ def emulate(model: Any, folder: Path, results: list[Any], profile: Any, text: An
         metrics.update(m)
         details.append({"backend": r.backend, "prefix": f"emulated_{r.backend}", "versus_label": "host", **d})
     return metrics, details
-
-
-# Two runtimes of the same int4 weights that both quantize activations to int8 (android smollm2-135m
-# AWQ+GPTQ, 2026-12-04, AMD EPYC host): the x86 .ort (32-value blocks) and the .pte (XNNPACK, one scale per
-# token) agree on 94.9% of top-1 tokens over 2 x 256 (93.3% on one window); the emulated cortex-a76 .ort
-# (KleidiAI, one scale per row) agrees with the host .ort on 95.7%. Quantization noise of that size, not a
-# fault: a wrong kernel or a broken file lands far below it.
-ACT_QUANT_AGREEMENT = 0.93
-
-
-def run_goals(metrics: dict[str, Any], quantized: bool, act_quant: bool = False) -> list[Goal]:
-    """Goals on the cross-check and emulated runs present in ``metrics``. ``act_quant``: the runtime
-    quantizes activations itself (W8A8, or MatMulNBits at accuracy level 4 on a CPU with dot products),
-    each ISA's kernels in its own way (blocks, rounding), so next tokens agree less closely."""
-    goals = []
-    for name in metrics:
-        if name.startswith("emulated_") and name.endswith("_agreement_with_host"):
-            if act_quant:
-                goals.append(Goal(name, ">=", ACT_QUANT_AGREEMENT, "the target's aarch64 kernels (emulated) "
-                                  "quantize activations their own way: they must choose the host's next tokens as "
-                                  "often as two int8-activation runtimes of the same weights do on the host"))
-            else:
-                goals.append(Goal(name, ">=", 0.99, "the target's own aarch64 runtime (emulated) must choose the "
-                                  "same next tokens as the host run of the same file"))
-        if name.endswith("_perplexity_change_vs_host_pp") or name.endswith("_perplexity_change_vs_validated_pp"):
-            goals.append(Goal(name, "<=", 0.5, "every runtime of the artifact must reach the same perplexity change "
-                              "as the validated file, within half a percentage point"))
-        if name.endswith("_greedy_equals_validated") and not quantized:
-            goals.append(Goal(name, "==", True, "a float artifact continues text the same in every runtime"))
-    return goals
 
 
 def on_device(model: Any, folder: Path, results: list[Any], validated: str, text: Any, settings: Any,

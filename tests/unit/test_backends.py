@@ -235,7 +235,7 @@ def test_quantized_head_default_follows_the_backend(tiny_models: dict[str, Path]
 
 
 def test_emulated_agreement_goal_depends_on_who_quantizes_activations() -> None:
-    from slm_export.validation.runs import run_goals
+    from slm_export.goals import run_goals
 
     metrics = {"emulated_onnxruntime_agreement_with_host": {"value": 0.98}}
     assert run_goals(metrics, quantized=True)[0].threshold == 0.99

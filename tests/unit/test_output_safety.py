@@ -312,7 +312,7 @@ def test_manifest_records_every_file(artifact: Path) -> None:
     assert set(manifest["integrity"]["files"]) == on_disk
     assert Path(manifest["source_model"]).is_absolute()
     report = json.loads((artifact / "report.json").read_text())
-    assert set(report["integrity"]["files"]) == on_disk - {"report.json", "report.md"}
+    assert set(report["integrity"]["files"]) == on_disk - {"report.json", "report.md", "report.html"}
     assert report["integrity"]["hashed_at"]
 
 
