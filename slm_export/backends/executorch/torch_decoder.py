@@ -18,6 +18,8 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from slm_export.calibration.quant import QuantizedTensor, refuse_hot_rows, refuse_signed_scales
 from slm_export.errors import CompileError
@@ -31,8 +33,6 @@ def custom_ops() -> None:
 
 
 def _linear_weight(w: np.ndarray | QuantizedTensor) -> Any:
-    import torch
-
     if not isinstance(w, QuantizedTensor):
         return torch.nn.Parameter(torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)), requires_grad=False)
     refuse_hot_rows(w, "ExecuTorch")
@@ -66,118 +66,129 @@ def _concat(ws: tuple[Any, ...]) -> Any:
 
 def build_torch_decoder(spec: DecoderSpec, max_len: int) -> Any:
     """The module (float32 activations, eval mode) for ``spec`` with a ``max_len``-position cache."""
-    import torch
-    import torch.nn.functional as F
-
     custom_ops()
+    return Decoder(spec, max_len).eval()
 
-    def vec(a: Any) -> Any:
-        return None if a is None else torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
 
-    class Linear(torch.nn.Module):
-        def __init__(self, w: Any, bias: Any = None) -> None:
-            super().__init__()
-            self.weight = _linear_weight(w)
-            self.bias = None if bias is None else torch.nn.Parameter(vec(bias), requires_grad=False)
+def vec(a: Any) -> Any:
+    return None if a is None else torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
 
-        def forward(self, x: Any) -> Any:
-            return F.linear(x, self.weight, self.bias)
 
-    class Norm(torch.nn.Module):
-        def __init__(self, weight: Any, bias: Any) -> None:
-            super().__init__()
-            self.register_buffer("weight", vec(np.asarray(weight, np.float32) + spec.norm_offset))
-            self.register_buffer("bias", vec(bias) if bias is not None else None)
+def activation(x: Any, act: str) -> Any:
+    if act == "silu":
+        return F.silu(x)
+    if act == "relu":
+        return F.relu(x)
+    return F.gelu(x, approximate="tanh" if act == "gelu_tanh" else "none")
 
-        def forward(self, x: Any) -> Any:
-            if spec.norm == "layer":
-                return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, spec.eps)
-            return x * torch.rsqrt((x * x).mean(-1, keepdim=True) + spec.eps) * self.weight
 
-    def act(x: Any) -> Any:
-        if spec.act == "silu":
-            return F.silu(x)
-        if spec.act == "relu":
-            return F.relu(x)
-        return F.gelu(x, approximate="tanh" if spec.act == "gelu_tanh" else "none")
+def rotary(x: Any, cos: Any, sin: Any, rd: int, d: int) -> Any:  # x [1, S, H, d]; cos/sin [S, rd] (sin signed)
+    xr, rest = x[..., :rd], x[..., rd:]
+    swapped = torch.cat([xr[..., rd // 2:], xr[..., : rd // 2]], -1)
+    out = xr * cos[None, :, None, :] + swapped * sin[None, :, None, :]
+    return torch.cat([out, rest], -1) if rd < d else out
 
-    nh, kv, d, rd = spec.heads, spec.kv_heads, spec.head_dim, spec.rotary_dim
 
-    def rotary(x: Any, cos: Any, sin: Any) -> Any:  # x [1, S, H, d]; cos/sin [S, rd] (sin signed)
-        xr, rest = x[..., :rd], x[..., rd:]
-        swapped = torch.cat([xr[..., rd // 2:], xr[..., : rd // 2]], -1)
-        out = xr * cos[None, :, None, :] + swapped * sin[None, :, None, :]
-        return torch.cat([out, rest], -1) if rd < d else out
+class Linear(torch.nn.Module):
+    def __init__(self, w: Any, bias: Any = None) -> None:
+        super().__init__()
+        self.weight = _linear_weight(w)
+        self.bias = None if bias is None else torch.nn.Parameter(vec(bias), requires_grad=False)
 
-    class Layer(torch.nn.Module):
-        def __init__(self, layer: Any) -> None:
-            super().__init__()
-            self.norm1, self.norm2 = Norm(*layer.norm1), Norm(*layer.norm2)
-            self.qkv = Linear(_concat(layer.qkv), None if layer.qkv_bias is None else np.concatenate(layer.qkv_bias))
-            self.o = Linear(layer.o, layer.o_bias)
-            self.up = Linear(_concat(layer.up), layer.up_bias)
-            self.down = Linear(layer.down, layer.down_bias)
-            self.inter = layer.up[0].shape[0]
-            self.rotation = layer.down_rotation
-            if self.rotation is not None:
-                self.register_buffer("signs", vec(self.rotation[0]))
-                self.register_buffer("block", vec(self.rotation[1]))
-            self.register_buffer("k_cache", torch.zeros(1, max_len, kv, d))
-            self.register_buffer("v_cache", torch.zeros(1, max_len, kv, d))
+    def forward(self, x: Any) -> Any:
+        return F.linear(x, self.weight, self.bias)
 
-        def forward(self, x: Any, pos: Any, cos: Any, sin: Any) -> Any:
-            s = x.shape[1]
-            q, k, v = self.qkv(self.norm1(x)).split([nh * d, kv * d, kv * d], -1)
-            q, k, v = q.view(1, s, nh, d), k.view(1, s, kv, d), v.view(1, s, kv, d)
-            if cos is not None:
-                q, k = rotary(q, cos, sin), rotary(k, cos, sin)
-            torch.ops.llama.update_cache(k, self.k_cache, pos)
-            torch.ops.llama.update_cache(v, self.v_cache, pos)
-            y = torch.ops.llama.custom_sdpa(q, self.k_cache, self.v_cache, pos, None, 0.0, True, d ** -0.5)
-            x = x + self.o(y.reshape(1, s, nh * d))
-            h = self.up(self.norm2(x))
-            if spec.gated:
-                gate, up = h.split([self.inter, self.inter], -1)
-                h = act(gate) * up
-            else:
-                h = act(h)
-            if self.rotation is not None:
-                n = self.block.shape[0]
-                h = ((h * self.signs).view(1, s, -1, n) @ self.block).view(1, s, -1)
-            return x + self.down(h)
 
-    class Decoder(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.max_len = max_len
-            self.embed = torch.nn.Parameter(vec(spec.embed), requires_grad=False)
-            self.register_buffer("pos_embed", vec(spec.pos_embed) if spec.pos_embed is not None else None)
-            if spec.rope_theta is not None:
-                cos, sin = rope_tables(spec.rope_theta, rd, max_len)
-                self.register_buffer("cos", vec(cos))
-                self.register_buffer("sin", vec(sin))
-            else:
-                self.cos = self.sin = None
-            self.layers = torch.nn.ModuleList([Layer(x) for x in spec.layers])
-            self.norm = Norm(*spec.final_norm)
-            self.head = Linear(spec.lm_head if spec.lm_head is not None else spec.embed)
-            if spec.lm_head is None:
-                self.head.weight = self.embed  # tied: one tensor in the program
+class Norm(torch.nn.Module):
+    def __init__(self, spec: DecoderSpec, weight: Any, bias: Any) -> None:
+        super().__init__()
+        self.register_buffer("weight", vec(np.asarray(weight, np.float32) + spec.norm_offset))
+        self.register_buffer("bias", vec(bias) if bias is not None else None)
+        self.layer_norm, self.eps = spec.norm == "layer", spec.eps
 
-        def forward(self, tokens: Any, input_pos: Any) -> Any:
-            s = tokens.shape[1]
-            pos = input_pos[0].item()
-            torch._check(pos >= 0)
-            torch._check(pos + s <= max_len)
-            x = F.embedding(tokens, self.embed)
-            if spec.embed_scale != 1.0:
-                x = x * spec.embed_scale
-            if self.pos_embed is not None:
-                x = x + self.pos_embed.narrow(0, pos, s)[None]
-            cos = self.cos.narrow(0, pos, s) if self.cos is not None else None
-            sin = self.sin.narrow(0, pos, s) if self.sin is not None else None
-            for layer in self.layers:
-                x = layer(x, pos, cos, sin)
-            return self.head(self.norm(x))
+    def forward(self, x: Any) -> Any:
+        if self.layer_norm:
+            return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+        return x * torch.rsqrt((x * x).mean(-1, keepdim=True) + self.eps) * self.weight
 
-    return Decoder().eval()
+
+class Layer(torch.nn.Module):
+    def __init__(self, spec: DecoderSpec, layer: Any, max_len: int) -> None:
+        super().__init__()
+        kv, d = spec.kv_heads, spec.head_dim
+        self.norm1, self.norm2 = Norm(spec, *layer.norm1), Norm(spec, *layer.norm2)
+        self.qkv = Linear(_concat(layer.qkv), None if layer.qkv_bias is None else np.concatenate(layer.qkv_bias))
+        self.o = Linear(layer.o, layer.o_bias)
+        self.up = Linear(_concat(layer.up), layer.up_bias)
+        self.down = Linear(layer.down, layer.down_bias)
+        self.inter = layer.up[0].shape[0]
+        self.rotation = layer.down_rotation
+        if self.rotation is not None:
+            self.register_buffer("signs", vec(self.rotation[0]))
+            self.register_buffer("block", vec(self.rotation[1]))
+        self.register_buffer("k_cache", torch.zeros(1, max_len, kv, d))
+        self.register_buffer("v_cache", torch.zeros(1, max_len, kv, d))
+        self.heads = (spec.heads, kv, d, spec.rotary_dim)
+        self.gated, self.act = spec.gated, spec.act
+
+    def forward(self, x: Any, pos: Any, cos: Any, sin: Any) -> Any:
+        s = x.shape[1]
+        x = x + self.o(self.attention(self.norm1(x), pos, cos, sin, s))
+        h = self.up(self.norm2(x))
+        if self.gated:
+            gate, up = h.split([self.inter, self.inter], -1)
+            h = activation(gate, self.act) * up
+        else:
+            h = activation(h, self.act)
+        if self.rotation is not None:
+            n = self.block.shape[0]
+            h = ((h * self.signs).view(1, s, -1, n) @ self.block).view(1, s, -1)
+        return x + self.down(h)
+
+    def attention(self, h: Any, pos: Any, cos: Any, sin: Any, s: Any) -> Any:
+        """The new keys and values written into the cache at ``pos``, and the context [1, S, heads * d]."""
+        nh, kv, d, rd = self.heads
+        q, k, v = self.qkv(h).split([nh * d, kv * d, kv * d], -1)
+        q, k, v = q.view(1, s, nh, d), k.view(1, s, kv, d), v.view(1, s, kv, d)
+        if cos is not None:
+            q, k = rotary(q, cos, sin, rd, d), rotary(k, cos, sin, rd, d)
+        torch.ops.llama.update_cache(k, self.k_cache, pos)
+        torch.ops.llama.update_cache(v, self.v_cache, pos)
+        y = torch.ops.llama.custom_sdpa(q, self.k_cache, self.v_cache, pos, None, 0.0, True, d ** -0.5)
+        return y.reshape(1, s, nh * d)
+
+
+class Decoder(torch.nn.Module):
+    def __init__(self, spec: DecoderSpec, max_len: int) -> None:
+        super().__init__()
+        self.max_len = max_len
+        self.embed = torch.nn.Parameter(vec(spec.embed), requires_grad=False)
+        self.register_buffer("pos_embed", vec(spec.pos_embed) if spec.pos_embed is not None else None)
+        if spec.rope_theta is not None:
+            cos, sin = rope_tables(spec.rope_theta, spec.rotary_dim, max_len)
+            self.register_buffer("cos", vec(cos))
+            self.register_buffer("sin", vec(sin))
+        else:
+            self.cos = self.sin = None
+        self.layers = torch.nn.ModuleList([Layer(spec, x, max_len) for x in spec.layers])
+        self.norm = Norm(spec, *spec.final_norm)
+        self.head = Linear(spec.lm_head if spec.lm_head is not None else spec.embed)
+        if spec.lm_head is None:
+            self.head.weight = self.embed  # tied: one tensor in the program
+        self.embed_scale = spec.embed_scale
+
+    def forward(self, tokens: Any, input_pos: Any) -> Any:
+        s = tokens.shape[1]
+        pos = input_pos[0].item()
+        torch._check(pos >= 0)
+        torch._check(pos + s <= self.max_len)
+        x = F.embedding(tokens, self.embed)
+        if self.embed_scale != 1.0:
+            x = x * self.embed_scale
+        if self.pos_embed is not None:
+            x = x + self.pos_embed.narrow(0, pos, s)[None]
+        cos = self.cos.narrow(0, pos, s) if self.cos is not None else None
+        sin = self.sin.narrow(0, pos, s) if self.sin is not None else None
+        for layer in self.layers:
+            x = layer(x, pos, cos, sin)
+        return self.head(self.norm(x))
