@@ -45,7 +45,7 @@ _scalars = st.one_of(
     st.datetimes(), st.dates(), st.times(),
 )
 toml_values = st.recursive(_scalars, lambda inner: st.one_of(
-    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)), max_leaves=12)
+    st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=8), inner, max_size=3)), max_leaves=6)
 
 
 def _paths(tree: Any, prefix: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
@@ -97,7 +97,7 @@ def test_profile_from_dict_on_mutations_of_a_builtin(data: st.DataObject) -> Non
 
 
 @FUZZ
-@given(raw=st.dictionaries(st.sampled_from([*PROFILE, "gpu", "x"]) | st.text(max_size=6), toml_values, max_size=8))
+@given(raw=st.dictionaries(st.sampled_from([*PROFILE, "gpu", "x"]) | st.text(max_size=6), toml_values, max_size=6))
 def test_profile_from_dict_on_arbitrary_tables(raw: dict[str, Any]) -> None:
     _profile_ok(lambda: TargetProfile.from_dict(raw))
 
