@@ -131,12 +131,15 @@ def _load_gguf(name: str, path: Path) -> LoadedModel:
     from slm_export.models.gguf import gguf_config, gguf_weights, read_gguf
 
     _check_gguf_file(path)
-    # The readers raise ModelLoadError for every fault they know; what else escapes is wrapped, named.
+    # The readers raise ModelLoadError for every fault they know (the fuzz tests hold them to it); anything
+    # else is still a damaged file to the user, so it is wrapped and named rather than called internal.
     try:
         meta, infos, mm, start = read_gguf(path)
         cfg = gguf_config(meta, infos)
     except ModelLoadError as exc:
         raise _named(exc, path) from None
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: cannot read GGUF (truncated or corrupt?): {type(exc).__name__}: {exc}") from None
     try:
         config = AutoConfig.for_model(**cfg)
     except Exception as exc:
@@ -148,7 +151,7 @@ def _load_gguf(name: str, path: Path) -> LoadedModel:
         arrays = gguf_weights(path, meta, infos, mm, start, cfg)
     except ModelLoadError as exc:
         raise _named(exc, path) from None
-    except Exception as exc:  # numpy errors on a damaged file the checks above did not foresee
+    except Exception as exc:  # as above: numpy errors the checks did not foresee
         raise ModelLoadError(f"{path}: cannot read GGUF (truncated or corrupt?): {type(exc).__name__}: {exc}") from None
     weights = {k: torch.from_numpy(v) for k, v in arrays.items()}
     _check_shapes(weights, shapes, path, config, "the GGUF metadata")
