@@ -55,7 +55,7 @@ def _emulator_can_run(file: str, backend: str, env: Any) -> str | None:
     if backend == "tvm" and file.endswith(".so"):
         return None if "apache-tvm" in have else "no aarch64 TVM runtime in the emulator"
     if file.endswith(".pte"):
-        # Checked 2026-12-04 with executorch 1.5.1 and torch 2.13.0: ExecuTorch's aarch64 wheel's runtime
+        # With executorch 1.5.1 and torch 2.13.0, ExecuTorch's aarch64 wheel's runtime
         # (_C) links libtorch; the package registry's aarch64 torch is the CUDA build, whose libtorch_cpu
         # alone needs libcudart and libcupti (and libtorch_python cuDNN and NCCL): gigabytes of NVIDIA wheels.
         return ("ExecuTorch's aarch64 Python runtime links libtorch, and the only aarch64 torch in the package "
