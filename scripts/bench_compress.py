@@ -140,9 +140,9 @@ def main() -> int:
     import torch
 
     from slm_export.models import load_model
+    from slm_export.text import builtin_split, token_windows
     from slm_export.validation.generate import OnnxDecoder, make_session
     from slm_export.validation.metrics import decoder_accuracy
-    from slm_export.validation.text import builtin_split, token_windows
 
     torch.set_num_threads(args.threads)
     rows = []

@@ -147,7 +147,7 @@ def zero_point_cost(onnx_path: Path, threads: int, chain: int = 30, repeats: int
 
 
 def prompt_and_windows(tokenizer: Any, n_prompt: int, n_windows: int) -> tuple[list[int], list[list[int]]]:
-    from slm_export.validation.text import builtin_split, token_windows
+    from slm_export.text import builtin_split, token_windows
 
     text = builtin_split("evaluation")
     windows = token_windows(tokenizer, text, n_windows, 512)

@@ -22,8 +22,8 @@ import numpy as np
 from slm_export.models import load_model
 from slm_export.runner.job import SCHEMA, run_job, score_window
 from slm_export.targets import get_target
+from slm_export.text import load_text, token_windows
 from slm_export.validation.emulator import EmulatorRunner
-from slm_export.validation.text import load_text, token_windows
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ from slm_export.calibration.observers import fake_quant, fake_quant_per_token
 from slm_export.calibration.quant import QuantizedTensor
 from slm_export.calibration.rotation import Rotation
 from slm_export.models.loader import _build_module, load_model
-from slm_export.validation.text import builtin_split, token_windows
+from slm_export.text import builtin_split, token_windows
 
 torch.set_num_threads(2)
 args = dict(a.split("=") for a in sys.argv[1:])

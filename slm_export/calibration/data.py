@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from slm_export.errors import ConfigError
-from slm_export.validation.text import TextSource, check_text_input
+from slm_export.text import check_text_input
 
 # The held-out tail: as many tokens as validation's default 8 x 512 windows, but at most a quarter of the
 # text (the samples keep most of it), and never under 256 tokens (fewer rank the budget's choices by noise).
@@ -80,24 +80,6 @@ class CalibrationSplit:
         return {"source": f"{self.source}, its last {held.size} tokens (held out from calibration)",
                 "tokens": int(held.size), "first_token": self.heldout_start, "total_tokens": int(self.ids.size),
                 "sha256": hashlib.sha256(held.astype(np.int64).tobytes()).hexdigest()}
-
-
-def datasets_folder(path: Path) -> TextSource:
-    """The "text" column of a ``datasets`` folder saved with ``save_to_disk`` (a dict's first split)."""
-    try:
-        import datasets
-    except ImportError:
-        raise ConfigError(f"{path} looks like a `datasets` folder; install the package to read it: "
-                          "pip install datasets") from None
-    try:
-        ds = datasets.load_from_disk(str(path))
-    except Exception as exc:  # the package's own errors vary by version: a broken folder is the user's input
-        raise ConfigError(f"calibration data {path}: cannot read it as a `datasets` folder ({exc})") from None
-    if isinstance(ds, datasets.DatasetDict):
-        ds = ds[next(iter(ds))]
-    if "text" not in ds.column_names:
-        raise ConfigError(f"{path}: the dataset has no \"text\" column (columns: {', '.join(ds.column_names)})")
-    return TextSource(str(path), "\n\n".join(t for t in ds["text"] if isinstance(t, str)))
 
 
 def _tokens(tokenizer, path: str | None) -> tuple[str, np.ndarray]:  # type: ignore[no-untyped-def]

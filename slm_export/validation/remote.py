@@ -19,8 +19,8 @@ import numpy as np
 
 from slm_export.errors import NonFiniteOutput
 from slm_export.runner.job import SCHEMA, open_runtime, score_window
+from slm_export.text import TextSource, token_windows
 from slm_export.validation.metrics import check_finite
-from slm_export.validation.text import TextSource, token_windows
 
 RUN_LABELS = {"host": "crosscheck", "emulator": "emulated", "device": "device"}  # runner name: its run's name
 

@@ -17,9 +17,9 @@ import numpy as np
 
 from slm_export.errors import DeviceError
 from slm_export.runner.job import dist_version, open_runtime
+from slm_export.text import TextSource, token_windows
 from slm_export.validation.generate import make_session, torch_greedy
 from slm_export.validation.metrics import check_finite, cosine, decoder_accuracy
-from slm_export.validation.text import TextSource, token_windows
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from slm_export import text as text_mod
 from slm_export.calibration import data
 from slm_export.calibration.compress import CompressConfig, compress
 from slm_export.calibration.data import (
@@ -21,8 +22,7 @@ from slm_export.calibration.data import (
 from slm_export.errors import ConfigError
 from slm_export.models import load_model
 from slm_export.plan import Plan
-from slm_export.validation import text as text_mod
-from slm_export.validation.text import builtin_split
+from slm_export.text import builtin_split
 from tests.conftest import make_tiny_model
 
 

@@ -256,7 +256,7 @@ def test_calibrated_lm_head_beats_round_to_nearest(tiny_models: dict[str, Path])
     """With calibration (GPTQ), the int4 head is rounded on the Hessian of its own inputs (the final norm
     of the quantized stack): its logits on held-out text are closer to the float head's than RTN's."""
     from slm_export.models.loader import _build_module
-    from slm_export.validation.text import builtin_split, token_windows
+    from slm_export.text import builtin_split, token_windows
 
     model = load_model(str(tiny_models["llama"]))
     result = compress(model, CompressConfig("int4", "gptq", 32, calib_samples=8, calib_seqlen=64, lm_head_bits=4))
@@ -288,7 +288,7 @@ def test_awq_lm_head_folds_its_scales_into_the_final_norm(symmetric: bool, tiny_
     the dequantized head, and the budget's float twin keeps the original norm for its original head."""
     from slm_export.calibration.budget import float_twin, scaled_floats
     from slm_export.models.loader import _build_module
-    from slm_export.validation.text import builtin_split, token_windows
+    from slm_export.text import builtin_split, token_windows
 
     model = load_model(str(tiny_models["llama"]))
     cfg = CompressConfig("int4", "awq-gptq", 32, symmetric=symmetric, calib_samples=8, calib_seqlen=64,
@@ -385,7 +385,7 @@ def test_sparse_export_keeps_pattern_in_onnx(precision: str, tiny_models: dict[s
 
 def test_budget_keeps_the_most_sensitive_groups_at_int8(tiny_models: dict[str, Path]) -> None:
     from slm_export.calibration.budget import mixed_precision
-    from slm_export.validation.text import builtin_split, token_windows
+    from slm_export.text import builtin_split, token_windows
 
     model = load_model(str(tiny_models["llama"]))
     q = compress(model, CompressConfig("int4", "rtn", 32))
@@ -609,7 +609,7 @@ def test_end_to_end_tuning_keeps_the_format_and_lowers_the_kl(symmetric: bool, h
     """Tuning moves only the norms and the group scales: codes, zero points, scale signs and the hot rows
     stay; the model's KL to the float one falls on its calibration samples and on held-out text; the
     exported graph computes the tuned weights."""
-    from slm_export.validation.text import builtin_split, token_windows
+    from slm_export.text import builtin_split, token_windows
 
     model = load_model(str(tiny_models["llama"]))
     base = CompressConfig("int4", "gptq", 32, symmetric=symmetric, signed_scales=symmetric, calib_samples=8,

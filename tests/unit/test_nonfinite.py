@@ -15,9 +15,9 @@ import pytest
 
 from slm_export.errors import NonFiniteOutput
 from slm_export.report import Goal
+from slm_export.text import builtin_split
 from slm_export.validation.metrics import check_finite, decoder_accuracy, first_nonfinite
 from slm_export.validation.remote import HostRunner, RemoteSettings, remote_validation
-from slm_export.validation.text import builtin_split
 from slm_export.validation.validate import ValidationSettings, validate_decoder
 from tests.conftest import make_tiny_model
 

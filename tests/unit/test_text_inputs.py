@@ -11,8 +11,7 @@ from typing import Any
 import pytest
 
 from slm_export.errors import ConfigError
-from slm_export.validation.ssh import DeviceUrl
-from slm_export.validation.text import (
+from slm_export.text import (
     BUILTIN,
     MIN_TOKENS,
     TextSource,
@@ -21,6 +20,7 @@ from slm_export.validation.text import (
     load_text,
     token_windows,
 )
+from slm_export.validation.ssh import DeviceUrl
 
 
 class WordTokenizer:

@@ -1,4 +1,5 @@
-"""Evaluation and calibration text: Python's bundled documentation, or the user's own file.
+"""Evaluation and calibration text: Python's bundled documentation, the user's own file, or (calibration) a
+``datasets`` folder. Read by both the compress stage (calibration samples) and validation (evaluation windows).
 
 ``pydoc_data.topics`` is split deterministically by sorted topic name: the first half is for
 calibration, the second half for evaluation, so the two never share a sentence.
@@ -53,18 +54,31 @@ def check_text_input(path: str | None, part: str = "evaluation") -> TextSource:
     if not p.exists():
         raise ConfigError(f"{part} data {path}: no such file")
     if p.is_dir():
-        if part == "calibration" and any((p / m).is_file() for m in DATASETS_MARKERS):
-            from slm_export.calibration.data import datasets_folder
-
-            source = datasets_folder(p)
-            if not source.text.strip():
-                raise ConfigError(f"{part} data {path}: the dataset's \"text\" column holds no text")
-            return source
-        hint = (" (a `datasets` folder saved with save_to_disk holds " + ", ".join(DATASETS_MARKERS[:-1]) +
-                f" or {DATASETS_MARKERS[-1]}; this one holds none)") if part == "calibration" else ""
-        raise ConfigError(f"{part} data {path} is a folder, not a text or JSONL file{hint}")
+        return _folder_text(p, path, part)
     if not p.is_file():
         raise ConfigError(f"{part} data {path} is not a regular file")
+    raw = _file_text(p, path, part)
+    if p.suffix.lower() in (".jsonl", ".json"):
+        raw = _jsonl_text(raw, path, part)
+        if not raw.strip():
+            raise ConfigError(f"{part} data {path}: every line's \"text\" is empty")
+    return TextSource(str(p), raw)
+
+
+def _folder_text(p: Path, path: str, part: str) -> TextSource:
+    """A folder is text only as calibration data saved by ``datasets``."""
+    if part == "calibration" and any((p / m).is_file() for m in DATASETS_MARKERS):
+        source = datasets_folder(p)
+        if not source.text.strip():
+            raise ConfigError(f"{part} data {path}: the dataset's \"text\" column holds no text")
+        return source
+    hint = (" (a `datasets` folder saved with save_to_disk holds " + ", ".join(DATASETS_MARKERS[:-1]) +
+            f" or {DATASETS_MARKERS[-1]}; this one holds none)") if part == "calibration" else ""
+    raise ConfigError(f"{part} data {path} is a folder, not a text or JSONL file{hint}")
+
+
+def _file_text(p: Path, path: str, part: str) -> str:
+    """A file's bytes as text: readable, UTF-8, no NUL byte, not empty or whitespace only."""
     try:
         data = p.read_bytes()
     except OSError as exc:
@@ -86,11 +100,25 @@ def check_text_input(path: str | None, part: str = "evaluation") -> TextSource:
         raise ConfigError(f"{part} data {path} is empty")
     if not raw.strip():
         raise ConfigError(f"{part} data {path} holds only whitespace")
-    if p.suffix.lower() in (".jsonl", ".json"):
-        raw = _jsonl_text(raw, path, part)
-        if not raw.strip():
-            raise ConfigError(f"{part} data {path}: every line's \"text\" is empty")
-    return TextSource(str(p), raw)
+    return raw
+
+
+def datasets_folder(path: Path) -> TextSource:
+    """The "text" column of a ``datasets`` folder saved with ``save_to_disk`` (a dict's first split)."""
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError(f"{path} looks like a `datasets` folder; install the package to read it: "
+                          "pip install datasets") from None
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as exc:  # the package's own errors vary by version: a broken folder is the user's input
+        raise ConfigError(f"calibration data {path}: cannot read it as a `datasets` folder ({exc})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds[next(iter(ds))]
+    if "text" not in ds.column_names:
+        raise ConfigError(f"{path}: the dataset has no \"text\" column (columns: {', '.join(ds.column_names)})")
+    return TextSource(str(path), "\n\n".join(t for t in ds["text"] if isinstance(t, str)))
 
 
 def _jsonl_text(raw: str, path: str, part: str) -> str:
