@@ -129,6 +129,18 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("torchao", "torch.utils._pytree"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
+        return _dispatch(args)
+    except Exception as exc:  # an internal bug: say so plainly, traceback only with --debug
+        if args.debug:
+            raise
+        _error(f"internal error ({type(exc).__name__}): {exc}. This is a bug in slm-export: please report it with "
+               "the command line and the traceback that --debug prints.")
+        return 4
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    """Run the command; every error a user or the environment can cause becomes its exit code here."""
+    try:
         if args.command in INFO:
             return INFO[args.command](args)
         if args.command == "validate":
@@ -154,12 +166,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         _error("interrupted: no artifact was written")
         return 143 if isinstance(exc, Terminated) else 130
-    except Exception as exc:  # an internal bug: say so plainly, traceback only with --debug
-        if args.debug:
-            raise
-        _error(f"internal error ({type(exc).__name__}): {exc}. This is a bug in slm-export: please report it with "
-               "the command line and the traceback that --debug prints.")
-        return 4
 
 
 def _positive(text: str) -> float:

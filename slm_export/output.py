@@ -86,26 +86,13 @@ def failed_name(out: Path) -> Path:
 
 def check_out(out: Path, force: bool = False, inputs: Iterable[str | Path | None] = ()) -> str:
     """Refuse an output folder the tool may not replace; return its state: absent, empty or artifact."""
-    where = f"--out {out}"
-    if out.parent == out:
-        raise ConfigError(f"{where}: the filesystem root cannot be an artifact folder; name a new folder")
-    for name, special in (("the current folder", Path.cwd()), ("your home folder", Path.home())):
-        special = resolve_out(special)
-        if _is_within(special, out):
-            raise ConfigError(f"{where} is {name} or a folder above it, which the artifact would replace whole; "
-                              "name a new folder such as build/<target>")
-    for item in inputs:
-        if item is None or not os.path.exists(item):
-            continue
-        if _is_within(resolve_out(item), out):
-            raise ConfigError(f"{where} holds this run's input {item}, which the artifact would replace; "
-                              "name another folder")
+    _never_replaceable(out, inputs)
     if not out.exists() and not out.is_symlink():
         return "absent"
     if not out.is_dir():
         raise ConfigError(f"cannot write the output folder {out}: it exists and is not a folder")
     if os.path.ismount(out):
-        raise ConfigError(f"{where} is a mount point; name a folder inside it")
+        raise ConfigError(f"--out {out} is a mount point; name a folder inside it")
     entries = sorted(os.listdir(out))
     if not entries:
         return "empty"
@@ -120,6 +107,22 @@ def check_out(out: Path, force: bool = False, inputs: Iterable[str | Path | None
         raise ConfigError(f"{out} exists and is not an slm-export artifact (it holds {_some(entries)}); "
                           "choose another --out, empty it, or pass --force to replace it and everything in it")
     return "artifact"
+
+
+def _never_replaceable(out: Path, inputs: Iterable[str | Path | None]) -> None:
+    """The root, the current and home folders (and those above them) and folders holding the inputs: refused
+    even with --force."""
+    where = f"--out {out}"
+    if out.parent == out:
+        raise ConfigError(f"{where}: the filesystem root cannot be an artifact folder; name a new folder")
+    for name, special in (("the current folder", Path.cwd()), ("your home folder", Path.home())):
+        if _is_within(resolve_out(special), out):
+            raise ConfigError(f"{where} is {name} or a folder above it, which the artifact would replace whole; "
+                              "name a new folder such as build/<target>")
+    for item in inputs:
+        if item is not None and os.path.exists(item) and _is_within(resolve_out(item), out):
+            raise ConfigError(f"{where} holds this run's input {item}, which the artifact would replace; "
+                              "name another folder")
 
 
 def _some(names: list[str]) -> str:

@@ -258,6 +258,39 @@ def gguf_config(meta: dict[str, Any], infos: list[GgufTensorInfo]) -> dict[str, 
         ModelLoadError: an unsupported architecture, a field that is missing or of the wrong type, or
             metadata that disagrees with the tensors (naming the tensor and both shapes).
     """
+    arch = _architecture(meta)
+    m = _Meta(meta, meta["general.architecture"])
+    p = m.prefix
+    heads = m.count(f"{p}.attention.head_count")
+    kv_heads = m.count(f"{p}.attention.head_count_kv", heads)
+    hidden = m.count(f"{p}.embedding_length")
+    if heads % kv_heads:
+        raise ModelLoadError(f"GGUF metadata: {heads} attention heads do not group over {kv_heads} key/value heads")
+    if (arch == "qwen2" or f"{p}.rope.dimension_count" not in meta) and hidden % heads:
+        raise ModelLoadError(f"GGUF metadata: embedding length {hidden} does not split into {heads} heads")
+    cfg = {
+        "model_type": arch, "hidden_size": hidden, "num_hidden_layers": m.count(f"{p}.block_count"),
+        "intermediate_size": m.count(f"{p}.feed_forward_length"), "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "max_position_embeddings": m.count(f"{p}.context_length", 2048),
+        "rms_norm_eps": m.number(f"{p}.attention.layer_norm_rms_epsilon", 1e-6),
+        "rope_theta": m.number(f"{p}.rope.freq_base", 10000.0),
+        "vocab_size": m.vocab(),
+        "tie_word_embeddings": all(i.name != "output.weight" for i in infos),
+        "bos_token_id": m.token_id("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": m.token_id("tokenizer.ggml.eos_token_id"),
+        "pad_token_id": m.token_id("tokenizer.ggml.padding_token_id"),
+    }
+    head_dim = hidden // heads
+    if arch != "qwen2":
+        head_dim = cfg["head_dim"] = m.count(f"{p}.rope.dimension_count", head_dim)
+    else:
+        cfg["use_sliding_window"] = False
+    _check_dims(cfg, head_dim, infos)
+    return cfg
+
+
+def _architecture(meta: dict[str, Any]) -> str:
     arch = meta.get("general.architecture")
     if isinstance(arch, str) and arch == "llama" and "mistral" in str(meta.get("general.name", "")).lower():
         arch = "mistral"
@@ -266,64 +299,44 @@ def gguf_config(meta: dict[str, Any], infos: list[GgufTensorInfo]) -> dict[str, 
             f"GGUF architecture {str(arch)[:80]!r} is not supported (GGUF: {', '.join(GGUF_ARCHITECTURES)}); "
             "convert the model to a Hugging Face folder for the other architectures"
         )
-    p = meta["general.architecture"]
+    return arch
 
-    def count(key: str, default: int | None = None) -> int:
-        value = meta.get(key, default)
+
+class _Meta:
+    """Typed reads of GGUF metadata: each refuses a missing field or a value of the wrong kind, naming the key."""
+
+    def __init__(self, meta: dict[str, Any], prefix: str) -> None:
+        self.meta, self.prefix = meta, prefix
+
+    def count(self, key: str, default: int | None = None) -> int:
+        value = self.meta.get(key, default)
         if value is None:
-            raise ModelLoadError(f"GGUF metadata lacks {key}, which the {p} architecture needs")
+            raise ModelLoadError(f"GGUF metadata lacks {key}, which the {self.prefix} architecture needs")
         if not _is_int(value) or not 1 <= value <= _MAX_COUNT:
             raise ModelLoadError(f"GGUF metadata {key} is {str(value)[:80]}; expected one positive integer "
                                  f"below 2**31")
         return int(value)
 
-    def number(key: str, default: float) -> float:
-        value = meta.get(key, default)
+    def number(self, key: str, default: float) -> float:
+        value = self.meta.get(key, default)
         if not isinstance(value, int | float) or isinstance(value, bool | ArrayCount) or not math.isfinite(value) \
                 or value <= 0:
             raise ModelLoadError(f"GGUF metadata {key} is {str(value)[:80]}; expected a positive number")
         return float(value)
 
-    def token_id(key: str) -> int | None:
-        value = meta.get(key)
+    def token_id(self, key: str) -> int | None:
+        value = self.meta.get(key)
         if value is not None and (not _is_int(value) or not 0 <= value <= _MAX_COUNT):
             raise ModelLoadError(f"GGUF metadata {key} is {str(value)[:80]}; expected a token id")
         return value
 
-    heads = count(f"{p}.attention.head_count")
-    kv_heads = count(f"{p}.attention.head_count_kv", heads)
-    hidden = count(f"{p}.embedding_length")
-    if heads % kv_heads:
-        raise ModelLoadError(f"GGUF metadata: {heads} attention heads do not group over {kv_heads} key/value heads")
-    tokens = meta.get("tokenizer.ggml.tokens")
-    if f"{p}.vocab_size" in meta:
-        vocab = count(f"{p}.vocab_size")
-    elif isinstance(tokens, ArrayCount) and 1 <= tokens <= _MAX_COUNT:
-        vocab = int(tokens)
-    else:
-        raise ModelLoadError(f"GGUF metadata has neither {p}.vocab_size nor a tokenizer.ggml.tokens array")
-    if (arch == "qwen2" or f"{p}.rope.dimension_count" not in meta) and hidden % heads:
-        raise ModelLoadError(f"GGUF metadata: embedding length {hidden} does not split into {heads} heads")
-    cfg = {
-        "model_type": arch, "hidden_size": hidden, "num_hidden_layers": count(f"{p}.block_count"),
-        "intermediate_size": count(f"{p}.feed_forward_length"), "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads,
-        "max_position_embeddings": count(f"{p}.context_length", 2048),
-        "rms_norm_eps": number(f"{p}.attention.layer_norm_rms_epsilon", 1e-6),
-        "rope_theta": number(f"{p}.rope.freq_base", 10000.0),
-        "vocab_size": vocab,
-        "tie_word_embeddings": all(i.name != "output.weight" for i in infos),
-        "bos_token_id": token_id("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": token_id("tokenizer.ggml.eos_token_id"),
-        "pad_token_id": token_id("tokenizer.ggml.padding_token_id"),
-    }
-    head_dim = hidden // heads
-    if arch != "qwen2":
-        head_dim = cfg["head_dim"] = count(f"{p}.rope.dimension_count", head_dim)
-    else:
-        cfg["use_sliding_window"] = False
-    _check_dims(cfg, head_dim, infos)
-    return cfg
+    def vocab(self) -> int:
+        tokens = self.meta.get("tokenizer.ggml.tokens")
+        if f"{self.prefix}.vocab_size" in self.meta:
+            return self.count(f"{self.prefix}.vocab_size")
+        if isinstance(tokens, ArrayCount) and 1 <= tokens <= _MAX_COUNT:
+            return int(tokens)
+        raise ModelLoadError(f"GGUF metadata has neither {self.prefix}.vocab_size nor a tokenizer.ggml.tokens array")
 
 
 def _check_dims(cfg: dict[str, Any], head_dim: int, infos: list[GgufTensorInfo]) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from slm_export.errors import ModelLoadError
+from slm_export.models import checks
 from slm_export.models.builtin import BUILTIN_MODELS
 
 log = logging.getLogger(__name__)
@@ -146,7 +147,7 @@ def _load_gguf(name: str, path: Path) -> LoadedModel:
         raise ModelLoadError(f"{path}: transformers rejects the configuration this GGUF describes: "
                              f"{type(exc).__name__}: {str(exc)[:300]}") from None
     kind = _kind_of(config, path)
-    shapes, params, rows = _expected_shapes(config, kind, path)
+    shapes, params, rows = checks.expected_shapes(config, kind, path)
     try:
         arrays = gguf_weights(path, meta, infos, mm, start, cfg)
     except ModelLoadError as exc:
@@ -154,12 +155,12 @@ def _load_gguf(name: str, path: Path) -> LoadedModel:
     except Exception as exc:  # as above: numpy errors the checks did not foresee
         raise ModelLoadError(f"{path}: cannot read GGUF (truncated or corrupt?): {type(exc).__name__}: {exc}") from None
     weights = {k: torch.from_numpy(v) for k, v in arrays.items()}
-    _check_shapes(weights, shapes, path, config, "the GGUF metadata")
+    checks.check_shapes(weights, shapes, path, config, "the GGUF metadata")
     lacking = sorted(set(params) - set(weights))
     if lacking:
         raise ModelLoadError(f"{path}: the GGUF lacks weights for {', '.join(lacking[:5])}"
                              f"{' ...' if len(lacking) > 5 else ''}: not a complete model")
-    _check_finite(weights, path)
+    checks.check_finite(weights, path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except (KeyboardInterrupt, SystemExit):
@@ -167,7 +168,7 @@ def _load_gguf(name: str, path: Path) -> LoadedModel:
     except BaseException as exc:  # transformers' GGUF reader on a damaged vocabulary; tokenizers' Rust panics
         raise ModelLoadError(f"{path}: cannot build the tokenizer from the GGUF's vocabulary: "
                              f"{type(exc).__name__}: {str(exc)[:300]}") from None
-    check_tokenizer(tokenizer, rows, path)
+    checks.check_tokenizer(tokenizer, rows, path)
     return LoadedModel(name, str(path), "gguf", kind, config, tokenizer, weights, _fingerprint([path]))
 
 
@@ -177,166 +178,52 @@ def _named(exc: ModelLoadError, path: Path) -> ModelLoadError:
     return ModelLoadError(text if str(path) in text else f"{path}: {text}")
 
 
-# What transformers' tokenizers read: a tokenizers JSON, a sentencepiece model, a WordPiece or a BPE vocabulary.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
-                   "sentencepiece.model", "spm.model", "vocab.txt", "tokenizer.tiktoken", "qwen.tiktoken")
-TOKENIZER_PAIRS = (("vocab.json", "merges.txt"),)
-# A plain ASCII line that every real tokenizer encodes into several tokens and decodes back.
-TOKENIZER_SAMPLE = "Hello world, this is a test 123."
-
-
-def _tokenizer_files(path: Path) -> None:
-    """Refuse a folder without tokenizer files: transformers would build a tokenizer that knows no words."""
-    if any((path / f).is_file() for f in TOKENIZER_FILES):
-        return
-    if any(all((path / f).is_file() for f in pair) for pair in TOKENIZER_PAIRS):
-        return
-    looked = ", ".join((*TOKENIZER_FILES, *(" + ".join(pair) for pair in TOKENIZER_PAIRS)))
-    raise ModelLoadError(f"{path}: no tokenizer files (looked for {looked}); copy the tokenizer the model was "
-                         "trained with into the folder")
-
-
-def check_tokenizer(tokenizer: Any, rows: int, where: Path | str) -> None:
-    """Refuse a tokenizer that cannot serve the model: it must round-trip a plain sample into at least two
-    distinct tokens, and emit no id the embedding has no row for.
-
-    The comparison ignores whitespace and case, which real tokenizers normalise (BERT lower-cases, byte-level
-    BPE may add a leading space).
-    """
-    try:
-        ids = list(tokenizer.encode(TOKENIZER_SAMPLE, add_special_tokens=False))
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        size = len(tokenizer)
-        special = {int(i) for i in tokenizer.all_special_ids if i is not None}
-        added = {int(i): str(t) for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()}
-        used = {int(i) for i in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
-                if i is not None}
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as exc:  # a tokenizer transformers built but cannot run; Rust panics included
-        raise ModelLoadError(f"{where}: the tokenizer fails on the sample {TOKENIZER_SAMPLE!r}: "
-                             f"{type(exc).__name__}: {str(exc)[:300]}") from None
-
-    def squash(t: str) -> str:
-        return "".join(str(t).split()).casefold()
-
-    if squash(text) != squash(TOKENIZER_SAMPLE):
-        raise ModelLoadError(f"{where}: the tokenizer does not round-trip plain text: {TOKENIZER_SAMPLE!r} "
-                             f"encodes to {ids[:12]} and decodes as {str(text)[:80]!r}; it is not the tokenizer "
-                             "of this model, or is damaged")
-    if len(set(ids)) < 2:
-        raise ModelLoadError(f"{where}: the tokenizer encodes {TOKENIZER_SAMPLE!r} as {len(set(ids))} distinct "
-                             "token(s); a working tokenizer splits it into several")
-    # Special tokens a tokenizer class adds by default (Qwen2's <|endoftext|> as unk) appear only where the
-    # text spells them out; they are a warning unless they are the bos, eos or pad the model is fed.
-    beyond = sorted(i for i in range(rows, size) if not (i in special and i in added and i not in used))
-    if beyond or max(ids) >= rows or any(i >= rows for i in used):
-        raise ModelLoadError(f"{where}: the tokenizer has {max(size, max(ids) + 1)} tokens but the model's "
-                             f"embedding has {rows} rows: ids from {rows} up would index past it; use the "
-                             "tokenizer this model was trained with")
-    if size > rows:
-        log.warning("%s: the tokenizer's special token(s) %s have ids past the model's %d embedding rows; text "
-                    "that spells them out cannot be run", where, ", ".join(added[i] for i in range(rows, size)),
-                    rows)
-
-
-# config.json fields every supported architecture needs (transformers would silently use a default otherwise).
-_REQUIRED_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size")
-_OPTIONAL_FOR = {"gpt2": ("intermediate_size",)}  # GPT-2's n_inner defaults to 4 x n_embd by definition
-
-
-def _check_config_fields(raw: dict[str, Any], config: Any, path: Path) -> None:
-    alias = dict(getattr(type(config), "attribute_map", {}) or {})
-    for key in _REQUIRED_FIELDS:
-        if key in _OPTIONAL_FOR.get(config.model_type, ()):
-            continue
-        names = [alias[key], key] if key in alias else [key]
-        present = [n for n in names if n in raw]
-        if not present:
-            spelt = f"{names[0]} ({key})" if len(names) > 1 else key
-            raise ModelLoadError(f"{path}/config.json lacks {spelt}, which a {config.model_type} model needs; "
-                                 "restore it from the model's original config.json")
-        value = raw[present[0]]
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ModelLoadError(f"{path}/config.json: {present[0]} is {str(value)[:80]}; expected a positive "
-                                 "integer")
-
-
-def _expected_shapes(config: Any, kind: str, path: Path) -> tuple[dict[str, tuple[int, ...]], list[str], int]:
-    """Build the architecture on the meta device (no memory): every tensor's shape as the config implies,
-    the parameter names (tied copies once) and the embedding's rows."""
+def _load_hf_folder(name: str, path: Path) -> LoadedModel:
     import torch
     from transformers import AutoModel, AutoModelForCausalLM
 
-    auto = AutoModelForCausalLM if kind == "decoder" else AutoModel
-    try:
-        with torch.device("meta"):
-            module = auto.from_config(config)
-        rows = int(module.get_input_embeddings().weight.shape[0])
-    except Exception as exc:  # e.g. a hidden size that does not split into the heads
-        raise ModelLoadError(f"{path}: the configuration describes a model transformers cannot build: "
-                             f"{type(exc).__name__}: {str(exc)[:300]}") from None
-    shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    params = [k for k, _ in module.named_parameters()]
-    prefix = getattr(module, "base_model_prefix", "") or ""
-    if prefix:  # checkpoints of the bare base model name its tensors without the prefix, and vice versa
-        for k in list(shapes):
-            if k.startswith(prefix + "."):
-                shapes.setdefault(k[len(prefix) + 1:], shapes[k])
-            else:
-                shapes.setdefault(f"{prefix}.{k}", shapes[k])
-    return shapes, params, rows
-
-
-def _check_shapes(found: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], where: Path | str,
-                  config: Any, source: str = "config.json") -> None:
-    """Each tensor whose name the architecture knows must have the shape the config implies."""
-    for key, value in found.items():
-        want = shapes.get(key)
-        have = tuple(value.shape) if not isinstance(value, tuple) else value
-        if want is not None and have != want:
-            implied = ", ".join(f"{f} {getattr(config, f)}" for f in ("vocab_size", "hidden_size", "intermediate_size")
-                                if isinstance(getattr(config, f, None), int))
-            raise ModelLoadError(f"{where}: tensor {key} has shape {list(have)} but {source} implies "
-                                 f"{list(want)} ({implied}): the weights and {source} are of different models")
-
-
-def _check_finite(weights: Mapping[str, Any], where: Path | str) -> None:
-    """Refuse NaN or Inf in a weight: every output of the model would be NaN, yet it would export."""
-    import numpy as np
-
-    seen: set[int] = set()
-    for key, t in weights.items():
-        if not t.is_floating_point() or t.data_ptr() in seen:
-            continue
-        seen.add(t.data_ptr())
-        t = t.detach().cpu()
-        # numpy: one thread and no dispatch cost per tensor (torch's pool stalls when the cores are shared).
-        arr = t.numpy() if t.dtype.itemsize >= 4 else t.float().numpy()
-        with np.errstate(over="ignore", invalid="ignore"):
-            # A finite sum proves every element finite (NaN and Inf propagate); only a non-finite sum, from a
-            # bad value or an overflow of huge ones, needs the element-wise test.
-            if np.isfinite(arr.sum()) or np.isfinite(arr).all():
-                continue
-            bad = int(arr.size - np.isfinite(arr).sum())
-        raise ModelLoadError(f"{where}: weight {key} holds {bad} NaN or Inf value(s) of {arr.size}: the checkpoint "
-                             "is damaged; a model with them computes NaN")
-
-
-def _load_hf_folder(name: str, path: Path) -> LoadedModel:
-    import json
-
-    import torch
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
-
     from slm_export.models.safetensors_check import check_safetensors
 
+    weight_files = _hf_files(path)
+    config, kind = _hf_config(path)
+    tokenizer = _hf_tokenizer(path)
+    shapes, _, rows = checks.expected_shapes(config, kind, path)
+    checks.check_tokenizer(tokenizer, rows, path)
+    # Headers before transformers: it trusts their dtypes, and would allocate the model before a shape fails.
+    for f in weight_files:
+        if f.suffix == ".safetensors":
+            checks.check_shapes({k: e.shape for k, e in check_safetensors(f).items()}, shapes, f, config)
+    auto = AutoModelForCausalLM if kind == "decoder" else AutoModel
+    try:
+        module, info = auto.from_pretrained(path, dtype=torch.float32, output_loading_info=True,
+                                            ignore_mismatched_sizes=True)
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: transformers cannot load the weights: "
+                             f"{type(exc).__name__}: {str(exc)[:400]}") from None
+    _loading_info(info, path)
+    module.eval()
+    weights = dict(module.state_dict())
+    checks.check_finite(weights, path)
+    loaded = LoadedModel(name, str(path), "hf", kind, config, tokenizer, weights, _fingerprint(weight_files))
+    loaded._module.append(module)
+    return loaded
+
+
+def _hf_files(path: Path) -> list[Path]:
     if not (path / "config.json").exists():
         raise ModelLoadError(f"{path}: no config.json; a Hugging Face model folder needs config.json, "
                              "weights (*.safetensors or pytorch_model.bin) and tokenizer files")
     weight_files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
     if not weight_files:
         raise ModelLoadError(f"{path}: no weights (*.safetensors or pytorch_model*.bin)")
+    return weight_files
+
+
+def _hf_config(path: Path) -> tuple[Any, str]:
+    import json
+
+    from transformers import AutoConfig
+
     try:
         raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -348,28 +235,25 @@ def _load_hf_folder(name: str, path: Path) -> LoadedModel:
     except Exception as exc:
         raise ModelLoadError(f"{path}/config.json is unreadable: {exc}") from None
     kind = _kind_of(config, path)
-    _check_config_fields(raw, config, path)
-    _tokenizer_files(path)
+    checks.check_config_fields(raw, config, path)
+    return config, kind
+
+
+def _hf_tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    checks.tokenizer_files(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path)
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:  # tokenizers' Rust panics (a merge naming no token) are BaseExceptions
         raise ModelLoadError(f"{path}: the tokenizer files cannot be read: {type(exc).__name__}: "
                              f"{str(exc)[:300]}") from None
-    shapes, _, rows = _expected_shapes(config, kind, path)
-    check_tokenizer(tokenizer, rows, path)
-    # Headers before transformers: it trusts their dtypes, and would allocate the model before a shape fails.
-    for f in weight_files:
-        if f.suffix == ".safetensors":
-            _check_shapes({k: e.shape for k, e in check_safetensors(f).items()}, shapes, f, config)
-    auto = AutoModelForCausalLM if kind == "decoder" else AutoModel
-    try:
-        module, info = auto.from_pretrained(path, dtype=torch.float32, output_loading_info=True,
-                                            ignore_mismatched_sizes=True)
-    except Exception as exc:
-        raise ModelLoadError(f"{path}: transformers cannot load the weights: "
-                             f"{type(exc).__name__}: {str(exc)[:400]}") from None
+
+
+def _loading_info(info: dict[str, Any], path: Path) -> None:
+    """What transformers reports after loading: mismatched shapes and missing weights are refusals."""
     mismatched = list(info.get("mismatched_keys", []))
     if mismatched:  # names the checkpoint's own spelling did not let the header check above match
         key, have, want = mismatched[0]
@@ -380,12 +264,6 @@ def _load_hf_folder(name: str, path: Path) -> LoadedModel:
         raise ModelLoadError(f"{path}: the checkpoint lacks {', '.join(missing[:5])}"
                              f"{' ...' if len(missing) > 5 else ''}; transformers would fill them with random "
                              "values")
-    module.eval()
-    weights = dict(module.state_dict())
-    _check_finite(weights, path)
-    loaded = LoadedModel(name, str(path), "hf", kind, config, tokenizer, weights, _fingerprint(weight_files))
-    loaded._module.append(module)
-    return loaded
 
 
 def _build_module(model: LoadedModel) -> Any:

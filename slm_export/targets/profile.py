@@ -158,23 +158,7 @@ class TargetProfile:
         errors, so a misspelt optional field is not silently ignored."""
         _reject_unknown(raw)
         r = _Reader(raw)
-        cpu_r = r.section("cpu")
-        cpu = CpuSpec(
-            isa=cpu_r.str("isa", choices=("x86_64", "aarch64", "armv7")),
-            model=cpu_r.str("model"),
-            cores=cpu_r.int("cores", minimum=1),
-            freq_ghz=cpu_r.float("freq_ghz", minimum=0.01),
-            features=tuple(cpu_r.str_list("features")),
-            llvm_mcpu=cpu_r.opt_str("llvm_mcpu"),
-            llvm_mattr=tuple(cpu_r.str_list("llvm_mattr", required=False)),
-            qemu_cpu=cpu_r.opt_str("qemu_cpu"),
-        )
-        gpu = None
-        if "gpu" in raw:
-            g = r.section("gpu")
-            gpu = GpuSpec(name=g.str("name"), arch=g.str("arch"),
-                          tensorrt=tuple(g.str_list("tensorrt", required=False)),
-                          dpu_fingerprint=g.opt_str("dpu_fingerprint"))
+        cpu, gpu = _cpu_spec(r.section("cpu")), _gpu_spec(r.section("gpu")) if "gpu" in raw else None
         mem, comp, prec = r.section("memory"), r.section("compute"), r.section("precision")
         sp, graph, val = r.section("sparsity"), r.section("graph"), r.section("validation")
         supported = tuple(prec.str_list("supported", choices=PRECISIONS))
@@ -183,22 +167,18 @@ class TargetProfile:
         for k in peak:
             if k not in PRECISIONS:
                 raise ConfigError(f"compute.{k}: unknown precision; expected one of {', '.join(PRECISIONS)}")
-        refused = prec.raw.get("refused", {})
-        if not isinstance(refused, dict) or not all(isinstance(v, str) for v in refused.values()):
-            raise ConfigError("precision.refused: expected a table of precision = \"reason\"")
+        refused = _str_table(prec.raw.get("refused", {}), "precision.refused", "precision = \"reason\"")
         backends = tuple(r.section("backends").str_list("order", choices=KNOWN_BACKENDS))
         if not backends:
             raise ConfigError("backends.order: must name at least one backend")
-        sources = raw.get("sources", {})
-        if not isinstance(sources, dict) or not all(isinstance(v, str) for v in sources.values()):
-            raise ConfigError("sources: expected a table of field = \"source\"")
+        sources = _str_table(raw.get("sources", {}), "sources", "field = \"source\"")
         return cls(
             id=r.str("id"), name=r.str("name"), aliases=tuple(r.str_list("aliases", required=False)),
             description=r.str("description"), cpu=cpu, gpu=gpu,
             memory_gb=mem.float("capacity_gb", minimum=0.01),
             bandwidth_gbs=mem.float("bandwidth_gbs", minimum=0.01),
             peak_gflops=peak, precisions=supported, default_precision=default,
-            refused_precisions=dict(refused),
+            refused_precisions=refused,
             sparsity_patterns=tuple(sp.str_list("patterns", choices=SPARSITY_PATTERNS)),
             sparse_speedup=sp.bool("hardware_speedup"),
             opset=graph.int("opset", minimum=13, maximum=23),
@@ -228,6 +208,24 @@ _SCHEMA: dict[str, set[str] | None] = {
     "graph": {"opset", "static_shapes", "ops", "max_seq_len"},
     "backends": {"order"}, "validation": {"mode"}, "power": {"watts"},
 }
+
+
+def _cpu_spec(c: _Reader) -> CpuSpec:
+    return CpuSpec(isa=c.str("isa", choices=("x86_64", "aarch64", "armv7")), model=c.str("model"),
+                   cores=c.int("cores", minimum=1), freq_ghz=c.float("freq_ghz", minimum=0.01),
+                   features=tuple(c.str_list("features")), llvm_mcpu=c.opt_str("llvm_mcpu"),
+                   llvm_mattr=tuple(c.str_list("llvm_mattr", required=False)), qemu_cpu=c.opt_str("qemu_cpu"))
+
+
+def _gpu_spec(g: _Reader) -> GpuSpec:
+    return GpuSpec(name=g.str("name"), arch=g.str("arch"), tensorrt=tuple(g.str_list("tensorrt", required=False)),
+                   dpu_fingerprint=g.opt_str("dpu_fingerprint"))
+
+
+def _str_table(value: Any, where: str, form: str) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise ConfigError(f"{where}: expected a table of {form}")
+    return dict(value)
 
 
 def _reject_unknown(raw: dict[str, Any]) -> None:
