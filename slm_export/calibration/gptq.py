@@ -15,11 +15,15 @@ import torch
 
 from slm_export.calibration.quant import QuantizedTensor, check_group, group_params, search_group_clip
 from slm_export.errors import ConfigError
+from slm_export.hessian import PreparedHessian, prepare
 
 
 @dataclass(frozen=True)
 class GPTQConfig:
     """GPTQ settings. ``damp`` is the fraction of the mean Hessian diagonal added for stability."""
+
+    # Kept as a config: the grid differs per call (the plan's bits, the LM head's, W8A8's per-channel int8) and it
+    # carries GPTQ's own constants (block, mse).
 
     bits: int = 4
     group: int = 32
@@ -41,32 +45,9 @@ class GPTQConfig:
             raise ConfigError("GPTQ block must be positive")
 
 
-@dataclass(frozen=True)
-class PreparedHessian:
-    """What GPTQ needs from a layer input's Hessian, computed once for every linear reading it."""
-
-    perm: torch.Tensor  # column order (descending Hessian diagonal with act_order)
-    hinv: torch.Tensor  # upper Cholesky factor of the damped inverse Hessian, in ``perm`` order
-    dead: torch.Tensor  # input channels never active in calibration
-    diag: torch.Tensor  # the Hessian's diagonal in the original order: each input channel's energy
-
-
 def prepare_hessian(hessian: torch.Tensor, cfg: GPTQConfig) -> PreparedHessian:
-    H = hessian.float().clone()
-    in_f = H.shape[0]
-    diag = torch.diag(H).clone()
-    dead = diag == 0
-    H[dead, dead] = 1
-    perm = torch.argsort(torch.diag(H), descending=True) if cfg.act_order else torch.arange(in_f)
-    H = H[perm][:, perm]
-    H += cfg.damp * torch.mean(torch.diag(H)) * torch.eye(in_f)
-    try:
-        L = torch.linalg.cholesky(H)
-        hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
-    except torch.linalg.LinAlgError:
-        raise ConfigError("GPTQ: the calibration Hessian is not positive definite even after damping; "
-                          "raise the damping or give more calibration samples") from None
-    return PreparedHessian(perm, hinv, dead, diag)
+    """The Hessian prepared with ``cfg``'s damping and column order."""
+    return prepare(hessian, cfg.damp, cfg.act_order)
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian, cfg: GPTQConfig,

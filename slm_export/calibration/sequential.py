@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from slm_export.hessian import accumulate
+
 
 class _Stop(Exception):
     pass
@@ -36,9 +38,7 @@ class InputStats:
         x = x.reshape(-1, x.shape[-1]).float()
         n = x.shape[0]
         if want_hessian:
-            if self.hessian is None:
-                self.hessian = torch.zeros(x.shape[1], x.shape[1])
-            self.hessian.addmm_(x.T, x)
+            self.hessian = accumulate(self.hessian, x)
         a = x.abs()
         self.abs_mean = a.sum(0) if self.abs_mean is None else self.abs_mean + a.sum(0)
         mx = a.amax(0)

@@ -28,6 +28,7 @@ from slm_export.calibration.quant import (
     quantize_rtn,
 )
 from slm_export.errors import ConfigError
+from slm_export.hessian import output_energy
 
 Rotate = Callable[[torch.Tensor], torch.Tensor]
 ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(0, 21))
@@ -67,7 +68,7 @@ def pow2_weight_scale(w: torch.Tensor, hessian: torch.Tensor | None = None, bits
     best, best_err = 2.0 ** k, float("inf")
     for step in (2.0 ** k, 2.0 ** (k - 1), 2.0 ** (k - 2)):
         d = w - torch.clamp(torch.round(w / step), -qmax - 1, qmax) * step
-        err = float(((d @ hessian) * d).sum()) if hessian is not None else float((d * d).sum())
+        err = output_energy(d, hessian) if hessian is not None else float((d * d).sum())
         if err < best_err:
             best, best_err = step, err
     return best

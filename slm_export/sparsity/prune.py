@@ -4,7 +4,7 @@
 - wanda: score |W| x ||x_j||_2, the input channel's activation norm over calibration (Sun et al., 2023);
 - sparsegpt: choose and remove weights column block by column block with the inverse Hessian of the
   layer's inputs, updating the remaining weights to compensate (Frantar & Alistarh, 2023), sharing the
-  GPTQ Hessian machinery.
+  Hessian machinery of GPTQ (``slm_export/hessian.py``).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from slm_export.calibration.gptq import GPTQConfig, PreparedHessian, prepare_hessian
 from slm_export.errors import ConfigError
+from slm_export.hessian import PreparedHessian, prepare
 from slm_export.sparsity.masks import nm_mask, parse_pattern, unstructured_mask
 
 PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
@@ -23,6 +23,8 @@ PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
 
 @dataclass(frozen=True)
 class SparsityConfig:
+    # Kept as a config: the sparsity package sits below calibration (it does not read CompressConfig), and the
+    # pruning spec carries SparseGPT's own constants (block; damp for a Hessian given unprepared).
     pattern: str = "2:4"
     method: str = "sparsegpt"
     ratio: float = 0.5  # for unstructured
@@ -62,8 +64,7 @@ def prune(weight: torch.Tensor, cfg: SparsityConfig, sq_sum: torch.Tensor | None
 
 
 def _sparsegpt(w: torch.Tensor, hessian: torch.Tensor | PreparedHessian, cfg: SparsityConfig) -> torch.Tensor:
-    prep = hessian if isinstance(hessian, PreparedHessian) else \
-        prepare_hessian(hessian, GPTQConfig(damp=cfg.damp, act_order=False))
+    prep = hessian if isinstance(hessian, PreparedHessian) else prepare(hessian, cfg.damp, act_order=False)
     if not torch.equal(prep.perm, torch.arange(len(prep.perm))):
         raise ValueError("sparsegpt needs the Hessian in the original column order")
     W = w.clone().numpy()
