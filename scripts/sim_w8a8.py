@@ -13,11 +13,13 @@ import time
 
 import torch
 
-from slm_export.calibration.compress import CompressConfig, _linear_names, compress
+from slm_export.calibration.compress import CompressConfig, compress
+from slm_export.calibration.compress import linear_names as _linear_names
 from slm_export.calibration.observers import fake_quant, fake_quant_per_token
 from slm_export.calibration.quant import QuantizedTensor
 from slm_export.calibration.rotation import Rotation
-from slm_export.models.loader import _build_module, load_model
+from slm_export.models.loader import build_module as _build_module
+from slm_export.models.loader import load_model
 from slm_export.text import builtin_split, token_windows
 
 torch.set_num_threads(2)

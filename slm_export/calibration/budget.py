@@ -93,12 +93,12 @@ def float_twin(model: Any, weights: dict[str, Any], float_w: dict[str, torch.Ten
     keeps the original norm."""
     from dataclasses import replace
 
-    from slm_export.models.loader import _build_module
+    from slm_export.models.loader import build_module
 
     floats = {k: v for k, v in weights.items() if not isinstance(v, QuantizedTensor)}
     if "lm_head.weight" in (channel_scales or {}):
         floats.pop("model.norm.weight", None)
-    return _build_module(replace(model, weights={**model.weights, **floats, **float_w}, _module=[]))
+    return build_module(replace(model, weights={**model.weights, **floats, **float_w}, _module=[]))
 
 
 def int8_weights(float_w: dict[str, torch.Tensor], int4: dict[str, Any], group: int) -> dict[str, QuantizedTensor]:

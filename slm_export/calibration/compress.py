@@ -58,7 +58,7 @@ class CompressResult:
     tuning: dict[str, Any] | None = None  # end-to-end tuning's summary (``tune.py``), when it ran
 
 
-def _linear_names(module: nn.Module) -> dict[str, nn.Linear]:
+def linear_names(module: nn.Module) -> dict[str, nn.Linear]:
     """Every linear inside the decoder layers, by its full parameter prefix."""
     out = {}
     layers = decoder_layers(module)
@@ -72,7 +72,7 @@ def _linear_names(module: nn.Module) -> dict[str, nn.Linear]:
 
 def compress(model: Any, cfg: CompressConfig, progress: Callable[[str], None] | None = None) -> CompressResult:
     """Quantize ``model``'s decoder linears per ``cfg``; the model's own weights are left untouched."""
-    from slm_export.models.loader import _build_module
+    from slm_export.models.loader import build_module
 
     if not cfg.compresses:
         raise ConfigError("nothing to compress: no quantization and no sparsity")
@@ -86,8 +86,8 @@ def compress(model: Any, cfg: CompressConfig, progress: Callable[[str], None] | 
         raise ConfigError(f"{cfg.method} folds scales into the norms of {', '.join(AWQ_TYPES)} layers only; "
                           "use --method gptq, rtn or dynamic")
     t0 = time.perf_counter()
-    work = _build_module(model)  # a second module over the same tensors: replacing its params is safe
-    linears = _linear_names(work)
+    work = build_module(model)  # a second module over the same tensors: replacing its params is safe
+    linears = linear_names(work)
     if not cfg.w8a8:  # W8A8 weights are per channel or per tensor: no groups
         for name, lin in linears.items():
             check_group(lin.in_features, cfg.group_size, name)

@@ -78,11 +78,11 @@ def dequantized_twin(model: Any, weights: dict[str, Any]) -> nn.Module:
     """The PyTorch model with ``weights`` (the compress stage's) dequantized, on its own copies of every
     tensor: what an exported graph computes. A quantized LM head of a tied model is untied from the
     embedding, which keeps the float table (the graph's Gather)."""
-    from slm_export.models.loader import _build_module
+    from slm_export.models.loader import build_module
 
     dense = {k: torch.from_numpy(v.dequantize()) if isinstance(v, QuantizedTensor)
              else v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in weights.items()}
-    twin = _build_module(replace(model, weights=dense, _module=[]))
+    twin = build_module(replace(model, weights=dense, _module=[]))
     if isinstance(weights.get("lm_head.weight"), QuantizedTensor):
         twin.lm_head.weight = nn.Parameter(dense["lm_head.weight"])
         embed = twin.get_input_embeddings()

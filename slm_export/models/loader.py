@@ -55,7 +55,7 @@ class LoadedModel:
     def torch_module(self) -> Any:
         """The PyTorch float32 reference, built once, sharing ``weights``' memory."""
         if not self._module:
-            self._module.append(_build_module(self))
+            self._module.append(build_module(self))
         return self._module[0]
 
 
@@ -266,7 +266,9 @@ def _loading_info(info: dict[str, Any], path: Path) -> None:
                              "values")
 
 
-def _build_module(model: LoadedModel) -> Any:
+def build_module(model: LoadedModel) -> Any:
+    """The PyTorch module over ``model.weights`` (assigned, not copied): callers that change its parameters
+    replace them, which leaves the weights mapping as it was."""
     from accelerate import init_empty_weights
     from transformers import AutoModel, AutoModelForCausalLM
 

@@ -199,9 +199,9 @@ def test_quantized_export_matches_dequantized_torch(method: str, graph_ops: str,
     # The torch model with the dequantized weights (and AWQ's folded norms) is what the graph computes.
     sd = {k: torch.from_numpy(v.dequantize()) if isinstance(v, QuantizedTensor) else v
           for k, v in result.weights.items()}
-    from slm_export.models.loader import _build_module
+    from slm_export.models.loader import build_module
 
-    twin = _build_module(type(model)(**{**model.__dict__, "weights": sd, "_module": []}))
+    twin = build_module(type(model)(**{**model.__dict__, "weights": sd, "_module": []}))
     ids = np.asarray([[3, 9, 27, 81, 243, 100]], dtype=np.int64)
     with torch.no_grad():
         ref = twin(torch.from_numpy(ids)).logits.numpy()
@@ -255,7 +255,7 @@ def test_quantized_lm_head_of_a_tied_model(head_bits: int, tiny_models: dict[str
 def test_calibrated_lm_head_beats_round_to_nearest(tiny_models: dict[str, Path]) -> None:
     """With calibration (GPTQ), the int4 head is rounded on the Hessian of its own inputs (the final norm
     of the quantized stack): its logits on held-out text are closer to the float head's than RTN's."""
-    from slm_export.models.loader import _build_module
+    from slm_export.models.loader import build_module
     from slm_export.text import builtin_split, token_windows
 
     model = load_model(str(tiny_models["llama"]))
@@ -267,7 +267,7 @@ def test_calibrated_lm_head_beats_round_to_nearest(tiny_models: dict[str, Path])
     table = model.weights["model.embed_tokens.weight"]
     sd = {k: torch.from_numpy(v.dequantize()) if isinstance(v, QuantizedTensor) else v
           for k, v in result.weights.items() if k != "lm_head.weight"}
-    body = _build_module(type(model)(**{**model.__dict__, "weights": sd, "_module": []})).model
+    body = build_module(type(model)(**{**model.__dict__, "weights": sd, "_module": []})).model
     ids = torch.tensor(token_windows(model.tokenizer, builtin_split("evaluation"), 4, 64))
     with torch.no_grad():
         h = body(ids).last_hidden_state
@@ -287,7 +287,7 @@ def test_awq_lm_head_folds_its_scales_into_the_final_norm(symmetric: bool, tiny_
     model is unchanged (the embedding keeps its table), the exported graph computes the folded norm times
     the dequantized head, and the budget's float twin keeps the original norm for its original head."""
     from slm_export.calibration.budget import float_twin, scaled_floats
-    from slm_export.models.loader import _build_module
+    from slm_export.models.loader import build_module
     from slm_export.text import builtin_split, token_windows
 
     model = load_model(str(tiny_models["llama"]))
@@ -308,7 +308,7 @@ def test_awq_lm_head_folds_its_scales_into_the_final_norm(symmetric: bool, tiny_
     plan = Plan(target="host", model="m", out="o", precision="int4", backend="onnxruntime", graph_ops="onnxruntime",
                 opset=17, static_shapes=False, max_seq_len=512, validation="host", accuracy_level=0)
     exported = OnnxExporter().export(model, plan, tmp_path, result.weights)
-    twin = _build_module(type(model)(**{**model.__dict__, "weights": sd, "_module": []}))
+    twin = build_module(type(model)(**{**model.__dict__, "weights": sd, "_module": []}))
     twin.lm_head.weight = torch.nn.Parameter(sd["lm_head.weight"])
     twin.model.embed_tokens.weight = torch.nn.Parameter(table.clone())
     ids = np.asarray([[3, 9, 27, 81, 243, 100]], dtype=np.int64)
@@ -318,7 +318,7 @@ def test_awq_lm_head_folds_its_scales_into_the_final_norm(symmetric: bool, tiny_
                                atol=2e-3, rtol=1e-3)
     # On held-out text the scaled head is at least as close to the float head as plain GPTQ's.
     body = {k: v for k, v in sd.items() if k not in ("lm_head.weight", "model.norm.weight")}
-    twin_body = _build_module(type(model)(**{**model.__dict__, "weights": {**model.weights, **body},
+    twin_body = build_module(type(model)(**{**model.__dict__, "weights": {**model.weights, **body},
                                              "_module": []})).model
     held = torch.tensor(token_windows(model.tokenizer, builtin_split("evaluation"), 4, 64))
     with torch.no_grad():
@@ -407,7 +407,7 @@ def test_budget_after_awq_requantizes_the_scaled_weights(tiny_models: dict[str, 
     """AWQ folds 1/s into the norms and quantizes W * s: the budget's int8 groups must be W * s too, or
     the int8 layers no longer match their norms; and they keep the int4 weights' symmetry."""
     from slm_export.calibration.budget import int8_weights, scaled_floats
-    from slm_export.models.loader import _build_module
+    from slm_export.models.loader import build_module
 
     model = load_model(str(tiny_models["llama"]))
     q = compress(model, CompressConfig("int4", "awq", 32, symmetric=True, calib_samples=4, calib_seqlen=64))
@@ -418,7 +418,7 @@ def test_budget_after_awq_requantizes_the_scaled_weights(tiny_models: dict[str, 
     assert all(w.zeros is None and w.bits == 8 for w in int8.values())
     # the scaled floats with the folded norms are the original model, exactly (up to rounding)
     floats = {k: v for k, v in q.weights.items() if not isinstance(v, QuantizedTensor)}
-    twin = _build_module(type(model)(**{**model.__dict__, "weights": {**model.weights, **floats, **float_w},
+    twin = build_module(type(model)(**{**model.__dict__, "weights": {**model.weights, **floats, **float_w},
                                         "_module": []}))
     ids = torch.tensor([[3, 9, 27, 81, 243, 100]])
     with torch.no_grad():
@@ -433,7 +433,7 @@ def test_hot_rows_of_an_int4_lm_head(graph_ops: str, tiny_models: dict[str, Path
     """--lm-head-hot: the int4 head's rows the calibration text reads most are quantized to int8 as well,
     and the graph writes their logits over the int4 ones: its logits equal the twin whose head is int4 with
     those rows int8, on ORT's fused graph and on the standard one alike."""
-    from slm_export.models.loader import _build_module
+    from slm_export.models.loader import build_module
 
     model = load_model(str(tiny_models["llama"]))
     cfg = CompressConfig("int4", "gptq", 32, calib_samples=8, calib_seqlen=64, lm_head_bits=4, lm_head_hot=0.1)
@@ -466,7 +466,7 @@ def test_hot_rows_of_an_int4_lm_head(graph_ops: str, tiny_models: dict[str, Path
     assert [n for n in graph.node if n.op_type == "ScatterElements"]
     sd = {k: torch.from_numpy(v.dequantize()) if isinstance(v, QuantizedTensor) else v
           for k, v in result.weights.items()}
-    twin = _build_module(type(model)(**{**model.__dict__, "weights": sd, "_module": []}))
+    twin = build_module(type(model)(**{**model.__dict__, "weights": sd, "_module": []}))
     twin.lm_head.weight = torch.nn.Parameter(sd["lm_head.weight"])
     twin.model.embed_tokens.weight = torch.nn.Parameter(model.weights["model.embed_tokens.weight"].clone())
     ids = np.asarray([[3, 9, 27, 81, 243, 100], [5, 6, 7, 8, 9, 10]], dtype=np.int64)

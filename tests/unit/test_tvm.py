@@ -24,7 +24,7 @@ from slm_export.calibration.quant import QuantizedTensor, quantize_rtn
 from slm_export.errors import CompileError
 from slm_export.exporters.onnx import OnnxExporter
 from slm_export.models import load_model
-from slm_export.models.loader import _build_module
+from slm_export.models.loader import build_module as _build_module
 from slm_export.pipeline import make_plan
 from slm_export.runner.tvm_run import PARAMS_FILE, TvmDecoder
 from slm_export.targets import get_target

@@ -252,10 +252,10 @@ def test_rotation_is_orthogonal_and_preserves_the_product() -> None:
 
 def test_rotations_leave_the_float_model_unchanged(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     from slm_export.calibration.transforms import rotate_down, rotate_heads
-    from slm_export.models.loader import _build_module
+    from slm_export.models.loader import build_module
 
     model = load_model(str(tiny_models["qwen2"]))  # q/k/v biases: v's is rotated with its rows
-    work = _build_module(model)
+    work = build_module(model)
     assert rotate_heads(work, model.config, 0) == 16
     rots = rotate_down(work, CompressConfig("int8", "dynamic", rotate=64), rotate_weights=True)
     assert len(rots) == 2
@@ -284,10 +284,10 @@ def test_no_rotation_where_no_block_divides(tmp_path: Path) -> None:
 
 def _twin(model, weights: dict, hooks: str):  # type: ignore[no-untyped-def]
     """A PyTorch copy computing what the graph should: dequantized weights, int8 activations."""
-    from slm_export.models.loader import _build_module
+    from slm_export.models.loader import build_module
 
     sd = {k: torch.from_numpy(v.dequantize()) if isinstance(v, QuantizedTensor) else v for k, v in weights.items()}
-    twin = _build_module(type(model)(**{**model.__dict__, "weights": sd, "_module": []}))
+    twin = build_module(type(model)(**{**model.__dict__, "weights": sd, "_module": []}))
     for name, mod in twin.named_modules():
         q = weights.get(name + ".weight")
         if name + ".rotation.signs" in weights:  # registered first: the int8 quantization reads x R
