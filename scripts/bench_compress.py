@@ -1,9 +1,17 @@
 #!/usr/bin/env python
 """Issue-3 figures on smollm2-135m, measured in one run against the float32 artifact.
 
-Each compression runs in a fresh process (load, calibrate, export) so its time and peak RSS are its
-own; then every artifact is scored on the evaluation half of the built-in text (8 x 512 tokens)
-against the PyTorch float32 reference, and its decode speed is timed through the project's loop.
+Each row is built by ``slm_export.export`` for the host target (``make_plan`` then ``run``: the CLI's plan, so
+each row gets the CLI's defaults for what it does not set, the LM head's width among them) in a fresh process,
+so that its time and peak RSS are its own; its calibration time and peak RSS are its report's stage records,
+its size and bits per weight its report's too. Then every artifact's graph (model.onnx) is scored here on the
+evaluation half of the built-in text (8 x 512 tokens) against the PyTorch float32 reference, and its decode
+speed is timed through the project's loop (``slm_export.bench``'s rounds).
+
+The rows are built without validation and scored here rather than read from a validated report: a host
+report validates the ORT-optimized graph (model.optimized.onnx), in which ONNX Runtime has already fused the
+W8A8 static rows' Q/DQ pairs into its x86 int8 kernels, while those rows are scored as exact int8 products
+(the TensorRT arithmetic); scoring every row here keeps one scorer for all of them.
 
 Usage: python scripts/bench_compress.py [--samples 128] [--seqlen 512] [--threads 2] [--quick]
                                         [--rows "int8 RTN g32,W8A8 dynamic per-token"]
@@ -15,67 +23,68 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from slm_export.bench import export_report, in_fresh_process, interleaved_rounds, print_table
 
-CHILD = r"""
-import json, resource, sys, time
-from pathlib import Path
-t0 = time.perf_counter()
-from slm_export.calibration.compress import CompressConfig, compress
-from slm_export.exporters.onnx import OnnxExporter
-from slm_export.models import load_model
-from slm_export.plan import Plan
-spec = json.loads(sys.argv[1])
-out = Path(spec.pop("out"))
-out.mkdir(parents=True, exist_ok=True)
-m = load_model("smollm2-135m")
-t1 = time.perf_counter()
-weights, info = None, {}
-budget = spec.pop("budget", None)
-sparse = spec.pop("sparsity", None)
-if spec["precision"] != "fp32" or sparse:
-    from slm_export.sparsity import SparsityConfig
-    cfg = CompressConfig(**{**spec, "precision": spec["precision"] if spec["precision"] != "fp32" else "none",
-                            "sparsity": SparsityConfig(**sparse) if sparse else None})
-    r = compress(m, cfg)
-    if budget is not None:
-        from slm_export.calibration.budget import fit_budget
-        budget_plan = Plan(target="host", model="smollm2-135m", out=str(out), precision="int4", backend="onnxruntime",
-                           graph_ops="onnxruntime", opset=17, static_shapes=False, max_seq_len=2048,
-                           validation="host", max_ppl_increase=budget)
-        r = fit_budget(m, r, budget_plan, None)
-        info["nominal_bits"] = r.budget["nominal_bits_per_weight"]
-        info["kept_int8"] = len(r.budget["kept_int8"])
-    weights = r.weights
-    info["bits_per_weight"] = r.bits_per_weight  # None when only pruned: stored dense fp32
-t2 = time.perf_counter()
-calib_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # load + calibration, before export
-plan = Plan(target="host", model="smollm2-135m", out=str(out),
-            precision=spec["precision"] if not budget else "int4", backend="onnxruntime",
-            graph_ops="onnxruntime", opset=17, static_shapes=False, max_seq_len=2048, validation="host")
-e = OnnxExporter().export(m, plan, out, weights)
-print(json.dumps({"calib_s": t2 - t1, "total_s": time.perf_counter() - t0, "bytes": e.bytes,
-                  "weight_bytes": m.weight_bytes, "calib_peak_rss_bytes": calib_rss,
-                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, **info}))
-"""
+DECODE_ROUNDS, DECODE_TOKENS = 3, 128  # each row's decode speed: the median of 3 runs of 128 tokens
 
 
 def folder(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name)
 
 
-def build(spec: dict, out: Path) -> dict:
-    res = subprocess.run([sys.executable, "-c", CHILD, json.dumps({**spec, "out": str(out)})],
-                         capture_output=True, text=True)
-    if res.returncode:
-        raise SystemExit(f"{spec} failed:\n{res.stderr[-3000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+def exact_qdq(name: str) -> bool:
+    """W8A8 static is the a100 (TensorRT) form: scored with its Q/DQ pairs as exact int8 products, not through
+    ORT's x86 int8 kernels, which saturate without VNNI."""
+    return name.startswith("W8A8 static")
+
+
+def build(name: str, options: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The row's artifact and report: ``slm_export.export`` for the host target in a fresh process, without
+    validation (``main`` scores every row)."""
+    try:
+        return in_fresh_process(export_report, "smollm2-135m", "host", out, validate=False, **options)
+    except Exception as exc:
+        raise SystemExit(f"{name} ({options}) failed: {type(exc).__name__}: {exc}") from None
+
+
+def figures(report: dict[str, Any]) -> dict[str, Any]:
+    """What the table reads from a row's report: calibration time (compress and budget stages) and peak RSS
+    (through calibration: the last of load, compress and budget; through export) from its stage records, size
+    and bits per weight from its artifact and compression sections."""
+    stages = {s["name"]: s for s in report["stages"]}
+    mb = 1024 * 1024  # the stage records' peak RSS is ru_maxrss / 1024: MiB
+    calib = [stages[n] for n in ("load", "compress", "budget") if n in stages]
+    upto_export = [s for n, s in stages.items() if n in ("load", "compress", "budget", "export")]
+    info: dict[str, Any] = {
+        "calib_s": sum(s["seconds"] for s in calib if s["name"] != "load"),
+        "total_s": sum(s["seconds"] for s in upto_export),
+        "bytes": report["artifact"]["bytes"], "weight_bytes": report["model"]["float32_weight_bytes"],
+        "calib_peak_rss_bytes": calib[-1]["peak_rss_mb"] * mb, "peak_rss_bytes": stages["export"]["peak_rss_mb"] * mb}
+    compression = report.get("compression")
+    if compression:
+        info["bits_per_weight"] = compression["bits_per_weight"]  # None when only pruned: stored dense fp32
+        budget = compression.get("budget")
+        if budget:
+            info["nominal_bits"] = budget["nominal_bits_per_weight"]
+            info["kept_int8"] = len(budget["kept_int8"])
+    return info
+
+
+def decode_rate(dec: Any, prompt: list[int]) -> float:
+    """Decode tokens/s of a decoder through the project's loop: a warm-up of 8 tokens, then the median of
+    ``DECODE_ROUNDS`` runs of ``DECODE_TOKENS`` (``slm_export.bench.interleaved_rounds``, one system)."""
+
+    def run() -> tuple[float, list[float]]:
+        _, timing = dec.generate(prompt, DECODE_TOKENS)
+        return timing.prefill_s, timing.decode_s
+
+    rates = interleaved_rounds({"row": run}, DECODE_ROUNDS, warmup={"row": lambda: dec.generate(prompt, 8)}, log=None)
+    return rates["row"].tok_s
 
 
 def main() -> int:
@@ -85,17 +94,21 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="16 calibration samples (a smoke run, not the figures)")
     ap.add_argument("--work", type=Path, default=None,
-                    help="keep the artifacts and each build's figures (build.json) here instead of a temporary "
-                         "folder, and print each scored row to stderr as it finishes")
+                    help="keep the artifacts (each with its report.json) and each build's figures (NAME.build.json "
+                         "beside its folder) here instead of a temporary folder, and print each scored row to "
+                         "stderr as it finishes")
     ap.add_argument("--rows", help="comma-separated row names to build and score (fp32 always); default: all")
     args = ap.parse_args()
     n = 16 if args.quick else args.samples
     calib = {"calib_samples": n, "calib_seqlen": args.seqlen}
-    runs = {
+    # Each row: slm_export.export's keywords (the CLI's flags by their Python names) for the host target; what a
+    # row leaves out takes the CLI's default (the LM head's width, the observer, ...).
+    runs: dict[str, dict[str, Any]] = {
         "fp32": {"precision": "fp32"},
         "int8 RTN g32": {"precision": "int8", "method": "rtn", "group_size": 32},
         "int4 RTN g32 asym": {"precision": "int4", "method": "rtn", "group_size": 32},
-        "int4 RTN g32 sym": {"precision": "int4", "method": "rtn", "group_size": 32, "symmetric": True},
+        "int4 RTN g32 sym": {"precision": "int4", "method": "rtn", "group_size": 32, "symmetric": True,
+                             "signed_scales": False},
         # signed scales: what --symmetric makes on host and rpi4b (ONNX Runtime and TVM); android keeps unsigned
         "int4 RTN g32 sym signed": {"precision": "int4", "method": "rtn", "group_size": 32, "symmetric": True,
                                     "signed_scales": True},
@@ -106,30 +119,31 @@ def main() -> int:
         "int4 AWQ+GPTQ g32": {"precision": "int4", "method": "awq-gptq", "group_size": 32,
                               "calib_samples": min(n, 64), "calib_seqlen": args.seqlen},
         "int4 AWQ+GPTQ g32 sym": {"precision": "int4", "method": "awq-gptq", "group_size": 32, "symmetric": True,
-                                  "calib_samples": min(n, 64), "calib_seqlen": args.seqlen},
+                                  "signed_scales": False, "calib_samples": min(n, 64), "calib_seqlen": args.seqlen},
         "int4 AWQ+GPTQ g32 sym signed": {"precision": "int4", "method": "awq-gptq", "group_size": 32,
                                          "symmetric": True, "signed_scales": True, "calib_samples": min(n, 64),
                                          "calib_seqlen": args.seqlen},
         "budget 5% (AWQ+GPTQ base)": {"precision": "int4", "method": "awq-gptq", "group_size": 32,
-                                      "calib_samples": 64, "budget": 5.0},
+                                      "calib_samples": 64, "max_ppl_increase": 5.0},
         # W8A8 static is the a100 (TensorRT) form: scored with its Q/DQ pairs as exact int8 products
-        # (EXACT below), not through ORT's x86 int8 kernels, which saturate without VNNI.
+        # (exact_qdq above), not through ORT's x86 int8 kernels, which saturate without VNNI.
         "W8A8 static SmoothQuant + rotation": {"precision": "int8", "method": "smoothquant",
                                                "calib_samples": min(n, 64), "calib_seqlen": args.seqlen,
                                                "rotate": 128},
         "W8A8 static SmoothQuant, no rotation": {"precision": "int8", "method": "smoothquant",
-                                                 "calib_samples": min(n, 64), "calib_seqlen": args.seqlen},
+                                                 "calib_samples": min(n, 64), "calib_seqlen": args.seqlen,
+                                                 "rotate": 0},
         # The fpga (DPU) form: one power-of-two scale per tensor, weights and activations; the profile's
         # observer (mse). Same arithmetic as the static 1 x 512 fpga graph, scored on this dynamic one.
         "W8A8 static fpga form (pow2 per-tensor, mse)": {"precision": "int8", "method": "smoothquant",
                                                          "calib_samples": min(n, 64), "calib_seqlen": args.seqlen,
-                                                         "rotate": 128, "pow2": True, "observer": "mse"},
+                                                         "rotate": 128, "pow2_scales": True, "observer": "mse"},
         "W8A8 dynamic per-token": {"precision": "int8", "method": "dynamic"},
     }
     sparse_calib = {"calib_samples": 16, "calib_seqlen": 512}
     for pattern in ("2:4", "unstructured"):
         for method in ("magnitude", "wanda", "sparsegpt"):
-            runs[f"fp32 {pattern} {method}"] = {"precision": "fp32", "sparsity": {"pattern": pattern, "method": method},
+            runs[f"fp32 {pattern} {method}"] = {"precision": "fp32", "sparsity": pattern, "sparsity_method": method,
                                                 **(sparse_calib if method != "magnitude" else {})}
     if args.rows:
         wanted = {r.strip() for r in args.rows.split(",")} | {"fp32"}
@@ -137,6 +151,7 @@ def main() -> int:
         if unknown:
             raise SystemExit(f"unknown rows {sorted(unknown)}; the rows are: {', '.join(runs)}")
         runs = {k: v for k, v in runs.items() if k in wanted}
+    import numpy as np
     import torch
 
     from slm_export.models import load_model
@@ -149,10 +164,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as scratch:
         tmp = args.work or Path(scratch)
         built = {}
-        for name, spec in runs.items():
+        for name, options in runs.items():
             print(f"building {name} ...", file=sys.stderr, flush=True)
-            built[name] = build({k: v for k, v in spec.items()}, Path(tmp) / folder(name))
-            (Path(tmp) / folder(name) / "build.json").write_text(json.dumps(built[name]))
+            built[name] = figures(build(name, options, Path(tmp) / folder(name)))
+            (Path(tmp) / f"{folder(name)}.build.json").write_text(json.dumps(built[name]))
         model = load_model("smollm2-135m")
         module = model.torch_module()
         windows = token_windows(model.tokenizer, builtin_split("evaluation"), 8, 512)
@@ -164,16 +179,12 @@ def main() -> int:
         prompt = model.tokenizer("Write a short story about a robot:").input_ids
         for name, info in built.items():
             dec = OnnxDecoder(make_session(Path(tmp) / folder(name) / "model.onnx", args.threads,
-                                           exact_qdq=name.startswith("W8A8 static")))
+                                           exact_qdq=exact_qdq(name)))
             acc = decoder_accuracy(reference, dec, windows)
-            dec.generate(prompt, 8)
-            rates = []
-            for _ in range(3):
-                _, t = dec.generate(prompt, 128)
-                rates.append(len(t.decode_s) / sum(t.decode_s))
-            rows.append((name, acc, float(np.median(rates)), info))
+            rate = decode_rate(dec, prompt)
+            rows.append((name, acc, rate, info))
             print(f"scored {name}: {acc['perplexity']:.3f} ({acc['perplexity_change_pct']:+.2f}%), "
-                  f"{rows[-1][2]:.1f} tok/s, {json.dumps(info)}", file=sys.stderr, flush=True)
+                  f"{rate:.1f} tok/s, {json.dumps(info)}", file=sys.stderr, flush=True)
     fp32_rate = rows[0][2]
     print(f"## smollm2-135m, evaluation half of the built-in text (8 x 512), calibration {n} x {args.seqlen}, "
           f"{args.threads} threads")
@@ -182,19 +193,18 @@ def main() -> int:
     print("peak RSS over the float32 weight bytes: through calibration (load + compress), and through export")
     print("mean KL: KL(float32 || artifact) per token on the same windows (it varies less between builds than "
           "the perplexity change)")
-    print("| artifact | perplexity | change | mean KL | top-1 agree | calib s | peak RSS calib / export | size MB | "
-          "bits/weight (stored) | decode tok/s | x fp32 |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    cells = []
     for name, acc, rate, info in rows:
         rss_c = info["calib_peak_rss_bytes"] / info["weight_bytes"]
         rss_x = info["peak_rss_bytes"] / info["weight_bytes"]
-        print(f"| {name} | {acc['perplexity']:.3f} | {acc['perplexity_change_pct']:+.2f}% | {acc['mean_kl']:.4f} | "
-              f"{acc['top1_agreement']:.3f} | {info['calib_s']:.0f} | {rss_c:.2f}x / {rss_x:.2f}x | "
-              f"{info['bytes'] / 1e6:.0f} | "
-              f"{info.get('bits_per_weight') or 32:.2f}"
-              + (f" (nominal {info['nominal_bits']:.2f}, {info['kept_int8']} groups int8)"
-                 if "nominal_bits" in info else "")
-              + f" | {rate:.1f} | {rate / fp32_rate:.2f} |")
+        bits = f"{info.get('bits_per_weight') or 32:.2f}" + (
+            f" (nominal {info['nominal_bits']:.2f}, {info['kept_int8']} groups int8)" if "nominal_bits" in info else "")
+        cells.append([name, f"{acc['perplexity']:.3f}", f"{acc['perplexity_change_pct']:+.2f}%",
+                      f"{acc['mean_kl']:.4f}", f"{acc['top1_agreement']:.3f}", f"{info['calib_s']:.0f}",
+                      f"{rss_c:.2f}x / {rss_x:.2f}x",
+                      f"{info['bytes'] / 1e6:.0f}", bits, f"{rate:.1f}", f"{rate / fp32_rate:.2f}"])
+    print_table(["artifact", "perplexity", "change", "mean KL", "top-1 agree", "calib s", "peak RSS calib / export",
+                 "size MB", "bits/weight (stored)", "decode tok/s", "x fp32"], cells)
     change = {name: acc["perplexity_change_pct"] for name, acc, _, _ in rows}
     kl = {name: acc["mean_kl"] for name, acc, _, _ in rows}
     info = dict((name, i) for name, _, _, i in rows)
