@@ -50,8 +50,6 @@ def _parser() -> argparse.ArgumentParser:
                     "cannot run")
     em.add_argument("--no-emulate", dest="emulate", action="store_const", const="off",
                     help="host validation only")
-    e.add_argument("--threads", type=_at_least(0), default=0,
-                   help="ONNX Runtime threads for validation (0: all cores)")
     e.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     _device_args(e)
     t = sub.add_parser("targets", help="list built-in targets, or `targets show NAME`")
@@ -66,8 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     emu.add_argument("action", nargs="?", choices=("status", "setup"), default="status")
     v = sub.add_parser("validate", help="re-run validation of an existing artifact")
     v.add_argument("artifact")
-    v.add_argument("--eval-data")
-    v.add_argument("--threads", type=_at_least(0), default=0, help="ONNX Runtime threads (0: all cores)")
+    v.add_argument("--eval-data", help="evaluation text (default: what the export used)")
     v.add_argument("--json", action="store_true")
     vm = v.add_mutually_exclusive_group()
     vm.add_argument("--emulate", dest="emulate", action="store_const", const="on", help="run under the emulator too")
@@ -83,35 +80,25 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _device_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("device (hardware in the loop)")
-    g.add_argument("--device", help="validate on a device too: ssh://user@host[:port][?workdir=DIR&python=python3]")
-    g.add_argument("--identity", "-i", help="SSH private key (default: your ssh agent and ~/.ssh keys)")
-    g.add_argument("--known-hosts", help="known_hosts file to check the device's key against (default ~/.ssh/)")
-    g.add_argument("--device-timeout", type=_positive, default=3600.0, help="seconds a run may take on the device")
-    g.add_argument("--goals", help="TOML goals replacing the defaults: [metric] with max, min or equals")
-    g.add_argument("--junit", help="write the goals as JUnit XML (one test case per goal) to this file")
-    v = p.add_argument_group("validation effort")
-    v.add_argument("--eval-windows", type=_at_least(1), default=8,
-                   help="512-token windows of the evaluation text for perplexity and agreement (default 8)")
-    v.add_argument("--timing-tokens", type=_at_least(2), default=64,
-                   help="tokens decoded in each of the 5 timed runs after the 128-token prompt (default 64)")
-    v.add_argument("--emulate-tokens", type=_at_least(16), help="tokens in each emulated run's accuracy window "
-                   "(default 256 for ONNX Runtime, 128 for TVM: each emulated token costs about a hundred host tokens)")
+    from slm_export.options import add_arguments
+    from slm_export.validation.validate import DEVICE, EFFORT, ValidationSettings
+
+    groups = {DEVICE: p.add_argument_group(DEVICE), EFFORT: p.add_argument_group(EFFORT)}
+    add_arguments(groups, ValidationSettings)  # the validation flags, from their one declaration
+    groups[DEVICE].add_argument("--junit", help="write the goals as JUnit XML (one test case per goal) to this file")
 
 
 def _settings(args: argparse.Namespace) -> Any:
     from slm_export.goals import load_goals
+    from slm_export.options import given
     from slm_export.validation.ssh import DeviceUrl
     from slm_export.validation.validate import ValidationSettings
 
     if args.device:
         DeviceUrl.parse(args.device)  # a malformed URL is a user error before any work starts
-    if args.goals:
-        load_goals(args.goals)
-    return ValidationSettings(windows=args.eval_windows, decode_tokens=args.timing_tokens,
-                              emulate_tokens=args.emulate_tokens, threads=args.threads,
-                              device=args.device, identity=args.identity, known_hosts=args.known_hosts,
-                              device_timeout=args.device_timeout, goals_file=args.goals)
+    if args.goals_file:
+        load_goals(args.goals_file)
+    return ValidationSettings(**given(ValidationSettings, vars(args)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,28 +153,6 @@ def _dispatch(args: argparse.Namespace) -> int:
     except KeyboardInterrupt as exc:
         _error("interrupted: no artifact was written")
         return 143 if isinstance(exc, Terminated) else 130
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, not {text!r}")
-    return value
-
-
-def _at_least(low: int) -> Any:
-    """An argparse type: a whole number >= ``low``."""
-
-    def parse(text: str) -> int:
-        value = int(text) if text.strip().lstrip("+-").isdigit() else None
-        if value is None or value < low:
-            raise argparse.ArgumentTypeError(f"expected a whole number of at least {low}, not {text!r}")
-        return value
-
-    return parse
 
 
 def _terminate(signum: int, frame: Any) -> None:
@@ -268,7 +233,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _write_junit(report: dict[str, Any], path: str) -> None:
-    from slm_export.report import junit_xml
+    from slm_export.report_md import junit_xml
 
     target = Path(path)
     tmp = target.with_name(f".{target.name}.partial")

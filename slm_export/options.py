@@ -105,6 +105,29 @@ def number(text: str) -> float:
     return value
 
 
+def whole_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: a whole number >= ``low``."""
+
+    def parse(text: str) -> int:
+        value = int(text) if text.strip().lstrip("+-").isdigit() else None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"expected a whole number of at least {low}, not {text!r}")
+        return value
+
+    return parse
+
+
+def positive(text: str) -> float:
+    """An argparse type: a positive finite number."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, not {text!r}")
+    return value
+
+
 def given(cls: Any, values: dict[str, Any]) -> dict[str, Any]:
     """The declared fields of ``cls`` that ``values`` sets (not None)."""
     names = {f.name for f, _ in declared(cls)}

@@ -118,6 +118,8 @@ def revalidate(artifact: str | Path, eval_data: str | None = None, progress: Pro
     if model.fingerprint != manifest["fingerprint"]:
         raise ConfigError(f"the model at {source} changed since {artifact} was exported "
                           "(fingerprint differs); export again")
+    if isinstance(manifest.get("model_name"), str):  # the name the export reported, not the absolute path
+        model = replace(model, name=manifest["model_name"])
     settings = settings or ValidationSettings()
     metrics = stages.run("validate", lambda: validate_file(model, artifact / ran, plan, settings, progress))
     results = _results(backends)

@@ -16,31 +16,50 @@ from typing import Any
 import numpy as np
 
 from slm_export.errors import DeviceError
+from slm_export.options import at_least, check_values, opt, positive, whole_at_least
 from slm_export.runner.job import dist_version, open_runtime
 from slm_export.text import TextSource, token_windows
 from slm_export.validation.generate import make_session, torch_greedy
 from slm_export.validation.metrics import check_finite, cosine, decoder_accuracy
 
+DEVICE = "device (hardware in the loop)"
+EFFORT = "validation effort"
+
 
 @dataclass(frozen=True)
 class ValidationSettings:
-    """How much to measure. Defaults match docs/benchmarks/baselines.md (8 windows of 512 tokens)."""
+    """How much to measure, and where. Defaults match docs/benchmarks/baselines.md (8 windows of 512 tokens).
+    The fields with an ``Option`` are the CLI's validation flags (declared here once)."""
 
-    windows: int = 8
+    windows: int = opt(8, "512-token windows of the evaluation text for perplexity and agreement", group=EFFORT,
+                       flag="--eval-windows", parse=whole_at_least(1), check=at_least(1))
     window_len: int = 512
     greedy_tokens: int = 32
     prompt_tokens: int = 128
-    decode_tokens: int = 64
+    decode_tokens: int = opt(64, "tokens decoded in each of the 5 timed runs after the 128-token prompt",
+                             group=EFFORT, flag="--timing-tokens", parse=whole_at_least(2), check=at_least(2))
     repeats: int = 5
-    threads: int = 0
-    emulate_tokens: int | None = None  # each emulated run's accuracy window (None: runs.EMULATED_*'s)
+    threads: int = opt(0, "ONNX Runtime threads for validation (0: all cores)", group=EFFORT,
+                       parse=whole_at_least(0), check=at_least(0))
+    emulate_tokens: int | None = opt(
+        None, "tokens in each emulated run's accuracy window (default 256 for ONNX Runtime, 128 for TVM: each "
+        "emulated token costs about a hundred host tokens)", group=EFFORT, parse=whole_at_least(16),
+        check=at_least(16))
     exact_qdq: bool = False  # Q/DQ as float products of the int8 values (the artifact's runtime is not ORT)
     # A device to validate on too (ssh://user@host:port), how to reach it, and how long a run may take there.
-    device: str | None = None
-    identity: str | None = None
-    known_hosts: str | None = None
-    device_timeout: float = 3600.0
-    goals_file: str | None = None  # TOML goals that replace the defaults (``goals.load_goals``)
+    device: str | None = opt(None, "validate on a device too: ssh://user@host[:port][?workdir=DIR&python=python3]",
+                             group=DEVICE)
+    identity: str | None = opt(None, "SSH private key (default: your ssh agent and ~/.ssh keys)", group=DEVICE,
+                               short="-i")
+    known_hosts: str | None = opt(None, "known_hosts file to check the device's key against (default ~/.ssh/)",
+                                  group=DEVICE)
+    device_timeout: float = opt(3600.0, "seconds a run may take on the device", group=DEVICE, parse=positive,
+                                check=at_least(1e-9))
+    goals_file: str | None = opt(None, "TOML goals replacing the defaults: [metric] with max, min or equals",
+                                 group=DEVICE, flag="--goals")
+
+    def __post_init__(self) -> None:
+        check_values(ValidationSettings, {k: getattr(self, k) for k in self.__dataclass_fields__})
 
 
 def where_host(model_path: Path | None = None) -> str:

@@ -205,7 +205,7 @@ def test_second_run_on_the_same_out_fails_naming_the_first(model: Path, tmp_path
     (["--precision", "int4", "--group-size", "7"], "--group-size must be a power of two"),
     (["--group-size", "7"], "--group-size must be a power of two"),  # out of range, even where it is not read
     (["--sparsity", "unstructured", "--sparsity-ratio", "1.5"], "--sparsity-ratio must be in (0, 1)"),
-    (["--device-timeout", "-1"], "positive number of seconds"),
+    (["--device-timeout", "-1"], "expected a positive number, not '-1'"),
 ])
 def test_options_refused_before_any_work(extra: list[str], expected: str, model: Path, tmp_path: Path,
                                          monkeypatch: pytest.MonkeyPatch,
