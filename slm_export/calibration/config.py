@@ -129,7 +129,11 @@ class CompressConfig:
     sparsity_ratio: float = opt(0.5, "fraction of weights removed, unstructured", group=SPARSITY,
                                 check=between(0, 1, open_low=True, open_high=True),
                                 applies=lambda c: c.sparsity == "unstructured", applies_to="--sparsity unstructured")
-    damp: float = 0.01  # GPTQ's dampening of the Hessian's diagonal, as a fraction of its mean
+    damp: float = opt(0.01, "GPTQ's dampening: this fraction of the Hessian diagonal's mean is added to it before "
+                      "inverting (raise it when GPTQ reports an ill-conditioned Hessian)", group=COMPRESSION,
+                      check=between(0, 1, open_low=True, open_high=True),
+                      applies=lambda c: c.quantized and c.method in ("gptq", "awq-gptq", "smoothquant"),
+                      applies_to="methods that round with GPTQ (gptq, awq-gptq, smoothquant)")
     act_order: bool = True  # GPTQ quantizes columns in order of falling Hessian diagonal
 
     def __post_init__(self) -> None:

@@ -39,6 +39,8 @@ CASES: list[tuple[str, str | None, dict[str, Any], dict[str, Any], str | None]] 
     ("host", "int4", {"method": "rtn", "calib_samples": 8}, {}, IGNORED + "--calib-samples applies to methods"),
     ("host", "int8", {"method": "dynamic", "group_size": 64}, {}, IGNORED + "--group-size"),
     ("host", "fp32", {"sparsity": "2:4", "sparsity_ratio": 0.3}, {}, IGNORED + "--sparsity-ratio"),
+    ("host", "int4", {"damp": 0.05}, {"damp": 0.05}, None),
+    ("host", "int4", {"method": "rtn", "damp": 0.05}, {}, IGNORED + "--damp applies to methods that round with GPTQ"),
 ]
 
 
@@ -72,6 +74,7 @@ REFUSALS: list[tuple[str, str | None, dict[str, Any], type[SlmExportError], str]
     ("host", "int4", {"tune_epochs": 101}, ConfigError, "between 0 and 100"),
     ("host", None, {"max_ppl_increase": 0.0}, ConfigError, "--max-ppl-increase must be in (0, 1000)"),
     ("host", "fp32", {"sparsity": "3:2"}, ConfigError, "need 0 < N < M"),
+    ("host", "int4", {"damp": 0.0}, ConfigError, "--damp must be in (0, 1)"),
     ("host", "fp32", {"emulate": "sometimes"}, ConfigError, "emulate must be on, auto or off"),
     ("host", "fp32", {"emulate": "on"}, UnsupportedByTarget, "runs aarch64 code under QEMU"),
     ("jetson-tx2", "int8", {}, UnsupportedByTarget, "Supported on jetson-tx2: fp32, fp16"),
@@ -112,3 +115,18 @@ def test_every_option_is_a_flag_declared_once() -> None:
         action = flags[option.flag_for(f.name)]
         assert action.dest == f.name
         assert option.help.split("%")[0][:30] in (action.help or "")
+
+
+def test_a_flag_declared_once_reaches_its_algorithm(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """--damp was added by its declaration alone (docs/design.md shows the diff): the plan carries it to GPTQ,
+    whose rounding it changes."""
+    from slm_export.calibration.compress import compress
+    from slm_export.models import load_model
+
+    model = load_model(str(tiny_models["llama"]))
+    codes = []
+    for damp in (0.01, 0.5):
+        plan = make_plan(get_target("host"), str(tiny_models["llama"]), tmp_path / "o", "int4", method="gptq",
+                         calib_samples=4, calib_seqlen=64, lm_head_bits=0, damp=damp)
+        codes.append(compress(model, plan).weights["model.layers.0.mlp.down_proj.weight"].codes)
+    assert (codes[0] != codes[1]).any()
