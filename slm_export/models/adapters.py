@@ -1,4 +1,5 @@
-"""Architecture adapters: turn a Hugging Face config + weights into one normalised spec.
+"""Architecture adapters: turn a Hugging Face config + weights into one normalised spec, and the traits of each
+decoder architecture that the compress stage reads (``traits_for``).
 
 The exporter reads only these specs, so a new architecture is one adapter here, not a new exporter.
 Linear weights keep the Hugging Face ``[out, in]`` layout (GPT-2's Conv1D is transposed to match).
@@ -12,20 +13,83 @@ from typing import Any
 
 import numpy as np
 
-from slm_export.errors import ExportError
+from slm_export.errors import ConfigError, ExportError
 from slm_export.registry import Registry
 
 Array = np.ndarray
 
 
+ScaleGroup = tuple[str, tuple[str, ...]]  # (the op producing an input, the linears reading it), paths in a layer
+LLAMA_SCALE_GROUPS: tuple[ScaleGroup, ...] = (
+    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ("mlp.up_proj", ("mlp.down_proj",)),
+)
+LLAMA_PROJECTIONS: tuple[ScaleGroup, ...] = (
+    ("qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")), ("o", ("self_attn.o_proj",)),
+    ("gate_up", ("mlp.gate_proj", "mlp.up_proj")), ("down", ("mlp.down_proj",)),
+)
+
+
+@dataclass(frozen=True)
+class ArchTraits:
+    """Facts about a decoder architecture that more than one stage reads, spelt once. Module paths inside a
+    decoder layer unless said otherwise; weight names are Hugging Face's."""
+
+    layers: str = "model.layers"  # the decoder layer list: its module path, and the prefix of its weights' names
+    norm_offset: float = 0.0  # the RMSNorm multiplies by (w + offset): Gemma's (1 + w)
+    embed_scaled: bool = False  # embeddings multiplied by sqrt(hidden) (Gemma)
+    conv1d: bool = False  # linears stored [in, out] as Conv1D (GPT-2): no weight quantization yet
+    # AWQ and SmoothQuant move a per-channel scale from the input of each group's linears into the op producing
+    # it (a norm, or the linear before); empty: this architecture's layers (fused q/k/v, Conv1D) do not fold.
+    scale_groups: tuple[ScaleGroup, ...] = ()
+    # The projection groups the accuracy budget keeps at int4 or raises to int8 together, named.
+    projection_groups: tuple[ScaleGroup, ...] = LLAMA_PROJECTIONS
+    down_proj: str | None = "mlp.down_proj"  # the MLP's output projection: W8A8's online rotation turns its input
+    v_proj: str | None = "self_attn.v_proj"  # the value and output projections: the offline head rotation's pair
+    o_proj: str | None = "self_attn.o_proj"
+    final_norm: str = "model.norm"  # module path from the top: the LM head's only input
+    embed: str = "model.embed_tokens.weight"
+    lm_head: str = "lm_head.weight"
+
+    @property
+    def folds_scales(self) -> bool:
+        return bool(self.scale_groups)
+
+
+LLAMA = ArchTraits(scale_groups=LLAMA_SCALE_GROUPS)
+TRAITS: dict[str, ArchTraits] = {
+    "llama": LLAMA,
+    "mistral": LLAMA,
+    "qwen2": LLAMA,
+    # q/k/v and gate/up fused (qkv_proj, gate_up_proj): no folding; the budget groups only o and down
+    "phi3": ArchTraits(v_proj=None, projection_groups=LLAMA_PROJECTIONS[1:2] + LLAMA_PROJECTIONS[3:]),
+    "gemma": ArchTraits(norm_offset=1.0, embed_scaled=True, scale_groups=LLAMA_SCALE_GROUPS),
+    "gpt2": ArchTraits(layers="transformer.h", conv1d=True, projection_groups=(), down_proj="mlp.c_proj",
+                       v_proj=None, o_proj="attn.c_proj", final_norm="transformer.ln_f",
+                       embed="transformer.wte.weight"),
+}
+
+
+def traits_for(model_type: str) -> ArchTraits:
+    """The traits of a decoder architecture (a ``ConfigError`` naming the known ones for any other)."""
+    if model_type not in TRAITS:
+        raise ConfigError(f"no decoder traits for architecture {model_type!r}; known: {', '.join(TRAITS)}")
+    return TRAITS[model_type]
+
+
+def folding_types() -> list[str]:
+    """The architectures whose norms AWQ and SmoothQuant fold scales into."""
+    return [name for name, t in TRAITS.items() if t.folds_scales]
+
+
 def _lm_head(w: Mapping[str, Any], key: str, tied: bool) -> Any:
     """The LM head's own weight, or None when it is the embedding table. A quantized head (the compress
     stage's ``lm_head_bits``) is its own tensor even when the model ties it: the graph then gathers
-    embeddings from the float table and multiplies by the quantized copy."""
-    from slm_export.calibration.quant import QuantizedTensor
-
+    embeddings from the float table and multiplies by the quantized copy. (``spec_for`` gives every float
+    weight as an array: anything else here is the compress stage's quantized tensor.)"""
     head = w.get(key)
-    if isinstance(head, QuantizedTensor):
+    if head is not None and not isinstance(head, np.ndarray):
         return head
     return None if tied else head
 
@@ -120,12 +184,13 @@ def _opt(w: Mapping[str, Array], key: str) -> Array | None:
     return w.get(key)
 
 
-def _llama_like(cfg: Any, w: Mapping[str, Array], *, gemma: bool = False) -> DecoderSpec:
+def _llama_like(cfg: Any, w: Mapping[str, Array]) -> DecoderSpec:
+    traits = traits_for(cfg.model_type)
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     layers = []
     for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
+        p = f"{traits.layers}.{i}."
         if p + "self_attn.qkv_proj.weight" in w:  # Phi-3 stores q, k, v and gate, up fused
             qkv = w[p + "self_attn.qkv_proj.weight"]
             nq, nkv = heads * head_dim, cfg.num_key_value_heads * head_dim
@@ -143,23 +208,27 @@ def _llama_like(cfg: Any, w: Mapping[str, Array], *, gemma: bool = False) -> Dec
             o_bias=_opt(w, p + "self_attn.o_proj.bias"), up=up, up_bias=None,
             down=w[p + "mlp.down_proj.weight"], down_bias=None,
             norm1=(w[p + "input_layernorm.weight"], None), norm2=(w[p + "post_attention_layernorm.weight"], None),
-            down_rotation=((w[p + "mlp.down_proj.rotation.signs"], w[p + "mlp.down_proj.rotation.block"])
-                           if p + "mlp.down_proj.rotation.signs" in w else None),
+            down_rotation=_rotation(w, f"{p}{traits.down_proj}.rotation."),
         ))
     act_name = getattr(cfg, "hidden_activation", None) or cfg.hidden_act
     acts = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
     if act_name not in acts:
         raise ExportError(f"activation {act_name!r} of {cfg.model_type} is not supported")
-    tied = getattr(cfg, "tie_word_embeddings", False) or "lm_head.weight" not in w
+    tied = getattr(cfg, "tie_word_embeddings", False) or traits.lm_head not in w
     rotary = int(head_dim * getattr(cfg, "partial_rotary_factor", 1.0))
     return DecoderSpec(
         model_type=cfg.model_type, hidden=cfg.hidden_size, heads=heads, kv_heads=cfg.num_key_value_heads,
         head_dim=head_dim, vocab=cfg.vocab_size, norm="rms", eps=float(cfg.rms_norm_eps),
-        norm_offset=1.0 if gemma else 0.0, act=acts[act_name], rope_theta=_rope_theta(cfg), rotary_dim=rotary,
-        embed=w["model.embed_tokens.weight"], embed_scale=float(cfg.hidden_size) ** 0.5 if gemma else 1.0,
-        pos_embed=None, lm_head=_lm_head(w, "lm_head.weight", tied),
-        final_norm=(w["model.norm.weight"], None), layers=tuple(layers),
+        norm_offset=traits.norm_offset, act=acts[act_name], rope_theta=_rope_theta(cfg), rotary_dim=rotary,
+        embed=w[traits.embed], embed_scale=float(cfg.hidden_size) ** 0.5 if traits.embed_scaled else 1.0,
+        pos_embed=None, lm_head=_lm_head(w, traits.lm_head, tied),
+        final_norm=(w[traits.final_norm + ".weight"], None), layers=tuple(layers),
     )
+
+
+def _rotation(w: Mapping[str, Array], prefix: str) -> tuple[Array, Array] | None:
+    """The (signs, Hadamard block) of an online rotation the compress stage gave a linear's input, if any."""
+    return (w[prefix + "signs"], w[prefix + "block"]) if prefix + "signs" in w else None
 
 
 def _gpt2(cfg: Any, w: Mapping[str, Array]) -> DecoderSpec:
@@ -215,8 +284,7 @@ def _bert(cfg: Any, w: Mapping[str, Array]) -> EncoderSpec:
     )
 
 
-for _name in ("llama", "mistral", "qwen2", "phi3"):
+for _name in ("llama", "mistral", "qwen2", "phi3", "gemma"):
     ADAPTERS.register(_name, _llama_like)
-ADAPTERS.register("gemma", lambda cfg, w: _llama_like(cfg, w, gemma=True))
 ADAPTERS.register("gpt2", _gpt2)
 ADAPTERS.register("bert", _bert)
