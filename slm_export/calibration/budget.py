@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -21,9 +21,7 @@ import torch
 
 from slm_export.calibration.quant import QuantizedTensor, quantize_rtn
 from slm_export.errors import NonFiniteOutput, ValidationFailed
-
-GROUPS = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "o": ("self_attn.o_proj",),
-          "gate_up": ("mlp.gate_proj", "mlp.up_proj"), "down": ("mlp.down_proj",)}
+from slm_export.models.adapters import ArchTraits, traits_for
 
 
 @dataclass(frozen=True)
@@ -35,24 +33,26 @@ class BudgetResult:
     nominal_bits: float
 
 
-def _units(weights: dict[str, Any]) -> dict[str, list[str]]:
+def _units(weights: dict[str, Any], traits: ArchTraits) -> dict[str, list[str]]:
+    """The quantized weights of each layer's projection groups (``ArchTraits.projection_groups``), by unit name."""
     units: dict[str, list[str]] = {}
+    prefix = traits.layers + "."
     for name, w in weights.items():
-        if not isinstance(w, QuantizedTensor) or not name.startswith("model.layers."):
+        if not isinstance(w, QuantizedTensor) or not name.startswith(prefix):
             continue
-        layer = name.split(".")[2]
-        for group, members in GROUPS.items():
+        layer = name[len(prefix):].split(".")[0]
+        for group, members in traits.projection_groups:
             if any(name.endswith(m + ".weight") for m in members):
                 units.setdefault(f"layers.{layer}.{group}", []).append(name)
     return units
 
 
-def _nominal_bits(weights: dict[str, Any]) -> float:
+def _nominal_bits(weights: dict[str, Any], traits: ArchTraits) -> float:
     """Mean code bits of the decoder layers' quantized weights: what the budget chooses (the LM head's
     precision is a separate setting, --lm-head-bits)."""
     bits = count = 0
     for name, w in weights.items():
-        if isinstance(w, QuantizedTensor) and name.startswith("model.layers."):
+        if isinstance(w, QuantizedTensor) and name.startswith(traits.layers + "."):
             bits += w.bits * w.size
             count += w.size
     return bits / max(count, 1)
@@ -95,9 +95,10 @@ def float_twin(model: Any, weights: dict[str, Any], float_w: dict[str, torch.Ten
 
     from slm_export.models.loader import build_module
 
+    traits = traits_for(model.model_type)
     floats = {k: v for k, v in weights.items() if not isinstance(v, QuantizedTensor)}
-    if "lm_head.weight" in (channel_scales or {}):
-        floats.pop("model.norm.weight", None)
+    if traits.lm_head in (channel_scales or {}):
+        floats.pop(traits.final_norm + ".weight", None)
     return build_module(replace(model, weights={**model.weights, **floats, **float_w}, _module=[]))
 
 
@@ -105,6 +106,73 @@ def int8_weights(float_w: dict[str, torch.Tensor], int4: dict[str, Any], group: 
     """Round-to-nearest int8 of each float weight, with its int4 twin's symmetry (ExecuTorch's XNNPACK
     GEMMs take no zero points)."""
     return {n: quantize_rtn(w, 8, group, int4[n].zeros is None) for n, w in float_w.items()}
+
+
+class _Twin:
+    """The float twin whose projection groups take float, int4 or int8 values in turn."""
+
+    def __init__(self, module: Any, units: dict[str, list[str]]) -> None:
+        self.module, self.units = module, units
+
+    def use(self, table: dict[str, torch.Tensor], names: list[str]) -> None:
+        for n in names:
+            mod = self.module.get_submodule(n.rsplit(".", 1)[0])
+            mod.weight = torch.nn.Parameter(torch.as_tensor(table[n]), False)
+
+    def log_probs(self, ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.log_softmax(self.module(ids).logits.float(), -1)
+
+    def sensitivity(self, probe: torch.Tensor, deq4: dict[str, torch.Tensor],
+                    float_w: dict[str, torch.Tensor]) -> list[tuple[str, float]]:
+        """Each unit's KL divergence on ``probe`` with only that unit at int4, most sensitive first."""
+        ref = self.log_probs(probe)
+        sens = []
+        for unit, members in self.units.items():
+            self.use(deq4, members)
+            lp = self.log_probs(probe)
+            sens.append((unit, float((ref.exp() * (ref - lp)).sum(-1).mean())))
+            self.use(float_w, members)
+        sens.sort(key=lambda t: -t[1])
+        return sens
+
+
+@dataclass
+class _Search:
+    """The perplexity change on ``windows`` with the ``k`` most sensitive units at int8 and the rest at int4."""
+
+    twin: _Twin
+    sens: list[tuple[str, float]]
+    deq4: dict[str, torch.Tensor]
+    deq8: dict[str, torch.Tensor]
+    windows: list[list[int]]
+    ppl_ref: float
+    cache: dict[int, float] = field(default_factory=dict)
+
+    def change(self, k: int) -> float:
+        if k not in self.cache:
+            for i, (unit, _) in enumerate(self.sens):
+                self.twin.use(self.deq8 if i < k else self.deq4, self.twin.units[unit])
+            self.cache[k] = 100.0 * (_perplexity(self.twin.module, self.windows) / self.ppl_ref - 1.0)
+        return self.cache[k]
+
+    def fewest_within(self, budget_pct: float, progress: Callable[[str], None] | None) -> int:
+        """The smallest ``k`` whose change is within ``budget_pct`` (binary search; NaN is never within it)."""
+        lo, hi = 0, len(self.sens)
+        if not math.isfinite(self.change(hi)):
+            raise NonFiniteOutput(f"the budget's search: with every group at int8 the quantized model's perplexity "
+                                  f"change is {self.change(hi)}: its weights give NaN or Inf logits in PyTorch")
+        if self.change(hi) > budget_pct:
+            raise ValidationFailed(f"even with every group at int8 the perplexity change exceeds {budget_pct}%")
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.change(mid) <= budget_pct:
+                hi = mid
+            else:
+                lo = mid + 1
+            if progress:
+                progress(f"budget search: {lo}..{hi} groups at int8")
+        return lo
 
 
 def mixed_precision(model: Any, weights: dict[str, Any], budget_pct: float, calib_ids: np.ndarray,
@@ -117,70 +185,31 @@ def mixed_precision(model: Any, weights: dict[str, Any], budget_pct: float, cali
     ``channel_scales``: the compress stage's AWQ scales (``weights`` then holds the norms they were
     folded into, and int4 codes of ``W * s``): the int8 groups quantize ``W * s`` too.
     """
-    units = _units(weights)
+    traits = traits_for(model.model_type)
+    units = _units(weights, traits)
     names = [n for members in units.values() for n in members]
     float_w = scaled_floats(model.weights, names, channel_scales)
-    twin = float_twin(model, weights, float_w, channel_scales)
+    twin = _Twin(float_twin(model, weights, float_w, channel_scales), units)
     deq4 = {n: torch.from_numpy(weights[n].dequantize()) for n in names}
     int8 = int8_weights(float_w, weights, group)
     deq8 = {n: torch.from_numpy(q.dequantize()) for n, q in int8.items()}
-
-    def use(table: dict[str, torch.Tensor], names: list[str]) -> None:
-        for n in names:
-            mod = twin.get_submodule(n.rsplit(".", 1)[0])
-            mod.weight = torch.nn.Parameter(torch.as_tensor(table[n]), False)
-
     probe = torch.from_numpy(calib_ids[: min(2, len(calib_ids)), :128])  # ranking only: small and cheap
-    with torch.no_grad():
-        ref = torch.log_softmax(twin(probe).logits.float(), -1)
-    sens = []
-    for unit, members in units.items():
-        use(deq4, members)
-        with torch.no_grad():
-            lp = torch.log_softmax(twin(probe).logits.float(), -1)
-        sens.append((unit, float((ref.exp() * (ref - lp)).sum(-1).mean())))
-        use(float_w, members)
-    sens.sort(key=lambda t: -t[1])
+    sens = twin.sensitivity(probe, deq4, float_w)
     if progress:
         progress("sensitivity ranked")
-
-    def ppl(k: int) -> float:
-        for i, (unit, _) in enumerate(sens):
-            use(deq8 if i < k else deq4, units[unit])
-        return _perplexity(twin, windows)
-
-    use(float_w, names)
-    ppl_ref = _perplexity(twin, windows)
+    twin.use(float_w, names)
+    ppl_ref = _perplexity(twin.module, windows)
     if not math.isfinite(ppl_ref):
         raise NonFiniteOutput(f"the budget's search: the float model's perplexity on its windows is {ppl_ref}; "
                               "the model's weights or the text give NaN or Inf logits in PyTorch")
-    cache: dict[int, float] = {}
-
-    def change(k: int) -> float:
-        if k not in cache:
-            cache[k] = 100.0 * (ppl(k) / ppl_ref - 1.0)
-        return cache[k]
-
-    lo, hi = 0, len(sens)
-    if not math.isfinite(change(hi)):
-        raise NonFiniteOutput(f"the budget's search: with every group at int8 the quantized model's perplexity "
-                              f"change is {change(hi)}: its weights give NaN or Inf logits in PyTorch")
-    if change(hi) > budget_pct:
-        raise ValidationFailed(f"even with every group at int8 the perplexity change exceeds {budget_pct}%")
-    while lo < hi:  # the smallest k whose change is within budget; NaN is never within it
-        mid = (lo + hi) // 2
-        if change(mid) <= budget_pct:
-            hi = mid
-        else:
-            lo = mid + 1
-        if progress:
-            progress(f"budget search: {lo}..{hi} groups at int8")
+    search = _Search(twin, sens, deq4, deq8, windows, ppl_ref)
+    lo = search.fewest_within(budget_pct, progress)
     kept = [unit for unit, _ in sens[:lo]]
     out = dict(weights)
     for unit in kept:
         for n in units[unit]:
             out[n] = int8[n]
-    return BudgetResult(out, kept, sens, change(lo), _nominal_bits(out))
+    return BudgetResult(out, kept, sens, search.change(lo), _nominal_bits(out, traits))
 
 
 BUDGET_MARGIN = 0.9  # search against 90% of the budget: the runtime's int8 activations add a little

@@ -16,7 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from slm_export.errors import ConfigError
 from slm_export.hessian import accumulate
+from slm_export.models.adapters import ArchTraits, traits_for
 
 
 class _Stop(Exception):
@@ -64,16 +66,30 @@ class InputStats:
         return self
 
 
+def traits_of(module: nn.Module) -> ArchTraits:
+    """The architecture traits of a Hugging Face module (``models.adapters.traits_for`` of its config)."""
+    return traits_for(getattr(getattr(module, "config", None), "model_type", None))  # type: ignore[arg-type]
+
+
+def submodule(module: nn.Module, path: str | None) -> nn.Module | None:
+    """``module``'s submodule at ``path``, or None when the path is None or names nothing there."""
+    if path is None:
+        return None
+    try:
+        return module.get_submodule(path)
+    except AttributeError:
+        return None
+
+
 def decoder_layers(module: nn.Module) -> nn.ModuleList:
-    for path in ("model.layers", "transformer.h"):
-        obj: Any = module
-        try:
-            for part in path.split("."):
-                obj = getattr(obj, part)
-            return obj  # type: ignore[no-any-return]
-        except AttributeError:
-            continue
-    raise TypeError(f"{type(module).__name__}: no decoder layer list found")
+    """The decoder layer list, where the architecture's traits put it."""
+    try:
+        layers = submodule(module, traits_of(module).layers)
+    except ConfigError:
+        layers = None
+    if layers is None:
+        raise TypeError(f"{type(module).__name__}: no decoder layer list found")
+    return layers  # type: ignore[return-value]
 
 
 def linear_modules(layer: nn.Module) -> dict[str, nn.Linear]:

@@ -15,7 +15,6 @@ the calibration set after smoothing. The exporter writes both as QuantizeLinear/
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
@@ -27,24 +26,10 @@ from slm_export.calibration.quant import (
     quantize_per_tensor,
     quantize_rtn,
 )
-from slm_export.errors import ConfigError
 from slm_export.hessian import output_energy
 
 Rotate = Callable[[torch.Tensor], torch.Tensor]
 ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(0, 21))
-
-
-@dataclass(frozen=True)
-class SmoothQuantConfig:
-    """alpha None: searched per input group. ``pow2``: per-tensor power-of-two scales everywhere."""
-
-    alpha: float | None = None
-    observer: str = "minmax"
-    pow2: bool = False
-
-    def __post_init__(self) -> None:
-        if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
-            raise ConfigError(f"SmoothQuant alpha must be in [0, 1], not {self.alpha}")
 
 
 def smooth_scales(act_amax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
@@ -109,17 +94,19 @@ def simulated_error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tenso
     return err
 
 
-def choose_scales(x_sample: torch.Tensor, act_amax: torch.Tensor, weights: list[torch.Tensor],
-                  cfg: SmoothQuantConfig, rotate: Rotate | None = None) -> tuple[torch.Tensor, float | None]:
-    """The smoothing scales for one input group, and the alpha chosen (None: no smoothing was best)."""
-    if cfg.alpha is not None:
-        return smooth_scales(act_amax, weights, cfg.alpha), cfg.alpha
+def choose_scales(x_sample: torch.Tensor, act_amax: torch.Tensor, weights: list[torch.Tensor], alpha: float | None,
+                  pow2: bool, rotate: Rotate | None = None) -> tuple[torch.Tensor, float | None]:
+    """The smoothing scales for one input group, and the alpha used: ``alpha`` when given (the plan's
+    ``smooth_alpha``), else the one searched on ``ALPHA_GRID`` (None: no smoothing was best). ``pow2``:
+    per-tensor power-of-two scales (the plan's ``pow2_scales``)."""
+    if alpha is not None:
+        return smooth_scales(act_amax, weights, alpha), alpha
     refs = [x_sample @ w.T for w in weights]
-    best = (simulated_error(x_sample, weights, torch.ones_like(act_amax), cfg.pow2, act_amax, rotate, refs), None)
+    best = (simulated_error(x_sample, weights, torch.ones_like(act_amax), pow2, act_amax, rotate, refs), None)
     best_s = torch.ones_like(act_amax)
-    for alpha in ALPHA_GRID:
-        s = smooth_scales(act_amax, weights, alpha)
-        err = simulated_error(x_sample, weights, s, cfg.pow2, act_amax, rotate, refs)
+    for a in ALPHA_GRID:
+        s = smooth_scales(act_amax, weights, a)
+        err = simulated_error(x_sample, weights, s, pow2, act_amax, rotate, refs)
         if err < best[0]:
-            best, best_s = (err, alpha), s
+            best, best_s = (err, a), s
     return best_s, best[1]

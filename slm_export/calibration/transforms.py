@@ -13,8 +13,9 @@ from torch import nn
 
 from slm_export.calibration.awq import AWQConfig, search_scale
 from slm_export.calibration.rotation import Rotation, block_size, make_rotation
-from slm_export.calibration.sequential import InputStats, decoder_layers
-from slm_export.calibration.smoothquant import SmoothQuantConfig, choose_scales
+from slm_export.calibration.sequential import InputStats, decoder_layers, submodule, traits_of
+from slm_export.calibration.smoothquant import choose_scales
+from slm_export.models.adapters import ArchTraits, traits_for
 
 if TYPE_CHECKING:
     from slm_export.calibration.config import CompressConfig
@@ -24,8 +25,9 @@ def rotate_down(work: nn.Module, cfg: CompressConfig, rotate_weights: bool) -> d
     """A rotation per layer for down_proj's input; ``rotate_weights``: give the weights ``W R`` now
     (no calibration to follow: nothing runs the module again)."""
     out = {}
+    path = traits_of(work).down_proj
     for i, layer in enumerate(decoder_layers(work)):
-        down = getattr(getattr(layer, "mlp", None), "down_proj", None)
+        down = submodule(layer, path)
         if down is None or block_size(down.in_features, cfg.rotate, strict=False) < 16:
             return {}  # no down_proj, or no power-of-two block of 16+ channels: the caller notes it
         out[i] = make_rotation(down.in_features, cfg.seed + i, cfg.rotate)
@@ -43,27 +45,26 @@ def rotate_heads(work: nn.Module, config: Any, seed: int) -> int | None:
     d = getattr(config, "head_dim", None) or config.hidden_size // heads
     if d < 16 or d & (d - 1):
         return None
+    traits = traits_for(config.model_type)
     for i, layer in enumerate(decoder_layers(work)):
-        attn = getattr(layer, "self_attn", None)
-        if attn is None or not hasattr(attn, "v_proj") or not hasattr(attn, "o_proj"):
+        v_proj, o_proj = submodule(layer, traits.v_proj), submodule(layer, traits.o_proj)
+        if v_proj is None or o_proj is None:
             return None
         one = make_rotation(d, seed + 1000 + i, d)
-        kv = attn.v_proj.out_features // d
+        kv = v_proj.out_features // d
         per_v = Rotation(one.signs.repeat(kv), one.block)
-        per_o = Rotation(one.signs.repeat(attn.o_proj.in_features // d), one.block)
-        attn.v_proj.weight = nn.Parameter(per_v.apply(attn.v_proj.weight.detach().T).T.contiguous(),
-                                          requires_grad=False)
-        if attn.v_proj.bias is not None:
-            attn.v_proj.bias = nn.Parameter(per_v.apply(attn.v_proj.bias.detach()), requires_grad=False)
-        attn.o_proj.weight = nn.Parameter(per_o.apply(attn.o_proj.weight.detach()), requires_grad=False)
+        per_o = Rotation(one.signs.repeat(o_proj.in_features // d), one.block)
+        v_proj.weight = nn.Parameter(per_v.apply(v_proj.weight.detach().T).T.contiguous(), requires_grad=False)
+        if v_proj.bias is not None:
+            v_proj.bias = nn.Parameter(per_v.apply(v_proj.bias.detach()), requires_grad=False)
+        o_proj.weight = nn.Parameter(per_o.apply(o_proj.weight.detach()), requires_grad=False)
     return d
 
 
-def apply_rotation(layer: nn.Module, rot: Rotation, st: InputStats) -> Any:
-    """From now on down_proj reads ``x R`` and holds ``W R`` (after any smoothing: smooth, then rotate,
+def apply_rotation(down: nn.Module, rot: Rotation, st: InputStats) -> Any:
+    """From now on ``down`` (down_proj) reads ``x R`` and holds ``W R`` (after any smoothing: smooth, then rotate,
     so that the rotation spreads what the smoothing left over many channels); its calibration statistics
     move to the rotated basis. Returns the hook to remove once the layer's outputs exist."""
-    down = layer.mlp.down_proj
     down.weight = nn.Parameter(rot.apply(down.weight.detach()), requires_grad=False)
     st.sample = [rot.apply(x) for x in st.sample]
     if st.hessian is not None:  # R^T H R, H symmetric
@@ -73,15 +74,11 @@ def apply_rotation(layer: nn.Module, rot: Rotation, st: InputStats) -> Any:
     return down.register_forward_pre_hook(lambda m, args, r=rot: (r.apply(args[0]),))
 
 
-def input_groups(layer: nn.Module) -> list[tuple[nn.Module, list[nn.Linear], str]]:
-    """(producer, linears reading its output, stats key) for the three input-sharing groups of a
-    Llama-family layer; the producer absorbs 1/s of a per-channel scale given to the linears."""
-    attn, mlp = layer.self_attn, layer.mlp
-    return [
-        (layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj], "self_attn.q_proj"),
-        (layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj], "mlp.gate_proj"),
-        (mlp.up_proj, [mlp.down_proj], "mlp.down_proj"),
-    ]
+def input_groups(layer: nn.Module, traits: ArchTraits) -> list[tuple[nn.Module, list[nn.Linear], str]]:
+    """(producer, linears reading its output, stats key) for the input-sharing groups of a layer
+    (``ArchTraits.scale_groups``); the producer absorbs 1/s of a per-channel scale given to the linears."""
+    return [(layer.get_submodule(prev), [layer.get_submodule(n) for n in readers], readers[0])  # type: ignore[misc]
+            for prev, readers in traits.scale_groups]
 
 
 def fold_scales(prev: nn.Module, lins: list[nn.Linear], s: torch.Tensor, offset: float) -> None:
@@ -100,18 +97,17 @@ def fold_into_norm(weight: torch.Tensor, s: torch.Tensor, offset: float) -> torc
 
 
 def smooth_layer(layer: nn.Module, stats: dict[str, InputStats], cfg: CompressConfig,
-                  model_type: str, rotation: Rotation | None = None) -> dict[str, float | None]:
+                 traits: ArchTraits, rotation: Rotation | None = None) -> dict[str, float | None]:
     """SmoothQuant's scale migration for each input group; returns the alpha chosen per group.
     ``rotation``: down_proj's input will be rotated after smoothing; the alpha search accounts for it."""
-    sq = SmoothQuantConfig(cfg.smooth_alpha, cfg.observer, cfg.pow2_scales)
-    offset = 1.0 if model_type == "gemma" else 0.0
     chosen: dict[str, float | None] = {}
-    for prev, lins, key in input_groups(layer):
+    for prev, lins, key in input_groups(layer, traits):
         st = stats[key]
         x = torch.cat(st.sample)
-        rot = rotation.apply if rotation is not None and key == "mlp.down_proj" else None
-        s, alpha = choose_scales(x, st.abs_max, [m.weight.detach() for m in lins], sq, rot)  # type: ignore[arg-type]
-        fold_scales(prev, lins, s, offset)
+        rot = rotation.apply if rotation is not None and key == traits.down_proj else None
+        s, alpha = choose_scales(x, st.abs_max, [m.weight.detach() for m in lins],  # type: ignore[arg-type]
+                                 cfg.smooth_alpha, cfg.pow2_scales, rot)
+        fold_scales(prev, lins, s, traits.norm_offset)
         for m_name, m in layer.named_modules():
             if any(m is lin for lin in lins):
                 chosen[m_name] = alpha
@@ -120,20 +116,19 @@ def smooth_layer(layer: nn.Module, stats: dict[str, InputStats], cfg: CompressCo
     return chosen
 
 
-def awq_layer(layer: nn.Module, stats: dict[str, InputStats], cfg: CompressConfig, model_type: str,
-               prefix: str) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
-    """Search and fold AWQ scales for the three input-sharing groups of a Llama-family layer; returns
-    how each linear's weight was rescaled (``CompressResult.channel_scales``)."""
+def awq_layer(layer: nn.Module, stats: dict[str, InputStats], cfg: CompressConfig, traits: ArchTraits,
+              prefix: str) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """Search and fold AWQ scales for the input-sharing groups of a layer; returns how each linear's weight
+    was rescaled (``CompressResult.channel_scales``)."""
     acfg = AWQConfig(cfg.bits, cfg.group_size, cfg.symmetric, signed=cfg.signed_scales)
-    offset = 1.0 if model_type == "gemma" else 0.0
     names = {id(m): n for n, m in layer.named_modules()}
     cols: dict[str, torch.Tensor] = {}
     rows: dict[str, torch.Tensor] = {}
-    for prev, lins, key in input_groups(layer):
+    for prev, lins, key in input_groups(layer, traits):
         st = stats[key]
         x = torch.cat(st.sample)
         s = search_scale([m.weight.detach() for m in lins], x, st.abs_mean, acfg)  # type: ignore[arg-type]
-        fold_scales(prev, lins, s, offset)
+        fold_scales(prev, lins, s, traits.norm_offset)
         cols.update({f"{prefix}.{names[id(m)]}.weight": s for m in lins})
         if isinstance(prev, nn.Linear):
             rows[f"{prefix}.{names[id(prev)]}.weight"] = s
@@ -142,15 +137,15 @@ def awq_layer(layer: nn.Module, stats: dict[str, InputStats], cfg: CompressConfi
 
 
 def awq_head(w: torch.Tensor, st: InputStats, cfg: CompressConfig, norm_w: Any,
-              model_type: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             traits: ArchTraits) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """AWQ's scale search for the LM head, folded into the final norm (its only reader): the head's columns
     become ``W * s`` and the norm's weight ``w / s``, so the float model is unchanged. A tied head is its own
     tensor once quantized, so the embedding table is not touched. Updates ``st`` (sample, Hessian) to the
     scaled inputs; returns the scaled head, the new norm weight and ``s``."""
-    offset = 1.0 if model_type == "gemma" else 0.0
     x = torch.cat(st.sample)
     x = x[:: max(1, x.shape[0] // 512)]  # the head is vocab x hidden: a few hundred tokens rank alpha
     acfg = AWQConfig(cfg.lm_head_bits, cfg.group_size, cfg.symmetric, signed=cfg.signed_scales)
     s = search_scale([w], x, st.abs_mean, acfg)
     st.divide(s)
-    return w * s, fold_into_norm(torch.as_tensor(np.asarray(norm_w, dtype=np.float32)), s, offset), s
+    norm = torch.as_tensor(np.asarray(norm_w, dtype=np.float32))
+    return w * s, fold_into_norm(norm, s, traits.norm_offset), s

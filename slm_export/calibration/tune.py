@@ -21,26 +21,17 @@ import torch
 from torch import nn
 
 from slm_export.calibration.quant import HotRowsTensor, QuantizedTensor
-from slm_export.errors import ConfigError
+from slm_export.models.adapters import traits_for
 
 # Positions x vocabulary entries of float32 logits per forward micro-batch (about 0.5 GB per copy).
 LOGITS_BUDGET = 1 << 27
 
 
-@dataclass(frozen=True)
-class TuneConfig:
-    """``epochs``: passes over the calibration samples (0: no tuning). Adam with a cosine decay; the
-    norms move by ``norm_lr`` per step at most, the scales by ``scale_lr`` of their own size."""
-
-    epochs: int = 0
-    batch: int = 4  # samples per optimizer step
-    norm_lr: float = 1e-3
-    scale_lr: float = 2e-3  # relative: each scale is tuned as s0 * (1 + r)
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.epochs < 0 or self.epochs > 100:
-            raise ConfigError(f"--tune-epochs must be between 0 and 100, not {self.epochs}")
+# Adam with a cosine decay over the steps: the norms move by NORM_LR per step at most, the scales by SCALE_LR
+# of their own size. The passes and the seed are the plan's (``tune_epochs``, ``seed``).
+BATCH = 4  # samples per optimizer step
+NORM_LR = 1e-3
+SCALE_LR = 2e-3  # relative: each scale is tuned as s0 * (1 + r)
 
 
 @dataclass
@@ -80,27 +71,54 @@ def dequantized_twin(model: Any, weights: dict[str, Any]) -> nn.Module:
     embedding, which keeps the float table (the graph's Gather)."""
     from slm_export.models.loader import build_module
 
+    head = traits_for(model.model_type).lm_head
     dense = {k: torch.from_numpy(v.dequantize()) if isinstance(v, QuantizedTensor)
              else v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in weights.items()}
     twin = build_module(replace(model, weights=dense, _module=[]))
-    if isinstance(weights.get("lm_head.weight"), QuantizedTensor):
-        twin.lm_head.weight = nn.Parameter(dense["lm_head.weight"])
+    if isinstance(weights.get(head), QuantizedTensor):
+        twin.get_submodule(head.rsplit(".", 1)[0]).weight = nn.Parameter(dense[head])
         embed = twin.get_input_embeddings()
         embed.weight = nn.Parameter(embed.weight.detach().clone())
     return twin
 
 
-def tune_end_to_end(model: Any, weights: dict[str, Any], calib_ids: np.ndarray, cfg: TuneConfig,
-                    progress: Callable[[str], None] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Tune ``weights`` (the compress stage's weight-only quantized linears and folded norms; W8A8 is refused
-    by ``CompressConfig``) against ``model``'s float outputs on ``calib_ids`` [samples, seqlen]. Returns the
-    new weights and a summary for the report."""
-    t0 = time.perf_counter()
-    torch.manual_seed(cfg.seed)
-    reference = model.torch_module().eval()
-    twin = dequantized_twin(model, weights).eval()  # copies: the norms it tunes may be the float model's own
-    for p in twin.parameters():
-        p.requires_grad_(False)
+@dataclass
+class _Fit:
+    """The tuning's working set: the float reference, the dequantized twin whose scales and norms move, and
+    the optimizer over them."""
+
+    reference: nn.Module
+    twin: nn.Module
+    scaled: list[_Scaled]
+    norms: dict[str, nn.Parameter]
+    opt: torch.optim.Optimizer
+    micro: int  # samples per forward pass (``LOGITS_BUDGET``)
+
+    def set_weights(self) -> None:
+        for s in self.scaled:
+            s.module.weight = s.weight()
+
+    def kl(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            ref = torch.log_softmax(self.reference(x).logits.float(), -1)
+        out = torch.log_softmax(self.twin(x).logits.float(), -1)
+        return (ref.exp() * (ref - out)).sum(-1).mean()
+
+    def step(self, batch: torch.Tensor) -> float:
+        """One optimizer step on ``batch``; returns its KL divergence."""
+        self.opt.zero_grad()
+        self.set_weights()
+        total = 0.0
+        for part in batch.split(self.micro):
+            loss = self.kl(part) * (len(part) / len(batch))
+            loss.backward()
+            total += float(loss.detach())
+        self.opt.step()
+        return total
+
+
+def _scaled_linears(twin: nn.Module, weights: dict[str, Any]) -> list[_Scaled]:
+    """Each quantized linear of ``twin`` with its weight replaced by the tunable ``_Scaled`` form."""
     modules = dict(twin.named_modules())
     scaled: list[_Scaled] = []
     for name, q in weights.items():
@@ -113,59 +131,61 @@ def tune_end_to_end(model: Any, weights: dict[str, Any], calib_ids: np.ndarray, 
             s.hot, s.rows = torch.from_numpy(q.hot.dequantize()), torch.from_numpy(q.rows.astype(np.int64))
         del module._parameters["weight"]
         scaled.append(s)
+    return scaled
+
+
+def _prepare(model: Any, weights: dict[str, Any], n_ids: int, seqlen: int, steps: int) -> tuple[_Fit, Any]:
+    """The working set and the learning-rate schedule over ``steps``."""
+    reference = model.torch_module().eval()
+    twin = dequantized_twin(model, weights).eval()  # copies: the norms it tunes may be the float model's own
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    scaled = _scaled_linears(twin, weights)
     norms = {n: p for n, p in twin.named_parameters() if "norm" in n.rsplit(".", 2)[-2] and p.dim() == 1}
     for p in norms.values():
         p.requires_grad_(True)
-    opt = torch.optim.Adam([{"params": list(norms.values()), "lr": cfg.norm_lr},
-                            {"params": [s.r for s in scaled], "lr": cfg.scale_lr}])
-    ids = torch.from_numpy(calib_ids.astype(np.int64))
-    per_step = min(cfg.batch, len(ids))
-    steps = cfg.epochs * (len(ids) // per_step)
+    opt = torch.optim.Adam([{"params": list(norms.values()), "lr": NORM_LR},
+                            {"params": [s.r for s in scaled], "lr": SCALE_LR}])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * k / max(steps, 1))))
     vocab = int(reference.get_output_embeddings().weight.shape[0])
-    micro = max(1, min(per_step, LOGITS_BUDGET // (ids.shape[1] * vocab)))
+    micro = max(1, min(min(BATCH, n_ids), LOGITS_BUDGET // (seqlen * vocab)))
+    return _Fit(reference, twin, scaled, norms, opt, micro), sched
 
-    def set_weights() -> None:
-        for s in scaled:
-            s.module.weight = s.weight()
 
-    def kl(x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            ref = torch.log_softmax(reference(x).logits.float(), -1)
-        out = torch.log_softmax(twin(x).logits.float(), -1)
-        return (ref.exp() * (ref - out)).sum(-1).mean()
-
+def tune_end_to_end(model: Any, weights: dict[str, Any], calib_ids: np.ndarray, epochs: int, seed: int,
+                    progress: Callable[[str], None] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Tune ``weights`` (the compress stage's weight-only quantized linears and folded norms; W8A8 is refused
+    by ``CompressConfig``) against ``model``'s float outputs on ``calib_ids`` [samples, seqlen], ``epochs``
+    passes over them in an order drawn from ``seed``. Returns the new weights and a summary for the report."""
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    ids = torch.from_numpy(calib_ids.astype(np.int64))
+    per_step = min(BATCH, len(ids))
+    steps = epochs * (len(ids) // per_step)
+    fit, sched = _prepare(model, weights, len(ids), ids.shape[1], steps)
     losses: list[float] = []
-    step = 0
-    for epoch in range(cfg.epochs):
-        order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+    for epoch in range(epochs):
+        order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed + epoch))
         for b in range(0, len(ids) - per_step + 1, per_step):
-            batch = ids[order[b:b + per_step]]
-            opt.zero_grad()
-            set_weights()
-            total = 0.0
-            for part in batch.split(micro):
-                loss = kl(part) * (len(part) / len(batch))
-                loss.backward()
-                total += float(loss.detach())
-            opt.step()
+            losses.append(fit.step(ids[order[b:b + per_step]]))
             sched.step()
             with torch.no_grad():  # a scale keeps its sign: the codes were rounded on that side
-                for s in scaled:
+                for s in fit.scaled:
                     s.r.clamp_(min=-0.5)
-            step += 1
-            losses.append(total)
             if progress:
-                progress(f"tune step {step}/{steps}: KL {total:.4f}")
+                progress(f"tune step {len(losses)}/{steps}: KL {losses[-1]:.4f}")
     out = dict(weights)
-    for s in scaled:
+    for s in fit.scaled:
         out[s.name] = replace(s.q, scales=s.scales())  # a HotRowsTensor keeps its int8 rows
-    for n, p in norms.items():
+    for n, p in fit.norms.items():
         out[n] = p.detach().clone()
+    return out, _summary(epochs, len(ids), fit, losses, t0)
+
+
+def _summary(epochs: int, samples: int, fit: _Fit, losses: list[float], t0: float) -> dict[str, Any]:
     quarter = max(1, len(losses) // 4)
-    summary = {"epochs": cfg.epochs, "steps": step, "samples": int(len(ids)), "norm_tensors": len(norms),
-               "scales": int(sum(s.r.numel() for s in scaled)),
-               "calibration_kl_first_quarter": float(np.mean(losses[:quarter])) if losses else None,
-               "calibration_kl_last_quarter": float(np.mean(losses[-quarter:])) if losses else None,
-               "seconds": round(time.perf_counter() - t0, 1)}
-    return out, summary
+    return {"epochs": epochs, "steps": len(losses), "samples": samples, "norm_tensors": len(fit.norms),
+            "scales": int(sum(s.r.numel() for s in fit.scaled)),
+            "calibration_kl_first_quarter": float(np.mean(losses[:quarter])) if losses else None,
+            "calibration_kl_last_quarter": float(np.mean(losses[-quarter:])) if losses else None,
+            "seconds": round(time.perf_counter() - t0, 1)}

@@ -21,7 +21,6 @@ from slm_export.calibration.observers import (
 from slm_export.calibration.quant import QuantizedTensor
 from slm_export.calibration.rotation import Rotation, block_size, make_rotation
 from slm_export.calibration.smoothquant import (
-    SmoothQuantConfig,
     choose_scales,
     fake_quant_weight,
     quantize_weight,
@@ -222,11 +221,11 @@ def test_the_alpha_search_scores_the_weights_the_artifact_stores(pow2: bool) -> 
 def test_smoothing_reduces_the_w8a8_error_with_outliers() -> None:
     x, w = _outlier_inputs()
     plain = simulated_error(x, [w], torch.ones(x.shape[1]), pow2=False)
-    s, alpha = choose_scales(x, x.abs().amax(0), [w], SmoothQuantConfig())
+    s, alpha = choose_scales(x, x.abs().amax(0), [w], alpha=None, pow2=False)
     assert alpha is not None
     assert simulated_error(x, [w], s, pow2=False) < 0.5 * plain
     with pytest.raises(ConfigError, match="alpha must be in"):
-        SmoothQuantConfig(alpha=1.5)
+        CompressConfig("int8", "smoothquant", smooth_alpha=1.5)
 
 
 def test_rotation_is_orthogonal_and_preserves_the_product() -> None:
