@@ -19,6 +19,8 @@ from slm_export.errors import ConfigError
 
 @dataclass(frozen=True)
 class AWQConfig:
+    # Kept as a config: the grid differs per call (the plan's bits or the LM head's) and it carries AWQ's own
+    # search constants (grid, clip_grid, max_shrink).
     bits: int = 4
     group: int = 32
     symmetric: bool = False
