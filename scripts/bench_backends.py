@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Issue-4 figures on smollm2-135m: every built-in target's artifact, every runtime it carries, one run.
 
-Each export runs through the CLI in a fresh process (``--json``), with the validation, cross-checks and
-emulated runs the profile implies; this script reads the reports and prints one table (what ran, where,
-its perplexity change, whether its greedy continuation equals PyTorch's, its decode rate) and the
-issue's checks. PyTorch eager ``generate`` is timed in the same run for the ExecuTorch speed ratio.
+Each export runs through the CLI's plan (``slm_export.export``: ``make_plan`` then ``run``) in a fresh process,
+with the validation, cross-checks and emulated runs the profile implies; this script reads the reports and
+prints one table (what ran, where, its perplexity change, whether its greedy continuation equals PyTorch's, its
+decode rate) and the issue's checks. PyTorch eager ``generate`` is timed in the same run for the ExecuTorch
+speed ratio (``slm_export.bench``'s rounds).
 
 Usage: python scripts/bench_backends.py [--threads 2] [--quick]   (--quick: the fp32 rows only)
 """
@@ -12,34 +13,37 @@ Usage: python scripts/bench_backends.py [--threads 2] [--quick]   (--quick: the 
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-RUNS = [  # (name, CLI arguments)
-    ("host fp32", ["--target", "host", "--precision", "fp32"]),
-    ("rpi4b fp32", ["--target", "rpi4", "--precision", "fp32", "--emulate"]),
-    ("android fp32", ["--target", "android", "--precision", "fp32", "--emulate"]),
-    ("jetson-tx2 fp16 (default)", ["--target", "jetson"]),
-    ("rpi4b int4 (default)", ["--target", "rpi4", "--emulate"]),
-    ("android int4 (default)", ["--target", "android", "--emulate"]),
-    ("a100 int8 W8A8 + 2:4", ["--target", "a100", "--precision", "int8", "--sparsity", "2:4"]),
-    ("fpga int8 (default)", ["--target", "fpga"]),
+from slm_export.bench import export_report, in_fresh_process, interleaved_rounds, print_table
+
+RUNS: list[tuple[str, str, dict[str, Any]]] = [  # (name, target, slm_export.export's keywords: the CLI's flags)
+    ("host fp32", "host", {"precision": "fp32"}),
+    ("rpi4b fp32", "rpi4", {"precision": "fp32", "emulate": "on"}),
+    ("android fp32", "android", {"precision": "fp32", "emulate": "on"}),
+    ("jetson-tx2 fp16 (default)", "jetson", {}),
+    ("rpi4b int4 (default)", "rpi4", {"emulate": "on"}),
+    ("android int4 (default)", "android", {"emulate": "on"}),
+    ("a100 int8 W8A8 + 2:4", "a100", {"precision": "int8", "sparsity": "2:4"}),
+    ("fpga int8 (default)", "fpga", {}),
 ]
 
 
-def export(args: list[str], out: Path, threads: int) -> tuple[dict[str, Any], float]:
+def export(target: str, options: dict[str, Any], out: Path, threads: int) -> tuple[dict[str, Any], float]:
+    """The report of one export (validated, as the CLI validates) in a fresh process, and the process's wall time."""
+    from slm_export.validation.validate import ValidationSettings
+
     t = time.perf_counter()
-    res = subprocess.run([sys.executable, "-m", "slm_export.cli", *args, "--model", "smollm2-135m", "--out", str(out),
-                          "--threads", str(threads), "--json"], capture_output=True, text=True)
-    wall = time.perf_counter() - t
-    if not (out / "report.json").is_file():
-        raise SystemExit(f"{args} failed (exit {res.returncode}):\n{res.stderr[-3000:]}")
-    return json.loads((out / "report.json").read_text()), wall
+    try:
+        report = in_fresh_process(export_report, "smollm2-135m", target, out,
+                                  settings=ValidationSettings(threads=threads), **options)
+    except Exception as exc:
+        raise SystemExit(f"{target} {options} failed: {type(exc).__name__}: {exc}") from None
+    return report, time.perf_counter() - t
 
 
 def rows_of(name: str, r: dict[str, Any]) -> list[dict[str, Any]]:
@@ -64,8 +68,8 @@ def rows_of(name: str, r: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def eager_rate(threads: int, n: int = 128) -> float:
-    import numpy as np
+def eager_rate(threads: int, n: int = 128, rounds: int = 3) -> float:
+    """PyTorch eager ``generate``'s tokens/s (n over the whole call's wall), median of ``rounds`` after a warm-up."""
     import torch
 
     from slm_export.models import load_model
@@ -74,14 +78,19 @@ def eager_rate(threads: int, n: int = 128) -> float:
     model = load_model("smollm2-135m")
     module = model.torch_module()
     ids = torch.tensor([model.tokenizer("Write a short story about a robot:").input_ids])
-    rates = []
-    with torch.no_grad():
-        module.generate(ids, max_new_tokens=8, do_sample=False)
-        for _ in range(3):
+
+    def run() -> tuple[float, list[float]]:
+        with torch.no_grad():
             t = time.perf_counter()
             module.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-            rates.append(n / (time.perf_counter() - t))
-    return float(np.median(rates))
+            wall = time.perf_counter() - t
+        return wall, [wall / n] * n
+
+    def warmup() -> None:
+        with torch.no_grad():
+            module.generate(ids, max_new_tokens=8, do_sample=False)
+
+    return interleaved_rounds({"eager": run}, rounds, warmup={"eager": warmup}, log=None)["eager"].tok_s
 
 
 def main() -> int:
@@ -92,27 +101,25 @@ def main() -> int:
     runs = [r for r in RUNS if "fp32" in r[0]] if args.quick else RUNS
     reports = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, cli in runs:
+        for name, target, options in runs:
             print(f"exporting {name} ...", file=sys.stderr, flush=True)
-            reports[name] = export(cli, Path(tmp) / name.split()[0], args.threads)
+            reports[name] = export(target, options, Path(tmp) / name.split()[0], args.threads)
     eager = eager_rate(args.threads)
     rows = [row for name, (r, _) in reports.items() for row in rows_of(name, r)]
     print(f"## smollm2-135m, every target's runtimes, {args.threads} threads, one run")
     print("ppl change against PyTorch float32 on the windows shown; 'vs validated' is the gap to the file the host "
           "validated, on the same windows (emulated rows: to the host run of the same file)")
-    print("| artifact | file | where | windows | ppl change | greedy = PyTorch | vs validated (pp) | top-1 = host | "
-          "decode tok/s |")
-    print("|---|---|---|---|---|---|---|---|---|")
     fmt = lambda v, f: "-" if v is None else format(v, f) if not isinstance(v, bool) else str(v)  # noqa: E731
-    for x in rows:
-        print(f"| {x['artifact']} | {x['file']} | {x['where']} | {x['windows']} | {fmt(x['ppl_change'], '+.3f')}% | "
-              f"{fmt(x['greedy_ref'], '')} | {fmt(x['vs_validated_pp'], '+.3f')} | {fmt(x['agree_host'], '.4f')} | "
-              f"{fmt(x['tok_s'], '.1f')} |")
+    print_table(["artifact", "file", "where", "windows", "ppl change", "greedy = PyTorch", "vs validated (pp)",
+                 "top-1 = host", "decode tok/s"],
+                [[x["artifact"], x["file"], x["where"], x["windows"], f"{fmt(x['ppl_change'], '+.3f')}%",
+                  fmt(x["greedy_ref"], ""), fmt(x["vs_validated_pp"], "+.3f"), fmt(x["agree_host"], ".4f"),
+                  fmt(x["tok_s"], ".1f")] for x in rows])
     print(f"\nPyTorch eager generate, fp32, same machine and threads: {eager:.1f} tok/s")
-    print("\n| artifact | wall s | verdict | stages (s) |\n|---|---|---|---|")
-    for name, (r, wall) in reports.items():
-        stages = ", ".join(f"{s['name']} {s['seconds']:.0f}" for s in r["stages"])
-        print(f"| {name} | {wall:.0f} | {r['verdict']} | {stages} |")
+    print()
+    print_table(["artifact", "wall s", "verdict", "stages (s)"],
+                [[name, f"{wall:.0f}", r["verdict"], ", ".join(f"{s['name']} {s['seconds']:.0f}" for s in r["stages"])]
+                 for name, (r, wall) in reports.items()])
     checks: dict[str, bool] = {}
     for x in rows:
         if "fp32" in x["artifact"] or "fp16" in x["artifact"]:
