@@ -5,7 +5,8 @@ the host runner's figures for the same file, in one run.
 
 For float32 the device's tokens must be identical to the host's (same file, same runtime, same CPU); for
 int4 within quantization noise. The overhead is the device run's wall time beyond the runner's own time
-(upload, ssh, start-up).
+(upload, ssh, start-up). Each export runs through the CLI's plan (``slm_export.export``: ``make_plan`` then
+``run``) in a fresh process, validated on the host and on the device as ``--device`` makes the CLI do.
 
 Usage: python scripts/bench_device.py [--threads 2]
 """
@@ -13,12 +14,12 @@ Usage: python scripts/bench_device.py [--threads 2]
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from slm_export.bench import export_report, in_fresh_process, print_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.sshd import start_sshd  # noqa: E402
@@ -28,35 +29,34 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    from slm_export.validation.validate import ValidationSettings
+
     checks: dict[str, bool] = {}
-    print("## smollm2-135m for rpi4b over SSH to a loopback device, one run")
-    print("| precision | device file | host ppl change | device ppl change | device - host (pp) | top-1 = host | "
-          "greedy = host | device run s | overhead s | export wall s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         sshd = start_sshd(Path(tmp) / "sshd")
         try:
             for precision in ("fp32", "int4"):
                 out = Path(tmp) / precision
+                settings = ValidationSettings(threads=args.threads, device=sshd.url(), identity=str(sshd.key),
+                                              known_hosts=str(sshd.known_hosts))
                 t = time.perf_counter()
-                res = subprocess.run([sys.executable, "-m", "slm_export.cli", "--target", "rpi4", "--model",
-                                      "smollm2-135m", "--precision", precision, "--no-emulate", "--device", sshd.url(),
-                                      "--identity", str(sshd.key), "--known-hosts", str(sshd.known_hosts),
-                                      "--out", str(out), "--threads", str(args.threads), "--json"],
-                                     capture_output=True, text=True)
+                try:
+                    r = in_fresh_process(export_report, "smollm2-135m", "rpi4", out, precision, emulate="off",
+                                         settings=settings)
+                except Exception as exc:
+                    raise SystemExit(f"{precision} failed: {type(exc).__name__}: {exc}") from None
                 wall = time.perf_counter() - t
-                if not (out / "report.json").is_file():
-                    raise SystemExit(f"{precision} failed (exit {res.returncode}):\n{res.stderr[-3000:]}")
-                r = json.loads((out / "report.json").read_text())
                 m = r["metrics"]
                 dev = r["device"][0]
                 v = {k: m[k]["value"] for k in ("perplexity_change_pct", "device_perplexity_change_pct",
                                                 "device_perplexity_change_vs_host_pp", "device_agreement_with_host",
                                                 "device_greedy_equals_host")}
-                print(f"| {precision} | {dev.get('file')} | {v['perplexity_change_pct']:+.3f}% | "
-                      f"{v['device_perplexity_change_pct']:+.3f}% | {v['device_perplexity_change_vs_host_pp']:+.4f} | "
-                      f"{v['device_agreement_with_host']:.4f} | {v['device_greedy_equals_host']} | "
-                      f"{dev.get('wall_s')} | {dev.get('overhead_s')} | {wall:.0f} |")
+                rows.append([precision, dev.get("file"), f"{v['perplexity_change_pct']:+.3f}%",
+                             f"{v['device_perplexity_change_pct']:+.3f}%",
+                             f"{v['device_perplexity_change_vs_host_pp']:+.4f}",
+                             f"{v['device_agreement_with_host']:.4f}", v["device_greedy_equals_host"],
+                             dev.get("wall_s"), dev.get("overhead_s"), f"{wall:.0f}"])
                 print(f"  device: {m['device_perplexity']['where']}", file=sys.stderr)
                 if precision == "fp32":
                     checks["fp32: device tokens identical to the host's (top-1 and greedy)"] = \
@@ -67,6 +67,9 @@ def main() -> int:
                 checks[f"{precision}: overhead reported"] = dev.get("overhead_s") is not None
         finally:
             sshd.stop()
+    print("## smollm2-135m for rpi4b over SSH to a loopback device, one run")
+    print_table(["precision", "device file", "host ppl change", "device ppl change", "device - host (pp)",
+                 "top-1 = host", "greedy = host", "device run s", "overhead s", "export wall s"], rows)
     print()
     for k, ok in checks.items():
         print(f"{'PASS' if ok else 'FAIL'}  {k}")
