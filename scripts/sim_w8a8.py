@@ -13,13 +13,11 @@ import time
 
 import torch
 
-from slm_export.calibration.compress import CompressConfig, compress
-from slm_export.calibration.compress import linear_names as _linear_names
+from slm_export.calibration.compress import CompressConfig, compress, linear_names
 from slm_export.calibration.observers import fake_quant, fake_quant_per_token
 from slm_export.calibration.quant import QuantizedTensor
 from slm_export.calibration.rotation import Rotation
-from slm_export.models.loader import build_module as _build_module
-from slm_export.models.loader import load_model
+from slm_export.models.loader import build_module, load_model
 from slm_export.text import builtin_split, token_windows
 
 torch.set_num_threads(2)
@@ -42,16 +40,16 @@ def ppl(mod):  # type: ignore[no-untyped-def]
 ref = ppl(m.torch_module())
 cfg = CompressConfig(precision="int8", method=args.get("method", "smoothquant"),
                      calib_samples=int(args.get("n", 16)),
-                     calib_seqlen=512, rotate=int(args.get("rot", 0)), pow2=args.get("pow2", "0") == "1",
+                     calib_seqlen=512, rotate=int(args.get("rot", 0)), pow2_scales=args.get("pow2", "0") == "1",
                      smooth_alpha=float(args["alpha"]) if "alpha" in args else None, observer=args.get("obs", "minmax"))
 t = time.time()
 res = compress(m, cfg)
 ct = time.time() - t
 deq = {k: (torch.from_numpy(v.dequantize()) if isinstance(v, QuantizedTensor) else v) for k, v in res.weights.items()
        if not k.endswith((".signs", ".block"))}
-mod = _build_module(dataclasses.replace(m, weights=deq, _module=[]))
+mod = build_module(dataclasses.replace(m, weights=deq))  # a new module over the dequantized weights
 acts = args.get("acts", "1") == "1"
-for name, lin in _linear_names(mod).items():
+for name, lin in linear_names(mod).items():
     q = res.weights[name + ".weight"]
     if name + ".rotation.signs" in res.weights and name + ".rotation.signs" in res.weights:
         r = Rotation(res.weights[name + ".rotation.signs"], res.weights[name + ".rotation.block"])
