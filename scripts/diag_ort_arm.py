@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from slm_export.bench import print_table
 from slm_export.models import load_model
 from slm_export.runner.job import SCHEMA, run_job, score_window
 from slm_export.targets import get_target
@@ -61,12 +62,9 @@ def main() -> None:
     change = {name: 100 * (v / p_ref - 1) for name, v in ppl.items()}
     host = np.array(res["host"]["windows"][0]["argmax"])
     print(f"\n{a.file}, {a.tokens} evaluation tokens, {a.threads} threads; PyTorch float32 perplexity {p_ref:.3f}")
-    print("| run | perplexity | change vs PyTorch | vs host run (pp) | top-1 agreement with host |"
-          "\n|---|---|---|---|---|")
-    for name, r in res.items():
-        w = r["windows"][0]
-        print(f"| {name} | {ppl[name]:.3f} | {change[name]:+.2f}% | {change[name] - change['host']:+.2f} | "
-              f"{np.mean(np.array(w['argmax']) == host):.4f} |")
+    print_table(["run", "perplexity", "change vs PyTorch", "vs host run (pp)", "top-1 agreement with host"],
+                [[name, f"{ppl[name]:.3f}", f"{change[name]:+.2f}%", f"{change[name] - change['host']:+.2f}",
+                  f"{np.mean(np.array(r['windows'][0]['argmax']) == host):.4f}"] for name, r in res.items()])
     if pte.is_file():
         t = np.array(res["host, model.pte (ExecuTorch)"]["windows"][0]["argmax"])
         for name, r in res.items():
