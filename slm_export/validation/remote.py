@@ -78,13 +78,29 @@ def remote_validation(runner: Runner, artifact: Path, file: str, module: Any, to
     emulated or device run of the file the host runs); ``versus_label`` names it in the metrics
     (``{prefix}_agreement_with_{versus_label}``, ``{prefix}_perplexity_change_vs_{versus_label}_pp``).
     """
-    import torch
-
-    from slm_export.validation.generate import torch_greedy
-    from slm_export.validation.validate import where_host
-
     windows = token_windows(tokenizer, text, s.windows, s.window_len)
     prompt = windows[0][: min(s.prompt_tokens, len(windows[0]) // 2)]
+    t0 = time.perf_counter()
+    res = runner.run(artifact, _job(file, windows, prompt, s, exact_qdq))
+    wall = time.perf_counter() - t0
+    where = runner.where(res, file)
+    run = RUN_LABELS.get(runner.name, runner.name)
+    _check_far(res["windows"], run, file)
+    versus = versus or file
+    host_dec, _ = open_runtime(artifact / versus, s.threads, exact_qdq)
+    ref_scores, host_scores = _host_scores(module, host_dec, windows, f"{run} run of {file}", versus)
+    out = _accuracy(res, ref_scores, host_scores, module, host_dec, prompt, s, where, artifact, versus,
+                    versus_label, len(windows))
+    out.update(_timing(res, s, where, prompt))
+    details = {"runner": runner.name, "status": "done", "file": file, "versus": versus, "where": where,
+               "environment": res.get("environment", {}), "wall_s": round(wall, 1),
+               "load_s": round(res.get("load_s", 0.0), 1), "far_peak_rss_mb": round(res.get("peak_rss_mb", 0.0), 1),
+               "far_wall_s": round(res.get("wall_s", 0.0), 1),
+               "windows": [len(windows), s.window_len]}
+    return {f"{prefix}_{k}": v for k, v in out.items()}, details
+
+
+def _job(file: str, windows: list[list[int]], prompt: list[int], s: RemoteSettings, exact_qdq: bool) -> dict[str, Any]:
     job = {"schema": SCHEMA, "model": file, "threads": s.threads, "exact_qdq": exact_qdq, "windows": windows,
            "greedy_prompt": prompt, "greedy_tokens": s.greedy_tokens}
     if s.repeats:
@@ -92,33 +108,43 @@ def remote_validation(runner: Runner, artifact: Path, file: str, module: Any, to
                    repeats=s.repeats)
     else:
         job["time_greedy"] = True
-    t0 = time.perf_counter()
-    res = runner.run(artifact, job)
-    wall = time.perf_counter() - t0
-    where = runner.where(res, file)
+    return job
 
-    # The same windows on the host: the float32 reference and the same artifact file under the host runtime.
-    # The far side returns each window's summed NLL, not its logits: a NaN or +Inf logit makes that sum
-    # non-finite (log-sum-exp), so the window is known but not the position.
-    far = res["windows"]
-    run = RUN_LABELS.get(runner.name, runner.name)
+
+def _check_far(far: list[dict[str, Any]], run: str, file: str) -> None:
+    """The far side returns each window's summed NLL, not its logits: a NaN or +Inf logit makes that sum
+    non-finite (log-sum-exp), so the window is known but not the position."""
     for i, x in enumerate(far):
         if not np.isfinite(x["nll"]):
             raise NonFiniteOutput(f"{run} run of {file}: window {i}'s negative log-likelihood is {x['nll']}, so its "
                                   "logits hold NaN or Inf (the runner returns sums per window, not the position); no "
                                   "accuracy figure can be measured on them, so the artifact fails")
-    versus = versus or file
-    host_dec, _ = open_runtime(artifact / versus, s.threads, exact_qdq)
+
+
+def _host_scores(module: Any, host_dec: Any, windows: list[list[int]], run: str,
+                 versus: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The same windows on the host: the float32 reference and the same artifact file under the host runtime."""
+    import torch
+
     ref_scores, host_scores = [], []
     with torch.no_grad():
         for i, w in enumerate(windows):
             ids = np.asarray(w, np.int64)
             ref, host = module(torch.from_numpy(ids[None])).logits.float().numpy()[0], host_dec.logits(ids[None])[0]
-            check_finite(ref, "the PyTorch float32 reference's logits", f"{run} run of {file}", window=i)
-            check_finite(host, "the host's logits", f"{run} run of {file}, compared with the host run of {versus}",
-                         window=i)
+            check_finite(ref, "the PyTorch float32 reference's logits", run, window=i)
+            check_finite(host, "the host's logits", f"{run}, compared with the host run of {versus}", window=i)
             ref_scores.append(score_window(ref, ids))
             host_scores.append(score_window(host, ids))
+    return ref_scores, host_scores
+
+
+def _accuracy(res: dict[str, Any], ref_scores: list[dict[str, Any]], host_scores: list[dict[str, Any]], module: Any,
+              host_dec: Any, prompt: list[int], s: RemoteSettings, where: str, artifact: Path, versus: str, v: str,
+              n_windows: int) -> dict[str, Any]:
+    from slm_export.validation.generate import torch_greedy
+    from slm_export.validation.validate import where_host
+
+    far = res["windows"]
     n = sum(x["n"] for x in far)
 
     def ppl(scores: list[dict[str, Any]]) -> float:
@@ -131,9 +157,8 @@ def remote_validation(runner: Runner, artifact: Path, file: str, module: Any, to
     p_ref, p_far, p_host = ppl(ref_scores), ppl(far), ppl(host_scores)
     host_greedy, _ = host_dec.generate(prompt, s.greedy_tokens)
     ref_greedy = torch_greedy(module, prompt, s.greedy_tokens)
-    scope = f", {len(windows)} x {s.window_len} tokens"
+    scope = f", {n_windows} x {s.window_len} tokens"
     host_where = where_host(artifact / versus) if versus.endswith((".onnx", ".ort")) else f"measured on host ({versus})"
-    v = versus_label
     against_ref = ", against PyTorch float32"
     out = {
         "perplexity": _metric(p_far, "", where + scope),
@@ -146,19 +171,20 @@ def remote_validation(runner: Runner, artifact: Path, file: str, module: Any, to
         "greedy_equals_reference": _metric(res.get("greedy") == ref_greedy, "bool",
                                            f"{where}, {s.greedy_tokens} tokens{against_ref}"),
     }
-    out[f"perplexity_change_vs_{versus_label}_pp"] = _metric(
-        out["perplexity_change_pct"]["value"] - out[f"{versus_label}_perplexity_change_pct"]["value"], "pp",
-        where + scope)
+    out[f"perplexity_change_vs_{v}_pp"] = _metric(
+        out["perplexity_change_pct"]["value"] - out[f"{v}_perplexity_change_pct"]["value"], "pp", where + scope)
+    return out
+
+
+def _timing(res: dict[str, Any], s: RemoteSettings, where: str, prompt: list[int]) -> dict[str, Any]:
     timed = (f", {s.prompt_tokens}-token prompt", f", {s.decode_tokens} tokens") if s.repeats else \
         (f", the greedy run's {len(prompt)}-token prompt", f", the greedy run's {s.greedy_tokens} tokens")
+    out = {}
     if res.get("ttft_ms"):
         out["ttft_ms_p50"] = _metric(float(np.median(res["ttft_ms"])), "ms", where + timed[0])
     if res.get("decode_tokens_per_s"):
         out["decode_tokens_per_s_p50"] = _metric(float(np.median(res["decode_tokens_per_s"])), "tokens/s",
                                                  where + timed[1])
-    details = {"runner": runner.name, "status": "done", "file": file, "versus": versus, "where": where,
-               "environment": res.get("environment", {}), "wall_s": round(wall, 1),
-               "load_s": round(res.get("load_s", 0.0), 1), "far_peak_rss_mb": round(res.get("peak_rss_mb", 0.0), 1),
-               "far_wall_s": round(res.get("wall_s", 0.0), 1),
-               "windows": [len(windows), s.window_len]}
-    return {f"{prefix}_{k}": v for k, v in out.items()}, details
+    return out
+
+
