@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from slm_export.errors import NonFiniteOutput
-from slm_export.report import Goal
+from slm_export.goals import Goal
 from slm_export.text import builtin_split
 from slm_export.validation.metrics import check_finite, decoder_accuracy, first_nonfinite
 from slm_export.validation.remote import HostRunner, RemoteSettings, remote_validation
