@@ -46,9 +46,7 @@ def _export(tiny: Path, target: str, tmp_path: Path, precision: str | None = Non
     model = load_model(str(tiny))
     weights = None
     if plan.precision in ("int8", "int4"):
-        from slm_export.pipeline import compress_config
-
-        weights = compress(model, compress_config(plan)).weights
+        weights = compress(model, plan).weights  # the plan is the compress stage's config
     folder = tmp_path / target
     folder.mkdir()
     exported = OnnxExporter().export(model, plan, folder, weights)
