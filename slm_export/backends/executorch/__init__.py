@@ -9,6 +9,9 @@ Quantized weights go in as the compress stage made them (int4 or int8 codes and 
 with int8 activations quantized per token at run time: XNNPACK's fast form on ARM (8da4w / 8da8w).
 ``pte_delegation.json`` lists every operator of the lowered program, delegated to XNNPACK or not,
 with the reason for those that are not.
+The program also carries the constant metadata methods that ExecuTorch's LLM runner reads, and the
+tokenizer's files go beside it (``executorch/runner_ready.py``), so the runner in ExecuTorch's apps loads
+the folder as it is.
 
 Validation runs the ``.pte`` through ExecuTorch's own runtime (its Python bindings) on the host.
 """
@@ -21,6 +24,7 @@ import warnings
 from typing import Any
 
 from slm_export.backends.base import Availability, CompileJob, CompileResult
+from slm_export.backends.executorch.runner_ready import place_tokenizer, runner_metadata, vocab_note
 from slm_export.errors import CompileError
 
 INSTALL = ("pip install --no-deps executorch==1.5.1 torchao==0.18.0, then its runtime needs: flatbuffers "
@@ -109,12 +113,14 @@ class ExecuTorchBackend:
         else:
             note_act = ""
         t0 = time.perf_counter()
-        program, partitions, table = lower(spec, plan.max_seq_len)
+        metadata = runner_metadata(model, spec, plan.max_seq_len)
+        program, partitions, table = lower(spec, plan.max_seq_len, metadata)
         out = job.model_path.parent / PTE_FILE
         tmp = out.with_suffix(".pte.partial")
         with open(tmp, "wb") as f:
             program.write_to_file(f)
         tmp.rename(out)
+        tokenizer = place_tokenizer(out.parent)
         seconds = time.perf_counter() - t0
         delegated = sum(r["count"] for r in table if r["delegated"])
         kept = [r for r in table if not r["delegated"]]
@@ -127,17 +133,27 @@ class ExecuTorchBackend:
                 f"in {partitions} XNNPACK partitions; on ExecuTorch's CPU kernels: {', '.join(compute) or 'none'} "
                 f"(plus {sum(r['count'] for r in kept if r['op'] not in compute)} reshapes, splits and shape "
                 f"guards; pte_delegation.json says why for each); static KV cache of {plan.max_seq_len} positions")
+        note += "; " + _runner_note(metadata, tokenizer, vocab_note(model, metadata))
         if note_act:
             note += f"; {note_act}"
-        return CompileResult(self.name, "done", note, (PTE_FILE, "pte_delegation.json"), runtime_model=PTE_FILE,
+        return CompileResult(self.name, "done", note, (PTE_FILE, "pte_delegation.json", *tokenizer),
+                             runtime_model=PTE_FILE,
                              details={"pte_bytes": out.stat().st_size, "lower_s": round(seconds, 1),
                                       "delegated_ops": delegated, "xnnpack_partitions": partitions,
-                                      "max_len": plan.max_seq_len,
+                                      "max_len": plan.max_seq_len, "metadata_methods": metadata,
                                       "not_delegated": {r["op"]: r["count"] for r in kept}})
 
 
-def lower(spec: Any, max_len: int) -> tuple[Any, int, list[dict[str, Any]]]:
-    """Export, lower to XNNPACK and emit; returns the ExecuTorch program and the per-operator table."""
+def _runner_note(metadata: dict[str, Any], tokenizer: tuple[str, ...], warning: str) -> str:
+    eos = metadata.get("get_eos_ids") or "the tokenizer's"
+    where = f"{tokenizer[0]} beside it" if tokenizer else "no tokenizer.json to put beside it (the model has none)"
+    note = f"{len(metadata)} metadata methods for ExecuTorch's LLM runner (end ids {eos}), {where}"
+    return f"{note}; {warning}" if warning else note
+
+
+def lower(spec: Any, max_len: int, metadata: dict[str, Any] | None = None) -> tuple[Any, int, list[dict[str, Any]]]:
+    """Export, lower to XNNPACK and emit; returns the ExecuTorch program and the per-operator table.
+    ``metadata`` becomes the program's constant methods (name -> int, bool or list of ints)."""
     import torch
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
@@ -159,7 +175,8 @@ def lower(spec: Any, max_len: int) -> tuple[Any, int, list[dict[str, Any]]]:
         warnings.filterwarnings("ignore", message="Mutation on a buffer")
         ep = export(module, example, dynamic_shapes=dynamic, strict=False)
         edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()],
-                                           compile_config=EdgeCompileConfig(_check_ir_validity=False))
+                                           compile_config=EdgeCompileConfig(_check_ir_validity=False),
+                                           constant_methods=metadata or None)
         partitions, table = _delegation(edge.exported_program().graph_module)
         program = edge.to_executorch(ExecutorchBackendConfig(
             passes=[InitializedMutableBufferPass(CACHES)],  # store the zero caches, not "uninitialized"
