@@ -12,7 +12,7 @@ Grouped-query attention is done by reshaping the queries into kv-head groups ins
 cache, so no step copies the cache more than the one Concat that appends to it.
 
 Graphs for ONNX Runtime (``graph_ops="onnxruntime"``, dynamic shapes) keep the same inputs, outputs and
-meaning (plus ``logits_to_keep``, see ``_keep_last``) but use its fused kernels where decode time goes:
+meaning (plus the optional ``logits_to_keep``, see ``_keep_last``) but use its fused kernels where decode time goes:
 one com.microsoft.GroupQueryAttention per layer (rotary, cache append, grouped heads, the additive mask
 as attention_bias), the residual add and the RMSNorm after it as one
 com.microsoft.SkipSimplifiedLayerNormalization, and the first RMSNorm written as Pow -> ReduceMean -> Add
@@ -57,10 +57,10 @@ def build_decoder(spec: DecoderSpec, opset: int, precision: str, max_seq_len: in
         # of copying the whole cache into a new present every step.
         b.metadata[KV_CACHE_KEY] = KV_SHARED_BUFFER
     x = _blocks(b, W, spec, x, mask, rope, fused, cache=static_len is None)
-    logits_seq = dims[1]
+    logits_seq: int | str = dims[1]
     if fused is not None:
         x, ids_shape = _keep_last(b, x, seq)
-        logits_seq = "logits_seq"
+        logits_seq = 1  # what a caller gets without setting logits_to_keep (see _keep_last)
     _lm_head(b, W, spec, x, embed, ids_shape)
     b.output("logits", F32, [dims[0], logits_seq, spec.vocab])
     return b
@@ -154,10 +154,17 @@ def _keep_last(b: GraphBuilder, x: str, seq: str) -> tuple[str, str]:
     """ONNX Runtime graphs: the LM head runs on the last ``logits_to_keep`` positions only (0 keeps them
     all). A generation loop's prefill needs one row of logits, not one per prompt token: for
     smollm2-135m the head is a fifth of the weights, so a 128-token prompt otherwise spends about a fifth of
-    its multiply-adds, and writes 25 MB of logits, on rows nobody reads. A required input (int64 scalar):
-    ORT's IOBinding, which the generation loop needs for its in-place cache, cannot bind an overridable
-    initializer. Returns the kept hidden states and their [batch, kept] shape."""
+    its multiply-adds, and writes 25 MB of logits, on rows nobody reads.
+
+    ``logits_to_keep`` is an optional input (int64 scalar): a graph input with an initializer of the same
+    name, whose value 1 is its default, and ``logits`` is declared ``[batch, 1, vocab]``. A caller that
+    does not feed it gets the last position's logits: ONNX Runtime GenAI's generator (which feeds only the
+    inputs its genai_config.json names and reads a logits output whose declared sequence length is 1 as
+    the last position's, its trimmed-prefill convention) and Optimum-style callers. A scorer feeds 0 (every
+    position) through ``run``; ORT's IOBinding cannot bind an overridable initializer, so the project's
+    generation loop leaves it at its default. Returns the kept hidden states and their [batch, kept] shape."""
     keep_in = b.input(LOGITS_TO_KEEP, I64, [])
+    b.init(LOGITS_TO_KEEP, lambda: np.asarray(1, np.int64))
     keep = b.op("Where", [b.op("Equal", [keep_in, b.const(0)]), seq, b.op("Min", [keep_in, seq])])
     start = b.op("Unsqueeze", [b.op("Neg", [keep]), b.const([0])])
     kept = b.op("Slice", [x, start, b.const([np.iinfo(np.int64).max]), b.const([1])])

@@ -20,7 +20,8 @@ import numpy as np
 
 # Model metadata written by the exporter: the graph's attention can append to a shared past/present buffer.
 KV_CACHE_KEY, KV_SHARED_BUFFER = "slm_export.kv_cache", "shared-buffer"
-LOGITS_TO_KEEP = "logits_to_keep"  # input of the fused ORT graphs: logits for the last N positions (0: all)
+# Optional input of the fused ORT graphs: logits for the last N positions (0: all); default 1 (the last only).
+LOGITS_TO_KEEP = "logits_to_keep"
 
 
 @dataclass(frozen=True)
@@ -105,8 +106,14 @@ class OnnxDecoder:
         self.shared_kv = meta.get(KV_CACHE_KEY) == KV_SHARED_BUFFER
         self.vocab = next(o for o in session.get_outputs() if o.name == "logits").shape[-1]
         # The exporter's fused ORT graphs can run the LM head on the last position only (a prefill needs no
-        # more); they always share the cache buffer, so only _shared_generate feeds it.
-        self.keep_last = LOGITS_TO_KEEP in {i.name for i in session.get_inputs()}
+        # more); they always share the cache buffer, so only _shared_generate relies on it. Their
+        # logits_to_keep is an optional input whose default is 1 (an overridable initializer, which IOBinding
+        # cannot bind, so generation leaves it at the default); artifacts of earlier versions take it as a
+        # required input, which generation binds to 1.
+        required = {i.name for i in session.get_inputs()}
+        optional = {i.name for i in session.get_overridable_initializers()}
+        self.keep_last = LOGITS_TO_KEEP in required | optional
+        self.bind_keep = LOGITS_TO_KEEP in required
 
     def _empty_past(self, batch: int) -> dict[str, np.ndarray]:
         empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), self.past_dtype)
@@ -210,7 +217,7 @@ class OnnxDecoder:
         step_out = ort.OrtValue.ortvalue_from_numpy(step_logits) if step_logits is not None else None
 
         ones = np.ones((1, n + max_new_tokens), np.int64)  # attention_mask: a prefix of it each run
-        if self.keep_last:  # stays bound: each run's logits are its last position's
+        if self.bind_keep:  # stays bound: each run's logits are its last position's
             binding.bind_cpu_input(LOGITS_TO_KEEP, np.asarray(1, np.int64))
 
         def bind_outputs(logits: Any) -> None:
