@@ -11,7 +11,9 @@
   optimizations off; the NCHWc layout (tied to the AVX width of the CPU that optimizes) only for the
   ``host`` target, which is this machine.
 
-Either way the optimized file is what validation then runs, so the figures are the artifact's.
+Either way the optimized file is what validation then runs, so the figures are the artifact's. Beside a
+fused decoder's file go ``genai_config.json`` and the tokenizer files, for ONNX Runtime GenAI
+(``backends/genai.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 from pathlib import Path
 
 from slm_export.backends.base import Availability, CompileJob, CompileResult
+from slm_export.backends.genai import write_genai_files
 from slm_export.errors import CompileError, DeviceError
 
 INSTALL = "pip install onnxruntime"
@@ -88,8 +91,13 @@ class OnnxRuntimeBackend:
             note = (f"offline-optimized ONNX for {job.profile.cpu.model} (onnxruntime {ort.__version__}, all "
                     f"graph optimizations{'' if not disabled else ' except NCHWc'}): load it with graph "
                     "optimizations disabled")
-        return CompileResult(self.name, "done", note, tuple(files), runtime_model=out.name,
-                             details={"optimized_bytes": sum(os.path.getsize(out.parent / f) for f in files)})
+        details = {"optimized_bytes": sum(os.path.getsize(out.parent / f) for f in files)}
+        # ONNX Runtime GenAI's generator loads the folder as it is when its config sits beside the file
+        genai_files, details["genai"] = write_genai_files(job, out)
+        if genai_files:
+            files += genai_files
+            note += f"; {details['genai']}"
+        return CompileResult(self.name, "done", note, tuple(files), runtime_model=out.name, details=details)
 
 
 def _required_ops(ort_model: Path) -> str:
