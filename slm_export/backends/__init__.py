@@ -26,12 +26,14 @@ BACKENDS: Registry[Backend] = Registry("backend")
 
 def _register_builtins() -> None:
     from slm_export.backends.executorch import ExecuTorchBackend
+    from slm_export.backends.llamacpp import LlamaCppBackend
     from slm_export.backends.onnxruntime import OnnxRuntimeBackend
     from slm_export.backends.tensorrt import TensorRTBackend
     from slm_export.backends.tvm import TvmBackend
     from slm_export.backends.vitis import VitisAIBackend
 
-    for b in (OnnxRuntimeBackend(), TensorRTBackend(), VitisAIBackend(), ExecuTorchBackend(), TvmBackend()):
+    for b in (OnnxRuntimeBackend(), TensorRTBackend(), VitisAIBackend(), ExecuTorchBackend(), TvmBackend(),
+              LlamaCppBackend()):
         BACKENDS.register(b.name, b)
 
 

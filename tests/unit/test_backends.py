@@ -22,7 +22,8 @@ from slm_export.targets import get_target
 from slm_export.targets.profile import KNOWN_BACKENDS
 from slm_export.validation.generate import OnnxDecoder, make_session
 
-TESTED = {"onnxruntime", "tensorrt", "vitis-ai", "executorch", "tvm"}  # tests: here, test_executorch/test_tvm.py
+# tests: here, test_executorch.py, test_tvm.py, test_llamacpp.py
+TESTED = {"onnxruntime", "tensorrt", "vitis-ai", "executorch", "tvm", "llamacpp"}
 IDS = np.asarray([[3, 9, 27, 81, 243, 100, 7, 1]], dtype=np.int64)
 
 
