@@ -10,6 +10,8 @@ bash scripts/setup.sh || exit 3
 # "most tests first" (which left the longest single-test files to the end): the real-model files come
 # first. Each run's --threads is the cores over the workers (tests/integration/helpers.py).
 # SLM_TEST_WORKERS=0 runs in one process.
+# Lint first (seconds): ruff's rules include C901 and PLR0915, the package's complexity limits (pyproject.toml).
+.venv/bin/ruff check slm_export tests scripts || exit 1
 workers="${SLM_TEST_WORKERS:-2}"
 if [ "$workers" -gt 0 ] 2>/dev/null; then
   .venv/bin/python -m pytest -q -n "$workers" --dist loadfile --no-loadscope-reorder "$@"
