@@ -167,8 +167,8 @@ def write_genai_files(job: Any, runtime_file: Path) -> tuple[list[str], str]:
                             _session_options(runtime_file))
     (folder / GENAI_CONFIG).write_text(json.dumps(document, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     written = [GENAI_CONFIG]
-    for name in TOKENIZER_FILES:
-        if (tokenizer_dir / name).is_file():
+    for name in TOKENIZER_FILES:  # a copy another backend put there already (ExecuTorch's) is the same file
+        if (tokenizer_dir / name).is_file() and not (folder / name).exists():
             shutil.copyfile(tokenizer_dir / name, folder / name)
             written.append(name)
     return written, f"{GENAI_CONFIG} and the tokenizer beside it: ONNX Runtime GenAI loads the folder"

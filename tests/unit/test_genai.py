@@ -83,7 +83,9 @@ def _torch_greedy(tiny: Path, prompt: list[int]) -> list[int]:
 
 
 CASES = [("host", "fp32", "llama"), ("host", "fp32", "qwen2"), ("host", "fp32", "gpt2"), ("host", "int4", "llama"),
-         ("ort", "fp32", "llama"), ("ort", "int4", "qwen2")]
+         ("ort", "fp32", "llama"), ("ort", "int4", "qwen2"), ("android-arm64", "int4", "llama")]
+# The file genai_config.json names: the one the ONNX Runtime backend wrote (android validates its .pte).
+GENAI_FILE = {"host": "model.optimized.onnx", "ort": "model.ort", "android-arm64": "model.ort"}
 
 
 @pytest.mark.parametrize(("target", "precision", "arch"), CASES)
@@ -92,9 +94,12 @@ def test_genai_loads_the_folder_unchanged(target: str, precision: str, arch: str
     og = _genai()
     folder = _export(tiny_models[arch], target, precision, tmp_path / "art")
     report = json.loads((folder / "report.json").read_text())
-    runtime = report["validated_file"]
+    runtime = GENAI_FILE[target]
+    assert report["validated_file"] == ("model.pte" if target == "android-arm64" else runtime)
+    ort_step = next(b for b in report["backends"] if b["backend"] == "onnxruntime")
+    assert GENAI_CONFIG in ort_step["files"]
     config = json.loads((folder / GENAI_CONFIG).read_text())["model"]
-    assert config["decoder"]["filename"] == runtime == ("model.ort" if target == "ort" else "model.optimized.onnx")
+    assert config["decoder"]["filename"] == runtime
     assert config["type"] == ("decoder" if arch == "gpt2" else arch)
     # sealed with the rest: validate's integrity check covers them
     sealed = json.loads((folder / "artifact.json").read_text())["integrity"]["files"]
