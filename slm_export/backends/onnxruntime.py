@@ -93,10 +93,12 @@ class OnnxRuntimeBackend:
                     "optimizations disabled")
         details = {"optimized_bytes": sum(os.path.getsize(out.parent / f) for f in files)}
         # ONNX Runtime GenAI's generator loads the folder as it is when its config sits beside the file
-        genai_files, details["genai"] = write_genai_files(job, out)
+        genai_files, genai_note = write_genai_files(job, out)
         if genai_files:
             files += genai_files
-            note += f"; {details['genai']}"
+            note += f"; {genai_note}"
+        else:
+            details["genai"] = genai_note
         return CompileResult(self.name, "done", note, tuple(files), runtime_model=out.name, details=details)
 
 
