@@ -10,10 +10,9 @@ so that ``onnxruntime_genai.Model(folder)`` loads the artifact folder as it is.
   (``model.tokenizer_dir`` exists only from GenAI 0.15 on, and older versions refuse the unknown key).
 
 Only the fused ONNX Runtime graphs qualify: their attention appends to a cache shared between past and
-present (GenAI's ``past_present_share_buffer``), and their ``logits`` output is declared one position long
-with ``logits_to_keep`` an optional input that defaults to 1, which GenAI reads as its trimmed-prefill
-convention (it then never feeds ``logits_to_keep``, and the prefill runs the LM head on the last position
-only). Anything else gets no config, and the reason is returned.
+present (GenAI's ``past_present_share_buffer``), and their ``logits_to_keep`` is an optional input whose
+default (0) returns every position's logits, which GenAI allocates and reads (it never feeds the input).
+Anything else gets no config, and the reason is returned.
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+from onnx import numpy_helper
 
 from slm_export.runner.onnx_run import KV_CACHE_KEY, KV_SHARED_BUFFER, LOGITS_TO_KEEP
 
@@ -63,14 +63,15 @@ def read_graph(model_path: Path) -> DecoderGraph | str:
     if meta.get(KV_CACHE_KEY) != KV_SHARED_BUFFER:
         return "the graph's attention does not append in place (not the fused ONNX Runtime graph)"
     inits = {t.name: list(t.dims) for t in g.initializer}
+    keep = [numpy_helper.to_array(t) for t in g.initializer if t.name == LOGITS_TO_KEEP]
     required = [i.name for i in g.input if i.name not in inits]
     past = [n for n in required if n.startswith("past_key_values.")]
     others = [n for n in required if n not in past and n not in PLAIN_INPUTS]
     if others:
         return f"the graph takes inputs GenAI does not feed: {', '.join(others)}"
+    if not keep or int(keep[0]) != 0:
+        return "the graph's logits_to_keep is not an optional input returning every position by default"
     logits = next(o for o in g.output if o.name == "logits").type.tensor_type.shape.dim
-    if LOGITS_TO_KEEP not in inits or logits[1].dim_value != 1:
-        return "the graph's logits are not declared one position long with an optional logits_to_keep"
     first = next(i for i in g.input if i.name == "past_key_values.0.key").type.tensor_type.shape.dim
     gqa = next(n for n in g.node if n.op_type == "GroupQueryAttention")
     heads = next(a.i for a in gqa.attribute if a.name == "num_heads")

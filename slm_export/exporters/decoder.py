@@ -57,10 +57,10 @@ def build_decoder(spec: DecoderSpec, opset: int, precision: str, max_seq_len: in
         # of copying the whole cache into a new present every step.
         b.metadata[KV_CACHE_KEY] = KV_SHARED_BUFFER
     x = _blocks(b, W, spec, x, mask, rope, fused, cache=static_len is None)
-    logits_seq: int | str = dims[1]
+    logits_seq = dims[1]
     if fused is not None:
         x, ids_shape = _keep_last(b, x, seq)
-        logits_seq = 1  # what a caller gets without setting logits_to_keep (see _keep_last)
+        logits_seq = "logits_seq"
     _lm_head(b, W, spec, x, embed, ids_shape)
     b.output("logits", F32, [dims[0], logits_seq, spec.vocab])
     return b
@@ -157,14 +157,15 @@ def _keep_last(b: GraphBuilder, x: str, seq: str) -> tuple[str, str]:
     its multiply-adds, and writes 25 MB of logits, on rows nobody reads.
 
     ``logits_to_keep`` is an optional input (int64 scalar): a graph input with an initializer of the same
-    name, whose value 1 is its default, and ``logits`` is declared ``[batch, 1, vocab]``. A caller that
-    does not feed it gets the last position's logits: ONNX Runtime GenAI's generator (which feeds only the
-    inputs its genai_config.json names and reads a logits output whose declared sequence length is 1 as
-    the last position's, its trimmed-prefill convention) and Optimum-style callers. A scorer feeds 0 (every
-    position) through ``run``; ORT's IOBinding cannot bind an overridable initializer, so the project's
-    generation loop leaves it at its default. Returns the kept hidden states and their [batch, kept] shape."""
+    name holding its default, 0. Callers that feed only what they know (ONNX Runtime GenAI's generator,
+    Optimum's ORTModelForCausalLM) get every position's logits, the shape they allocate and read (GenAI
+    picks each row's last real token: a trimmed ``[batch, 1, vocab]`` output, its other convention, gave
+    right-padded batch rows a padding position's logits). ORT's IOBinding cannot bind an overridable
+    initializer, so the project's runner sets the default to 1 for its own sessions (``make_session``)
+    and its prefill keeps the saving; its scoring feeds 0. Returns the kept hidden states and their
+    [batch, kept] shape."""
     keep_in = b.input(LOGITS_TO_KEEP, I64, [])
-    b.init(LOGITS_TO_KEEP, lambda: np.asarray(1, np.int64))
+    b.init(LOGITS_TO_KEEP, lambda: np.asarray(0, np.int64))
     keep = b.op("Where", [b.op("Equal", [keep_in, b.const(0)]), seq, b.op("Min", [keep_in, seq])])
     start = b.op("Unsqueeze", [b.op("Neg", [keep]), b.const([0])])
     kept = b.op("Slice", [x, start, b.const([np.iinfo(np.int64).max]), b.const([1])])

@@ -20,7 +20,7 @@ import numpy as np
 
 # Model metadata written by the exporter: the graph's attention can append to a shared past/present buffer.
 KV_CACHE_KEY, KV_SHARED_BUFFER = "slm_export.kv_cache", "shared-buffer"
-# Optional input of the fused ORT graphs: logits for the last N positions (0: all); default 1 (the last only).
+# Optional input of the fused ORT graphs: logits for the last N positions (0, the graph's default: all).
 LOGITS_TO_KEEP = "logits_to_keep"
 
 
@@ -66,10 +66,16 @@ def make_session(model_path: str | Path, threads: int = 0, optimize: bool = True
     artifact whose runtime is ORT on such a CPU.
 
     ``config``: further session config entries (a job's ``ort_config``), e.g. ``{"mlas.disable_kleidiai":
-    "1"}`` to take ORT's own NEON kernels instead of KleidiAI's on aarch64 (scripts/diag_ort_arm.py)."""
+    "1"}`` to take ORT's own NEON kernels instead of KleidiAI's on aarch64 (scripts/diag_ort_arm.py).
+
+    A fused graph's optional ``logits_to_keep`` defaults to 1 in these sessions (0, every position, in
+    the file, for callers that never feed it): IOBinding cannot bind it, and the generation loop's prefill
+    then runs the LM head on the last position only. Scoring feeds 0 explicitly."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    keep_last = ort.OrtValue.ortvalue_from_numpy(np.asarray(1, np.int64))
+    so.add_initializer(LOGITS_TO_KEEP, keep_last)  # ignored by graphs without it or taking it as an input
     if threads:
         so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
@@ -81,7 +87,9 @@ def make_session(model_path: str | Path, threads: int = 0, optimize: bool = True
         so.add_session_config_entry("session.disable_quant_qdq", "1")
     for key, value in (config or {}).items():
         so.add_session_config_entry(key, str(value))
-    return ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+    session.slm_keep_last = keep_last  # ORT reads the initializer's memory for the session's lifetime
+    return session
 
 
 class OnnxDecoder:
@@ -107,9 +115,9 @@ class OnnxDecoder:
         self.vocab = next(o for o in session.get_outputs() if o.name == "logits").shape[-1]
         # The exporter's fused ORT graphs can run the LM head on the last position only (a prefill needs no
         # more); they always share the cache buffer, so only _shared_generate relies on it. Their
-        # logits_to_keep is an optional input whose default is 1 (an overridable initializer, which IOBinding
-        # cannot bind, so generation leaves it at the default); artifacts of earlier versions take it as a
-        # required input, which generation binds to 1.
+        # logits_to_keep is an optional input (an overridable initializer, which IOBinding cannot bind:
+        # make_session's sessions default it to 1); artifacts of earlier versions take it as a required
+        # input, which generation binds to 1.
         required = {i.name for i in session.get_inputs()}
         optional = {i.name for i in session.get_overridable_initializers()}
         self.keep_last = LOGITS_TO_KEEP in required | optional

@@ -177,11 +177,13 @@ def fused(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 
 @pytest.mark.parametrize("file", ["model.onnx", "model.optimized.onnx"])
 def test_callers_that_do_not_feed_logits_to_keep(file: str, fused: tuple[Path, object]) -> None:
-    """Optimum's ORTModelForCausalLM feeds input_ids, attention_mask, position_ids and the past, nothing else:
-    it gets the last position's logits (the graph's declared [batch, 1, vocab]), and its loop of growing
-    past and present tensors (no shared buffer) decodes as PyTorch does."""
+    """Optimum's ORTModelForCausalLM feeds input_ids, attention_mask, position_ids and the past, nothing else,
+    through plain ONNX Runtime: it gets every position's logits (the graph's default), and its loop of
+    growing past and present tensors (no shared buffer) decodes as PyTorch does."""
+    import onnxruntime as ort
+
     folder, model = fused
-    session = make_session(folder / file, 1)
+    session = ort.InferenceSession(str(folder / file), providers=["CPUExecutionProvider"])
     assert LOGITS_TO_KEEP not in {i.name for i in session.get_inputs()}  # optional: an overridable initializer
     assert LOGITS_TO_KEEP in {i.name for i in session.get_overridable_initializers()}
     kv = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
@@ -196,9 +198,9 @@ def test_callers_that_do_not_feed_logits_to_keep(file: str, fused: tuple[Path, o
         feed = {"input_ids": np.asarray([feed_ids], np.int64), "attention_mask": np.ones((1, n), np.int64),
                 "position_ids": np.arange(n - len(feed_ids), n, dtype=np.int64)[None], **past}
         logits, *presents = session.run(names, feed)
-        assert logits.shape == (1, 1, ref.shape[-1])
+        assert logits.shape == (1, len(feed_ids), ref.shape[-1])
         if step == 0:
-            np.testing.assert_allclose(logits[:, -1], ref[:, -1], atol=2e-4, rtol=1e-3)
+            np.testing.assert_allclose(logits, ref, atol=2e-4, rtol=1e-3)
         past = {i.name: p for i, p in zip(kv, presents, strict=True)}
         token = int(logits[0, -1].argmax())
         out.append(token)
@@ -207,6 +209,37 @@ def test_callers_that_do_not_feed_logits_to_keep(file: str, fused: tuple[Path, o
     from slm_export.validation.generate import torch_greedy
 
     assert out == torch_greedy(model.torch_module(), ids, 6)  # type: ignore[attr-defined]
+    # the project's own sessions default it to the last position (its prefill's saving); scoring feeds 0
+    ours = make_session(folder / file, 1)
+    prefill = {"input_ids": np.asarray([ids], np.int64), "attention_mask": np.ones((1, 8), np.int64),
+               "position_ids": np.arange(8, dtype=np.int64)[None],
+               **{i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in kv}}
+    np.testing.assert_allclose(ours.run(["logits"], prefill)[0], ref[:, -1:], atol=2e-4, rtol=1e-3)
+    np.testing.assert_allclose(ours.run(["logits"], {**prefill, LOGITS_TO_KEEP: np.asarray(0, np.int64)})[0], ref,
+                               atol=2e-4, rtol=1e-3)
+
+
+def test_genai_batches_prompts_of_different_lengths(fused: tuple[Path, object]) -> None:
+    """GenAI right-pads a batch and reads each row's logits at its last real token: the reason the graph
+    returns every position by default (a [batch, 1, vocab] output, GenAI's trimmed convention, handed the
+    shorter row a padding position's logits)."""
+    og = _genai()
+    folder, _ = fused
+    model = og.Model(str(folder))
+    tokenizer = og.Tokenizer(model)
+    texts = [PROMPT + " the lazy dog", "Hello"]
+    alone = [_genai_greedy(og, folder, [int(t) for t in tokenizer.encode(t)])[:8] for t in texts]
+    batch = tokenizer.encode_batch(texts)
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, batch_size=2, max_length=batch.as_numpy().shape[1] + 8)
+    generator = og.Generator(model, params)
+    generator.append_tokens(batch)
+    rows: list[list[int]] = [[], []]
+    while not generator.is_done():
+        generator.generate_next_token()
+        for row, token in zip(rows, generator.get_next_tokens(), strict=True):
+            row.append(int(token))
+    assert rows == alone
 
 
 def test_earlier_artifacts_with_a_required_logits_to_keep_still_run(fused: tuple[Path, object],
