@@ -24,8 +24,14 @@ SCHEMA = 1  # of the job and result files (__main__.py says the same, before Num
 def open_runtime(path: Path, threads: int = 0, exact_qdq: bool = False,
                  ort_config: dict[str, str] | None = None) -> tuple[Any, dict[str, str]]:
     """The decoder for an artifact file, by its suffix, and the runtime's name and version: an ExecuTorch
-    program (``.pte``), a TVM library (``.so``) or, for anything else, an ONNX Runtime session
-    (``make_session``). The one place the runner and the host's validation open an artifact."""
+    program (``.pte``), a TVM library (``.so``), a GGUF through llama.cpp (``.gguf``) or, for anything else,
+    an ONNX Runtime session (``make_session``). The one place the runner and the host's validation open an
+    artifact."""
+    if path.suffix == ".gguf":
+        from .gguf_run import GgufDecoder
+
+        return GgufDecoder(path, threads), {"runtime": "llama.cpp",
+                                            "runtime_version": dist_version("llama-cpp-python")}
     if path.suffix == ".pte":
         from .pte_run import PteDecoder
 

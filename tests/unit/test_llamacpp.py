@@ -4,7 +4,9 @@ imports, the file run by llama.cpp itself through the runner."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +14,13 @@ import numpy as np
 import pytest
 
 from slm_export.backends import CompileJob, get_backend
-from slm_export.backends.llamacpp import GGUF_FILE, plan_refusal
+from slm_export.backends.llamacpp import GGUF_FILE, plan_refusal, runtime_version
 from slm_export.backends.llamacpp.blocks import encode, measured, quant_refusal
 from slm_export.backends.llamacpp.gguf_file import permutation
 from slm_export.backends.llamacpp.vocab import from_gguf, pre_tokenizer
 from slm_export.calibration.compress import compress
 from slm_export.calibration.quant import quantize_rtn
+from slm_export.cli import main
 from slm_export.errors import CompileError
 from slm_export.models import load_model
 from slm_export.models.builtin import BUILTIN_MODELS
@@ -148,7 +151,7 @@ def test_pre_tokenizers() -> None:
     bpe = {"type": "BPE", "vocab": {}, "merges": []}
     digits = {"type": "Digits", "individual_digits": True}
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
-    assert pre_tokenizer({"pre_tokenizer": byte_level, "model": bpe}) == "gpt2"
+    assert pre_tokenizer({"pre_tokenizer": byte_level, "model": bpe}) == "gpt-2"
     assert pre_tokenizer({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [digits, byte_level]},
                           "model": bpe}) == "smollm"
     with pytest.raises(CompileError, match="no llama.cpp equivalent"):
@@ -170,3 +173,80 @@ def test_encoder_is_not_run(tiny_models: dict[str, Path], tmp_path: Path) -> Non
                      model=load_model(str(tiny_models["bert"])))
     assert get_backend("llamacpp").compile(job).status == "not run"
 
+
+
+needs_llama_cpp = pytest.mark.skipif(runtime_version() is None, reason="llama-cpp-python is not installed "
+                                     "(pip install llama-cpp-python): llama.cpp itself cannot run the .gguf here")
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("case", ["fp32", "int8-rtn", "int4-rtn-symmetric", "int4-rtn-asymmetric"])
+def test_llama_cpp_runs_the_gguf(arch: str, case: str, models: dict[str, Path], tmp_path: Path) -> None:
+    """llama.cpp loads the file, tokenizes like Hugging Face, and computes what PyTorch computes with the GGUF's
+    own weights (read back and dequantized): its int8 activations (Q8_0 dot products) and f16 KV cache aside."""
+    import llama_cpp
+    import torch
+
+    from slm_export.runner.job import open_runtime
+    from slm_export.validation.generate import torch_greedy
+
+    precision, opts, _ = CASES[case]
+    result, model, _ = _compile(models[arch], tmp_path, precision, **opts)
+    path = tmp_path / "artifact" / GGUF_FILE
+    assert result.runtime_model == GGUF_FILE
+    vocab = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    ids = model.tokenizer.encode(SAMPLE, add_special_tokens=False)
+    assert vocab.tokenize(SAMPLE.encode(), add_bos=False, special=False) == ids
+    decoder, runtime = open_runtime(path, 1)
+    assert runtime["runtime"] == "llama.cpp"
+    reference = load_model(str(path)).torch_module()
+    got = decoder.logits(np.asarray([ids]))[0]
+    with torch.no_grad():
+        ref = reference(torch.tensor([ids])).logits[0].numpy()
+    agreement = float((got.argmax(-1) == ref.argmax(-1)).mean())
+    cosine = float((got * ref).sum() / np.linalg.norm(got) / np.linalg.norm(ref))
+    scale = float(np.abs(ref).max())
+    if precision == "fp32":
+        assert agreement == 1.0
+        assert np.abs(got - ref).max() < 1e-2 * scale
+        assert decoder.generate(ids[:16], 8)[0] == torch_greedy(reference, ids[:16], 8)
+    else:  # tiny random models have flat logits: a near tie flips with int8 activations
+        assert cosine > 0.999, cosine
+        assert agreement >= 0.8, agreement
+        assert np.abs(got - ref).max() < 0.15 * scale
+
+
+def _host_with_gguf(tmp_path: Path) -> Path:
+    """The host profile with llamacpp after ONNX Runtime: how a user asks for a GGUF (no built-in profile names it)."""
+    text = (resources.files("slm_export.targets") / "profiles" / "host.toml").read_text()
+    text = text.replace('id = "host"', 'id = "host-gguf"').replace('order = ["onnxruntime"]',
+                                                                 'order = ["onnxruntime", "llamacpp"]')
+    text = "\n".join("aliases = []" if line.startswith("aliases =") else line for line in text.splitlines())
+    board = tmp_path / "host-gguf.toml"
+    board.write_text(text + "\n")
+    return board
+
+
+def test_export_cross_checks_the_gguf(models: dict[str, Path], tmp_path: Path) -> None:
+    """Through the CLI: the GGUF sits beside the ONNX artifact, sealed in its manifest, and (where llama.cpp
+    imports) is scored on the same windows as the validated file, in the same report."""
+    out = tmp_path / "gguf"
+    code = main(["--target-file", str(_host_with_gguf(tmp_path)), "--model", str(models["llama"]), "--out", str(out),
+                 "--precision", "int4", "--method", "rtn", "--symmetric", "--eval-windows", "2", "--timing-tokens",
+                 "8", "--threads", "1", "--json"])
+    report = json.loads((out / "report.json").read_text())
+    assert code in (0, 1)
+    gguf = next(b for b in report["backends"] if b["backend"] == "llamacpp")
+    assert gguf["status"] == "done"
+    assert (out / GGUF_FILE).is_file()
+    assert GGUF_FILE in json.loads((out / "artifact.json").read_text())["integrity"]["files"]
+    if runtime_version() is None:
+        return
+    assert [c["file"] for c in report["crosschecks"]] == [GGUF_FILE]
+    m = report["metrics"]
+    for name in ("perplexity", "top1_agreement", "agreement_with_validated", "greedy_equals_reference",
+                 "decode_tokens_per_s_p50"):
+        assert f"llamacpp_{name}" in m, name
+    assert "llama.cpp" in m["llamacpp_perplexity"]["where"]
+    assert m["llamacpp_agreement_with_validated"]["value"] >= 0.9

@@ -26,7 +26,7 @@ LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
 # The pre-tokenizer's steps -> llama.cpp's name for the same split (and whether merges are ignored).
 PRE_TOKENIZERS: dict[tuple[str, ...], tuple[str, bool]] = {
-    ("byte-level+gpt2-regex",): ("gpt2", False),
+    ("byte-level+gpt2-regex",): ("gpt-2", False),
     ("digits", "byte-level+gpt2-regex"): ("smollm", False),
     (f"split:{QWEN2_SPLIT}", "byte-level"): ("qwen2", False),
     (f"split:{LLAMA3_SPLIT}", "byte-level"): ("llama-bpe", True),
