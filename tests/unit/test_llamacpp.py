@@ -8,13 +8,14 @@ import json
 from dataclasses import replace
 from importlib import resources
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
 
 from slm_export.backends import CompileJob, get_backend
-from slm_export.backends.llamacpp import GGUF_FILE, plan_refusal, runtime_version
+from slm_export.backends.llamacpp import GGUF_FILE, model_refusal, plan_refusal, runtime_version
 from slm_export.backends.llamacpp.blocks import encode, measured, quant_refusal
 from slm_export.backends.llamacpp.gguf_file import permutation
 from slm_export.backends.llamacpp.vocab import from_gguf, pre_tokenizer
@@ -145,6 +146,13 @@ def test_refusals_say_why(models: dict[str, Path], tmp_path: Path) -> None:
                      model=load_model(str(models["llama"])))
     with pytest.raises(CompileError, match="multiple of 32"):
         get_backend("llamacpp").compile(job)
+
+
+def test_architectures_llama_cpp_would_compute_differently() -> None:
+    assert "phi3" in model_refusal(SimpleNamespace(model_type="phi3"))
+    assert "llama3" in model_refusal(SimpleNamespace(model_type="llama", rope_parameters={"rope_type": "llama3"}))
+    assert "sliding" in model_refusal(SimpleNamespace(model_type="mistral", sliding_window=4096))
+    assert model_refusal(SimpleNamespace(model_type="qwen2", sliding_window=4096, use_sliding_window=False)) is None
 
 
 def test_pre_tokenizers() -> None:

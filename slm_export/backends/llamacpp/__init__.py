@@ -80,6 +80,9 @@ def model_refusal(config: Any) -> str | None:
         return "a sliding attention window: llama.cpp's llama and qwen2 graphs attend to the whole context"
     if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
         return "a partial rotary embedding: llama.cpp's llama and qwen2 graphs rotate whole heads"
+    rope = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if rope != "default":
+        return f"rope type {rope!r}: this version writes the default rotary embedding's base only"
     return None
 
 
