@@ -89,9 +89,11 @@ def test_gguf_round_trip(arch: str, case: str, models: dict[str, Path], tmp_path
     assert worst == pytest.approx(d["max_abs_weight_diff"], abs=1e-9)  # the reported fp16-scale effect
     if precision == "fp32":
         assert worst == 0.0
+        assert d["max_rel_weight_diff"] == 0.0
     else:  # the fp16 rounding of a scale (2**-11 relative) times at most 128 levels
         assert 0 < worst < 2.0**-11 * 128 * max(float(np.abs(q.scales).max()) for q in source.values()
                                                  if hasattr(q, "scales"))
+        assert 0 < d["max_rel_weight_diff"] < 2.0**-8  # fp16 rounding of a scale (and of Q4_1 m), relative
     assert back.tokenizer.encode(SAMPLE, add_special_tokens=False) == \
         model.tokenizer.encode(SAMPLE, add_special_tokens=False)
     assert back.config.num_key_value_heads == model.config.num_key_value_heads

@@ -128,7 +128,8 @@ class LlamaCppBackend:
         types = ", ".join(f"{n} {k}" for k, n in info["tensor_types"].items())
         note = (f"{GGUF_FILE} for llama.cpp's {info['architecture']} graph: {types} tensors, the tokenizer in full "
                 f"(pre-tokenizer {info['pre_tokenizer']}); largest change from the measured weights "
-                f"{info['max_abs_weight_diff']:.3g} (fp16 block scales)")
+                f"{info['max_abs_weight_diff']:.3g}, {info['max_rel_weight_diff']:.2g} of a tensor's largest "
+                "weight (fp16 block scales)")
         note += ("; validation runs it with llama-cpp-python " + version if version else
                  "; not run here: llama-cpp-python is not installed (" + INSTALL.split(" (")[0] + ")")
         details = {**info, "write_s": round(time.perf_counter() - t0, 2), "llama_cpp_python": version}

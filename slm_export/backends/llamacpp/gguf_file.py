@@ -130,14 +130,16 @@ def _info(writer: Any, t: Planned) -> None:
         writer.add_tensor_info(t.name, (rows, t.nbytes // rows), np.dtype(np.uint8), t.nbytes, raw_dtype=qtype)
 
 
-def _data(t: Planned, precision: str) -> tuple[np.ndarray, float]:
-    """The tensor's bytes and max |GGUF's dequantized weights - the measured ones|."""
+def _data(t: Planned, precision: str) -> tuple[np.ndarray, float, float]:
+    """The tensor's bytes, max |GGUF's dequantized weights - the measured ones|, and that over the tensor's
+    largest measured weight (AWQ's scaled-up columns make the absolute figure large where weights are)."""
     if isinstance(t.value, QuantizedTensor):
         kind, data = blocks.encode(t.value)
     else:
         kind, data = blocks.float_tensor(t.value, precision, t.matrix)
-    diff = blocks.weight_difference(kind, data, blocks.measured(t.value, precision))
-    return data, diff
+    reference = blocks.measured(t.value, precision)
+    diff = blocks.weight_difference(kind, data, reference)
+    return data, diff, diff / max(float(np.abs(reference).max(initial=0.0)), 1e-30)
 
 
 def architecture(writer: Any, config: Any, rows: int) -> None:
@@ -188,16 +190,16 @@ def write_gguf(path: Path, model: Any, weights: Mapping[str, Any], precision: st
         _info(writer, t)
     partial = path.with_name(path.name + ".partial")
     diffs: dict[str, float] = {}
-    worst = ("", 0.0)
+    worst, relative = ("", 0.0), 0.0
     try:
         writer.write_header_to_file(partial)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for t in tensors:
-            data, diff = _data(t, precision)
+            data, diff, rel = _data(t, precision)
             writer.write_tensor_data(data)
             diffs[t.kind] = max(diffs.get(t.kind, 0.0), diff)
-            worst = max(worst, (t.name, diff), key=lambda x: x[1])
+            worst, relative = max(worst, (t.name, diff), key=lambda x: x[1]), max(relative, rel)
         writer.close()
         partial.rename(path)
     finally:
@@ -207,5 +209,6 @@ def write_gguf(path: Path, model: Any, weights: Mapping[str, Any], precision: st
     return {"gguf_bytes": path.stat().st_size, "architecture": ARCHITECTURES[config.model_type],
             "tensor_types": {k: sum(t.kind == k for t in tensors) for k in sorted({t.kind for t in tensors})},
             "max_abs_weight_diff": max(diffs.values(), default=0.0), "max_abs_weight_diff_by_type": diffs,
+            "max_rel_weight_diff": relative,
             "worst_tensor": worst[0] or None, "pre_tokenizer": pre, "vocab": rows,
             "tied_head": all(t.name != "output.weight" for t in tensors)}
