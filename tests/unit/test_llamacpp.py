@@ -78,6 +78,8 @@ def test_gguf_round_trip(arch: str, case: str, models: dict[str, Path], tmp_path
     assert linear_types <= types <= linear_types | {"F32", "Q8_0"}  # + float embedding/norms, an int8 head
     back = load_model(str(tmp_path / "artifact" / GGUF_FILE))  # dequantized to float32, q/k un-permuted
     source = weights if weights is not None else model.weights
+    if case == "int4-rtn-symmetric":  # the host's symmetric int4 has signed scales: Q4_0's d keeps the sign
+        assert any(getattr(w, "signed_scales", False) for w in source.values())
     worst = 0.0
     for name, w in source.items():
         if name not in back.weights:  # a tied float head: llama.cpp reads the embedding table
