@@ -12,7 +12,7 @@ from slm_export.plan import IMPLEMENTED_PRECISIONS, PRECISIONS, Plan
 
 GRAPH_OPS = ("standard", "onnxruntime")
 VALIDATION_MODES = ("host", "emulator", "device")
-KNOWN_BACKENDS = ("onnxruntime", "tensorrt", "tvm", "executorch", "vitis-ai", "llamacpp")
+KNOWN_BACKENDS = ("onnxruntime", "tensorrt", "tvm", "executorch", "llamacpp", "vitis-ai")
 SPARSITY_PATTERNS = ("2:4", "4:8", "unstructured")
 INT8_METHODS = ("rtn", "gptq", "awq", "awq-gptq", "smoothquant", "dynamic")
 INT8_SCALES = ("per-channel", "pow2-per-tensor")
