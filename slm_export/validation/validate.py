@@ -131,8 +131,8 @@ def validate_decoder(model_path: Path, module: Any, tokenizer: Any, text: TextSo
 
 def open_decoder(path: Path, s: ValidationSettings) -> tuple[Any, str, Any]:
     """The runner for a decoder artifact file (the runner's ``open_runtime``), the label of its figures and
-    its thread count: an ExecuTorch program through ExecuTorch's runtime, a TVM library through TVM's,
-    anything else through ONNX Runtime."""
+    its thread count: an ExecuTorch program through ExecuTorch's runtime, a TVM library through TVM's, a GGUF
+    through llama.cpp, anything else through ONNX Runtime."""
     if path.suffix == ".pte":
         where = (f"measured on host ({platform.machine()}, executorch {dist_version('executorch', None)} runtime, "
                  f"XNNPACK, {path.name})")
@@ -140,6 +140,10 @@ def open_decoder(path: Path, s: ValidationSettings) -> tuple[Any, str, Any]:
     if path.suffix == ".so":
         where = (f"measured on host ({platform.machine()}, tvm {dist_version('apache-tvm', None)} runtime, untuned, "
                  f"{path.name})")
+        return _open_runtime(path, s), where, s.threads or "all"
+    if path.suffix == ".gguf":
+        where = (f"measured on host ({platform.machine()}, llama.cpp (llama-cpp-python "
+                 f"{dist_version('llama-cpp-python', None)}), {path.name})")
         return _open_runtime(path, s), where, s.threads or "all"
     host = where_host(path)
     if s.exact_qdq:
@@ -162,6 +166,10 @@ def _open_runtime(path: Path, s: ValidationSettings) -> Any:
             from slm_export.backends.tvm import INSTALL
 
             raise DeviceError(f"TVM's runtime is not installed; install: {INSTALL}") from None
+        if path.suffix == ".gguf":
+            from slm_export.backends.llamacpp import INSTALL
+
+            raise DeviceError(f"llama.cpp's Python bindings are not installed; install: {INSTALL}") from None
         raise
     return decoder
 
