@@ -1,8 +1,8 @@
 """Graph pieces the decoder and encoder builders share: weights in the artifact's precision, linears
 (float or quantized), activations, the rotary tables and the additive mask value.
 
-The TVM and ExecuTorch rebuilds read ``rope_tables`` and ``MASK_VALUE`` too, so that every backend's
-decoder computes the same tables and masks the same way as the ONNX graph.
+The TVM and ExecuTorch rebuilds read ``MASK_VALUE`` too (and ``models.rope.Rope.tables``), so that every
+backend's decoder computes the same tables and masks the same way as the ONNX graph.
 """
 
 from __future__ import annotations
@@ -43,14 +43,6 @@ class Weights:
         else:
             init = self.b.init(name, lambda: to_bf16(np.asarray(fn(), dtype=np.float32)), elem=TensorProto.BFLOAT16)
         return self.b.op("Cast", [init], to=F32, name=name + "_f32")  # type: ignore[return-value]
-
-
-def rope_tables(theta: float, dim: int, max_pos: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos and signed sin, [max_pos, dim], computed in float32 the way transformers does."""
-    inv_freq = (1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))).astype(np.float32)
-    freqs = np.arange(max_pos, dtype=np.float32)[:, None] * inv_freq[None, :]
-    cos, sin = np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
-    return np.concatenate([cos, cos], -1), np.concatenate([-sin, sin], -1)
 
 
 def linear(b: GraphBuilder, W: Weights, x: str, name: str, weights: tuple, bias: tuple | None) -> str:  # type: ignore[type-arg]

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from slm_export.errors import ConfigError, ExportError
+from slm_export.models.rope import ROPE_TYPES, Rope
 from slm_export.registry import Registry
 
 Array = np.ndarray
@@ -107,6 +108,12 @@ class DecoderLayer:
     norm1: tuple[Array, Array | None]
     norm2: tuple[Array, Array | None]
     down_rotation: tuple[Array, Array] | None = None  # (signs, Hadamard block): down_proj reads x R
+    q_norm: tuple[Array, Array | None] | None = None  # a norm on the queries before rotary (see DecoderSpec.qk_norm)
+    k_norm: tuple[Array, Array | None] | None = None
+    post_norm1: tuple[Array, Array | None] | None = None  # a norm on the attention output, before the residual add
+    post_norm2: tuple[Array, Array | None] | None = None  # a norm on the MLP output, before the residual add
+    window: int | None = None  # sliding window: a query sees itself and the window - 1 keys before it
+    rope: int | None = 0  # index into DecoderSpec.ropes; None: this layer has no rotary embedding
 
 
 @dataclass(frozen=True)
@@ -121,18 +128,36 @@ class DecoderSpec:
     eps: float
     norm_offset: float  # Gemma's RMSNorm multiplies by (1 + w)
     act: str  # "silu", "gelu", "gelu_tanh"
-    rope_theta: float | None  # None: learned absolute positions
-    rotary_dim: int
+    ropes: tuple[Rope, ...]  # the rotary embeddings the layers use (by index); empty: learned absolute positions
     embed: Array
     embed_scale: float
     pos_embed: Array | None
     lm_head: Array | None  # None: tied to ``embed``
     final_norm: tuple[Array, Array | None]
     layers: tuple[DecoderLayer, ...]
+    attn_scale: float | None = None  # the queries' scale before softmax; None: head_dim ** -0.5
+    attn_softcap: float | None = None  # attention scores become cap * tanh(scores / cap) (Gemma 2)
+    final_softcap: float | None = None  # the same on the logits
+    logit_scale: float = 1.0  # logits multiplied by this (Granite's 1 / logits_scaling)
+    residual_scale: float = 1.0  # each block's attention and MLP output multiplied by this before the add (Granite)
+    parallel: bool = False  # attention and MLP both read the block input (norm2 None: they share norm1)
+    post_ln: bool = False  # the norms follow the residual add (OPT with do_layer_norm_before False)
+    qk_norm: str = "head"  # q_norm/k_norm over each head's channels ("head") or the whole projection ("full")
+    lm_head_bias: Array | None = None
+    embed_proj: tuple[Array, Array] | None = None  # (project_in, project_out) around the layers (OPT-350m)
 
     @property
     def gated(self) -> bool:
         return len(self.layers[0].up) == 2
+
+    @property
+    def rope_theta(self) -> float | None:
+        """The first rotary embedding's base; None without rotary embeddings."""
+        return self.ropes[0].theta if self.ropes else None
+
+    @property
+    def rotary_dim(self) -> int:
+        return self.ropes[0].dim if self.ropes else 0
 
 
 @dataclass(frozen=True)
@@ -172,12 +197,17 @@ def spec_for(config: Any, weights: Mapping[str, Any]) -> DecoderSpec | EncoderSp
     return ADAPTERS.get(config.model_type)(config, arrays)
 
 
-def _rope_theta(cfg: Any) -> float:
-    params = getattr(cfg, "rope_parameters", None) or {}
-    rope_type = params.get("rope_type", "default")
-    if rope_type != "default":
-        raise ExportError(f"rope type {rope_type!r} of {cfg.model_type} is not supported yet (only 'default')")
-    return float(params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
+def rope_of(cfg: Any, dim: int, params: Mapping[str, Any] | None = None) -> Rope:
+    """The config's rotary embedding over ``dim`` channels (``params``: a rope_parameters dict other than
+    the config's own, e.g. one layer type's). A rope type the tables do not implement is refused, naming it."""
+    params = dict(params if params is not None else (getattr(cfg, "rope_parameters", None) or {}))
+    kind = params.pop("rope_type", None) or params.pop("type", None) or "default"
+    params.pop("partial_rotary_factor", None)  # the rotated width is ``dim``
+    if kind not in ROPE_TYPES:
+        raise ConfigError(f"{cfg.model_type}: rope_parameters.rope_type {kind!r} is not supported "
+                          f"(supported: {', '.join(ROPE_TYPES)})")
+    theta = float(params.pop("rope_theta", getattr(cfg, "rope_theta", None) or 10000.0))
+    return Rope(theta=theta, dim=dim, kind=kind, params=tuple(sorted(params.items(), key=lambda kv: kv[0])))
 
 
 def _opt(w: Mapping[str, Array], key: str) -> Array | None:
@@ -219,7 +249,7 @@ def _llama_like(cfg: Any, w: Mapping[str, Array]) -> DecoderSpec:
     return DecoderSpec(
         model_type=cfg.model_type, hidden=cfg.hidden_size, heads=heads, kv_heads=cfg.num_key_value_heads,
         head_dim=head_dim, vocab=cfg.vocab_size, norm="rms", eps=float(cfg.rms_norm_eps),
-        norm_offset=traits.norm_offset, act=acts[act_name], rope_theta=_rope_theta(cfg), rotary_dim=rotary,
+        norm_offset=traits.norm_offset, act=acts[act_name], ropes=(rope_of(cfg, rotary),),
         embed=w[traits.embed], embed_scale=float(cfg.hidden_size) ** 0.5 if traits.embed_scaled else 1.0,
         pos_embed=None, lm_head=_lm_head(w, traits.lm_head, tied),
         final_norm=(w[traits.final_norm + ".weight"], None), layers=tuple(layers),
@@ -251,7 +281,7 @@ def _gpt2(cfg: Any, w: Mapping[str, Array]) -> DecoderSpec:
     return DecoderSpec(
         model_type="gpt2", hidden=h, heads=cfg.n_head, kv_heads=cfg.n_head, head_dim=h // cfg.n_head,
         vocab=cfg.vocab_size, norm="layer", eps=float(cfg.layer_norm_epsilon), norm_offset=0.0,
-        act=acts[cfg.activation_function], rope_theta=None, rotary_dim=0, embed=w[pre + "wte.weight"],
+        act=acts[cfg.activation_function], ropes=(), embed=w[pre + "wte.weight"],
         embed_scale=1.0, pos_embed=w[pre + "wpe.weight"],
         lm_head=_lm_head(w, "lm_head.weight", "lm_head.weight" not in w or cfg.tie_word_embeddings),
         final_norm=(w[pre + "ln_f.weight"], w[pre + "ln_f.bias"]), layers=tuple(layers),

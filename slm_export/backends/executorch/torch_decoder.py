@@ -23,7 +23,6 @@ import torch.nn.functional as F
 
 from slm_export.calibration.quant import QuantizedTensor, refuse_hot_rows, refuse_signed_scales
 from slm_export.errors import CompileError
-from slm_export.exporters.layers import rope_tables
 from slm_export.models.adapters import DecoderSpec
 
 
@@ -165,7 +164,7 @@ class Decoder(torch.nn.Module):
         self.embed = torch.nn.Parameter(vec(spec.embed), requires_grad=False)
         self.register_buffer("pos_embed", vec(spec.pos_embed) if spec.pos_embed is not None else None)
         if spec.rope_theta is not None:
-            cos, sin = rope_tables(spec.rope_theta, spec.rotary_dim, max_len)
+            cos, sin = spec.ropes[0].tables(max_len)
             self.register_buffer("cos", vec(cos))
             self.register_buffer("sin", vec(sin))
         else:

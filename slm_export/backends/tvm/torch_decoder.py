@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from slm_export.backends.tvm.ops import pack_int4, packs_int4, torch_ops
 from slm_export.calibration.quant import QuantizedTensor, refuse_hot_rows
 from slm_export.errors import CompileError
-from slm_export.exporters.layers import MASK_VALUE, rope_tables
+from slm_export.exporters.layers import MASK_VALUE
 from slm_export.models.adapters import DecoderSpec
 
 
@@ -174,7 +174,7 @@ class Decoder(torch.nn.Module):
         self.pos_embed = None if spec.pos_embed is None else param(spec.pos_embed)
         self.cos = self.sin = None
         if spec.rope_theta is not None:
-            cos, sin = rope_tables(spec.rope_theta, spec.rotary_dim, max_len)
+            cos, sin = spec.ropes[0].tables(max_len)
             self.cos, self.sin = param(cos), param(sin)
         self.layers = torch.nn.ModuleList([Layer(spec, x) for x in spec.layers])
         self.norm = Norm(spec, *spec.final_norm)
