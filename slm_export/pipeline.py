@@ -132,6 +132,7 @@ def _stages(plan: Plan, profile: TargetProfile, settings: ValidationSettings, tm
 
     stages = Stages(progress)
     model = stages.run("load", lambda: load_model(plan.model), lambda m: m.weight_bytes)
+    preflight.check_rebuilds(model, plan, profile)
     need[0] = preflight.predicted_bytes(model, plan, profile)
     output.check_space(tmp, need[0])
     notes = [n for n in [preflight.check_eval_tokens(model, plan, settings)] if n]

@@ -45,3 +45,39 @@ def check_eval_tokens(model: Any, plan: Any, settings: Any) -> str | None:
         return None
     text = load_text(plan.eval_data, "evaluation")
     return check_token_count(model.tokenizer, text, settings.windows, settings.window_len, "evaluation")
+
+
+def rebuild_checks() -> dict[str, Any]:
+    """The backends that rebuild the decoder in PyTorch, and their ``unsupported(spec)`` checks."""
+    from slm_export.backends import executorch, tvm
+
+    return {"executorch": executorch.unsupported, "tvm": tvm.unsupported}
+
+
+def check_rebuilds(model: Any, plan: Any, profile: Any) -> None:
+    """A decoder the profile's PyTorch-rebuilding backends (ExecuTorch, TVM) cannot build is refused after
+    loading, before minutes of compression, naming the backend, the family, the feature and where it can go."""
+    checks = rebuild_checks()
+    names = [b for b in dict.fromkeys([plan.backend, *profile.backends]) if b in checks]
+    if model.kind != "decoder" or not names:
+        return
+    from slm_export.errors import ConfigError
+    from slm_export.models.adapters import spec_for
+
+    spec = spec_for(model.config, model.weights)
+    refused = {b: why for b, why in ((b, check(spec)) for b, check in checks.items()) if why}
+    for name in names:
+        if name in refused:
+            raise ConfigError(f"{profile.id}'s backend {name} cannot build this {spec.model_type} model: "
+                              f"{refused[name]}. {_elsewhere(set(refused))}")
+
+
+def _elsewhere(refusing: set[str]) -> str:
+    """Where a model the ``refusing`` backends cannot build can go instead."""
+    from slm_export.targets import registry
+
+    reg = registry()
+    ok = [n for n in reg.names() if not refusing & set(reg.get(n).backends)]
+    return (f"The ONNX graph takes it (ONNX Runtime, TensorRT): a target whose backends leave out "
+            f"{' and '.join(sorted(refusing))} ({', '.join(ok) or 'none built in'}), or a --target-file of the "
+            f"same device whose [backends] order leaves them out")

@@ -94,15 +94,15 @@ def masked_attention(q: Any, k_cache: Any, v_cache: Any, mask: Any, scale: float
     [S, max_len]; the context [1, S, heads * d]. Query heads are grouped by their kv head, so the cache is
     read as it is, never repeated."""
     _, s, nh, d = q.shape
-    kv, total = k_cache.shape[2], k_cache.shape[1]
-    rep = nh // kv
-    qg = (q * scale).transpose(1, 2).reshape(1, kv, rep * s, d)
-    scores = qg @ k_cache.permute(0, 2, 3, 1)  # [1, kv, rep * S, max_len]
+    kv = k_cache.shape[2]
+    # [1, S, kv, rep, d] -> [1, kv, rep, S, d]: views and one permute (a reshape after the transpose makes
+    # torch.export emit a stride guard on the dynamic length that it then rejects)
+    qg = (q * scale).reshape(1, s, kv, nh // kv, d).permute(0, 2, 3, 1, 4)
+    scores = qg @ k_cache.permute(0, 2, 3, 1)[:, :, None]  # [1, kv, rep, S, max_len]
     if cap:
         scores = softcap(scores, cap)
-    probs = torch.softmax(scores.reshape(1, kv, rep, s, total) + mask, -1).reshape(1, kv, rep * s, total)
-    ctx = probs @ v_cache.transpose(1, 2)  # [1, kv, rep * S, d]
-    return ctx.reshape(1, nh, s, d).transpose(1, 2).reshape(1, s, nh * d)
+    ctx = torch.softmax(scores + mask, -1) @ v_cache.transpose(1, 2)[:, :, None]  # [1, kv, rep, S, d]
+    return ctx.permute(0, 3, 1, 2, 4).reshape(1, s, nh * d)
 
 
 class Layer(Block):

@@ -79,6 +79,15 @@ def attention_kernel(heads: int, kv_heads: int, head_dim: int, block: int = 32, 
     return kernel.with_attr("op_pattern", 8).with_attr("slm.kernel", True)
 
 
+def _score_map(scale: float, softcap: float | None) -> Any:
+    """The raw dot product -> the score: scaled, and soft-capped where the model asks for it."""
+    from tvm.script import tirx as T
+
+    if not softcap:
+        return lambda x: x * T.float32(scale)
+    return lambda x: tanh_f32(x * T.float32(scale / softcap)) * T.float32(softcap)
+
+
 def _block_scores(heads: int, kv_heads: int, d: int, block: int, lanes: int, quad: int, scale: float | None,
                   softcap: float | None) -> Any:
     """Key block ``tb``'s scaled (and soft-capped), masked scores of query row (``bi``, ``h``, ``si``) into
@@ -86,12 +95,7 @@ def _block_scores(heads: int, kv_heads: int, d: int, block: int, lanes: int, qua
     from tvm.script import tirx as T
 
     rep = heads // kv_heads
-    scale = float(d) ** -0.5 if scale is None else float(scale)
-
-    def capped(x: Any) -> Any:  # the scaled score, soft-capped where the model asks for it
-        if not softcap:
-            return x * T.float32(scale)
-        return tanh_f32(x * T.float32(scale / softcap)) * T.float32(softcap)
+    capped = _score_map(float(d) ** -0.5 if scale is None else float(scale), softcap)
 
     @T.macro
     def scores(q: Any, k: Any, mask: Any, dot: Any, sc: Any, st: Any, bi: Any, h: Any, si: Any, tb: Any,

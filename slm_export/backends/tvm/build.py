@@ -126,7 +126,7 @@ def import_relax(spec: DecoderSpec, max_len: int) -> RelaxDecoder:
     # The function's parameters after its user inputs are the lifted weights, named by the export's
     # placeholders: map them back to the module's own tensors rather than trusting an ordering.
     targets = {spec_.arg.name: spec_.target for spec_ in ep.graph_signature.input_specs if spec_.target}
-    state = dict(module.named_parameters())
+    state = dict(module.named_parameters(remove_duplicate=False))  # (a tied head: the embedding under either name)
     func = mod["main"]
     n_in = int(func.attrs["num_input"])
     names = [targets[v.name] for v in func.params[n_in:]]

@@ -55,7 +55,8 @@ def additive_mask(attention_mask: Any, b: Any, s: Any, p: Any, window: int | Non
     distance = (torch.arange(s, dtype=torch.int64) + p)[:, None] - key[None, :]
     keep = torch.cat([torch.ones(b, p, dtype=torch.int64), attention_mask], 1) > 0
     # additive masks summed rather than one boolean And, which the Relax CPU pipeline does not lower
-    mask = torch.where(distance >= 0, 0.0, MASK_VALUE)[None, None] + torch.where(keep, 0.0, MASK_VALUE)[:, None, None, :]
+    mask = (torch.where(distance >= 0, 0.0, MASK_VALUE)[None, None]
+            + torch.where(keep, 0.0, MASK_VALUE)[:, None, None, :])
     if window is not None:
         mask = mask + torch.where(distance < window, 0.0, MASK_VALUE)[None, None]
     return mask.to(torch.float32)
