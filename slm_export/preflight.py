@@ -1,4 +1,5 @@
-"""Checks before any work: the text inputs, enough evaluation tokens, and the disk space the artifact needs."""
+"""Checks before any work: the text inputs, enough evaluation tokens, the disk space the artifact needs, and
+what the backends that rebuild the decoder in PyTorch (ExecuTorch, TVM) cannot build."""
 
 from __future__ import annotations
 
