@@ -48,6 +48,9 @@ def check_eval_tokens(model: Any, plan: Any, settings: Any) -> str | None:
     return check_token_count(model.tokenizer, text, settings.windows, settings.window_len, "evaluation")
 
 
+REBUILT_PRECISIONS = ("fp32", "int8", "int4")
+
+
 def rebuild_checks() -> dict[str, Any]:
     """The backends that rebuild the decoder in PyTorch, and their ``unsupported(spec)`` checks."""
     from slm_export.backends import executorch, tvm
@@ -60,7 +63,8 @@ def check_rebuilds(model: Any, plan: Any, profile: Any) -> None:
     loading, before minutes of compression, naming the backend, the family, the feature and where it can go."""
     checks = rebuild_checks()
     names = [b for b in dict.fromkeys([plan.backend, *profile.backends]) if b in checks]
-    if model.kind != "decoder" or not names:
+    # the rebuilds take decoders at these precisions; anything else they report as "not run" themselves
+    if not names or plan.precision not in REBUILT_PRECISIONS or model.kind != "decoder":
         return
     from slm_export.errors import ConfigError
     from slm_export.models.adapters import spec_for
