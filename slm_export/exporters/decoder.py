@@ -30,6 +30,7 @@ from slm_export.calibration.quant import HotRowsTensor, QuantizedTensor
 from slm_export.exporters.graph import GraphBuilder
 from slm_export.exporters.layers import MASK_VALUE, Weights, activation, linear
 from slm_export.exporters.quantized import quantized_matmul
+from slm_export.exporters.rope_graph import rope_caches, rope_inputs
 from slm_export.models.adapters import DecoderSpec
 from slm_export.runner.onnx_run import KV_CACHE_KEY, KV_SHARED_BUFFER, LOGITS_TO_KEEP
 
@@ -93,14 +94,11 @@ def _embed(b: GraphBuilder, W: Weights, spec: DecoderSpec, ids: str, pos: str) -
 
 
 def _rope_inputs(b: GraphBuilder, spec: DecoderSpec, pos: str, max_seq_len: int) -> tuple[str, str] | None:
-    """cos and signed sin of every position [batch, 1, seq, rotary_dim], gathered from the tables; None
-    without rotary embeddings."""
+    """cos and signed sin of every position [batch, 1, seq, rotary_dim] (``rope_graph``: the tables, or
+    the kind's length-dependent form); None without rotary embeddings."""
     if spec.rope_theta is None:
         return None
-    cos_t, sin_t = spec.ropes[0].tables(max_seq_len)
-    cos = b.op("Unsqueeze", [b.op("Gather", [b.init("rope.cos", lambda: cos_t), pos], axis=0), b.const([1])])
-    sin = b.op("Unsqueeze", [b.op("Gather", [b.init("rope.sin", lambda: sin_t), pos], axis=0), b.const([1])])
-    return cos, sin  # type: ignore[return-value]
+    return rope_inputs(b, spec.ropes[0], pos, max_seq_len)
 
 
 def _blocks(b: GraphBuilder, W: Weights, spec: DecoderSpec, x: str, mask: str, rope: tuple[str, str] | None,
@@ -240,10 +238,7 @@ def _fused_inputs(b: GraphBuilder, spec: DecoderSpec, ids_shape: str, total: str
     seqlens = b.op("Expand", [b.op("Sub", [total_i32, b.const(1, np.int32)]), batch])
     fused = {"seqlens_k": seqlens, "total": total_i32, "position_ids": pos, "bias": mask, "cos": "", "sin": ""}
     if spec.rope_theta is not None:
-        cos_t, sin_t = spec.ropes[0].tables(max_seq_len)
-        half = spec.rotary_dim // 2
-        fused["cos"] = b.init("rope.cos_half", lambda: np.ascontiguousarray(cos_t[:, :half]))
-        fused["sin"] = b.init("rope.sin_half", lambda: np.ascontiguousarray(sin_t[:, half:]))
+        fused["cos"], fused["sin"] = rope_caches(b, spec.ropes[0], pos, max_seq_len)
     return fused
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from slm_export.errors import ConfigError, ExportError
-from slm_export.models.rope import ROPE_TYPES, Rope
+from slm_export.models.rope import ROPE_TYPES, Rope, check_rope
 from slm_export.registry import Registry
 
 Array = np.ndarray
@@ -199,15 +199,31 @@ def spec_for(config: Any, weights: Mapping[str, Any]) -> DecoderSpec | EncoderSp
 
 def rope_of(cfg: Any, dim: int, params: Mapping[str, Any] | None = None) -> Rope:
     """The config's rotary embedding over ``dim`` channels (``params``: a rope_parameters dict other than
-    the config's own, e.g. one layer type's). A rope type the tables do not implement is refused, naming it."""
+    the config's own, e.g. one layer type's). A rope type the tables do not implement, or a parameter its
+    formulas cannot use, is refused, naming the field (exit 2).
+
+    The Rope also carries what the formulas read outside rope_parameters, as transformers reads it: the
+    config's ``max_position_embeddings``, and for llama3, yarn and longrope the pretraining context
+    ``original_max_position_embeddings``, which a config that keeps it at the top level (Phi-3) sets over
+    the rope_parameters' own, and which otherwise defaults to ``max_position_embeddings``."""
+    own = params is None
     params = dict(params if params is not None else (getattr(cfg, "rope_parameters", None) or {}))
     kind = params.pop("rope_type", None) or params.pop("type", None) or "default"
+    params.pop("type", None)
     params.pop("partial_rotary_factor", None)  # the rotated width is ``dim``
     if kind not in ROPE_TYPES:
         raise ConfigError(f"{cfg.model_type}: rope_parameters.rope_type {kind!r} is not supported "
                           f"(supported: {', '.join(ROPE_TYPES)})")
-    theta = float(params.pop("rope_theta", getattr(cfg, "rope_theta", None) or 10000.0))
-    return Rope(theta=theta, dim=dim, kind=kind, params=tuple(sorted(params.items(), key=lambda kv: kv[0])))
+    theta = float(params.pop("rope_theta", None) or getattr(cfg, "rope_theta", None) or 10000.0)
+    limit = getattr(cfg, "max_position_embeddings", None)
+    params["max_position_embeddings"] = limit
+    if kind in ("llama3", "yarn", "longrope"):
+        top = getattr(cfg, "original_max_position_embeddings", None) if own else None
+        params["original_max_position_embeddings"] = top or params.get("original_max_position_embeddings") or limit
+    frozen = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
+    rope = Rope(theta=theta, dim=dim, kind=kind, params=tuple(sorted(frozen.items(), key=lambda kv: kv[0])))
+    check_rope(rope, cfg.model_type)
+    return rope
 
 
 def _opt(w: Mapping[str, Array], key: str) -> Array | None:
