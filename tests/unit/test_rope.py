@@ -210,3 +210,66 @@ def test_bad_rope_parameters_are_refused_naming_the_field(edit: dict[str, Any], 
     assert err.value.exit_code == 2
     assert str(err.value).startswith("llama: ")
     assert expected in str(err.value), str(err.value)
+
+
+def _spec(name: str) -> tuple[Any, Any]:
+    """The adapted spec of a seeded random model of case ``name``, and the transformers model."""
+    from transformers import AutoModelForCausalLM
+
+    from slm_export.models.adapters import spec_for
+
+    torch.manual_seed(0)
+    module = AutoModelForCausalLM.from_config(_config(name)).eval()
+    return spec_for(module.config, module.state_dict()), module
+
+
+def _builders() -> list[Any]:
+    from slm_export.backends.executorch.torch_decoder import build_torch_decoder
+    from slm_export.backends.tvm.torch_decoder import build_functional_decoder
+
+    return [build_torch_decoder, build_functional_decoder]
+
+
+@pytest.mark.parametrize("name", SWITCHING)
+def test_rebuilds_refuse_a_rope_that_changes_within_their_context(name: str) -> None:
+    spec, _ = _spec(name)
+    for build, who in zip(_builders(), ("ExecuTorch", "TVM"), strict=True):
+        with pytest.raises(ConfigError, match=f"the {who} build cannot build rope_type '{spec.ropes[0].kind}'"):
+            build(spec, MAX_LEN)
+        build(spec, ORIGINAL)  # a context that never passes the change: the short tables are exact
+
+
+@pytest.mark.parametrize("name", ["yarn", "llama3"])
+def test_rebuilds_match_transformers_with_a_fixed_scaling(name: str) -> None:
+    """The ExecuTorch and TVM modules read the same tables (yarn's attention scaling included)."""
+    spec, module = _spec(name)
+    ids = torch.from_numpy(np.random.default_rng(1).integers(2, VOCAB, size=(1, SEQ)))
+    with torch.no_grad():
+        ref = module(ids).logits.numpy()
+        et, tvm = (build(spec, MAX_LEN) for build in _builders())
+        got_et = et(ids, torch.tensor([0])).numpy()
+        past = [torch.zeros(1, spec.kv_heads, 0, spec.head_dim) for _ in range(2 * len(spec.layers))]
+        got_tvm = tvm(ids, torch.ones_like(ids), torch.arange(SEQ)[None], past)[0].numpy()
+    np.testing.assert_allclose(got_et, ref, atol=2e-4, rtol=1e-3)
+    np.testing.assert_allclose(got_tvm, ref, atol=2e-4, rtol=1e-3)
+
+
+def test_unsupported_rope_type_is_a_config_error_through_the_cli(tmp_path: Path, tokenizer_dir: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """A rope type transformers builds but the tables do not implement: exit 2, the field and value named."""
+    import json
+
+    from slm_export.cli import main
+
+    config = _config("linear")
+    config.rope_parameters = {"rope_type": "proportional", "rope_theta": 10000.0, "partial_rotary_factor": 1.0}
+    _save(config, tmp_path / "model", tokenizer_dir)
+    saved = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert saved["rope_parameters"]["rope_type"] == "proportional"
+    out = tmp_path / "o"
+    code = main(["--target", "host", "--model", str(tmp_path / "model"), "--out", str(out)])
+    text = "".join(capsys.readouterr())
+    assert code == 2, text
+    assert "rope_parameters.rope_type 'proportional' is not supported" in text
+    assert "Traceback" not in text
+    assert not out.exists()

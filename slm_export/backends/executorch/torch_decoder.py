@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from slm_export.calibration.quant import QuantizedTensor, refuse_hot_rows, refuse_signed_scales
 from slm_export.errors import CompileError
 from slm_export.models.adapters import DecoderSpec
+from slm_export.models.rope import check_fixed_tables
 
 
 def custom_ops() -> None:
@@ -65,6 +66,8 @@ def _concat(ws: tuple[Any, ...]) -> Any:
 
 def build_torch_decoder(spec: DecoderSpec, max_len: int) -> Any:
     """The module (float32 activations, eval mode) for ``spec`` with a ``max_len``-position cache."""
+    # its rotary tables are fixed when built: a rope that changes with the call's length is refused first
+    check_fixed_tables(spec.ropes, max_len, "the ExecuTorch build")
     custom_ops()
     return Decoder(spec, max_len).eval()
 

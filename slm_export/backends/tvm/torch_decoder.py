@@ -25,6 +25,7 @@ from slm_export.calibration.quant import QuantizedTensor, refuse_hot_rows
 from slm_export.errors import CompileError
 from slm_export.exporters.layers import MASK_VALUE
 from slm_export.models.adapters import DecoderSpec
+from slm_export.models.rope import check_fixed_tables
 
 
 def build_functional_decoder(spec: DecoderSpec, max_len: int) -> Any:
@@ -33,6 +34,8 @@ def build_functional_decoder(spec: DecoderSpec, max_len: int) -> Any:
     Every weight is an ``nn.Parameter`` (integer codes included), so the TVM importer keeps them all as
     function inputs; the tiny constants (the symmetric zero point) are Python numbers.
     """
+    # its rotary tables are fixed when built: a rope that changes with the call's length is refused first
+    check_fixed_tables(spec.ropes, max_len, "the TVM build")
     torch_ops()  # (registers the custom ops the modules call)
     return Decoder(spec, max_len).eval()
 
