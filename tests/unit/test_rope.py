@@ -138,9 +138,9 @@ def _save(config: Any, folder: Path, tokenizer_dir: Path, state: dict[str, Any] 
     return module
 
 
-def _plan(graph_ops: str) -> Plan:
+def _plan(graph_ops: str, static: bool = False) -> Plan:
     return Plan(target="host", model="tiny", out="x", precision="fp32", backend="onnxruntime", graph_ops=graph_ops,
-                opset=17, static_shapes=False, max_seq_len=MAX_LEN, validation="host")
+                opset=17, static_shapes=static, max_seq_len=MAX_LEN, validation="host")
 
 
 def _fresh(folder: Path) -> Any:
@@ -273,3 +273,19 @@ def test_unsupported_rope_type_is_a_config_error_through_the_cli(tmp_path: Path,
     assert "rope_parameters.rope_type 'proportional' is not supported" in text
     assert "Traceback" not in text
     assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["dynamic", "longrope"])
+def test_static_shape_graph_reads_the_real_length(name: str, tmp_path: Path, tokenizer_dir: Path) -> None:
+    """The fixed-length graph pads to MAX_LEN and repeats the last position over the padding, so
+    max(position_ids) + 1 is the real length: short calls keep the short form, long ones switch."""
+    _save(_config(name), tmp_path / "model", tokenizer_dir)
+    (tmp_path / "out").mkdir()
+    result = OnnxExporter().export(load_model(str(tmp_path / "model")), _plan("standard", static=True),
+                                   tmp_path / "out")
+    dec = OnnxDecoder(make_session(result.model_path, threads=1))
+    assert dec.static_len == MAX_LEN
+    ids = np.random.default_rng(2).integers(2, VOCAB, size=(1, SEQ)).astype(np.int64)
+    for n in (24, SEQ):
+        np.testing.assert_allclose(dec.logits(ids[:, :n]), _logits(_fresh(tmp_path / "model"), ids[:, :n]),
+                                   atol=2e-4, rtol=1e-3)
