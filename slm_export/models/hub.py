@@ -69,12 +69,14 @@ class HubSource:
         return {"repo_id": self.repo_id, "revision": self.revision, "commit": self.commit}
 
 
-def parse_hub_id(ref: str) -> HubId | None:
+def parse_hub_id(ref: str | os.PathLike[str]) -> HubId | None:
     """The hub id ``ref`` spells, or ``None`` when it is a path (existing, or written as one) or has no ``/``.
 
     Raises:
         ConfigError: ``ref`` is meant as a hub id but malformed; the message says why.
     """
+    if not isinstance(ref, str):  # a Path object (the Python API) is a path, never an id
+        return None
     if os.path.exists(ref) or ref.startswith(_PATHLIKE) or "\\" in ref or ref.lower().endswith(".gguf"):
         return None
     if "/" not in ref and "@" not in ref:

@@ -164,7 +164,7 @@ def test_local_folder_of_the_same_spelling_wins(cache: Path, tiny: dict[str, Pat
 def test_builtin_names_and_paths_are_not_hub_ids() -> None:
     for name in BUILTIN_MODELS.names():
         assert parse_hub_id(name) is None
-    for path in ("/no/such/model", "./no/such", "~/models/x", "nowhere/model.gguf", "plainname"):
+    for path in ("/no/such/model", "./no/such", "~/models/x", "nowhere/model.gguf", "plainname", Path("org/x")):
         assert parse_hub_id(path) is None
 
 
