@@ -20,7 +20,8 @@ from slm_export.models.hub import HubSource, parse_hub_id, resolve_hub_id
 
 log = logging.getLogger(__name__)
 
-DECODER_TYPES = ("llama", "mistral", "qwen2", "phi3", "gemma", "gpt2")
+DECODER_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text", "smollm3", "olmo2",
+                 "granite", "phi", "gpt_neox", "opt", "stablelm", "gpt2")
 ENCODER_TYPES = ("bert",)
 
 
