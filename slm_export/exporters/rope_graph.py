@@ -49,8 +49,8 @@ def _scaled(b: GraphBuilder, rope: Rope, x: str) -> str:
     return x if scale == 1.0 else b.op("Mul", [x, b.const(F32(scale), F32)])  # type: ignore[return-value]
 
 
-def rope_inputs(b: GraphBuilder, rope: Rope, pos: str, max_len: int) -> tuple[str, str]:
-    """cos and signed sin of every position, [batch, 1, seq, rotary_dim]."""
+def rope_inputs(b: GraphBuilder, rope: Rope, pos: str, max_len: int, name: str = "rope") -> tuple[str, str]:
+    """cos and signed sin of every position, [batch, 1, seq, rotary_dim]; ``name`` prefixes the tables."""
     if rope.kind == "dynamic" and rope.length_dependent(max_len):
         freqs = b.op("Mul", [b.op("Unsqueeze", [b.op("Cast", [pos], to=TensorProto.FLOAT), b.const([-1])]),
                              _dynamic_inv_freq(b, rope, pos)])
@@ -59,30 +59,31 @@ def rope_inputs(b: GraphBuilder, rope: Rope, pos: str, max_len: int) -> tuple[st
         sin = b.op("Concat", [b.op("Neg", [sin]), sin], axis=-1)
     else:
         cos_t, sin_t = rope.tables(max_len)
-        cos = b.op("Gather", [b.init("rope.cos", lambda: cos_t), pos], axis=0)
-        sin = b.op("Gather", [b.init("rope.sin", lambda: sin_t), pos], axis=0)
+        cos = b.op("Gather", [b.init(f"{name}.cos", lambda: cos_t), pos], axis=0)
+        sin = b.op("Gather", [b.init(f"{name}.sin", lambda: sin_t), pos], axis=0)
         if rope.kind == "longrope" and rope.length_dependent(max_len):
             cos_l, sin_l = rope.tables(max_len, seq_len=max_len)
             long = _past_switch(b, rope, pos)
-            cos = b.op("Where", [long, b.op("Gather", [b.init("rope.cos_long", lambda: cos_l), pos], axis=0), cos])
-            sin = b.op("Where", [long, b.op("Gather", [b.init("rope.sin_long", lambda: sin_l), pos], axis=0), sin])
+            cos = b.op("Where", [long, b.op("Gather", [b.init(f"{name}.cos_long", lambda: cos_l), pos], axis=0), cos])
+            sin = b.op("Where", [long, b.op("Gather", [b.init(f"{name}.sin_long", lambda: sin_l), pos], axis=0), sin])
     return b.op("Unsqueeze", [cos, b.const([1])]), b.op("Unsqueeze", [sin, b.const([1])])  # type: ignore[return-value]
 
 
-def rope_caches(b: GraphBuilder, rope: Rope, pos: str, max_len: int) -> tuple[str, str]:
+def rope_caches(b: GraphBuilder, rope: Rope, pos: str, max_len: int, name: str = "rope") -> tuple[str, str]:
     """ONNX Runtime's GroupQueryAttention caches: cos and sin of positions 0 .. max_len - 1, [max_len,
-    rotary_dim / 2], as this call's length makes them (graph values for the length-dependent kinds)."""
+    rotary_dim / 2], as this call's length makes them (graph values for the length-dependent kinds); ``name``
+    prefixes the tables."""
     half = rope.dim // 2
     if rope.kind == "dynamic" and rope.length_dependent(max_len):
         positions = b.const(np.arange(max_len, dtype=F32)[:, None], F32)
         freqs = b.op("Mul", [positions, _dynamic_inv_freq(b, rope, pos)])
         return _scaled(b, rope, b.op("Cos", [freqs])), _scaled(b, rope, b.op("Sin", [freqs]))  # type: ignore[arg-type]
     cos_t, sin_t = rope.tables(max_len)
-    cos = b.init("rope.cos_half", lambda: np.ascontiguousarray(cos_t[:, :half]))
-    sin = b.init("rope.sin_half", lambda: np.ascontiguousarray(sin_t[:, half:]))
+    cos = b.init(f"{name}.cos_half", lambda: np.ascontiguousarray(cos_t[:, :half]))
+    sin = b.init(f"{name}.sin_half", lambda: np.ascontiguousarray(sin_t[:, half:]))
     if rope.kind == "longrope" and rope.length_dependent(max_len):
         cos_l, sin_l = rope.tables(max_len, seq_len=max_len)
         long = _past_switch(b, rope, pos)
-        cos = b.op("Where", [long, b.init("rope.cos_half_long", lambda: np.ascontiguousarray(cos_l[:, :half])), cos])
-        sin = b.op("Where", [long, b.init("rope.sin_half_long", lambda: np.ascontiguousarray(sin_l[:, half:])), sin])
+        cos = b.op("Where", [long, b.init(f"{name}.cos_half_long", lambda: np.ascontiguousarray(cos_l[:, :half])), cos])
+        sin = b.op("Where", [long, b.init(f"{name}.sin_half_long", lambda: np.ascontiguousarray(sin_l[:, half:])), sin])
     return cos, sin  # type: ignore[return-value]
