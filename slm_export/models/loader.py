@@ -20,7 +20,7 @@ from slm_export.models.builtin import BUILTIN_MODELS
 log = logging.getLogger(__name__)
 
 DECODER_TYPES = ("llama", "mistral", "qwen2", "phi3", "gemma", "gpt2")
-ENCODER_TYPES = ("bert",)
+ENCODER_TYPES = ("bert", "distilbert", "roberta", "xlm-roberta", "mobilebert")
 
 
 @dataclass(frozen=True)
