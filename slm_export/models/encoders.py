@@ -15,11 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from slm_export.errors import ExportError
+from slm_export.errors import ConfigError
 
 Array = np.ndarray
 Linear = tuple[Array, Array]  # (weight [out, in], bias)
 
+ROBERTA_TYPES = ("roberta", "xlm-roberta")  # positions counted from padding_idx + 1
 # transformers' activation names -> the graph's (exporters.layers.activation)
 ACTIVATIONS = {"gelu": "gelu", "relu": "relu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
                "silu": "silu", "swish": "silu"}
@@ -103,9 +104,24 @@ class EncoderSpec:
 
 def _act(cfg: Any, name: str) -> str:
     if name not in ACTIVATIONS:
-        raise ExportError(f"activation {name!r} of {cfg.model_type} is not supported "
+        raise ConfigError(f"{cfg.model_type}: activation {name!r} is not supported "
                           f"(supported: {', '.join(ACTIVATIONS)})")
     return ACTIVATIONS[name]
+
+
+def check_config(cfg: Any) -> None:
+    """What the encoder adapters will refuse, found when the model is loaded: custom model code, an activation
+    the graph does not implement, MobileBERT's other norms, RoBERTa without the pad id its positions count from
+    (a ConfigError naming the field)."""
+    if getattr(cfg, "auto_map", None):
+        raise ConfigError(f"{cfg.model_type}: config.json's auto_map asks for custom model code "
+                          f"({', '.join(sorted(cfg.auto_map))}); only transformers' own architectures are exported")
+    _act(cfg, cfg.activation if cfg.model_type == "distilbert" else cfg.hidden_act)
+    if cfg.model_type == "mobilebert" and cfg.normalization_type not in ("no_norm", "layer_norm"):
+        raise ConfigError(f"mobilebert: normalization_type {cfg.normalization_type!r} is not supported "
+                          "(no_norm, layer_norm)")
+    if cfg.model_type in ROBERTA_TYPES and cfg.pad_token_id is None:
+        raise ConfigError(f"{cfg.model_type}: config.json has no pad_token_id, which its position ids count from")
 
 
 def _prefix(w: Mapping[str, Array], base: str, probe: str) -> str:
@@ -156,8 +172,6 @@ def _roberta(cfg: Any, w: Mapping[str, Array]) -> EncoderSpec:
     base = "roberta"
     pre = _prefix(w, base, "embeddings.word_embeddings.weight")
     e = pre + "embeddings."
-    if cfg.pad_token_id is None:
-        raise ExportError(f"{cfg.model_type}: config.json has no pad_token_id, which its position ids count from")
     return EncoderSpec(
         hidden=cfg.hidden_size, heads=cfg.num_attention_heads, act=_act(cfg, cfg.hidden_act),
         word=w[e + "word_embeddings.weight"], pos=w[e + "position_embeddings.weight"],
@@ -224,9 +238,6 @@ def _mobilebert_layer(cfg: Any, w: Mapping[str, Array], p: str, eps: float | Non
 
 
 def _mobilebert(cfg: Any, w: Mapping[str, Array]) -> EncoderSpec:
-    if cfg.normalization_type not in ("no_norm", "layer_norm"):
-        raise ExportError(f"mobilebert: normalization_type {cfg.normalization_type!r} is not supported "
-                          "(no_norm, layer_norm)")
     layer_norm = cfg.normalization_type == "layer_norm"
     eps = float(cfg.layer_norm_eps) if layer_norm else None
     default_eps = 1e-5 if layer_norm else None  # torch's LayerNorm default, where transformers passes none
@@ -255,6 +266,6 @@ ENCODER_ADAPTERS: dict[str, Callable[[Any, Mapping[str, Array]], EncoderSpec]] =
 def max_tokens(config: Any) -> int:
     """The longest input the encoder's position table serves: RoBERTa's positions start at padding_idx + 1."""
     rows = int(getattr(config, "max_position_embeddings", 512))
-    if ENCODER_ADAPTERS.get(config.model_type) is _roberta:
+    if config.model_type in ROBERTA_TYPES:
         rows -= int(config.pad_token_id) + 1
     return rows

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from slm_export.errors import ConfigError, ModelLoadError
-from slm_export.models import checks, decoders
+from slm_export.models import checks, decoders, encoders
 from slm_export.models.builtin import BUILTIN_MODELS
 
 log = logging.getLogger(__name__)
@@ -237,11 +237,10 @@ def _hf_config(path: Path) -> tuple[Any, str]:
         raise ModelLoadError(f"{path}/config.json is unreadable: {exc}") from None
     kind = _kind_of(config, path)
     checks.check_config_fields(raw, config, path)
-    if kind == "decoder":
-        try:
-            decoders.check_config(config)
-        except ConfigError as exc:
-            raise ModelLoadError(f"{path}: {exc}") from None
+    try:
+        (decoders if kind == "decoder" else encoders).check_config(config)
+    except ConfigError as exc:
+        raise ModelLoadError(f"{path}: {exc}") from None
     return config, kind
 
 

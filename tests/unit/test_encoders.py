@@ -213,3 +213,24 @@ def test_bert_without_token_type_ids_exports(tmp_path: Path) -> None:
     assert "token_type_ids" not in AutoTokenizer.from_pretrained(folder)("a b")
     assert main(["--target", "host", "--precision", "fp32", "--model", str(folder), "--out", str(tmp_path / "out"),
                  "--threads", "1"]) == 0
+
+
+@pytest.mark.parametrize(("name", "field", "value", "says"), [
+    ("distilbert", "activation", "tanh", "activation 'tanh' is not supported"),
+    ("roberta", "pad_token_id", None, "no pad_token_id"),
+    ("mobilebert", "normalization_type", "batch_norm", "normalization_type 'batch_norm'"),
+    ("bert", "auto_map", {"AutoModel": "x.Model"}, "auto_map"),
+])
+def test_unsupported_encoder_config_refused_at_load(name: str, field: str, value: Any, says: str,
+                                                    encoder_dir: Callable[[str], Path], tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from slm_export.errors import ModelLoadError
+    from slm_export.models import load_model
+
+    folder = shutil.copytree(encoder_dir(name), tmp_path / name)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, field: value}))
+    with pytest.raises(ModelLoadError, match=says):
+        load_model(str(folder))
