@@ -1,7 +1,8 @@
 """Architecture adapters: turn a Hugging Face config + weights into one normalised spec, and the traits of each
 decoder architecture that the compress stage reads (``traits_for``).
 
-The exporter reads only these specs, so a new architecture is one adapter here, not a new exporter.
+The exporter reads only these specs, so a new architecture is one adapter here, not a new exporter. The
+encoder adapters and their spec live in ``models.encoders``; they are registered here.
 Linear weights keep the Hugging Face ``[out, in]`` layout (GPT-2's Conv1D is transposed to match).
 """
 
@@ -13,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from slm_export.errors import ConfigError, ExportError
+from slm_export.errors import ConfigError
+from slm_export.models.encoders import ENCODER_ADAPTERS, EncoderSpec
 from slm_export.models.rope import ROPE_TYPES, Rope, check_rope
 from slm_export.registry import Registry
 
@@ -171,33 +173,6 @@ class DecoderSpec:
         return self.ropes[0].dim if self.ropes else 0
 
 
-@dataclass(frozen=True)
-class EncoderLayer:
-    qkv: tuple[Array, Array, Array]
-    qkv_bias: tuple[Array, Array, Array]
-    o: Array
-    o_bias: Array
-    norm1: tuple[Array, Array]
-    fc: Array
-    fc_bias: Array
-    down: Array
-    down_bias: Array
-    norm2: tuple[Array, Array]
-
-
-@dataclass(frozen=True)
-class EncoderSpec:
-    hidden: int
-    heads: int
-    eps: float
-    act: str
-    word: Array
-    pos: Array
-    token_type: Array
-    emb_norm: tuple[Array, Array]
-    layers: tuple[EncoderLayer, ...]
-
-
 Adapter = Callable[[Any, Mapping[str, Array]], Any]
 ADAPTERS: Registry[Adapter] = Registry("architecture adapter")
 
@@ -237,30 +212,5 @@ def rope_of(cfg: Any, dim: int, params: Mapping[str, Any] | None = None) -> Rope
     return rope
 
 
-def _bert(cfg: Any, w: Mapping[str, Array]) -> EncoderSpec:
-    pre = "bert." if "bert.embeddings.word_embeddings.weight" in w else ""
-    if cfg.hidden_act not in ("gelu", "relu"):
-        raise ExportError(f"activation {cfg.hidden_act!r} of bert is not supported")
-    layers = []
-    for i in range(cfg.num_hidden_layers):
-        p = f"{pre}encoder.layer.{i}."
-        a = p + "attention.self."
-        layers.append(EncoderLayer(
-            qkv=tuple(w[a + f"{n}.weight"] for n in ("query", "key", "value")),  # type: ignore[arg-type]
-            qkv_bias=tuple(w[a + f"{n}.bias"] for n in ("query", "key", "value")),  # type: ignore[arg-type]
-            o=w[p + "attention.output.dense.weight"], o_bias=w[p + "attention.output.dense.bias"],
-            norm1=(w[p + "attention.output.LayerNorm.weight"], w[p + "attention.output.LayerNorm.bias"]),
-            fc=w[p + "intermediate.dense.weight"], fc_bias=w[p + "intermediate.dense.bias"],
-            down=w[p + "output.dense.weight"], down_bias=w[p + "output.dense.bias"],
-            norm2=(w[p + "output.LayerNorm.weight"], w[p + "output.LayerNorm.bias"]),
-        ))
-    e = pre + "embeddings."
-    return EncoderSpec(
-        hidden=cfg.hidden_size, heads=cfg.num_attention_heads, eps=float(cfg.layer_norm_eps), act=cfg.hidden_act,
-        word=w[e + "word_embeddings.weight"], pos=w[e + "position_embeddings.weight"],
-        token_type=w[e + "token_type_embeddings.weight"],
-        emb_norm=(w[e + "LayerNorm.weight"], w[e + "LayerNorm.bias"]), layers=tuple(layers),
-    )
-
-
-ADAPTERS.register("bert", _bert)
+for _name, _adapter in ENCODER_ADAPTERS.items():
+    ADAPTERS.register(_name, _adapter)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from slm_export.errors import ConfigError, ModelLoadError
-from slm_export.models import checks, decoders
+from slm_export.models import checks, decoders, encoders
 from slm_export.models.builtin import BUILTIN_MODELS
 from slm_export.models.hub import HubSource, parse_hub_id, resolve_hub_id
 
@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 DECODER_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text", "smollm3", "olmo2",
                  "granite", "phi", "gpt_neox", "opt", "stablelm", "gpt2")
-ENCODER_TYPES = ("bert",)
+ENCODER_TYPES = ("bert", "distilbert", "roberta", "xlm-roberta", "mobilebert")
 
 
 @dataclass(frozen=True)
@@ -245,11 +245,10 @@ def _hf_config(path: Path) -> tuple[Any, str]:
         raise ModelLoadError(f"{path}/config.json is unreadable: {exc}") from None
     kind = _kind_of(config, path)
     checks.check_config_fields(raw, config, path)
-    if kind == "decoder":
-        try:
-            decoders.check_config(config)
-        except ConfigError as exc:
-            raise ModelLoadError(f"{path}: {exc}") from None
+    try:
+        (decoders if kind == "decoder" else encoders).check_config(config)
+    except ConfigError as exc:
+        raise ModelLoadError(f"{path}: {exc}") from None
     return config, kind
 
 
