@@ -136,7 +136,7 @@ def _load_gguf(name: str, path: Path) -> LoadedModel:
     # else is still a damaged file to the user, so it is wrapped and named rather than called internal.
     try:
         meta, infos, mm, start = read_gguf(path)
-        cfg = gguf_config(meta, infos)
+        cfg = gguf_config(meta, infos, (mm, start))
     except ModelLoadError as exc:
         raise _named(exc, path) from None
     except Exception as exc:
@@ -146,7 +146,7 @@ def _load_gguf(name: str, path: Path) -> LoadedModel:
     except Exception as exc:
         raise ModelLoadError(f"{path}: transformers rejects the configuration this GGUF describes: "
                              f"{type(exc).__name__}: {str(exc)[:300]}") from None
-    kind = _kind_of(config, path)
+    kind = "decoder"  # every architecture the GGUF reader maps is a decoder
     shapes, params, rows = checks.expected_shapes(config, kind, path)
     try:
         arrays = gguf_weights(path, meta, infos, mm, start, cfg)
