@@ -43,6 +43,9 @@ PHI3_BLOCK = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layern
 # llama.cpp reads gemma 2 and 3 of these block counts as the 27B models, whose queries are scaled by the
 # hidden size over the heads rather than by the head size (llama-model.cpp, f_attention_scale).
 _GEMMA_27B_BLOCKS = {"gemma2": 46, "gemma3": 62}
+# Gemma's classes build a sliding mask whatever the layer types; with no window every layer is global and this
+# stand-in length (their default) is read by none.
+_NO_WINDOW = 4096
 
 TensorReader = Callable[[str], "np.ndarray | None"]
 
@@ -192,8 +195,7 @@ def gemma2(m: Meta, cfg: dict[str, Any], tensor: TensorReader) -> dict[str, Any]
     return {"head_dim": dim, "query_pre_attn_scalar": _query_scalar(m, cfg, dim),
             "attn_logit_softcapping": m.number(m.key("attn_logit_softcapping"), 50.0),
             "final_logit_softcapping": m.number(m.key("final_logit_softcapping"), 30.0),
-            "sliding_window": window or None,
-            "layer_types": layer_types(m, cfg["num_hidden_layers"], window, 2),
+            "sliding_window": window or _NO_WINDOW, "layer_types": layer_types(m, cfg["num_hidden_layers"], window, 2),
             "rope_parameters": {"rope_type": "default", "rope_theta": m.number(m.key("rope.freq_base"), 10000.0)}}
 
 
@@ -204,7 +206,7 @@ def gemma3(m: Meta, cfg: dict[str, Any], tensor: TensorReader) -> dict[str, Any]
     window = m.whole(m.key("attention.sliding_window"), 0)
     full = {**rope_scaling(m), "rope_theta": m.number(m.key("rope.freq_base"), 10000.0)}
     local = {"rope_type": "default", "rope_theta": m.number(m.key("rope.freq_base_swa"), 10000.0)}
-    out = {"head_dim": dim, "query_pre_attn_scalar": _query_scalar(m, cfg, dim), "sliding_window": window or None,
+    out = {"head_dim": dim, "query_pre_attn_scalar": _query_scalar(m, cfg, dim), "sliding_window": window or _NO_WINDOW,
            "layer_types": layer_types(m, cfg["num_hidden_layers"], window, 6),
            "rope_parameters": {"full_attention": full, "sliding_attention": local},
            "final_logit_softcapping": m.optional(m.key("final_logit_softcapping")),
