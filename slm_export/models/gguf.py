@@ -182,8 +182,11 @@ def gguf_weights(path: Path, meta: dict[str, Any], infos: list[GgufTensorInfo], 
     out: dict[str, np.ndarray] = {}
     for info in infos:
         name, part = _hf_name(family, info.name)
+        if name is None and family.not_weights is not None and info.name not in family.not_weights:
+            raise ModelLoadError(f"{path}: GGUF tensor {info.name} has no place in a {family.model_type} model as "
+                                 "this reader maps it; loading without it would change the model")
         if name is None:
-            continue  # e.g. rope_freqs or Phi-3's rope factors: read into the config instead
+            continue  # Phi-3's rope factors (read into the config), or what llama's family passes over
         try:
             w = _fixed(family, cfg, name, part, dequantize(info, mm, start), info.name)
         except ModelLoadError as exc:

@@ -274,14 +274,20 @@ class Family:
     config: Callable[[Meta, dict[str, Any], TensorReader], dict[str, Any]] | None = None
     permute: bool = False  # llama's q/k rows interleave the rotary halves
     norm_shift: float = 0.0  # stored as weight + shift for every Hugging Face name ending in "norm.weight"
+    # Tensors that are no weight: read into the config, or (None) passed over. Any other tensor without a
+    # Hugging Face name is refused, since leaving it out would load a different model.
+    not_weights: tuple[str, ...] | None = ()
+
+
+_LLAMA_EXTRA = None  # llama, mistral and qwen2 pass over what they do not map (rope_freqs), as they always have
 
 
 FAMILIES: dict[str, Family] = {
-    "llama": Family("llama", LLAMA_BLOCK, permute=True),
-    "mistral": Family("mistral", LLAMA_BLOCK, permute=True),
-    "qwen2": Family("qwen2", LLAMA_BLOCK),
+    "llama": Family("llama", LLAMA_BLOCK, permute=True, not_weights=_LLAMA_EXTRA),
+    "mistral": Family("mistral", LLAMA_BLOCK, permute=True, not_weights=_LLAMA_EXTRA),
+    "qwen2": Family("qwen2", LLAMA_BLOCK, not_weights=_LLAMA_EXTRA),
     "qwen3": Family("qwen3", {**LLAMA_BLOCK, **_QK_NORMS}, qwen3),
     "gemma2": Family("gemma2", GEMMA2_BLOCK, gemma2, norm_shift=1.0),
     "gemma3": Family("gemma3_text", {**GEMMA2_BLOCK, **_QK_NORMS}, gemma3, norm_shift=1.0),
-    "phi3": Family("phi3", PHI3_BLOCK, phi3),
+    "phi3": Family("phi3", PHI3_BLOCK, phi3, not_weights=("rope_factors_long.weight", "rope_factors_short.weight")),
 }

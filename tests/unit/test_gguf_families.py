@@ -148,7 +148,7 @@ def _tensors(model: Any, arch: str) -> dict[str, np.ndarray]:
 
 def convert(model: Any, path: Path, drop: tuple[str, ...] = (), edit: dict[str, Any] | None = None) -> Path:
     """Write ``model`` as llama.cpp's converter would; ``drop`` leaves keys or tensors out, ``edit`` replaces
-    values (a key's new value, or a tensor's)."""
+    values (a key's new value, or a tensor's) and adds tensors the model lacks."""
     import gguf
 
     c = model.config
@@ -167,9 +167,11 @@ def convert(model: Any, path: Path, drop: tuple[str, ...] = (), edit: dict[str, 
         for key, value in (edit or {}).items():
             if key in kv:
                 kv[key] = gguf.GGUFValue(value, kv[key].type)
-    for name, value in _tensors(model, arch).items():
+    tensors = _tensors(model, arch)
+    tensors.update({k: v for k, v in (edit or {}).items() if k.endswith((".weight", ".bias"))})
+    for name, value in tensors.items():
         if name not in drop:
-            w.add_tensor(name, np.asarray((edit or {}).get(name, value), np.float32))
+            w.add_tensor(name, np.asarray(value, np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -259,3 +261,14 @@ def test_malformed_metadata_is_a_clear_error(family: str, drop: tuple[str, ...],
     assert code == 2, out
     assert expected in out
     assert "Traceback" not in out
+
+
+def test_an_unknown_tensor_is_refused(originals: dict[str, Any], tmp_path: Path) -> None:
+    """A weight the reader has no name for would be left out silently, loading another model."""
+    from slm_export.errors import ModelLoadError
+    from slm_export.models.loader import load_model
+
+    extra = {"blk.0.ffn_gate_inp.weight": np.ones((4, 64), np.float32)}
+    path = convert(originals["qwen3"], tmp_path / "extra.gguf", edit=extra)
+    with pytest.raises(ModelLoadError, match="blk.0.ffn_gate_inp.weight has no place in a qwen3 model"):
+        load_model(str(path))
