@@ -196,7 +196,7 @@ def gemma2(m: Meta, cfg: dict[str, Any], tensor: TensorReader) -> dict[str, Any]
             "attn_logit_softcapping": m.number(m.key("attn_logit_softcapping"), 50.0),
             "final_logit_softcapping": m.number(m.key("final_logit_softcapping"), 30.0),
             "sliding_window": window or _NO_WINDOW, "layer_types": layer_types(m, cfg["num_hidden_layers"], window, 2),
-            "rope_parameters": {"rope_type": "default", "rope_theta": m.number(m.key("rope.freq_base"), 10000.0)}}
+            "rope_parameters": {**rope_scaling(m), "rope_theta": m.number(m.key("rope.freq_base"), 10000.0)}}
 
 
 def gemma3(m: Meta, cfg: dict[str, Any], tensor: TensorReader) -> dict[str, Any]:
