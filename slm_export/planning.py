@@ -16,6 +16,7 @@ from typing import Any
 from slm_export import output
 from slm_export.calibration.config import W8A8_METHODS, CompressConfig
 from slm_export.errors import ConfigError, UnsupportedByTarget
+from slm_export.models.hub import parse_hub_id
 from slm_export.options import check_values, given, unread
 from slm_export.plan import IMPLEMENTED_PRECISIONS, QUANTIZED, Plan
 from slm_export.targets import TargetProfile
@@ -213,6 +214,7 @@ def make_plan(profile: TargetProfile, model: str, out: str | Path, precision: st
     """Fill every decision the user did not make from the profile, then let the profile check it.
 
     ``options`` are further ``Plan`` fields by name (method, group_size, calib_data, calib_samples, ...)."""
+    parse_hub_id(model)  # refuses a malformed hub id before any work (a path or built-in name passes)
     unknown = set(options) - set(Plan.__dataclass_fields__)
     if unknown:
         raise ConfigError(f"unknown option(s): {', '.join(sorted(unknown))}")

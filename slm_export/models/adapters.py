@@ -66,6 +66,17 @@ TRAITS: dict[str, ArchTraits] = {
     # q/k/v and gate/up fused (qkv_proj, gate_up_proj): no folding; the budget groups only o and down
     "phi3": ArchTraits(v_proj=None, projection_groups=LLAMA_PROJECTIONS[1:2] + LLAMA_PROJECTIONS[3:]),
     "gemma": ArchTraits(norm_offset=1.0, embed_scaled=True, scale_groups=LLAMA_SCALE_GROUPS),
+    # Families the exporter reads; which of their norms fold AWQ/SmoothQuant scales is the compress stage's part.
+    "qwen3": ArchTraits(), "smollm3": ArchTraits(), "granite": ArchTraits(), "olmo2": ArchTraits(),
+    "stablelm": ArchTraits(),
+    "gemma2": ArchTraits(norm_offset=1.0, embed_scaled=True),
+    "gemma3_text": ArchTraits(norm_offset=1.0, embed_scaled=True),
+    "phi": ArchTraits(final_norm="model.final_layernorm", down_proj="mlp.fc2", o_proj="self_attn.dense"),
+    "gpt_neox": ArchTraits(layers="gpt_neox.layers", final_norm="gpt_neox.final_layer_norm", v_proj=None,
+                           o_proj="attention.dense", down_proj="mlp.dense_4h_to_h", embed="gpt_neox.embed_in.weight",
+                           lm_head="embed_out.weight", projection_groups=()),
+    "opt": ArchTraits(layers="model.decoder.layers", final_norm="model.decoder.final_layer_norm", down_proj="fc2",
+                      o_proj="self_attn.out_proj", embed="model.decoder.embed_tokens.weight", projection_groups=()),
     "gpt2": ArchTraits(layers="transformer.h", conv1d=True, projection_groups=(), down_proj="mlp.c_proj",
                        v_proj=None, o_proj="attn.c_proj", final_norm="transformer.ln_f",
                        embed="transformer.wte.weight"),
@@ -84,7 +95,7 @@ def folding_types() -> list[str]:
     return [name for name, t in TRAITS.items() if t.folds_scales]
 
 
-def _lm_head(w: Mapping[str, Any], key: str, tied: bool) -> Any:
+def lm_head_of(w: Mapping[str, Any], key: str, tied: bool) -> Any:
     """The LM head's own weight, or None when it is the embedding table. A quantized head (the compress
     stage's ``lm_head_bits``) is its own tensor even when the model ties it: the graph then gathers
     embeddings from the float table and multiplies by the quantized copy. (``spec_for`` gives every float
@@ -105,8 +116,8 @@ class DecoderLayer:
     up_bias: Array | None
     down: Array
     down_bias: Array | None
-    norm1: tuple[Array, Array | None]
-    norm2: tuple[Array, Array | None]
+    norm1: tuple[Array, Array | None] | None  # None: no norm before attention (OLMo 2)
+    norm2: tuple[Array, Array | None] | None  # None: no norm before the MLP (parallel blocks sharing norm1, OLMo 2)
     down_rotation: tuple[Array, Array] | None = None  # (signs, Hadamard block): down_proj reads x R
     q_norm: tuple[Array, Array | None] | None = None  # a norm on the queries before rotary (see DecoderSpec.qk_norm)
     k_norm: tuple[Array, Array | None] | None = None
@@ -133,7 +144,7 @@ class DecoderSpec:
     embed_scale: float
     pos_embed: Array | None
     lm_head: Array | None  # None: tied to ``embed``
-    final_norm: tuple[Array, Array | None]
+    final_norm: tuple[Array, Array | None] | None  # None: no norm before the head (OPT's post-LN form)
     layers: tuple[DecoderLayer, ...]
     attn_scale: float | None = None  # the queries' scale before softmax; None: head_dim ** -0.5
     attn_softcap: float | None = None  # attention scores become cap * tanh(scores / cap) (Gemma 2)
@@ -210,84 +221,6 @@ def rope_of(cfg: Any, dim: int, params: Mapping[str, Any] | None = None) -> Rope
     return Rope(theta=theta, dim=dim, kind=kind, params=tuple(sorted(params.items(), key=lambda kv: kv[0])))
 
 
-def _opt(w: Mapping[str, Array], key: str) -> Array | None:
-    return w.get(key)
-
-
-def _llama_like(cfg: Any, w: Mapping[str, Array]) -> DecoderSpec:
-    traits = traits_for(cfg.model_type)
-    heads = cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    layers = []
-    for i in range(cfg.num_hidden_layers):
-        p = f"{traits.layers}.{i}."
-        if p + "self_attn.qkv_proj.weight" in w:  # Phi-3 stores q, k, v and gate, up fused
-            qkv = w[p + "self_attn.qkv_proj.weight"]
-            nq, nkv = heads * head_dim, cfg.num_key_value_heads * head_dim
-            q, k, v = qkv[:nq], qkv[nq:nq + nkv], qkv[nq + nkv:]
-            gu = w[p + "mlp.gate_up_proj.weight"]
-            up = (gu[: gu.shape[0] // 2], gu[gu.shape[0] // 2:])
-        else:
-            q, k, v = (w[p + f"self_attn.{n}_proj.weight"] for n in "qkv")
-            up = (w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"])
-        bias = None
-        if p + "self_attn.q_proj.bias" in w:
-            bias = tuple(w[p + f"self_attn.{n}_proj.bias"] for n in "qkv")
-        layers.append(DecoderLayer(
-            qkv=(q, k, v), qkv_bias=bias, o=w[p + "self_attn.o_proj.weight"],
-            o_bias=_opt(w, p + "self_attn.o_proj.bias"), up=up, up_bias=None,
-            down=w[p + "mlp.down_proj.weight"], down_bias=None,
-            norm1=(w[p + "input_layernorm.weight"], None), norm2=(w[p + "post_attention_layernorm.weight"], None),
-            down_rotation=_rotation(w, f"{p}{traits.down_proj}.rotation."),
-        ))
-    act_name = getattr(cfg, "hidden_activation", None) or cfg.hidden_act
-    acts = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
-    if act_name not in acts:
-        raise ExportError(f"activation {act_name!r} of {cfg.model_type} is not supported")
-    tied = getattr(cfg, "tie_word_embeddings", False) or traits.lm_head not in w
-    rotary = int(head_dim * getattr(cfg, "partial_rotary_factor", 1.0))
-    return DecoderSpec(
-        model_type=cfg.model_type, hidden=cfg.hidden_size, heads=heads, kv_heads=cfg.num_key_value_heads,
-        head_dim=head_dim, vocab=cfg.vocab_size, norm="rms", eps=float(cfg.rms_norm_eps),
-        norm_offset=traits.norm_offset, act=acts[act_name], ropes=(rope_of(cfg, rotary),),
-        embed=w[traits.embed], embed_scale=float(cfg.hidden_size) ** 0.5 if traits.embed_scaled else 1.0,
-        pos_embed=None, lm_head=_lm_head(w, traits.lm_head, tied),
-        final_norm=(w[traits.final_norm + ".weight"], None), layers=tuple(layers),
-    )
-
-
-def _rotation(w: Mapping[str, Array], prefix: str) -> tuple[Array, Array] | None:
-    """The (signs, Hadamard block) of an online rotation the compress stage gave a linear's input, if any."""
-    return (w[prefix + "signs"], w[prefix + "block"]) if prefix + "signs" in w else None
-
-
-def _gpt2(cfg: Any, w: Mapping[str, Array]) -> DecoderSpec:
-    h = cfg.n_embd
-    pre = "transformer." if "transformer.wte.weight" in w else ""
-    layers = []
-    for i in range(cfg.n_layer):
-        p = f"{pre}h.{i}."
-        qkv, qkv_b = w[p + "attn.c_attn.weight"].T, w[p + "attn.c_attn.bias"]  # Conv1D: [in, out]
-        layers.append(DecoderLayer(
-            qkv=(qkv[:h], qkv[h:2 * h], qkv[2 * h:]), qkv_bias=(qkv_b[:h], qkv_b[h:2 * h], qkv_b[2 * h:]),
-            o=w[p + "attn.c_proj.weight"].T, o_bias=w[p + "attn.c_proj.bias"],
-            up=(w[p + "mlp.c_fc.weight"].T,), up_bias=w[p + "mlp.c_fc.bias"],
-            down=w[p + "mlp.c_proj.weight"].T, down_bias=w[p + "mlp.c_proj.bias"],
-            norm1=(w[p + "ln_1.weight"], w[p + "ln_1.bias"]), norm2=(w[p + "ln_2.weight"], w[p + "ln_2.bias"]),
-        ))
-    acts = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
-    if cfg.activation_function not in acts:
-        raise ExportError(f"activation {cfg.activation_function!r} of gpt2 is not supported")
-    return DecoderSpec(
-        model_type="gpt2", hidden=h, heads=cfg.n_head, kv_heads=cfg.n_head, head_dim=h // cfg.n_head,
-        vocab=cfg.vocab_size, norm="layer", eps=float(cfg.layer_norm_epsilon), norm_offset=0.0,
-        act=acts[cfg.activation_function], ropes=(), embed=w[pre + "wte.weight"],
-        embed_scale=1.0, pos_embed=w[pre + "wpe.weight"],
-        lm_head=_lm_head(w, "lm_head.weight", "lm_head.weight" not in w or cfg.tie_word_embeddings),
-        final_norm=(w[pre + "ln_f.weight"], w[pre + "ln_f.bias"]), layers=tuple(layers),
-    )
-
-
 def _bert(cfg: Any, w: Mapping[str, Array]) -> EncoderSpec:
     pre = "bert." if "bert.embeddings.word_embeddings.weight" in w else ""
     if cfg.hidden_act not in ("gelu", "relu"):
@@ -314,7 +247,4 @@ def _bert(cfg: Any, w: Mapping[str, Array]) -> EncoderSpec:
     )
 
 
-for _name in ("llama", "mistral", "qwen2", "phi3", "gemma"):
-    ADAPTERS.register(_name, _llama_like)
-ADAPTERS.register("gpt2", _gpt2)
 ADAPTERS.register("bert", _bert)

@@ -9,17 +9,19 @@ import hashlib
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from slm_export.errors import ModelLoadError
-from slm_export.models import checks
+from slm_export.errors import ConfigError, ModelLoadError
+from slm_export.models import checks, decoders
 from slm_export.models.builtin import BUILTIN_MODELS
+from slm_export.models.hub import HubSource, parse_hub_id, resolve_hub_id
 
 log = logging.getLogger(__name__)
 
-DECODER_TYPES = ("llama", "mistral", "qwen2", "phi3", "gemma", "gpt2")
+DECODER_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text", "smollm3", "olmo2",
+                 "granite", "phi", "gpt_neox", "opt", "stablelm", "gpt2")
 ENCODER_TYPES = ("bert",)
 
 
@@ -35,6 +37,7 @@ class LoadedModel:
     tokenizer: Any
     weights: Mapping[str, Any]
     fingerprint: str
+    hub: HubSource | None = None  # the repository and commit when the model came by a hub id
     _module: list[Any] = field(default_factory=list, repr=False, compare=False)
 
     @property
@@ -60,21 +63,27 @@ class LoadedModel:
 
 
 def load_model(ref: str) -> LoadedModel:
-    """Load a built-in name, a GGUF file or a Hugging Face folder.
+    """Load a built-in name, a GGUF file, a Hugging Face folder, or a hub id (``org/name[@revision]``, through the
+    Hub's cache: ``models/hub.py``). An existing path wins over a built-in name and a hub id of that spelling.
 
     Raises:
         ModelLoadError: missing, truncated, corrupt or unsupported model, with which and why.
+        ConfigError: a malformed hub id, or one that is neither cached nor downloadable.
     """
     name = ref
     if ref in BUILTIN_MODELS and not os.path.exists(ref):
         path = BUILTIN_MODELS.get(ref).path()
         name = BUILTIN_MODELS.canonical(ref)
+    elif (hub_id := parse_hub_id(ref)) is not None:
+        source = resolve_hub_id(hub_id)
+        _quiet_transformers()
+        return replace(_load_hf_folder(hub_id.repo_id, Path(source.path)), hub=source)
     else:
         path = Path(ref).expanduser()
         if not path.exists():
             raise ModelLoadError(
                 f"model {ref!r} not found: no such file or folder, and not a built-in model "
-                f"(built-ins: {', '.join(BUILTIN_MODELS.names())})"
+                f"(built-ins: {', '.join(BUILTIN_MODELS.names())}), nor a hub id (org/name[@revision])"
             )
     _quiet_transformers()
     if path.is_file():
@@ -146,7 +155,7 @@ def _load_gguf(name: str, path: Path) -> LoadedModel:
     except Exception as exc:
         raise ModelLoadError(f"{path}: transformers rejects the configuration this GGUF describes: "
                              f"{type(exc).__name__}: {str(exc)[:300]}") from None
-    kind = "decoder"  # every architecture the GGUF reader maps is a decoder
+    kind = _kind_of(config, path)
     shapes, params, rows = checks.expected_shapes(config, kind, path)
     try:
         arrays = gguf_weights(path, meta, infos, mm, start, cfg)
@@ -236,6 +245,11 @@ def _hf_config(path: Path) -> tuple[Any, str]:
         raise ModelLoadError(f"{path}/config.json is unreadable: {exc}") from None
     kind = _kind_of(config, path)
     checks.check_config_fields(raw, config, path)
+    if kind == "decoder":
+        try:
+            decoders.check_config(config)
+        except ConfigError as exc:
+            raise ModelLoadError(f"{path}: {exc}") from None
     return config, kind
 
 

@@ -23,7 +23,7 @@ def _plan(precision: str = "fp32", opset: int = 17, graph_ops: str = "standard")
 
 
 def test_every_adapter_has_a_tiny_model_test() -> None:
-    assert set(ADAPTERS.names()) == {*TINY_DECODERS, "bert"}
+    assert set(ADAPTERS.names()) >= {*TINY_DECODERS, "bert"}  # the families: tests/unit/test_families.py
 
 
 @pytest.mark.parametrize("arch", TINY_DECODERS)
