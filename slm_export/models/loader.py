@@ -145,7 +145,7 @@ def _load_gguf(name: str, path: Path) -> LoadedModel:
     # else is still a damaged file to the user, so it is wrapped and named rather than called internal.
     try:
         meta, infos, mm, start = read_gguf(path)
-        cfg = gguf_config(meta, infos)
+        cfg = gguf_config(meta, infos, (mm, start))
     except ModelLoadError as exc:
         raise _named(exc, path) from None
     except Exception as exc:
