@@ -15,6 +15,7 @@ and builders with fixed tables refuse a model whose context reaches past it (``c
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -208,7 +209,7 @@ def _field_problem(key: str, value: Any) -> str | None:
         return None
     if key in NUMBERS and (not _number(value) or value < 0 or (key == "factor" and value == 0)):
         return "a positive number"
-    if key in LENGTHS and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+    if key in LENGTHS and (not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1):
         return "a positive integer"
     if key == "truncate" and not isinstance(value, bool):
         return "true or false"
@@ -216,7 +217,8 @@ def _field_problem(key: str, value: Any) -> str | None:
 
 
 def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    # (numbers.Real: numpy scalars too, as a GGUF reader may give them)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_fixed_tables(ropes: tuple[Rope, ...], max_len: int, builder: str) -> None:
