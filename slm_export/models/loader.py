@@ -6,6 +6,7 @@ Weights are held once: the PyTorch reference module (built on demand) shares the
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -91,6 +92,24 @@ def load_model(ref: str) -> LoadedModel:
             raise ModelLoadError(f"{path}: a model file must be GGUF (.gguf); otherwise pass the model folder")
         return _load_gguf(name, path)
     return _load_hf_folder(name, path)
+
+
+BUILTIN_TYPES = {"smollm2-135m": "llama", "minilm-l6": "bert"}
+
+
+def peek_model_type(ref: str) -> str | None:
+    """The model's ``model_type`` from its config alone (no weights, no tokenizer), so the planner can fit its
+    defaults to the model before any work; None when that cannot be told cheaply (a GGUF file, a hub id not
+    fetched yet, a config that will be refused at load anyway)."""
+    if ref in BUILTIN_MODELS:
+        return BUILTIN_TYPES.get(BUILTIN_MODELS.get(ref).name)
+    config = Path(ref).expanduser() / "config.json"
+    try:
+        raw = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    kind = raw.get("model_type") if isinstance(raw, dict) else None
+    return kind if isinstance(kind, str) else None
 
 
 def _quiet_transformers() -> None:
