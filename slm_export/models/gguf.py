@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 
 from slm_export.errors import ModelLoadError
-from slm_export.models.gguf_families import FAMILIES, TOP_NAMES, Family, Meta
+from slm_export.models.gguf_families import FAMILIES, TOP_NAMES, Family, Meta, TensorReader, rope_scaling
 from slm_export.models.gguf_file import ArrayCount, GgufTensorInfo, dequantize, read_gguf
+from slm_export.models.gguf_rope import llama3_rope
 
 __all__ = ["GGUF_ARCHITECTURES", "ArrayCount", "GgufTensorInfo", "gguf_config", "gguf_weights", "read_gguf"]
 
@@ -58,24 +59,34 @@ def gguf_config(meta: dict[str, Any], infos: list[GgufTensorInfo],
     if family.config is not None:
         cfg.update(family.config(m, cfg, _tensor_reader(infos, data)))
     else:
-        _llama_family(m, arch, cfg)
+        _llama_family(m, arch, cfg, _tensor_reader(infos, data))
     _check_dims(cfg, cfg.get("head_dim") or hidden // heads, infos)
     return cfg
 
 
-def _llama_family(m: Meta, arch: str, cfg: dict[str, Any]) -> None:
-    """llama, mistral and qwen2: the head size is the rotated size where the file gives one."""
+def _llama_family(m: Meta, arch: str, cfg: dict[str, Any], tensor: TensorReader) -> None:
+    """llama, mistral and qwen2: the head size is the rotated size where the file gives one; the rotation
+    scaled as rope.scaling.* says (linear, yarn) or, for llama and mistral, as rope_freqs holds (llama3)."""
     hidden, heads, p = cfg["hidden_size"], cfg["num_attention_heads"], m.prefix
     if (arch == "qwen2" or f"{p}.rope.dimension_count" not in m.meta) and hidden % heads:
         raise ModelLoadError(f"GGUF metadata: embedding length {hidden} does not split into {heads} heads")
-    cfg["rope_theta"] = m.number(f"{p}.rope.freq_base", 10000.0)
+    theta = m.number(f"{p}.rope.freq_base", 10000.0)
+    rope = rope_scaling(m)
     if arch != "qwen2":
         cfg["head_dim"] = m.count(f"{p}.rope.dimension_count", hidden // heads)
+        # llama.cpp's llama graph divides the base frequencies by rope_freqs (qwen2's never reads it).
+        freqs = tensor("rope_freqs.weight")
+        if freqs is not None and rope["rope_type"] != "default":
+            raise ModelLoadError(f"GGUF has both rope_freqs.weight and {p}.rope.scaling.type {rope['rope_type']}; "
+                                 "Hugging Face's rope types do not combine llama3 divisors with another scaling")
+        if freqs is not None:
+            rope = llama3_rope(freqs, theta, cfg["head_dim"])
     else:
         cfg["use_sliding_window"] = False
+    cfg["rope_parameters"] = {**rope, "rope_theta": theta}
 
 
-def _tensor_reader(infos: list[GgufTensorInfo], data: tuple[mmap.mmap, int] | None) -> Any:
+def _tensor_reader(infos: list[GgufTensorInfo], data: tuple[mmap.mmap, int] | None) -> TensorReader:
     by_name = {i.name: i for i in infos}
 
     def read(name: str) -> np.ndarray | None:

@@ -279,7 +279,9 @@ class Family:
     not_weights: tuple[str, ...] | None = ()
 
 
-_LLAMA_EXTRA = None  # llama, mistral and qwen2 pass over what they do not map (rope_freqs), as they always have
+# llama, mistral and qwen2 pass over tensors they do not map, as they always have; llama and mistral read
+# rope_freqs into the config first (gguf_rope), and qwen2 passes it over as llama.cpp's qwen2 graph does.
+_LLAMA_EXTRA = None
 
 
 FAMILIES: dict[str, Family] = {
