@@ -70,7 +70,7 @@ def check_rebuilds(model: Any, plan: Any, profile: Any) -> None:
     from slm_export.models.adapters import spec_for
 
     spec = spec_for(model.config, model.weights)
-    refused = {b: why for b, why in ((b, check(spec)) for b, check in checks.items()) if why}
+    refused = {b: why for b, why in ((b, check(spec, plan.max_seq_len)) for b, check in checks.items()) if why}
     for name in names:
         if name in refused:
             raise ConfigError(f"{profile.id}'s backend {name} cannot build this {spec.model_type} model: "
@@ -85,4 +85,4 @@ def _elsewhere(refusing: set[str]) -> str:
     ok = [n for n in reg.names() if not refusing & set(reg.get(n).backends)]
     return (f"The ONNX graph takes it (ONNX Runtime, TensorRT): a target whose backends leave out "
             f"{' and '.join(sorted(refusing))} ({', '.join(ok) or 'none built in'}), or a --target-file of the "
-            f"same device whose [backends] order leaves them out")
+            f"same device whose [backends] order leaves them out, or whose [graph] max_seq_len is short enough")

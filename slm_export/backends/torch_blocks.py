@@ -8,8 +8,9 @@ parallel and post-LN blocks, norms that a family leaves out (None), post-norms a
 each branch, an embedding multiplier and projection, a head bias, logit multiplier and final soft-cap. Each
 backend brings its own linear (a factory ``linear(weight, bias) -> Module``) and its own attention.
 
-``unsupported_ropes`` names what neither rebuild can build: rotary tables that change with the sequence
-length, which a program with tables fixed at export cannot follow.
+``unsupported_ropes`` names what neither rebuild can build: rotary tables that change with the call's length
+(``models.rope.Rope.switch_len``) where the context reaches past the change, which a program with tables fixed
+at export cannot follow.
 """
 
 from __future__ import annotations
@@ -23,22 +24,15 @@ import torch.nn.functional as F
 
 from slm_export.models.adapters import DecoderSpec
 
-# Rope kinds whose tables depend on the sequence length (transformers recomputes them as the text grows):
-# the rebuilds compute their tables once, for every position, at export.
-LENGTH_DEPENDENT_ROPES = {
-    "dynamic": "dynamic NTK scaling recomputes the rotary frequencies once the text outgrows the original "
-               "context",
-    "longrope": "LongRoPE switches from its short to its long factors once the text outgrows the original "
-                "context",
-}
 
-
-def unsupported_ropes(spec: DecoderSpec) -> str | None:
-    """Why the rebuilds cannot take the spec's rotary embeddings, or None."""
+def unsupported_ropes(spec: DecoderSpec, max_len: int) -> str | None:
+    """Why the rebuilds cannot take the spec's rotary embeddings for ``max_len`` positions, or None: their
+    tables are computed once, at export, so a rope whose frequencies change with the call's length
+    (``Rope.switch_len``: dynamic, longrope) is refused where the context reaches past that change."""
     for rope in spec.ropes:
-        if rope.kind in LENGTH_DEPENDENT_ROPES:
-            return (f"rope_type {rope.kind!r} ({LENGTH_DEPENDENT_ROPES[rope.kind]}; this backend's program has "
-                    f"its rotary tables fixed at export)")
+        if rope.length_dependent(max_len):
+            return (f"rope_type {rope.kind!r} for {max_len} positions (transformers changes its frequencies once "
+                    f"a call passes {rope.switch_len} positions; this backend's rotary tables are fixed at export)")
     return None
 
 

@@ -31,6 +31,7 @@ from slm_export.exporters.graph import GraphBuilder
 from slm_export.exporters.layers import MASK_VALUE, Weights, activation, linear
 from slm_export.exporters.norms import add_norm
 from slm_export.exporters.quantized import quantized_matmul
+from slm_export.exporters.rope_graph import rope_caches, rope_inputs
 from slm_export.models.adapters import DecoderSpec
 from slm_export.runner.onnx_run import KV_CACHE_KEY, KV_SHARED_BUFFER, LOGITS_TO_KEEP
 
@@ -106,17 +107,9 @@ def _embed(b: GraphBuilder, W: Weights, spec: DecoderSpec, ids: str, pos: str) -
 
 
 def _rope_inputs(b: GraphBuilder, spec: DecoderSpec, pos: str, max_seq_len: int) -> dict[int, tuple[str, str]]:
-    """For each rotary embedding of the spec, cos and signed sin of every position [batch, 1, seq, dim],
-    gathered from its tables."""
-    out = {}
-    for j, rope in enumerate(spec.ropes):
-        cos_t, sin_t = rope.tables(max_seq_len)
-        cos = b.op("Unsqueeze", [b.op("Gather", [b.init(f"rope{j or ''}.cos", lambda t=cos_t: t), pos], axis=0),
-                                 b.const([1])])
-        sin = b.op("Unsqueeze", [b.op("Gather", [b.init(f"rope{j or ''}.sin", lambda t=sin_t: t), pos], axis=0),
-                                 b.const([1])])
-        out[j] = (cos, sin)
-    return out  # type: ignore[return-value]
+    """For each rotary embedding of the spec, cos and signed sin of every position [batch, 1, seq, dim]
+    (``rope_graph``: gathered from its tables, or the kind's length-dependent form)."""
+    return {j: rope_inputs(b, rope, pos, max_seq_len, f"rope{j or ''}") for j, rope in enumerate(spec.ropes)}
 
 
 def _blocks(b: GraphBuilder, W: Weights, spec: DecoderSpec, x: str, masks: dict[int | None, str],  # type: ignore[type-arg]
@@ -235,12 +228,7 @@ def _fused_inputs(b: GraphBuilder, spec: DecoderSpec, ids_shape: str, total: str
     total_i32 = b.op("Cast", [total], to=i32)
     batch = b.op("Gather", [ids_shape, b.const([0])], axis=0)
     seqlens = b.op("Expand", [b.op("Sub", [total_i32, b.const(1, np.int32)]), batch])
-    ropes = {}
-    for j, rope in enumerate(spec.ropes):
-        cos_t, sin_t = rope.tables(max_seq_len)
-        half = rope.dim // 2
-        ropes[j] = (b.init(f"rope{j or ''}.cos_half", lambda t=cos_t, h=half: np.ascontiguousarray(t[:, :h])),
-                    b.init(f"rope{j or ''}.sin_half", lambda t=sin_t, h=half: np.ascontiguousarray(t[:, h:])))
+    ropes = {j: rope_caches(b, rope, pos, max_seq_len, f"rope{j or ''}") for j, rope in enumerate(spec.ropes)}
     return {"seqlens_k": seqlens, "total": total_i32, "position_ids": pos, "masks": masks, "ropes": ropes}
 
 

@@ -1,7 +1,8 @@
 """Architecture adapters: turn a Hugging Face config + weights into one normalised spec, and the traits of each
 decoder architecture that the compress stage reads (``traits_for``).
 
-The exporter reads only these specs, so a new architecture is one adapter here, not a new exporter.
+The exporter reads only these specs, so a new architecture is one adapter here, not a new exporter. The
+encoder adapters and their spec live in ``models.encoders``; they are registered here.
 Linear weights keep the Hugging Face ``[out, in]`` layout (GPT-2's Conv1D is transposed to match).
 """
 
@@ -13,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from slm_export.errors import ConfigError, ExportError
-from slm_export.models.rope import ROPE_TYPES, Rope
+from slm_export.errors import ConfigError
+from slm_export.models.encoders import ENCODER_ADAPTERS, EncoderSpec
+from slm_export.models.rope import ROPE_TYPES, Rope, check_rope
 from slm_export.registry import Registry
 
 Array = np.ndarray
@@ -171,33 +173,6 @@ class DecoderSpec:
         return self.ropes[0].dim if self.ropes else 0
 
 
-@dataclass(frozen=True)
-class EncoderLayer:
-    qkv: tuple[Array, Array, Array]
-    qkv_bias: tuple[Array, Array, Array]
-    o: Array
-    o_bias: Array
-    norm1: tuple[Array, Array]
-    fc: Array
-    fc_bias: Array
-    down: Array
-    down_bias: Array
-    norm2: tuple[Array, Array]
-
-
-@dataclass(frozen=True)
-class EncoderSpec:
-    hidden: int
-    heads: int
-    eps: float
-    act: str
-    word: Array
-    pos: Array
-    token_type: Array
-    emb_norm: tuple[Array, Array]
-    layers: tuple[EncoderLayer, ...]
-
-
 Adapter = Callable[[Any, Mapping[str, Array]], Any]
 ADAPTERS: Registry[Adapter] = Registry("architecture adapter")
 
@@ -210,41 +185,32 @@ def spec_for(config: Any, weights: Mapping[str, Any]) -> DecoderSpec | EncoderSp
 
 def rope_of(cfg: Any, dim: int, params: Mapping[str, Any] | None = None) -> Rope:
     """The config's rotary embedding over ``dim`` channels (``params``: a rope_parameters dict other than
-    the config's own, e.g. one layer type's). A rope type the tables do not implement is refused, naming it."""
+    the config's own, e.g. one layer type's). A rope type the tables do not implement, or a parameter its
+    formulas cannot use, is refused, naming the field (exit 2).
+
+    The Rope also carries what the formulas read outside rope_parameters, as transformers reads it: the
+    config's ``max_position_embeddings``, and for llama3, yarn and longrope the pretraining context
+    ``original_max_position_embeddings``, which a config that keeps it at the top level (Phi-3) sets over
+    the rope_parameters' own, and which otherwise defaults to ``max_position_embeddings``."""
+    own = params is None
     params = dict(params if params is not None else (getattr(cfg, "rope_parameters", None) or {}))
     kind = params.pop("rope_type", None) or params.pop("type", None) or "default"
+    params.pop("type", None)
     params.pop("partial_rotary_factor", None)  # the rotated width is ``dim``
     if kind not in ROPE_TYPES:
         raise ConfigError(f"{cfg.model_type}: rope_parameters.rope_type {kind!r} is not supported "
                           f"(supported: {', '.join(ROPE_TYPES)})")
-    theta = float(params.pop("rope_theta", getattr(cfg, "rope_theta", None) or 10000.0))
-    return Rope(theta=theta, dim=dim, kind=kind, params=tuple(sorted(params.items(), key=lambda kv: kv[0])))
+    theta = float(params.pop("rope_theta", None) or getattr(cfg, "rope_theta", None) or 10000.0)
+    limit = getattr(cfg, "max_position_embeddings", None)
+    params["max_position_embeddings"] = limit
+    if kind in ("llama3", "yarn", "longrope"):
+        top = getattr(cfg, "original_max_position_embeddings", None) if own else None
+        params["original_max_position_embeddings"] = top or params.get("original_max_position_embeddings") or limit
+    frozen = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
+    rope = Rope(theta=theta, dim=dim, kind=kind, params=tuple(sorted(frozen.items(), key=lambda kv: kv[0])))
+    check_rope(rope, cfg.model_type)
+    return rope
 
 
-def _bert(cfg: Any, w: Mapping[str, Array]) -> EncoderSpec:
-    pre = "bert." if "bert.embeddings.word_embeddings.weight" in w else ""
-    if cfg.hidden_act not in ("gelu", "relu"):
-        raise ExportError(f"activation {cfg.hidden_act!r} of bert is not supported")
-    layers = []
-    for i in range(cfg.num_hidden_layers):
-        p = f"{pre}encoder.layer.{i}."
-        a = p + "attention.self."
-        layers.append(EncoderLayer(
-            qkv=tuple(w[a + f"{n}.weight"] for n in ("query", "key", "value")),  # type: ignore[arg-type]
-            qkv_bias=tuple(w[a + f"{n}.bias"] for n in ("query", "key", "value")),  # type: ignore[arg-type]
-            o=w[p + "attention.output.dense.weight"], o_bias=w[p + "attention.output.dense.bias"],
-            norm1=(w[p + "attention.output.LayerNorm.weight"], w[p + "attention.output.LayerNorm.bias"]),
-            fc=w[p + "intermediate.dense.weight"], fc_bias=w[p + "intermediate.dense.bias"],
-            down=w[p + "output.dense.weight"], down_bias=w[p + "output.dense.bias"],
-            norm2=(w[p + "output.LayerNorm.weight"], w[p + "output.LayerNorm.bias"]),
-        ))
-    e = pre + "embeddings."
-    return EncoderSpec(
-        hidden=cfg.hidden_size, heads=cfg.num_attention_heads, eps=float(cfg.layer_norm_eps), act=cfg.hidden_act,
-        word=w[e + "word_embeddings.weight"], pos=w[e + "position_embeddings.weight"],
-        token_type=w[e + "token_type_embeddings.weight"],
-        emb_norm=(w[e + "LayerNorm.weight"], w[e + "LayerNorm.bias"]), layers=tuple(layers),
-    )
-
-
-ADAPTERS.register("bert", _bert)
+for _name, _adapter in ENCODER_ADAPTERS.items():
+    ADAPTERS.register(_name, _adapter)

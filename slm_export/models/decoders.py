@@ -80,6 +80,17 @@ def refuse_custom_code(cfg: Any) -> None:
                           f"({', '.join(sorted(cfg.auto_map))}); only transformers' own architectures are exported")
 
 
+def check_config(cfg: Any) -> None:
+    """What the adapter will refuse, found when the model is loaded rather than after calibration: custom
+    code, an activation or a rope type no builder implements (a ConfigError naming the field, exit 2)."""
+    refuse_custom_code(cfg)
+    act = getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", None)
+    _act(cfg, act or getattr(cfg, "activation_function", None))
+    if hasattr(cfg, "num_attention_heads") and cfg.model_type not in ("opt", "gpt2"):
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        _ropes(cfg, head_dim)
+
+
 def windows(cfg: Any, n: int) -> list[int | None]:
     """Each layer's sliding window (None: full attention), as transformers' masks apply them."""
     window = getattr(cfg, "sliding_window", None)

@@ -18,12 +18,15 @@ import torch
 
 from slm_export.backends.executorch.torch_decoder import build_torch_decoder
 from slm_export.backends.tvm.torch_decoder import build_functional_decoder
-from slm_export.errors import CompileError, ConfigError
+from slm_export.errors import ConfigError
 from slm_export.models import load_model
 from slm_export.models.adapters import spec_for
 from slm_export.models.rope import Rope
 from slm_export.validation.generate import torch_greedy
 from tests.families import FAMILIES, VARIANTS, make_family_model
+from tests.unit.test_rope import CASES as ROPE_CASES
+from tests.unit.test_rope import ORIGINAL, SWITCHING
+from tests.unit.test_rope import _config as rope_config
 
 IDS = np.asarray([[5, 17, 99, 3, 250, 42, 7, 11, 64, 200, 31, 9]], dtype=np.int64)
 ALL = [*FAMILIES, *VARIANTS]
@@ -47,8 +50,8 @@ def _reference(model: Any) -> tuple[np.ndarray, list[int]]:
 class _Et:
     """The ExecuTorch module eagerly: ``step(tokens)`` feeds them at the next cache position."""
 
-    def __init__(self, spec: Any) -> None:
-        self.module, self.pos = build_torch_decoder(spec, MAX_LEN), 0
+    def __init__(self, spec: Any, max_len: int = MAX_LEN) -> None:
+        self.module, self.pos = build_torch_decoder(spec, max_len), 0
 
     def step(self, tokens: list[int]) -> np.ndarray:
         with torch.no_grad():
@@ -60,8 +63,8 @@ class _Et:
 class _Tvm:
     """The TVM functional module eagerly, its present keys and values fed back as the next step's past."""
 
-    def __init__(self, spec: Any) -> None:
-        self.module = build_functional_decoder(spec, MAX_LEN)
+    def __init__(self, spec: Any, max_len: int = MAX_LEN) -> None:
+        self.module = build_functional_decoder(spec, max_len)
         self.past = [torch.zeros(1, spec.kv_heads, 0, spec.head_dim) for _ in range(2 * len(spec.layers))]
 
     def step(self, tokens: list[int]) -> np.ndarray:
@@ -72,14 +75,14 @@ class _Tvm:
         return logits.numpy()[0]
 
 
-def _check(make: Any, model: Any) -> None:
+def _check(make: Any, model: Any, max_len: int = MAX_LEN) -> None:
     spec = spec_for(model.config, model.weights)
     ref, greedy = _reference(model)
-    np.testing.assert_allclose(make(spec).step(IDS[0].tolist()), ref, atol=3e-4, rtol=1e-3)
-    run, ids = make(spec), IDS[0].tolist()
+    np.testing.assert_allclose(make(spec, max_len).step(IDS[0].tolist()), ref, atol=3e-4, rtol=1e-3)
+    run, ids = make(spec, max_len), IDS[0].tolist()
     steps = [run.step(ids[:PREFILL])] + [run.step([t]) for t in ids[PREFILL:]]
     np.testing.assert_allclose(np.concatenate(steps), ref, atol=3e-4, rtol=1e-3)
-    run = make(spec)
+    run = make(spec, max_len)
     row, got = run.step(ids)[-1], []
     for _ in range(12):
         got.append(int(row.argmax()))
@@ -95,6 +98,16 @@ def test_executorch_module_matches_transformers(name: str, family_models: dict[s
 @pytest.mark.parametrize("name", ALL)
 def test_tvm_module_matches_transformers(name: str, family_models: dict[str, Path]) -> None:
     _check(_Tvm, load_model(str(family_models[name])))
+
+
+@pytest.mark.parametrize("backend", ["executorch", "tvm"])
+@pytest.mark.parametrize("name", ROPE_CASES)
+def test_rope_scaling_kinds_match_transformers(name: str, backend: str, tmp_path: Path) -> None:
+    """Every rope scaling kind (test_rope's cases: each one changes the logits); the kinds that change with
+    the call's length within their original context, the longest the rebuilds take."""
+    folder = make_family_model("llama", tmp_path / name, rope_config(name))
+    _check(_Et if backend == "executorch" else _Tvm, load_model(str(folder)),
+           ORIGINAL if name in SWITCHING else MAX_LEN)
 
 
 def test_windowed_layers_take_the_masked_path_and_the_rest_custom_sdpa(family_models: dict[str, Path]) -> None:
@@ -147,43 +160,43 @@ def test_tvm_library_of_a_windowed_soft_capped_family(family_models: dict[str, P
     np.testing.assert_allclose(np.stack(steps), ref[PREFILL:], atol=3e-4, rtol=1e-3)
 
 
-def _with_rope(spec: Any, kind: str) -> Any:
-    return dataclasses.replace(spec, ropes=(Rope(theta=10000.0, dim=spec.head_dim, kind=kind,
-                                                 params=(("factor", 2.0),)),))
+def _with_rope(spec: Any, kind: str, switch: int = 32) -> Any:
+    params = {"dynamic": {"factor": 2.0, "max_position_embeddings": switch},
+              "longrope": {"short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
+                           "original_max_position_embeddings": switch},
+              "linear": {"factor": 2.0}}[kind]
+    return dataclasses.replace(spec, ropes=(Rope(theta=10000.0, dim=16, kind=kind, params=tuple(params.items())),))
 
 
-def test_length_dependent_ropes_are_refused_by_both_rebuilds(family_models: dict[str, Path]) -> None:
+def test_length_dependent_ropes_are_refused_past_their_switch(family_models: dict[str, Path]) -> None:
     from slm_export.backends import executorch, tvm
 
     model = load_model(str(family_models["llama"]))
     spec = spec_for(model.config, model.weights)
-    assert executorch.unsupported(spec) is None
-    assert tvm.unsupported(spec) is None
-    assert executorch.unsupported(_with_rope(spec, "linear")) is None  # fixed tables: built
+    assert executorch.unsupported(spec, MAX_LEN) is None
+    assert tvm.unsupported(spec, MAX_LEN) is None
+    assert executorch.unsupported(_with_rope(spec, "linear"), MAX_LEN) is None  # fixed tables: built
     for kind in ("dynamic", "longrope"):
         odd = _with_rope(spec, kind)
-        assert kind in (executorch.unsupported(odd) or "")
-        assert kind in (tvm.unsupported(odd) or "")
-        with pytest.raises(CompileError, match=f"ExecuTorch cannot build llama: rope_type '{kind}'"):
-            build_torch_decoder(odd, MAX_LEN)
-        with pytest.raises(CompileError, match=f"TVM cannot build llama: rope_type '{kind}'"):
-            build_functional_decoder(odd, MAX_LEN)
+        assert executorch.unsupported(odd, 32) is None  # within the original context: one set of tables
+        for check in (executorch.unsupported, tvm.unsupported):
+            assert f"rope_type '{kind}' for {MAX_LEN} positions" in (check(odd, MAX_LEN) or "")
+            assert "passes 32 positions" in (check(odd, MAX_LEN) or "")
+        for build in (build_torch_decoder, build_functional_decoder):
+            with pytest.raises(ConfigError, match=f"rope_type '{kind}'"):
+                build(odd, MAX_LEN)
 
 
-def test_preflight_refuses_a_dynamic_rope_for_android_with_exit_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_preflight_refuses_a_dynamic_rope_for_android_with_exit_2(tmp_path: Path,
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    """A model the adapters take (here: as if dynamic scaling were one of the rope types the tables know) but
-    the .pte cannot: refused after loading, before calibration, naming the backend, the family, the feature
+    """A model the adapters and the ONNX graph take but the .pte cannot (dynamic scaling past 512 positions,
+    android's 2048): refused after loading, before calibration, naming the backend, the family, the feature
     and the targets that take it; the host target's ONNX Runtime artifact is not refused."""
     import transformers
 
     from slm_export import preflight
     from slm_export.cli import main
-    from slm_export.models import adapters
     from slm_export.targets import get_target
-    from tests.families import FAMILIES
-
-    monkeypatch.setattr(adapters, "ROPE_TYPES", (*adapters.ROPE_TYPES, "dynamic"))
     kwargs = {**FAMILIES["llama"][1], "rope_parameters": {"rope_type": "dynamic", "factor": 2.0,
                                                           "rope_theta": 10000.0}}
     folder = make_family_model("llama", tmp_path / "llama-dynamic", transformers.LlamaConfig(**kwargs))
@@ -191,13 +204,15 @@ def test_preflight_refuses_a_dynamic_rope_for_android_with_exit_2(tmp_path: Path
     err = capsys.readouterr().err
     assert code == 2, err
     assert "backend executorch cannot build this llama model" in err
-    assert "rope_type 'dynamic'" in err
+    assert "rope_type 'dynamic' for 2048 positions" in err
     assert "host" in err  # where it can go instead
     assert not (tmp_path / "out").exists()
     model = load_model(str(folder))
-    plan = type("P", (), {"backend": "onnxruntime", "precision": "fp32"})()
+    plan = type("P", (), {"backend": "onnxruntime", "precision": "fp32", "max_seq_len": 2048})()
     preflight.check_rebuilds(model, plan, get_target("host"))  # ONNX only: nothing to refuse
     with pytest.raises(ConfigError, match="backend tvm"):
         preflight.check_rebuilds(model, plan, get_target("rpi4b"))
-    plan.precision = "fp16"  # the rebuilds are "not run" at fp16: the ONNX Runtime artifact ships alone
+    plan.max_seq_len = 512  # within the original context: one set of tables serves
+    preflight.check_rebuilds(model, plan, get_target("rpi4b"))
+    plan.precision, plan.max_seq_len = "fp16", 2048  # the rebuilds are "not run" at fp16: ONNX Runtime ships alone
     preflight.check_rebuilds(model, plan, get_target("rpi4b"))

@@ -83,12 +83,12 @@ def _why(op: str) -> str:
     return "not an operator or shape the XNNPACK partitioner takes here: runs on ExecuTorch's CPU kernels"
 
 
-def unsupported(spec: Any) -> str | None:
-    """What of a ``DecoderSpec`` the PyTorch rebuild behind this backend cannot build, in words; None when it
-    builds all of it (``preflight.check_rebuilds`` asks before any work)."""
+def unsupported(spec: Any, max_len: int) -> str | None:
+    """What of a ``DecoderSpec`` the PyTorch rebuild behind this backend cannot build for ``max_len`` positions,
+    in words; None when it builds all of it (``preflight.check_rebuilds`` asks before any work)."""
     from slm_export.backends.executorch.torch_decoder import unsupported as why
 
-    return why(spec)
+    return why(spec, max_len)
 
 
 class ExecuTorchBackend:

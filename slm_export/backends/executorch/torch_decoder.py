@@ -30,6 +30,7 @@ from slm_export.calibration.quant import QuantizedTensor, refuse_hot_rows, refus
 from slm_export.errors import CompileError
 from slm_export.exporters.layers import MASK_VALUE
 from slm_export.models.adapters import DecoderSpec
+from slm_export.models.rope import check_fixed_tables
 
 
 def custom_ops() -> None:
@@ -63,16 +64,16 @@ def _linear_weight(w: np.ndarray | QuantizedTensor) -> Any:
 
 def build_torch_decoder(spec: DecoderSpec, max_len: int) -> Any:
     """The module (float32 activations, eval mode) for ``spec`` with a ``max_len``-position cache."""
-    why = unsupported(spec)
-    if why:
-        raise CompileError(f"ExecuTorch cannot build {spec.model_type}: {why}")
+    # its rotary tables are fixed when built: a rope that changes with the call's length is refused first
+    check_fixed_tables(spec.ropes, max_len, "the ExecuTorch build")
     custom_ops()
     return Decoder(spec, max_len).eval()
 
 
-def unsupported(spec: DecoderSpec) -> str | None:
-    """What of ``spec`` this rebuild cannot build, in words; None when it builds all of it."""
-    return unsupported_ropes(spec)
+def unsupported(spec: DecoderSpec, max_len: int) -> str | None:
+    """What of ``spec`` this rebuild cannot build for ``max_len`` positions, in words; None when it builds all
+    of it."""
+    return unsupported_ropes(spec, max_len)
 
 
 def vec(a: Any) -> Any:

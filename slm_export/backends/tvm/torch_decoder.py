@@ -28,6 +28,7 @@ from slm_export.calibration.quant import QuantizedTensor, refuse_hot_rows
 from slm_export.errors import CompileError
 from slm_export.exporters.layers import MASK_VALUE
 from slm_export.models.adapters import DecoderSpec
+from slm_export.models.rope import check_fixed_tables
 
 
 def build_functional_decoder(spec: DecoderSpec, max_len: int) -> Any:
@@ -36,16 +37,16 @@ def build_functional_decoder(spec: DecoderSpec, max_len: int) -> Any:
     Every weight is an ``nn.Parameter`` (integer codes included), so the TVM importer keeps them all as
     function inputs; the tiny constants (the symmetric zero point) are Python numbers.
     """
-    why = unsupported(spec)
-    if why:
-        raise CompileError(f"TVM cannot build {spec.model_type}: {why}")
+    # its rotary tables are fixed when built: a rope that changes with the call's length is refused first
+    check_fixed_tables(spec.ropes, max_len, "the TVM build")
     torch_ops()  # (registers the custom ops the modules call)
     return Decoder(spec, max_len).eval()
 
 
-def unsupported(spec: DecoderSpec) -> str | None:
-    """What of ``spec`` this rebuild cannot build, in words; None when it builds all of it."""
-    return unsupported_ropes(spec)
+def unsupported(spec: DecoderSpec, max_len: int) -> str | None:
+    """What of ``spec`` this rebuild cannot build for ``max_len`` positions, in words; None when it builds all
+    of it."""
+    return unsupported_ropes(spec, max_len)
 
 
 def additive_mask(attention_mask: Any, b: Any, s: Any, p: Any, window: int | None = None) -> Any:
