@@ -58,23 +58,29 @@ def rebuild_checks() -> dict[str, Any]:
     return {"executorch": executorch.unsupported, "tvm": tvm.unsupported}
 
 
-def check_rebuilds(model: Any, plan: Any, profile: Any) -> None:
-    """A decoder the profile's PyTorch-rebuilding backends (ExecuTorch, TVM) cannot build is refused after
-    loading, before minutes of compression, naming the backend, the family, the feature and where it can go."""
+def check_rebuilds(model: Any, plan: Any, profile: Any) -> str | None:
+    """A decoder the plan's own PyTorch-rebuilding backend (ExecuTorch, TVM) cannot build is refused after
+    loading, before minutes of compression, naming the backend, the family, the feature and where it can go.
+    A secondary backend that cannot build it does not stop the run: its step reports "not run" with the
+    reason (``backends.compile_artifact``), and the returned note says so up front."""
     checks = rebuild_checks()
     names = [b for b in dict.fromkeys([plan.backend, *profile.backends]) if b in checks]
     # the rebuilds take decoders at these precisions; anything else they report as "not run" themselves
     if not names or plan.precision not in REBUILT_PRECISIONS or model.kind != "decoder":
-        return
+        return None
     from slm_export.errors import ConfigError
     from slm_export.models.adapters import spec_for
 
     spec = spec_for(model.config, model.weights)
     refused = {b: why for b, why in ((b, check(spec, plan.max_seq_len)) for b, check in checks.items()) if why}
-    for name in names:
-        if name in refused:
-            raise ConfigError(f"{profile.id}'s backend {name} cannot build this {spec.model_type} model: "
-                              f"{refused[name]}. {_elsewhere(set(refused))}")
+    if plan.backend in refused:
+        raise ConfigError(f"{profile.id}'s backend {plan.backend} cannot build this {spec.model_type} model: "
+                          f"{refused[plan.backend]}. {_elsewhere(set(refused))}")
+    skipped = [n for n in names if n in refused]
+    if not skipped:
+        return None
+    return "; ".join(f"{profile.id}'s secondary backend {n} cannot build this {spec.model_type} model "
+                     f"({refused[n]}): its step will not run, the {plan.backend} artifact is built" for n in skipped)
 
 
 def _elsewhere(refusing: set[str]) -> str:
