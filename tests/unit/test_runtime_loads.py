@@ -102,3 +102,11 @@ def test_a_library_for_another_machine_is_not_tried(tmp_path: Path) -> None:
 def test_every_runtime_the_issue_names_has_a_check() -> None:
     assert {r.name for r in RUNTIMES} == {"ONNX Runtime", "ONNX Runtime GenAI", "Optimum ORTModelForCausalLM",
                                           "ExecuTorch LLM runner", "llama.cpp", "TVM", "TensorRT"}
+
+
+def test_a_damaged_gguf_fails_in_llama_cpp(tmp_path: Path) -> None:
+    pytest.importorskip("llama_cpp")
+    (tmp_path / "model.gguf").write_bytes(b"GGUF" + bytes(60))  # the magic, then nothing a reader accepts
+    (row,) = runtime_loads(tmp_path)
+    assert (row["runtime"], row["status"]) == ("llama.cpp", FAILS)
+    assert "model.gguf" in row["detail"]
