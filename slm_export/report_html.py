@@ -48,7 +48,7 @@ STATUS_CLASS = {"loads": "PASS", "fails": "FAIL"}  # the goals' colours
 
 def loads_table_html(r: dict[str, Any]) -> str:
     """Which runtime loads which file (``runtime_loads``): a row per file, a column per runtime."""
-    from slm_export.validation.loads import cell_text, loads_table
+    from slm_export.validation.loads import RUNTIME_NAMES, cell_text, loads_table
 
     if not r.get("runtime_loads"):
         return ""
@@ -57,9 +57,11 @@ def loads_table_html(r: dict[str, Any]) -> str:
     rows = "".join(f"<tr><td><code>{escape(f)}</code></td>" + "".join(
         f"<td class='{STATUS_CLASS.get(cells[(f, n)]['status'], '') if (f, n) in cells else ''}'>"
         f"{escape(cell_text(cells.get((f, n))))}</td>" for n in runtimes) + "</tr>" for f in files)
+    others = [n for n in RUNTIME_NAMES if n not in runtimes]
     return (f"<h2>Runtimes that load these files</h2><table id=runtime-loads><tr><th>file</th>{head}</tr>{rows}"
             "</table><p><small>A load, no generation; \"not checked here\": the runtime is not installed where "
-            "this was validated.</small></p>")
+            "this was validated." + (f" No file of this artifact is for {escape(', '.join(others))}." if others
+                                     else "") + "</small></p>")
 
 
 def _notes(r: dict[str, Any]) -> str:

@@ -168,7 +168,7 @@ def _backends(r: dict[str, Any]) -> list[str]:
 
 def _loads(r: dict[str, Any]) -> list[str]:
     """Which runtime loads which file: a row per file, a column per runtime that is meant for one of them."""
-    from slm_export.validation.loads import cell_text, loads_table
+    from slm_export.validation.loads import RUNTIME_NAMES, cell_text, loads_table
 
     if not r.get("runtime_loads"):
         return []
@@ -181,7 +181,8 @@ def _loads(r: dict[str, Any]) -> list[str]:
     for f in files:
         lines.append(f"| `{f}` | " + " | ".join(cell_text(cells.get((f, n))).replace("|", "\\|") for n in runtimes)
                      + " |")
-    return lines
+    others = [n for n in RUNTIME_NAMES if n not in runtimes]
+    return lines + ([f"\nNo file of this artifact is for {', '.join(others)}."] if others else [])
 
 
 def _roofline(r: dict[str, Any]) -> list[str]:

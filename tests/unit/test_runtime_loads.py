@@ -48,6 +48,7 @@ def test_the_reports_say_onnx_runtime_and_genai_load_the_host_artifact(artifact:
     md = (artifact / "report.md").read_text()
     assert "## Runtimes that load these files" in md
     assert f"| `{runtime_file}` | loads | loads |" in md.replace(" | -", "")
+    assert "No file of this artifact is for ExecuTorch LLM runner, llama.cpp, TVM, TensorRT." in md
     html = (artifact / "report.html").read_text()
     assert "id=runtime-loads" in html
     assert "ONNX Runtime GenAI" in html
