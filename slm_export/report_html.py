@@ -21,7 +21,7 @@ def render_html(r: dict[str, Any]) -> str:
              f"<style>{CSS}</style></head><body>", f"<h1>{escape(title)}</h1>",
              f"<p class='verdict {escape(r['verdict'].split()[0])}' id=verdict>Verdict: {escape(r['verdict'])}</p>",
              _summary_table(r), _goals_table(r), "<h2>Measured speed against the target's bounds</h2>",
-             speed_chart(r), "<h2>Per-layer error</h2>", layer_chart(r), _notes(r),
+             speed_chart(r), "<h2>Per-layer error</h2>", layer_chart(r), loads_table_html(r), _notes(r),
              "<p><small>The full tables (every metric, layer, stage and the plan) are in report.md and "
              "report.json beside this file.</small></p></body></html>"]
     return "\n".join(parts)
@@ -41,6 +41,27 @@ def _goals_table(r: dict[str, Any]) -> str:
         f"<td>{escape(fmt(g.get('value')))}</td><td class={escape(g['status'])}>{escape(g['status'])}</td></tr>"
         for g in r["goals"])
     return f"<h2>Goals</h2><table id=goals><tr><th>metric</th><th>goal</th><th>value</th><th></th></tr>{rows}</table>"
+
+
+STATUS_CLASS = {"loads": "PASS", "fails": "FAIL"}  # the goals' colours
+
+
+def loads_table_html(r: dict[str, Any]) -> str:
+    """Which runtime loads which file (``runtime_loads``): a row per file, a column per runtime."""
+    from slm_export.validation.loads import RUNTIME_NAMES, cell_text, loads_table
+
+    if not r.get("runtime_loads"):
+        return ""
+    files, runtimes, cells = loads_table(r["runtime_loads"])
+    head = "".join(f"<th>{escape(n)}</th>" for n in runtimes)
+    rows = "".join(f"<tr><td><code>{escape(f)}</code></td>" + "".join(
+        f"<td class='{STATUS_CLASS.get(cells[(f, n)]['status'], '') if (f, n) in cells else ''}'>"
+        f"{escape(cell_text(cells.get((f, n))))}</td>" for n in runtimes) + "</tr>" for f in files)
+    others = [n for n in RUNTIME_NAMES if n not in runtimes]
+    return (f"<h2>Runtimes that load these files</h2><table id=runtime-loads><tr><th>file</th>{head}</tr>{rows}"
+            "</table><p><small>A load, no generation; \"not checked here\": the runtime is not installed where "
+            "this was validated." + (f" No file of this artifact is for {escape(', '.join(others))}." if others
+                                     else "") + "</small></p>")
 
 
 def _notes(r: dict[str, Any]) -> str:

@@ -87,7 +87,7 @@ def render_markdown(r: dict[str, Any]) -> str:
     """The report for people: the summary (at most 25 lines), then notes, goals, metrics, compression, backends,
     roofline, stages, plan and versions."""
     lines = summary(r)
-    for section in (_notes, _goals, _metrics, _compression, _backends, _roofline, _stages):
+    for section in (_notes, _goals, _metrics, _compression, _backends, _loads, _roofline, _stages):
         lines += section(r)
     lines += ["", "## Plan", "", "```json", json.dumps(r["plan"], indent=2), "```", ""]
     lines += ["## Versions", ""] + [f"- {k}: {v}" for k, v in r["versions"].items()] + [""]
@@ -164,6 +164,25 @@ def _backends(r: dict[str, Any]) -> list[str]:
         for k, v in (b.get("details") or {}).items():
             lines.append(f"  - {k}: {fmt(v) if not isinstance(v, str) else f'`{v}`'}")
     return lines
+
+
+def _loads(r: dict[str, Any]) -> list[str]:
+    """Which runtime loads which file: a row per file, a column per runtime that is meant for one of them."""
+    from slm_export.validation.loads import RUNTIME_NAMES, cell_text, loads_table
+
+    if not r.get("runtime_loads"):
+        return []
+    files, runtimes, cells = loads_table(r["runtime_loads"])
+    lines = ["", "## Runtimes that load these files", "",
+             "Each file opened by each runtime meant for it, as an application would (a load, no generation); "
+             "\"not checked here\": the runtime is not installed on the machine that validated, so nothing is "
+             "claimed; \"-\": not that runtime's file.", "", "| file | " + " | ".join(runtimes) + " |",
+             "|---|" + "---|" * len(runtimes)]
+    for f in files:
+        lines.append(f"| `{f}` | " + " | ".join(cell_text(cells.get((f, n))).replace("|", "\\|") for n in runtimes)
+                     + " |")
+    others = [n for n in RUNTIME_NAMES if n not in runtimes]
+    return lines + ([f"\nNo file of this artifact is for {', '.join(others)}."] if others else [])
 
 
 def _roofline(r: dict[str, Any]) -> list[str]:

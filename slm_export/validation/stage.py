@@ -31,11 +31,14 @@ def validate_file(model: Any, path: Path, plan: Any, settings: Any, progress: Pr
 def further_runs(model: Any, folder: Path, results: list[Any], validated: str, plan: Any, profile: Any,
                   settings: Any, stages: Any, runs: dict[str, Any],
                   progress: Progress | None) -> dict[str, Any]:
-    """The cross-checks of the other backends' files on the host, then the emulated runs of the target's own
-    files (each a stage of its own); their metrics, with their details put in ``runs``."""
+    """Which runtime loads which file (stage ``loads``), the cross-checks of the other backends' files on the
+    host, then the emulated runs of the target's own files (each a stage of its own); their metrics, with their
+    details put in ``runs``."""
     from slm_export.text import load_text
     from slm_export.validation import runs as checks
+    from slm_export.validation.loads import runtime_loads
 
+    runs["loads"] = stages.run("loads", lambda: runtime_loads(folder))
     text = load_text(plan.eval_data, "evaluation")
     metrics: dict[str, Any] = {}
     if any(r.status == "done" and r.runtime_model and r.runtime_model != validated for r in results):

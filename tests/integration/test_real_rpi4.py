@@ -48,7 +48,7 @@ def test_rpi4_default_export(rpi4_artifact: Path) -> None:
     assert report["metrics"]["decode_tokens_per_s_p50"]["where"].startswith("measured on host")
     assert report["roofline"]["rpi4b_decode_tokens_per_s_bound"] > 0
     assert [s["name"] for s in report["stages"]] == ["load", "compress", "export", "compile", "validate",
-                                                     "crosscheck", "emulate"]
+                                                     "loads", "crosscheck", "emulate"]
     # The TVM library (rpi4b's second backend) is cross-checked on the host against model.ort, then both
     # aarch64 files run under QEMU with the target's CPU model, each compared with its host run.
     m = report["metrics"]
@@ -79,6 +79,6 @@ def test_validate_existing_artifact(rpi4_artifact: Path, capsys: pytest.CaptureF
     assert code == 0, out
     report = json.loads(out)
     assert report["verdict"] == "PASS"
-    assert [s["name"] for s in report["stages"]][-3:] == ["load", "validate", "crosscheck"]
+    assert [s["name"] for s in report["stages"]][-4:] == ["load", "validate", "loads", "crosscheck"]
     assert report["emulation"] == []
     assert not any(k.startswith("emulated_") for k in report["metrics"])

@@ -45,7 +45,7 @@ def test_fp32_emulated_run_matches_the_host_run(tiny_models: dict[str, Path], tm
     # and the host TVM build against the validated ORT file
     assert m["tvm_agreement_with_validated"]["value"] >= 0.999
     assert m["tvm_greedy_equals_validated"]["value"] is True
-    assert [s["name"] for s in report["stages"]][-3:] == ["validate", "crosscheck", "emulate"]
+    assert [s["name"] for s in report["stages"]][-4:] == ["validate", "loads", "crosscheck", "emulate"]
     goals = {g["metric"]: g["status"] for g in report["goals"]}
     assert goals["emulated_onnxruntime_agreement_with_host"] == goals["emulated_tvm_agreement_with_host"] == "PASS"
     assert goals["tvm_greedy_equals_validated"] == "PASS"

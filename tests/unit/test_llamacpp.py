@@ -256,6 +256,8 @@ def test_export_cross_checks_the_gguf(models: dict[str, Path], tmp_path: Path) -
     if runtime_version() is None:
         return
     assert [c["file"] for c in report["crosschecks"]] == [GGUF_FILE]
+    loads = {(r["file"], r["runtime"]): r["status"] for r in report["runtime_loads"]}
+    assert loads[(GGUF_FILE, "llama.cpp")] == "loads"  # the reports' table of which runtime loads which file
     m = report["metrics"]
     for name in ("perplexity", "top1_agreement", "agreement_with_validated", "greedy_equals_reference",
                  "decode_tokens_per_s_p50"):

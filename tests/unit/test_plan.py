@@ -3,6 +3,7 @@ every refusal, and every note the user reads about them, in one place."""
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -10,9 +11,23 @@ import pytest
 
 from slm_export.errors import ConfigError, SlmExportError, UnsupportedByTarget
 from slm_export.planning import IGNORED, make_plan
-from slm_export.targets import get_target
+from slm_export.targets import TargetProfile, get_target
 
 M = "smollm2-135m"
+# Profiles a user writes to get a GGUF (no built-in one names llamacpp): the host's, with these backends.
+GGUF_PROFILES = {"host-llamacpp": '["llamacpp"]', "host-gguf": '["onnxruntime", "llamacpp"]'}
+
+
+def _profile(target: str, tmp_path: Path) -> TargetProfile:
+    if target not in GGUF_PROFILES:
+        return get_target(target)
+    text = (resources.files("slm_export.targets") / "profiles" / "host.toml").read_text()
+    text = text.replace('id = "host"', f'id = "{target}"').replace('order = ["onnxruntime"]',
+                                                                 f"order = {GGUF_PROFILES[target]}")
+    text = "\n".join("aliases = []" if line.startswith("aliases =") else line for line in text.splitlines())
+    path = tmp_path / f"{target}.toml"
+    path.write_text(text + "\n")
+    return get_target(target_file=path)
 
 # (target, precision, options, decisions the plan must hold, words one note must contain)
 CASES: list[tuple[str, str | None, dict[str, Any], dict[str, Any], str | None]] = [
@@ -41,13 +56,24 @@ CASES: list[tuple[str, str | None, dict[str, Any], dict[str, Any], str | None]] 
     ("host", "fp32", {"sparsity": "2:4", "sparsity_ratio": 0.3}, {}, IGNORED + "--sparsity-ratio"),
     ("host", "int4", {"damp": 0.05}, {"damp": 0.05}, None),
     ("host", "int4", {"method": "rtn", "damp": 0.05}, {}, IGNORED + "--damp applies to methods that round with GPTQ"),
+    # llama.cpp: Q4_0's signed d, so symmetric int4 takes signed scales; Q8_0 is symmetric, so int8 is by default;
+    # asymmetric int4 is Q4_1, kept; the head stays float unless asked (ONNX Runtime is not the first backend)
+    ("host-llamacpp", "int4", {"symmetric": True}, {"signed_scales": True, "lm_head_bits": 0, "group_size": 32},
+     "llama.cpp's Q4_0 grid"),
+    ("host-llamacpp", "int8", {}, {"symmetric": True, "method": "rtn"}, "GGUF's Q8_0 blocks"),
+    ("host-llamacpp", "int4", {"method": "rtn"}, {"symmetric": False, "lm_head_bits": 0}, None),
+    ("host-llamacpp", "int4", {"method": "rtn", "group_size": 64}, {"group_size": 64}, None),
+    # a secondary llamacpp backend: the ONNX Runtime artifact is still built, the note says why no GGUF
+    ("host-gguf", "int4", {"method": "rtn"}, {"lm_head_bits": 8, "symmetric": False},
+     "no GGUF for llamacpp, whose blocks cannot hold these weights: asymmetric int8 LM head"),
+    ("host-gguf", "int4", {"method": "rtn", "symmetric": True}, {"signed_scales": True, "lm_head_bits": 8}, None),
 ]
 
 
 @pytest.mark.parametrize(("target", "precision", "options", "decisions", "note"), CASES)
 def test_decisions_and_notes(target: str, precision: str | None, options: dict[str, Any], decisions: dict[str, Any],
                              note: str | None, tmp_path: Path) -> None:
-    plan = make_plan(get_target(target), M, tmp_path / "o", precision, **options)
+    plan = make_plan(_profile(target, tmp_path), M, tmp_path / "o", precision, **options)
     got = {k: getattr(plan, k) for k in decisions}
     assert got == decisions
     if note:
@@ -80,6 +106,15 @@ REFUSALS: list[tuple[str, str | None, dict[str, Any], type[SlmExportError], str]
     ("jetson-tx2", "int8", {}, UnsupportedByTarget, "Supported on jetson-tx2: fp32, fp16"),
     ("fpga-zcu104", None, {"method": "rtn"}, UnsupportedByTarget, "power-of-two"),
     ("host", "fp32", {"no_such_option": 1}, ConfigError, "unknown option(s): no_such_option"),
+    # llamacpp as the plan's own backend: what no GGUF block holds is refused before any work, with the reason
+    ("host-llamacpp", "int4", {"method": "rtn", "group_size": 16}, ConfigError, "must be a multiple of 32"),
+    ("host-llamacpp", "int8", {"method": "smoothquant"}, ConfigError, "(W8A8)"),
+    ("host-llamacpp", "int8", {"method": "dynamic"}, ConfigError, "(W8A8)"),
+    ("host-llamacpp", "int8", {"symmetric": False}, ConfigError, "Q8_0, GGUF's int8 block, is symmetric"),
+    ("host-llamacpp", "int4", {"method": "rtn", "lm_head_bits": 8}, ConfigError, "asymmetric int8 LM head"),
+    ("host-llamacpp", "int4", {"method": "rtn", "lm_head_bits": 4, "lm_head_hot": 0.1}, ConfigError,
+     "also builds for llamacpp"),
+    ("host-llamacpp", None, {"max_ppl_increase": 5.0}, ConfigError, "Q8_0 is symmetric"),
 ]
 
 
@@ -87,7 +122,7 @@ REFUSALS: list[tuple[str, str | None, dict[str, Any], type[SlmExportError], str]
 def test_refusals(target: str, precision: str | None, options: dict[str, Any], error: type[SlmExportError],
                   words: str, tmp_path: Path) -> None:
     with pytest.raises(error) as caught:
-        make_plan(get_target(target), M, tmp_path / "o", precision, **options)
+        make_plan(_profile(target, tmp_path), M, tmp_path / "o", precision, **options)
     assert words in str(caught.value)
 
 
