@@ -18,7 +18,6 @@ from slm_export.calibration.quant import QuantizedTensor
 from slm_export.calibration.rotation import Rotation
 from slm_export.calibration.sequential import (
     capture_layer_inputs,
-    collect_stats,
     decoder_layers,
     run_layer,
     sequential_calibration,
@@ -31,7 +30,6 @@ from slm_export.models.traits import ArchTraits, traits_for
 from tests.families import FAMILIES, VARIANTS, WINDOW, family_config
 
 ALL = [*FAMILIES, *VARIANTS]
-IDS = torch.randint(2, 384, (2, 12), generator=torch.Generator().manual_seed(1))  # 12 tokens: windows of 4 bite
 
 
 @cache
@@ -43,12 +41,28 @@ def _tokenizer() -> Any:
     return train(Path(tempfile.mkdtemp(prefix="cmpfam-tok-")))
 
 
+@cache
+def text_ids() -> torch.Tensor:
+    """Two 12-token windows of the built-in text (windows of 4 bite), drawn apart from the calibration samples:
+    static int8 activation scales are calibrated for text, not for random token ids."""
+    from slm_export.calibration.data import load_calibration
+
+    return torch.from_numpy(load_calibration(_tokenizer(), None, 2, 12, seed=7).ids.astype("int64"))
+
+
 def family_model(name: str) -> LoadedModel:
-    """The family's seeded random model (as ``make_family_model`` builds it), loaded in memory."""
+    """The family's seeded random model (as ``make_family_model`` builds it), loaded in memory, with its norms'
+    weights and every bias moved off their initial ones and zeros, so that a fold forgetting a bias or an offset
+    changes the function."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     module = AutoModelForCausalLM.from_config(family_config(name)).eval()
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for n, p in module.named_parameters():
+            if n.endswith(".bias") or (p.dim() == 1 and ("norm" in n or ".ln_" in n)):
+                p.add_(torch.randn(p.shape, generator=gen) * 0.3)
     return LoadedModel(name, name, "hf", "decoder", module.config, _tokenizer(), dict(module.state_dict()),
                        "test", [module])
 
@@ -63,7 +77,7 @@ def work_module(model: LoadedModel, traits: ArchTraits) -> nn.Module:
 
 def logits(module: nn.Module) -> torch.Tensor:
     with torch.no_grad():
-        return module(IDS).logits
+        return module(text_ids()).logits
 
 
 def layer_modules(model: LoadedModel, traits: ArchTraits) -> dict[str, nn.Module]:
@@ -72,7 +86,8 @@ def layer_modules(model: LoadedModel, traits: ArchTraits) -> dict[str, nn.Module
 
     out = {}
     for i, layer in enumerate(decoder_layers(model.torch_module())):
-        out.update({f"{traits.layers}.{i}.{n}": m for n, m in layer.named_modules() if isinstance(m, nn.Linear | Conv1D)})
+        out.update({f"{traits.layers}.{i}.{n}": m for n, m in layer.named_modules()
+                    if isinstance(m, nn.Linear | Conv1D)})
     return out
 
 
@@ -80,7 +95,7 @@ def layer_modules(model: LoadedModel, traits: ArchTraits) -> dict[str, nn.Module
 def test_traits_name_modules_the_model_has(name: str) -> None:
     model = family_model(name)
     traits = traits_for(model.model_type, model.config)
-    assert traits is traits_of(model.torch_module()) or traits == traits_of(model.torch_module())
+    assert traits == traits_of(model.torch_module())
     layer = decoder_layers(model.torch_module())[0]
     named = {p for p, readers in traits.scale_groups + traits.projection_groups for p in (p, *readers)}
     named -= {g for g, _ in traits.projection_groups}  # projection groups' own names are labels
@@ -91,7 +106,8 @@ def test_traits_name_modules_the_model_has(name: str) -> None:
     grouped = {m for _, members in traits.projection_groups for m in members}
     assert not traits.projection_groups or grouped == linears  # the budget's groups cover every linear once
     top = model.torch_module()
-    assert traits.embed in model.weights and (traits.lm_head in model.weights or traits.lm_head == "lm_head.weight")
+    assert traits.embed in model.weights
+    assert traits.lm_head in model.weights
     assert submodule(top, traits.final_norm) is not None or submodule(top, traits.head_proj) is not None
 
 
@@ -170,7 +186,8 @@ def test_searched_scales_fold_without_changing_the_function(name: str, method: s
 
     batches = [torch.randint(2, 384, (2, 32), generator=torch.Generator().manual_seed(3))]
     sequential_calibration(work, batches, step, want_hessian=False)
-    assert len(seen) == len(decoder_layers(work)) and all(seen)
+    assert len(seen) == len(decoder_layers(work))
+    assert all(seen)  # every layer folded at least one group
     torch.testing.assert_close(logits(work), logits(model.torch_module()), atol=1e-4, rtol=1e-4)
 
 
@@ -186,14 +203,14 @@ def test_input_groups_leave_out_a_norm_without_weights() -> None:
 @pytest.mark.parametrize("name", ["qwen2", "gemma2", "gemma3_text"])
 def test_each_layer_is_calibrated_with_its_own_arguments(name: str) -> None:
     module = family_model(name).torch_module()
-    first, per_layer = capture_layer_inputs(module, [IDS])
+    first, per_layer = capture_layer_inputs(module, [text_ids()])
     sliding, full = per_layer[1 if name == "qwen2" else 0][0], per_layer[0 if name == "qwen2" else 1][0]
     assert set(sliding) == set(full)
     differ = [k for k in full if not _same(sliding[k], full[k])]
     assert "attention_mask" in differ
     if name == "gemma3_text":
         assert "position_embeddings" in differ  # local and global rotary bases
-    assert IDS.shape[1] > WINDOW
+    assert text_ids().shape[1] > WINDOW
 
     def replay(kwargs_of: Any) -> torch.Tensor:
         hidden = [(first[0], {})]
@@ -221,19 +238,20 @@ def _same(a: Any, b: Any) -> bool:
 
 @pytest.mark.parametrize("name", ALL)
 def test_every_layer_gets_the_arguments_the_model_gives_it(name: str) -> None:
-    # Replaying the layers over the captured arguments reproduces the model's last hidden state exactly.
+    # The stage's layer-by-layer pass over an unchanged model ends on the model's own last hidden state, exactly.
     module = family_model(name).torch_module()
     traits = traits_of(module)
-    first, per_layer = capture_layer_inputs(module, [IDS])
-    hidden = [(first[0], {})]
-    for i, layer in enumerate(decoder_layers(module)):
-        hidden = run_layer(layer, [(hidden[0][0], per_layer[i][0])])
+    out: list[torch.Tensor] = []
+    steps: list[int] = []
+    sequential_calibration(module, [text_ids()], lambda i, layer, stats, inputs: steps.append(i), want_hessian=False,
+                           final=lambda hidden: out.extend(h for h, _ in hidden))
+    assert steps == list(range(len(decoder_layers(module))))
     tail = submodule(module, traits.final_norm) or submodule(module, traits.head_proj)
     got: list[torch.Tensor] = []
     hook = tail.register_forward_pre_hook(lambda m, a: got.append(a[0]))
     logits(module)
     hook.remove()
-    torch.testing.assert_close(hidden[0][0], got[0], atol=0, rtol=0)
+    torch.testing.assert_close(out[0], got[0], atol=0, rtol=0)
 
 
 def fake_quantized(model: LoadedModel, weights: dict[str, Any], static: bool) -> nn.Module:
@@ -254,12 +272,12 @@ def fake_quantized(model: LoadedModel, weights: dict[str, Any], static: bool) ->
 
 CONFIGS = {
     "rtn": CompressConfig("int4", "rtn", 32),
-    "awq-gptq": CompressConfig("int4", "awq-gptq", 32, calib_samples=4, calib_seqlen=32, lm_head_bits=4),
+    "awq-gptq": CompressConfig("int4", "awq-gptq", 32, calib_samples=2, calib_seqlen=24, lm_head_bits=4),
     "w8a8": CompressConfig("int8", "smoothquant", calib_samples=4, calib_seqlen=32, rotate=64),
 }
 # Relative logit error ||q - f|| / ||f|| of the fake-quantized model: random weights (initializer 0.2) and int4
 # groups of 32 lose much more than a trained model; these bounds catch a wrong fold, layout or argument.
-BOUND = {"rtn": 0.35, "awq-gptq": 0.35, "w8a8": 0.12}
+BOUND = {"rtn": 0.6, "awq-gptq": 0.6, "w8a8": 0.3}
 
 
 @pytest.mark.parametrize("method", sorted(CONFIGS))
@@ -285,7 +303,7 @@ def test_compress_every_family(name: str, method: str) -> None:
         scaled = {n.rsplit(".", 1)[0].split(".", 1 + traits.layers.count(".") + 1)[-1] for n, (c, _) in
                   result.channel_scales.items() if c is not None and n != traits.lm_head}
         assert scaled == {r for _, readers in traits.scale_groups for r in readers}  # folds exactly the traits'
-        assert any(traits.norm_offset == 0 or "norm" in n for n in result.notes[0:1]) or result.notes
+        assert any(n.startswith("awq-gptq: per-channel scales folded into each layer's") for n in result.notes)
     ref = logits(model.torch_module())
     got = logits(fake_quantized(model, result.weights, static=method == "w8a8"))
     rel = float((got - ref).norm() / ref.norm())
@@ -299,7 +317,8 @@ def test_awq_head_folds_into_opt_project_out() -> None:
     assert traits.head_producer(model.weights) == ("model.decoder.project_out", True)
     result = compress(model, CONFIGS["awq-gptq"])
     s = result.channel_scales[traits.lm_head][0]
-    assert s is not None and float((s - 1).abs().max()) > 1e-3
+    assert s is not None
+    assert float((s - 1).abs().max()) > 1e-3
     torch.testing.assert_close(result.weights["model.decoder.project_out.weight"],
                                model.weights["model.decoder.project_out.weight"] / s[:, None])
 
@@ -309,4 +328,5 @@ def test_layernorm_head_fold_divides_the_bias_too() -> None:
     traits = traits_for(model.model_type, model.config)
     result = compress(model, CONFIGS["awq-gptq"])
     s = result.channel_scales[traits.lm_head][0]
-    torch.testing.assert_close(result.weights[traits.final_norm + ".bias"], model.weights[traits.final_norm + ".bias"] / s)
+    bias = traits.final_norm + ".bias"
+    torch.testing.assert_close(result.weights[bias], model.weights[bias] / s)
