@@ -38,7 +38,8 @@ def _tokenizer() -> Any:
 
     from tests.conftest import _tokenizer as train
 
-    return train(Path(tempfile.mkdtemp(prefix="cmpfam-tok-")))
+    with tempfile.TemporaryDirectory() as folder:  # the trained tokenizer lives in memory; its files can go
+        return train(Path(folder))
 
 
 @cache
