@@ -29,7 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
     sub = p.add_subparsers(dest="command")
     e = sub.add_parser("export", help="export, compile and validate a model for a target (the default command)")
-    e.add_argument("--model", "-m", required=True, help="built-in name, GGUF file or Hugging Face folder")
+    e.add_argument("--model", "-m", required=True,
+                   help="built-in name, GGUF file, Hugging Face folder, or Hub id org/name[@revision]")
     e.add_argument("--target", "-t", default=None, help="target id or alias (see `slm-export targets`)")
     e.add_argument("--target-file", help="a TOML profile of your own device")
     e.add_argument("--out", "-o", help="artifact folder (default: build/<target>): written only when absent, empty or "

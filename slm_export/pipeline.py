@@ -132,9 +132,10 @@ def _stages(plan: Plan, profile: TargetProfile, settings: ValidationSettings, tm
 
     stages = Stages(progress)
     model = stages.run("load", lambda: load_model(plan.model), lambda m: m.weight_bytes)
+    rebuild_note = preflight.check_rebuilds(model, plan, profile)
     need[0] = preflight.predicted_bytes(model, plan, profile)
     output.check_space(tmp, need[0])
-    notes = [n for n in [preflight.check_eval_tokens(model, plan, settings)] if n]
+    notes = [n for n in [rebuild_note, preflight.check_eval_tokens(model, plan, settings)] if n]
     compressed = _compress(model, plan, stages, progress)
     exported, results, runtime_file = _export_compile(model, plan, profile, tmp, compressed, stages)
     metrics, runs = _validate(model, plan, profile, settings, tmp, results, runtime_file, stages, progress)

@@ -14,8 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from slm_export import output
-from slm_export.calibration.config import W8A8_METHODS, CompressConfig
+from slm_export.calibration.config import FOLDING_METHODS, W8A8_METHODS, CompressConfig
 from slm_export.errors import ConfigError, UnsupportedByTarget
+from slm_export.models.adapters import TRAITS
+from slm_export.models.hub import parse_hub_id
+from slm_export.models.loader import ENCODER_TYPES, peek_model_type
 from slm_export.options import check_values, given, unread
 from slm_export.plan import IMPLEMENTED_PRECISIONS, QUANTIZED, Plan
 from slm_export.targets import TargetProfile
@@ -37,6 +40,7 @@ class Draft:
     values: dict[str, Any]
     user: set[str]
     notes: list[str] = field(default_factory=list)
+    model_type: str | None = None  # from the model's config when it can be read before loading
 
     def has(self, name: str) -> bool:
         return self.values.get(name) is not None
@@ -73,6 +77,12 @@ def profile_precision(d: Draft) -> None:
     if d.precision is not None:
         return
     d.precision = d.profile.default_precision
+    if d.precision in QUANTIZED and d.model_type in ENCODER_TYPES:
+        p = d.profile
+        fallback = "fp16" if p.gpu is not None and "fp16" in p.precisions else "fp32"
+        d.notes.append(f"{p.id}'s default precision {d.precision} quantizes decoder weights; {d.model_type} is an "
+                       f"encoder, exported at {fallback}")
+        d.precision = fallback
     if d.precision not in IMPLEMENTED_PRECISIONS:
         p = d.profile
         fallback = "fp16" if p.gpu is not None and "fp16" in p.precisions else "fp32"
@@ -93,6 +103,10 @@ def method(d: Draft) -> None:
     if d.precision not in QUANTIZED or d.has("method"):
         return
     d.values["method"] = d.profile.int8_method if d.precision == "int8" else DEFAULT_METHOD[d.precision]
+    if d.method in FOLDING_METHODS and d.model_type in TRAITS and not TRAITS[d.model_type].folds_scales:
+        fallback = "gptq" if d.precision == "int4" else "dynamic"
+        d.notes.append(f"{d.model_type}: no norm this version folds {d.method}'s channel scales into; using {fallback}")
+        d.values["method"] = fallback
 
 
 def int8_weight_only_note(d: Draft) -> None:
@@ -213,12 +227,14 @@ def make_plan(profile: TargetProfile, model: str, out: str | Path, precision: st
     """Fill every decision the user did not make from the profile, then let the profile check it.
 
     ``options`` are further ``Plan`` fields by name (method, group_size, calib_data, calib_samples, ...)."""
+    parse_hub_id(model)  # refuses a malformed hub id before any work (a path or built-in name passes)
     unknown = set(options) - set(Plan.__dataclass_fields__)
     if unknown:
         raise ConfigError(f"unknown option(s): {', '.join(sorted(unknown))}")
     values = {k: v for k, v in options.items() if v is not None}
     check_values(Plan, values)
-    draft = Draft(profile, precision, values, set(given(Plan, values)) - {"emulate", "force"})
+    draft = Draft(profile, precision, values, set(given(Plan, values)) - {"emulate", "force"},
+                  model_type=peek_model_type(model))
     for rule in RULES:
         rule(draft)
     emulate = values.pop("emulate", "auto")

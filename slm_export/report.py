@@ -109,7 +109,7 @@ def build_report(plan: Any, profile: Any, model: Any, exported: Any, results: li
         target={"id": profile.id, "name": profile.name, "origin": profile.origin},
         model={"name": model.name, "path": model.path, "format": model.fmt, "kind": model.kind,
                "architecture": model.model_type, "fingerprint": model.fingerprint,
-               "float32_weight_bytes": model.weight_bytes},
+               "float32_weight_bytes": model.weight_bytes, "hub": _hub(model)},
         plan=plan.to_dict(), artifact={"files": list(exported.files), "bytes": exported.bytes,
                                        "graph_ops": exported.graph_ops, "opset": exported.opset},
         compile=asdict(compiled) if compiled is not None else {"backend": plan.backend, "status": "not run"},
@@ -118,6 +118,12 @@ def build_report(plan: Any, profile: Any, model: Any, exported: Any, results: li
         backends=backends if backends is not None else [asdict(r) for r in results],
         validated_file=validated_file, compression=compression, crosschecks=runs.crosschecks,
         emulation=runs.emulation, device=runs.device, sparsity=sparsity)
+
+
+def _hub(model: Any) -> dict[str, Any] | None:
+    """The repository, revision asked for and commit of a model loaded by hub id; ``None`` for a path or name."""
+    source = getattr(model, "hub", None)
+    return source.to_dict() if source is not None else None
 
 
 def estimate(plan: Any, profile: Any, model: Any, exported: Any) -> dict[str, Any]:

@@ -52,7 +52,24 @@ def compile_artifact(job: CompileJob, name: str | None = None) -> CompileResult:
         return CompileResult(name, "not run",
                              f"the {name} compile step is not part of this version; the artifact is the portable "
                              f"standard-ONNX graph that {name} takes as input")
+    if name != job.plan.backend and job.model_kind == "decoder" and job.model is not None:
+        why = _cannot_rebuild(job, name)
+        if why:
+            return CompileResult(name, "not run", f"{name} cannot build this model: {why}")
     return BACKENDS.get(name).compile(job)
+
+
+def _cannot_rebuild(job: CompileJob, name: str) -> str | None:
+    """What a secondary PyTorch-rebuilding backend (ExecuTorch, TVM) cannot build of this decoder, if anything."""
+    from slm_export.preflight import rebuild_checks
+
+    check = rebuild_checks().get(name)
+    if check is None:
+        return None
+    from slm_export.models.adapters import spec_for
+
+    weights = job.weights if job.weights is not None else job.model.weights
+    return check(spec_for(job.model.config, weights), job.plan.max_seq_len)
 
 
 def compile_all(job: CompileJob) -> list[CompileResult]:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from slm_export.calibration.config import CompressConfig
+from slm_export.calibration.config import FOLDING_METHODS, CompressConfig
 from slm_export.calibration.data import CalibrationSet, load_calibration
 from slm_export.calibration.head import collect_head_inputs, quantize_lm_head
 from slm_export.calibration.layers import layer_quantizer
@@ -31,8 +31,6 @@ from slm_export.models.traits import ArchTraits, traits_for
 from slm_export.sparsity import prune
 
 __all__ = ["CompressConfig", "CompressResult", "compress"]
-
-FOLDING_METHODS = ("awq", "awq-gptq", "smoothquant")  # methods that fold scales into the layers' norms
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from slm_export.options import at_least, between, check_values, opt, power_of_tw
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 METHODS = ("rtn", "gptq", "awq", "awq-gptq", "smoothquant", "dynamic")
 W8A8_METHODS = ("smoothquant", "dynamic")  # int8 activations too: static (calibrated) or per token at run time
+FOLDING_METHODS = ("awq", "awq-gptq", "smoothquant")  # methods that fold scales into the layers' norms
 BITS = {"int8": 8, "int4": 4, "int3": 3}  # everything else (fp32, fp16, bf16, "none") is not quantized
 SPARSITY_METHODS = ("magnitude", "wanda", "sparsegpt")
 COMPRESSION = "compression (int8, int4)"

@@ -8,8 +8,7 @@ Only standard-domain ops, opset 13 and up, so TensorRT, TVM and the FPGA flow ca
 With ``static_len`` (targets that need static shapes, the DPU flow) every shape is fixed: batch 1,
 exactly ``static_len`` tokens (right-padded; the mask hides the padding), and no KV cache inputs or
 outputs; a generation loop recomputes the window for each token.
-Grouped-query attention is done by reshaping the queries into kv-head groups instead of repeating the
-cache, so no step copies the cache more than the one Concat that appends to it.
+The attention (portable and fused forms) is in ``attention.py``, the norms in ``norms.py``.
 
 Graphs for ONNX Runtime (``graph_ops="onnxruntime"``, dynamic shapes) keep the same inputs, outputs and
 meaning (plus the optional ``logits_to_keep``, see ``_keep_last``) but use its fused kernels where decode time goes:
@@ -27,9 +26,12 @@ import numpy as np
 from onnx import TensorProto
 
 from slm_export.calibration.quant import HotRowsTensor, QuantizedTensor
+from slm_export.exporters.attention import attention, fused_attention, softcap
 from slm_export.exporters.graph import GraphBuilder
 from slm_export.exporters.layers import MASK_VALUE, Weights, activation, linear
+from slm_export.exporters.norms import add_norm
 from slm_export.exporters.quantized import quantized_matmul
+from slm_export.exporters.rope_graph import rope_caches, rope_inputs
 from slm_export.models.adapters import DecoderSpec
 from slm_export.runner.onnx_run import KV_CACHE_KEY, KV_SHARED_BUFFER, LOGITS_TO_KEEP
 
@@ -45,18 +47,19 @@ def build_decoder(spec: DecoderSpec, opset: int, precision: str, max_seq_len: in
     ids = b.input("input_ids", I64, [dims[0], dims[1]])
     mask_in = b.input("attention_mask", I64, [dims[0], dims[2]])
     pos = b.input("position_ids", I64, [dims[0], dims[1]])
-    ids_shape, seq, total, mask = _additive_mask(b, ids, mask_in)
+    ids_shape, seq, total, masks = _additive_masks(b, ids, mask_in, {layer.window for layer in spec.layers})
     embed, x = _embed(b, W, spec, ids, pos)
-    fused_attention = graph_ops == "onnxruntime" and static_len is None and spec.rotary_dim in (0, spec.head_dim)
-    rope = None if fused_attention else _rope_inputs(b, spec, pos, max_seq_len)
+    fused_attention_ok = (graph_ops == "onnxruntime" and static_len is None
+                          and all(r.dim == spec.head_dim for r in spec.ropes))
     fused = None
-    if fused_attention:
-        fused = _fused_inputs(b, spec, ids_shape, total, pos, mask, max_seq_len)
+    if fused_attention_ok:
+        fused = _fused_inputs(b, spec, ids_shape, total, pos, masks, max_seq_len)
         # GroupQueryAttention appends in place when past and present are one buffer (capacity x head
         # dim, seqlens_k telling the filled length): the runner then keeps one cache per layer instead
         # of copying the whole cache into a new present every step.
         b.metadata[KV_CACHE_KEY] = KV_SHARED_BUFFER
-    x = _blocks(b, W, spec, x, mask, rope, fused, cache=static_len is None)
+    ropes = {} if fused is not None else _rope_inputs(b, spec, pos, max_seq_len)
+    x = _blocks(b, W, spec, x, masks, ropes, fused, cache=static_len is None)
     logits_seq = dims[1]
     if fused is not None:
         x, ids_shape = _keep_last(b, x, seq)
@@ -66,78 +69,119 @@ def build_decoder(spec: DecoderSpec, opset: int, precision: str, max_seq_len: in
     return b
 
 
-def _additive_mask(b: GraphBuilder, ids: str, mask_in: str) -> tuple[str, str, str, str]:
-    """The input ids' shape, the new tokens' and the total length, and the additive mask [batch, 1, seq,
-    total]: causal over the past and the new tokens, padding (``attention_mask`` 0) hidden."""
+def _additive_masks(b: GraphBuilder, ids: str, mask_in: str, windows: set[int | None]
+                    ) -> tuple[str, str, str, dict[int | None, str]]:
+    """The input ids' shape, the new tokens' and the total length, and for each window the layers use the
+    additive mask [batch, 1, seq, total]: causal over the past and the new tokens, padding
+    (``attention_mask`` 0) hidden, and with a window W only the W latest positions up to the query's own
+    (transformers' sliding windows: key index > query index - W)."""
     ids_shape = b.op("Shape", [ids])
     seq = b.op("Gather", [ids_shape, b.const(1)], axis=0)
     total = b.op("Gather", [b.op("Shape", [mask_in]), b.const(1)], axis=0)
     past_len = b.op("Sub", [total, seq])
-    causal = b.op("LessOrEqual", [b.op("Range", [b.const(0), total, b.const(1)]),
-                                  b.op("Unsqueeze", [b.op("Range", [past_len, total, b.const(1)]), b.const([1])])])
-    pad = b.op("Unsqueeze", [b.op("Cast", [mask_in], to=TensorProto.BOOL), b.const([1, 2])])
-    mask = b.op("Where", [b.op("And", [causal, pad]), b.const(0.0, np.float32), b.const(MASK_VALUE, np.float32)])
-    return ids_shape, seq, total, mask  # type: ignore[return-value]
+    keys = b.op("Range", [b.const(0), total, b.const(1)])
+    queries = b.op("Unsqueeze", [b.op("Range", [past_len, total, b.const(1)]), b.const([1])])
+    causal = b.op("LessOrEqual", [keys, queries])
+    allowed = b.op("And", [causal, b.op("Unsqueeze", [b.op("Cast", [mask_in], to=TensorProto.BOOL), b.const([1, 2])])])
+    masks = {}
+    for window in sorted(windows, key=lambda w: -1 if w is None else w):
+        ok = allowed
+        if window is not None:
+            ok = b.op("And", [allowed, b.op("Less", [b.op("Sub", [queries, keys]), b.const(window)])])
+        masks[window] = b.op("Where", [ok, b.const(0.0, np.float32), b.const(MASK_VALUE, np.float32)])
+    return ids_shape, seq, total, masks  # type: ignore[return-value]
 
 
 def _embed(b: GraphBuilder, W: Weights, spec: DecoderSpec, ids: str, pos: str) -> tuple[str, str]:
-    """The embedding table's name and the embedded tokens (scaled, plus learned positions where the model
-    has them)."""
+    """The embedding table's name and the embedded tokens (scaled, projected to the layers' width where the
+    model has project_in, plus learned positions where the model has them)."""
     embed = W("model.embed", lambda: spec.embed)
     x = b.op("Gather", [embed, ids], axis=0)
     if spec.embed_scale != 1.0:
         x = b.op("Mul", [x, b.const(np.float32(spec.embed_scale), np.float32)])
+    if spec.embed_proj is not None:
+        x = b.op("MatMul", [x, W("model.project_in", lambda: spec.embed_proj[0].T)])  # type: ignore[index]
     if spec.pos_embed is not None:
         x = b.op("Add", [x, b.op("Gather", [W("model.pos_embed", lambda: spec.pos_embed), pos], axis=0)])
     return embed, x  # type: ignore[return-value]
 
 
-def _rope_inputs(b: GraphBuilder, spec: DecoderSpec, pos: str, max_seq_len: int) -> tuple[str, str] | None:
-    """cos and signed sin of every position [batch, 1, seq, rotary_dim], gathered from the tables; None
-    without rotary embeddings."""
-    if spec.rope_theta is None:
-        return None
-    cos_t, sin_t = spec.ropes[0].tables(max_seq_len)
-    cos = b.op("Unsqueeze", [b.op("Gather", [b.init("rope.cos", lambda: cos_t), pos], axis=0), b.const([1])])
-    sin = b.op("Unsqueeze", [b.op("Gather", [b.init("rope.sin", lambda: sin_t), pos], axis=0), b.const([1])])
-    return cos, sin  # type: ignore[return-value]
+def _rope_inputs(b: GraphBuilder, spec: DecoderSpec, pos: str, max_seq_len: int) -> dict[int, tuple[str, str]]:
+    """For each rotary embedding of the spec, cos and signed sin of every position [batch, 1, seq, dim]
+    (``rope_graph``: gathered from its tables, or the kind's length-dependent form)."""
+    return {j: rope_inputs(b, rope, pos, max_seq_len, f"rope{j or ''}") for j, rope in enumerate(spec.ropes)}
 
 
-def _blocks(b: GraphBuilder, W: Weights, spec: DecoderSpec, x: str, mask: str, rope: tuple[str, str] | None,
-            fused: dict[str, str] | None, cache: bool) -> str:
+def _blocks(b: GraphBuilder, W: Weights, spec: DecoderSpec, x: str, masks: dict[int | None, str],  # type: ignore[type-arg]
+            ropes: dict, fused: dict | None, cache: bool) -> str:  # type: ignore[type-arg]
     """Every transformer block, then the final norm; declares the present outputs when there is a cache."""
     kv, d = spec.kv_heads, spec.head_dim
     delta: str | None = None  # the last block's output, not yet added to the residual stream x
     for i, layer in enumerate(spec.layers):
         p = f"layers.{i}"
-        h, x = _add_norm(b, W, spec, x, delta, layer.norm1, f"{p}.norm1")
-        if fused is not None:
-            attn = _fused_attention(b, W, spec, h, layer, i, fused)
+
+        def attend(h: str, layer=layer, i=i) -> str:  # type: ignore[no-untyped-def]
+            if fused is not None:
+                return fused_attention(b, W, spec, h, layer, i, fused)
+            rope = ropes.get(layer.rope) if layer.rope is not None else None
+            return attention(b, W, spec, h, layer, i, masks[layer.window], rope, cache=cache)
+
+        if spec.post_ln:  # OPT's 350m form: x = norm(x + attn(x)), x = norm(x + mlp(x))
+            _, x = add_norm(b, W, spec, x, delta, None, f"{p}.sum")
+            x, _ = add_norm(b, W, spec, x, attend(x), layer.norm1, f"{p}.norm1", keep_sum=False)
+            delta = _mlp(b, W, spec, x, layer, p)
+            x, _ = add_norm(b, W, spec, x, delta, layer.norm2, f"{p}.norm2", keep_sum=False)
+            delta = None
         else:
-            attn = _attention(b, W, spec, h, layer, i, mask, rope, cache=cache)
-        h, x = _add_norm(b, W, spec, x, attn, layer.norm2, f"{p}.norm2")
-        delta = _mlp(b, W, spec, h, layer, p)
+            h, x = add_norm(b, W, spec, x, delta, layer.norm1, f"{p}.norm1")
+            attn = _branch(b, W, spec, attend(h), layer.post_norm1, f"{p}.post_norm1")
+            if spec.parallel:  # attention and MLP read the block input: x + attn + mlp
+                h2 = h if layer.norm2 is None else add_norm(b, W, spec, x, None, layer.norm2, f"{p}.norm2")[0]
+                mlp = _branch(b, W, spec, _mlp(b, W, spec, h2, layer, p), layer.post_norm2, f"{p}.post_norm2")
+                delta = b.op("Add", [attn, mlp])  # type: ignore[assignment]
+            else:
+                h, x = add_norm(b, W, spec, x, attn, layer.norm2, f"{p}.norm2")
+                delta = _branch(b, W, spec, _mlp(b, W, spec, h, layer, p), layer.post_norm2, f"{p}.post_norm2")
         if cache:
             b.output(f"present.{i}.key", F32, ["batch", kv, "total", d])
             b.output(f"present.{i}.value", F32, ["batch", kv, "total", d])
-    x, _ = _add_norm(b, W, spec, x, delta, spec.final_norm, "final_norm", keep_sum=False)
+    x, _ = add_norm(b, W, spec, x, delta, spec.final_norm, "final_norm", keep_sum=False)
     return x
 
 
+def _branch(b: GraphBuilder, W: Weights, spec: DecoderSpec, y: str, post, name: str) -> str:  # type: ignore[no-untyped-def]
+    """A block's attention or MLP output as it joins the residual stream: its post-norm (Gemma 2/3, OLMo 2),
+    then the residual multiplier (Granite)."""
+    if post is not None:
+        y = add_norm(b, W, spec, y, None, post, name)[0]
+    if spec.residual_scale != 1.0:
+        y = b.op("Mul", [y, b.const(np.float32(spec.residual_scale), np.float32)])  # type: ignore[assignment]
+    return y
+
+
 def _lm_head(b: GraphBuilder, W: Weights, spec: DecoderSpec, x: str, embed: str, ids_shape: str) -> None:
-    """The ``logits`` output: the tied embedding table, a hot-rows, quantized or float head."""
+    """The ``logits`` output: the tied embedding table, a hot-rows, quantized or float head; then the head's
+    bias, the logit multiplier and the final soft-cap where the model has them."""
+    if spec.embed_proj is not None:
+        x = b.op("MatMul", [x, W("model.project_out", lambda: spec.embed_proj[1].T)])  # type: ignore[index,assignment]
     if spec.lm_head is None:  # tied: Gemm with transB reads the embedding table as stored, no copy
-        flat = b.op("Reshape", [x, b.const([-1, spec.hidden])])
+        flat = b.op("Reshape", [x, b.const([-1, spec.embed.shape[1]])])
         logits2d = b.op("Gemm", [flat, embed], transB=1)
         out_shape = b.op("Concat", [ids_shape, b.const([spec.vocab])], axis=0)
-        b.op_to("Reshape", [logits2d, out_shape], ["logits"])
+        y = b.op("Reshape", [logits2d, out_shape])
     elif isinstance(spec.lm_head, HotRowsTensor):
-        b.op_to("Identity", [_hot_rows_head(b, W, x, spec.lm_head)], ["logits"])
+        y = _hot_rows_head(b, W, x, spec.lm_head)
     elif isinstance(spec.lm_head, QuantizedTensor):
         y = quantized_matmul(b, x, spec.lm_head, "lm_head.qmatmul", W.graph_ops, W.accuracy_level)
-        b.op_to("Identity", [y], ["logits"])
     else:
-        b.op_to("MatMul", [x, W("lm_head", lambda: spec.lm_head.T)], ["logits"])  # type: ignore[union-attr]
+        y = b.op("MatMul", [x, W("lm_head", lambda: spec.lm_head.T)])  # type: ignore[union-attr]
+    if spec.lm_head_bias is not None:
+        y = b.op("Add", [y, W("lm_head.bias", lambda: spec.lm_head_bias)])
+    if spec.logit_scale != 1.0:
+        y = b.op("Mul", [y, b.const(np.float32(spec.logit_scale), np.float32)])
+    if spec.final_softcap:
+        y = softcap(b, y, spec.final_softcap)
+    b.op_to("Identity", [y], ["logits"])
 
 
 def _hot_rows_head(b: GraphBuilder, W: Weights, x: str, q: HotRowsTensor) -> str:
@@ -172,134 +216,20 @@ def _keep_last(b: GraphBuilder, x: str, seq: str) -> tuple[str, str]:
     return kept, b.op("Slice", [b.op("Shape", [kept]), b.const([0]), b.const([2])])
 
 
-def _add_norm(b: GraphBuilder, W: Weights, spec: DecoderSpec, x: str, delta: str | None, wb, name: str,  # type: ignore[no-untyped-def]
-              keep_sum: bool = True) -> tuple[str, str]:
-    """(norm(x + delta), x + delta); x alone when ``delta`` is None. ONNX Runtime graphs with RMSNorm do
-    both in one com.microsoft.SkipSimplifiedLayerNormalization (its fourth output is the sum), which ORT's
-    optimizer does not fuse from Add + the RMSNorm pattern by itself (ORT 1.32): one kernel instead of
-    two per norm, 60 fewer nodes on smollm2-135m."""
-    if delta is None:
-        return _norm(b, W, spec, x, wb, name), x
-    if W.graph_ops != "onnxruntime" or spec.norm == "layer":
-        x = b.op("Add", [x, delta])  # type: ignore[assignment]
-        return _norm(b, W, spec, x, wb, name), x
-    w = _norm_weight(W, spec, wb[0], name)
-    y, total = b.fresh(f"{name}_out"), (b.fresh(f"{name}_sum") if keep_sum else "")
-    b.op_to("SkipSimplifiedLayerNormalization", [delta, x, w], [y, "", "", total] if keep_sum else [y],
-            domain="com.microsoft", epsilon=float(spec.eps))
-    return y, total
+def _fused_inputs(b: GraphBuilder, spec: DecoderSpec, ids_shape: str, total: str, pos: str,
+                  masks: dict[int | None, str], max_seq_len: int) -> dict:  # type: ignore[type-arg]
+    """What every layer's GroupQueryAttention shares: lengths, each rotary embedding's tables, positions,
+    the masks.
 
-
-def _norm_weight(W: Weights, spec: DecoderSpec, weight, name: str) -> str:  # type: ignore[no-untyped-def]
-    """The norm's scale as stored (Gemma-style ``1 + w`` norms folded in)."""
-    offset = spec.norm_offset
-    return W(f"{name}.weight", lambda: weight + offset if offset else weight)
-
-
-def _norm(b: GraphBuilder, W: Weights, spec: DecoderSpec, x: str, wb, name: str) -> str:  # type: ignore[no-untyped-def]
-    weight, bias = wb
-    w = _norm_weight(W, spec, weight, name)
-    eps = b.const(np.float32(spec.eps), np.float32)
-    if spec.norm == "layer":
-        bias_name = W(f"{name}.bias", lambda: bias)
-        if b.opset >= 17:
-            return b.op("LayerNormalization", [x, w, bias_name], axis=-1, epsilon=spec.eps)  # type: ignore[return-value]
-        x = b.op("Sub", [x, b.reduce_mean(x, [-1])])
-    # ONNX Runtime fuses Pow(x, 2) -> ReduceMean -> Add -> Sqrt -> Div -> Mul into one
-    # SimplifiedLayerNormalization (not with the residual Add before it: see _add_norm); the portable
-    # graphs keep x * x.
-    square = (b.op("Pow", [x, b.const(np.float32(2.0), np.float32)]) if W.graph_ops == "onnxruntime"
-              else b.op("Mul", [x, x]))
-    var = b.reduce_mean(square, [-1])  # type: ignore[arg-type]
-    y = b.op("Mul", [b.op("Div", [x, b.op("Sqrt", [b.op("Add", [var, eps])])]), w])
-    if spec.norm == "layer":
-        y = b.op("Add", [y, bias_name])
-    return y  # type: ignore[return-value]
-
-
-def _rotary(b: GraphBuilder, spec: DecoderSpec, x: str, rope: tuple[str, str]) -> str:
-    cos, sin = rope
-    rd, d = spec.rotary_dim, spec.head_dim
-    x_rot, x_pass = (b.split(x, [rd, d - rd], axis=-1) if rd < d else (x, None))
-    x1, x2 = b.split(x_rot, [rd // 2, rd // 2], axis=-1)
-    swapped = b.op("Concat", [x2, x1], axis=-1)
-    out = b.op("Add", [b.op("Mul", [x_rot, cos]), b.op("Mul", [swapped, sin])])
-    return b.op("Concat", [out, x_pass], axis=-1) if x_pass else out  # type: ignore[return-value]
-
-
-def _fused_inputs(b: GraphBuilder, spec: DecoderSpec, ids_shape: str, total: str, pos: str, mask: str,
-                  max_seq_len: int) -> dict[str, str]:
-    """What every layer's GroupQueryAttention shares: lengths, the rotary tables, positions, the mask.
-
-    The additive mask (causal and padding) goes in as ``attention_bias`` and the positions as
+    The additive masks (causal, padding, windows) go in as ``attention_bias`` and the positions as
     ``position_ids``, so left-padded batches mean what they mean in the standard graph; ``seqlens_k``
     is then the full length for every row."""
     i32 = TensorProto.INT32
     total_i32 = b.op("Cast", [total], to=i32)
     batch = b.op("Gather", [ids_shape, b.const([0])], axis=0)
     seqlens = b.op("Expand", [b.op("Sub", [total_i32, b.const(1, np.int32)]), batch])
-    fused = {"seqlens_k": seqlens, "total": total_i32, "position_ids": pos, "bias": mask, "cos": "", "sin": ""}
-    if spec.rope_theta is not None:
-        cos_t, sin_t = spec.ropes[0].tables(max_seq_len)
-        half = spec.rotary_dim // 2
-        fused["cos"] = b.init("rope.cos_half", lambda: np.ascontiguousarray(cos_t[:, :half]))
-        fused["sin"] = b.init("rope.sin_half", lambda: np.ascontiguousarray(sin_t[:, half:]))
-    return fused
-
-
-def _fused_attention(b: GraphBuilder, W: Weights, spec: DecoderSpec, h: str, layer, i: int,  # type: ignore[no-untyped-def]
-                     fused: dict[str, str]) -> str:
-    """ONNX Runtime graphs: one com.microsoft.GroupQueryAttention per layer on the packed q/k/v
-    projection (rotary, cache append, grouped heads and softmax inside one kernel)."""
-    nh, kv, d = spec.heads, spec.kv_heads, spec.head_dim
-    qkv = linear(b, W, h, f"layers.{i}.qkv", layer.qkv, layer.qkv_bias)
-    past_k = b.input(f"past_key_values.{i}.key", F32, ["batch", kv, "past", d])
-    past_v = b.input(f"past_key_values.{i}.value", F32, ["batch", kv, "past", d])
-    ctx = b.fresh(f"layers.{i}.gqa")
-    b.ms_opset = True
-    b.op_to("GroupQueryAttention",
-            [qkv, "", "", past_k, past_v, fused["seqlens_k"], fused["total"], fused["cos"], fused["sin"],
-             fused["position_ids"] if fused["cos"] else "", fused["bias"]],
-            [ctx, f"present.{i}.key", f"present.{i}.value"], domain="com.microsoft",
-            num_heads=nh, kv_num_heads=kv, do_rotary=int(bool(fused["cos"])), rotary_interleaved=0,
-            scale=float(d ** -0.5))
-    return linear(b, W, ctx, f"layers.{i}.o", (layer.o,), (layer.o_bias,) if layer.o_bias is not None else None)
-
-
-def _attention(b: GraphBuilder, W: Weights, spec: DecoderSpec, h: str, layer, i: int,  # type: ignore[no-untyped-def]
-               mask: str, rope: tuple[str, str] | None, cache: bool = True) -> str:
-    nh, kv, d = spec.heads, spec.kv_heads, spec.head_dim
-    qkv = linear(b, W, h, f"layers.{i}.qkv", layer.qkv, layer.qkv_bias)
-    q, k, v = b.split(qkv, [nh * d, kv * d, kv * d], axis=-1)
-    perm = [0, 2, 1, 3]
-    q = b.op("Transpose", [b.op("Reshape", [q, b.const([0, 0, nh, d])])], perm=perm)
-    k = b.op("Transpose", [b.op("Reshape", [k, b.const([0, 0, kv, d])])], perm=perm)
-    v = b.op("Transpose", [b.op("Reshape", [v, b.const([0, 0, kv, d])])], perm=perm)
-    if rope is not None:
-        q, k = _rotary(b, spec, q, rope), _rotary(b, spec, k, rope)
-    if cache:
-        past_k = b.input(f"past_key_values.{i}.key", F32, ["batch", kv, "past", d])
-        past_v = b.input(f"past_key_values.{i}.value", F32, ["batch", kv, "past", d])
-        b.op_to("Concat", [past_k, k], [f"present.{i}.key"], axis=2)
-        b.op_to("Concat", [past_v, v], [f"present.{i}.value"], axis=2)
-        k_all, v_all = f"present.{i}.key", f"present.{i}.value"
-    else:
-        k_all, v_all = k, v
-    q = b.op("Mul", [q, b.const(np.float32(d ** -0.5), np.float32)])
-    grouped = nh != kv
-    if grouped:  # [B, nh, S, d] -> [B, kv, rep*S, d]: each kv head serves its group of query heads
-        q = b.op("Reshape", [q, b.const([0, kv, -1, d])])
-    scores = b.op("MatMul", [q, b.op("Transpose", [k_all], perm=[0, 1, 3, 2])])
-    if grouped:
-        scores = b.op("Reshape", [scores, b.const([0, nh, -1, 0])])
-    probs = b.op("Softmax", [b.op("Add", [scores, mask])], axis=-1)
-    if grouped:
-        probs = b.op("Reshape", [probs, b.const([0, kv, -1, 0])])
-    ctx = b.op("MatMul", [probs, v_all])
-    if grouped:
-        ctx = b.op("Reshape", [ctx, b.const([0, nh, -1, d])])
-    ctx = b.op("Reshape", [b.op("Transpose", [ctx], perm=perm), b.const([0, 0, nh * d])])
-    return linear(b, W, ctx, f"layers.{i}.o", (layer.o,), (layer.o_bias,) if layer.o_bias is not None else None)
+    ropes = {j: rope_caches(b, rope, pos, max_seq_len, f"rope{j or ''}") for j, rope in enumerate(spec.ropes)}
+    return {"seqlens_k": seqlens, "total": total_i32, "position_ids": pos, "masks": masks, "ropes": ropes}
 
 
 def _rotate(b: GraphBuilder, x: str, rotation: tuple, name: str) -> str:  # type: ignore[type-arg]

@@ -62,12 +62,14 @@ class OnnxExporter:
         manifest = {
             "kind": model.kind, "model_type": model.model_type, "precision": plan.precision,
             "graph_ops": plan.graph_ops, "opset": plan.opset, "tool": "slm-export",
-            # absolute, so that `validate` finds the model from any folder
-            "source_model": source_path(model.path),
+            # absolute, so that `validate` finds the model from any folder; a hub model pinned to its commit
+            "source_model": model.hub.ref if model.hub else source_path(model.path),
             "model_name": model.name, "fingerprint": model.fingerprint, "max_seq_len": plan.max_seq_len,
             "static_seq_len": plan.max_seq_len if plan.static_shapes else None,
             "eos_token_id": _eos(model), "files": [MODEL_FILE, MODEL_FILE + ".data", "tokenizer", "config.json"],
         }
+        if model.hub:
+            manifest["hub"] = model.hub.to_dict()
         write_manifest(out_dir, manifest)
         return ExportResult(path, tuple(manifest["files"]), model_bytes + data_bytes, per_token, 2 * macs,
                             plan.graph_ops, plan.opset)

@@ -78,12 +78,16 @@ def check_tokenizer(tokenizer: Any, rows: int, where: Path | str) -> None:
 
 # config.json fields every supported architecture needs (transformers would silently use a default otherwise).
 _REQUIRED_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size")
-_OPTIONAL_FOR = {"gpt2": ("intermediate_size",)}  # GPT-2's n_inner defaults to 4 x n_embd by definition
+# GPT-2's n_inner defaults to 4 x n_embd by definition; OPT names its MLP width ffn_dim (checked instead).
+_OPTIONAL_FOR = {"gpt2": ("intermediate_size",), "opt": ("intermediate_size",)}
+_EXTRA_FOR = {"opt": ("ffn_dim",)}
+# Spellings a config class does not map itself (its attribute_map covers the others: DistilBERT's dim, n_layers).
+_SPELT_AS = {"distilbert": {"intermediate_size": "hidden_dim"}}
 
 
 def check_config_fields(raw: dict[str, Any], config: Any, path: Path) -> None:
-    alias = dict(getattr(type(config), "attribute_map", {}) or {})
-    for key in _REQUIRED_FIELDS:
+    alias = {**(getattr(type(config), "attribute_map", {}) or {}), **_SPELT_AS.get(config.model_type, {})}
+    for key in (*_REQUIRED_FIELDS, *_EXTRA_FOR.get(config.model_type, ())):
         if key in _OPTIONAL_FOR.get(config.model_type, ()):
             continue
         names = [alias[key], key] if key in alias else [key]

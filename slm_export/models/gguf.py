@@ -1,293 +1,103 @@
-"""A lean GGUF reader: one pass over the header, tensors dequantized one at a time to float32.
+"""A lean GGUF reader: a Hugging Face config and float32 weights under Hugging Face names from one GGUF file.
 
 transformers' own GGUF path parses the file three times and maps names per module (about 17 s and
 2.2x the weights in memory for SmolLM2-135M); this reads the header once and keeps one float32 copy.
-
-Every count, length and offset the file declares is checked against the file's size before it is used,
-so a damaged file ends in a ModelLoadError that names it, never in a struct or numpy error.
+The format lives in ``gguf_file`` (every declared size checked against the file's, so a damaged file ends in
+a ModelLoadError naming it), each architecture's metadata and tensor names in ``gguf_families``.
 """
 
 from __future__ import annotations
 
-import math
 import mmap
 import re
-import struct
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from slm_export.errors import ModelLoadError
+from slm_export.models.gguf_families import FAMILIES, TOP_NAMES, Family, Meta, TensorReader, rope_scaling
+from slm_export.models.gguf_file import ArrayCount, GgufTensorInfo, dequantize, read_gguf
+from slm_export.models.gguf_rope import llama3_rope
 
-# GGUF metadata value types -> struct format (strings and arrays handled apart).
-_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_STRING, _ARRAY = 8, 9
-_MAX_ARRAY_DEPTH = 4  # arrays of arrays exist in the format; deeper nesting is a damaged file, not a model
-_MAX_DIMS = 4  # GGML_MAX_DIMS
-_MAX_ELEMENTS = (1 << 63) - 1  # ggml counts elements in int64
-_MAX_COUNT = (1 << 31) - 1  # sizes, counts and ids are int32 in the exported graphs
-_INTEGER_TYPES = (24, 25, 26, 27)  # I8, I16, I32, I64: not weight formats
-_F64 = 28
-GGUF_VERSIONS = (2, 3)
+__all__ = ["GGUF_ARCHITECTURES", "ArrayCount", "GgufTensorInfo", "gguf_config", "gguf_weights", "read_gguf"]
 
-# GGUF tensor names -> Hugging Face names for the Llama family (llama, mistral, qwen2).
-_LLAMA_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_LLAMA_BLOCK = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2")
+GGUF_ARCHITECTURES = tuple(FAMILIES)
+_BLOCK = re.compile(r"blk\.(\d{1,9})\.(\w+)\.(weight|bias)")
 
 
-@dataclass(frozen=True)
-class GgufTensorInfo:
-    name: str
-    dims: tuple[int, ...]  # GGUF order: fastest-varying first
-    ggml_type: int
-    offset: int
-
-
-class ArrayCount(int):
-    """A metadata array read as its length only (``keep_arrays=False``); ``etype`` is its element type.
-
-    An int, so counts such as ``tokenizer.ggml.tokens`` read as numbers, yet distinguishable from a scalar
-    where the config needs one value and the file holds a per-layer array.
-    """
-
-    etype: int
-
-    def __new__(cls, count: int, etype: int) -> ArrayCount:
-        obj = super().__new__(cls, count)
-        obj.etype = etype
-        return obj
-
-
-class _Damaged(Exception):
-    """Raised inside the parser; ``read_gguf`` turns it into a ModelLoadError naming the file."""
-
-
-class _Cursor:
-    def __init__(self, buf: Any) -> None:
-        self.buf, self.pos = buf, 0
-
-    def need(self, n: int, what: str) -> None:
-        if n > len(self.buf) - self.pos:
-            raise _Damaged(f"{what} at byte {self.pos} needs {n} bytes but the file ends at {len(self.buf)}: "
-                           "truncated or corrupt")
-
-    def take(self, fmt: str, what: str = "a value") -> Any:
-        size = struct.calcsize("<" + fmt)
-        self.need(size, what)
-        value = struct.unpack_from("<" + fmt, self.buf, self.pos)[0]
-        self.pos += size
-        return value
-
-    def string(self, what: str = "a string") -> str:
-        n = self.take("Q", what)
-        self.need(n, f"{what} of {n} bytes")
-        raw = bytes(self.buf[self.pos:self.pos + n])
-        self.pos += n
-        return raw.decode("utf-8", errors="replace")
-
-    def value(self, vtype: int, keep_arrays: bool, what: str, depth: int = 0) -> Any:
-        if vtype in _SCALAR:
-            return self.take(_SCALAR[vtype], what)
-        if vtype == _STRING:
-            return self.string(what)
-        if vtype == _ARRAY:
-            if depth >= _MAX_ARRAY_DEPTH:
-                raise _Damaged(f"{what}: arrays nested more than {_MAX_ARRAY_DEPTH} deep")
-            etype, count = self.take("I", what), self.take("Q", what)
-            if etype not in _SCALAR and etype not in (_STRING, _ARRAY):
-                raise _Damaged(f"{what}: unknown GGUF array element type {etype}")
-            # The smallest encoding of one element bounds the count by the bytes left.
-            least = struct.calcsize("<" + _SCALAR[etype]) if etype in _SCALAR else 8 if etype == _STRING else 12
-            self.need(least * count, f"{what}: an array of {count} elements")
-            if etype in _SCALAR and not keep_arrays:
-                self.pos += least * count
-                return ArrayCount(count, etype)
-            items = [self.value(etype, keep_arrays, what, depth + 1) for _ in range(count)]
-            return items if keep_arrays else ArrayCount(count, etype)
-        raise _Damaged(f"{what}: unknown GGUF value type {vtype}")
-
-
-def read_gguf(path: Path) -> tuple[dict[str, Any], list[GgufTensorInfo], mmap.mmap, int]:
-    """Parse header, metadata (arrays as ``ArrayCount``) and tensor infos; return the mapped file too.
-
-    Raises:
-        ModelLoadError: not GGUF, an unsupported version, or a header that is truncated or corrupt.
-    """
-    try:
-        with open(path, "rb") as fh:
-            size = fh.seek(0, 2)
-            if size < 24:  # magic, version and the two counts
-                raise ModelLoadError(f"{path} is truncated ({size} bytes): not a GGUF file")
-            mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-    except OSError as exc:
-        raise ModelLoadError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
-    try:
-        meta, infos, start = _parse(mm, path)
-    except _Damaged as exc:
-        mm.close()
-        raise ModelLoadError(f"{path}: cannot read GGUF (truncated or corrupt?): {exc}") from None
-    except ModelLoadError:
-        mm.close()
-        raise
-    return meta, infos, mm, start
-
-
-def _parse(mm: mmap.mmap, path: Path) -> tuple[dict[str, Any], list[GgufTensorInfo], int]:
-    cur = _Cursor(mm)
-    if cur.take("I") != 0x46554747:  # b"GGUF"
-        raise ModelLoadError(f"{path} is not a GGUF file (bad magic)")
-    version = cur.take("I")
-    if version not in GGUF_VERSIONS:
-        why = "too old" if version < 2 else "unknown (a big-endian file, or damaged)"
-        raise ModelLoadError(f"{path}: cannot read GGUF version {version}, which is {why}; this reader takes "
-                             "versions 2 and 3")
-    n_tensors, n_kv = cur.take("Q", "the tensor count"), cur.take("Q", "the metadata count")
-    cur.need(13 * n_kv, f"{n_kv} metadata entries")  # a key's length, a type, a one-byte value
-    meta: dict[str, Any] = {}
-    for i in range(n_kv):
-        key = cur.string(f"metadata key {i}")
-        meta[key] = cur.value(cur.take("I", f"the type of {key!r}"), keep_arrays=False, what=f"metadata {key!r}")
-    cur.need(24 * n_tensors, f"{n_tensors} tensor descriptions")  # name length, dim count, type, offset
-    infos: list[GgufTensorInfo] = []
-    names: set[str] = set()
-    for i in range(n_tensors):
-        name = cur.string(f"the name of tensor {i}")
-        n_dims = cur.take("I", f"the dimension count of {name!r}")
-        if not 1 <= n_dims <= _MAX_DIMS:
-            raise _Damaged(f"tensor {name!r} has {n_dims} dimensions (1 to {_MAX_DIMS} allowed)")
-        dims = tuple(cur.take("Q", f"the dimensions of {name!r}") for _ in range(n_dims))
-        ggml_type, offset = cur.take("I", f"the type of {name!r}"), cur.take("Q", f"the offset of {name!r}")
-        if name in names:
-            raise _Damaged(f"tensor {name!r} is described twice")
-        names.add(name)
-        info = GgufTensorInfo(name, dims, ggml_type, offset)
-        _tensor_bytes(info)  # type and dimensions are checked here, before any data is touched
-        infos.append(info)
-    align = meta.get("general.alignment", 32)
-    if not _is_int(align) or align < 1 or align & (align - 1):
-        raise _Damaged(f"general.alignment is {align!r}; it must be a power of two")
-    data_start = (cur.pos + align - 1) // align * align
-    data_len = len(mm) - data_start
-    for info in infos:
-        end = info.offset + _tensor_bytes(info)
-        if end > data_len:
-            raise _Damaged(f"tensor {info.name!r} ends at byte {end} of the data section, which has "
-                           f"{max(data_len, 0)}: the file is truncated")
-    return meta, infos, data_start
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool | ArrayCount)
-
-
-def _tensor_bytes(info: GgufTensorInfo) -> int:
-    """Bytes of ``info``'s data; raises _Damaged for an unknown type or dimensions its blocks cannot tile."""
-    import gguf
-
-    try:
-        qtype = gguf.GGMLQuantizationType(info.ggml_type)
-        block, type_size = gguf.GGML_QUANT_SIZES[qtype]
-    except (ValueError, KeyError):
-        raise _Damaged(f"tensor {info.name!r} has unknown ggml type {info.ggml_type}") from None
-    if any(d < 1 for d in info.dims) or math.prod(info.dims) > _MAX_ELEMENTS:
-        raise _Damaged(f"tensor {info.name!r} has impossible dimensions {info.dims}")
-    if info.dims[0] % block:
-        raise _Damaged(f"tensor {info.name!r}: its rows of {info.dims[0]} do not fill {qtype.name} blocks of "
-                       f"{block}")
-    return math.prod(info.dims) // block * type_size
-
-
-def _dequantize(info: GgufTensorInfo, mm: mmap.mmap, start: int) -> np.ndarray:
-    import gguf
-
-    try:
-        nbytes = _tensor_bytes(info)
-    except _Damaged as exc:
-        raise ModelLoadError(str(exc)) from None
-    qtype = gguf.GGMLQuantizationType(info.ggml_type)
-    begin = start + info.offset
-    if begin + nbytes > len(mm):
-        raise ModelLoadError(f"tensor {info.name} runs past the end of the file: the GGUF is truncated")
-    if info.ggml_type in _INTEGER_TYPES:
-        raise ModelLoadError(f"tensor {info.name} holds integers ({qtype.name}), not weights: the GGUF is damaged "
-                             "or not a model this tool reads")
-    n = math.prod(info.dims)
-    raw = np.frombuffer(mm, dtype=np.uint8, count=nbytes, offset=begin)
-    shape = tuple(reversed(info.dims))
-    if info.ggml_type == 0:
-        return raw.view(np.float32).reshape(shape).copy()
-    if info.ggml_type == 1:
-        return raw.view(np.float16).reshape(shape).astype(np.float32)
-    if info.ggml_type == _F64:
-        return raw.view(np.float64).reshape(shape).astype(np.float32)
-    rows = raw.reshape(n // info.dims[0], -1)
-    try:
-        with np.errstate(invalid="ignore", over="ignore"):  # damaged scales give NaN: the loader refuses those
-            values = gguf.quants.dequantize(rows, qtype)
-    except NotImplementedError:
-        raise ModelLoadError(f"tensor {info.name} is {qtype.name}, which this reader cannot dequantize; "
-                             "convert the model to another GGUF type (Q4_0, Q4_K, Q8_0, F16 ...)") from None
-    return np.asarray(values, dtype=np.float32).reshape(shape)
-
-
-def _unpermute(w: np.ndarray, n_head: int, name: str) -> np.ndarray:
-    """Undo llama.cpp's Q/K row permutation (it interleaves rotary halves)."""
-    if w.shape[0] % (2 * n_head):
-        raise ModelLoadError(f"tensor {name}: {w.shape[0]} rows do not split into {n_head} heads of rotary "
-                             "pairs; the GGUF's head counts do not match its weights")
-    dim = w.shape[0] // n_head // 2
-    return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
-
-
-def gguf_config(meta: dict[str, Any], infos: list[GgufTensorInfo]) -> dict[str, Any]:
-    """A Hugging Face config dict from GGUF metadata (Llama family), checked against the tensors' dimensions.
+def gguf_config(meta: dict[str, Any], infos: list[GgufTensorInfo],
+                data: tuple[mmap.mmap, int] | None = None) -> dict[str, Any]:
+    """A Hugging Face config dict from GGUF metadata, checked against the tensors' dimensions. ``data`` (the
+    mapped file and its data offset) is needed only for configs held in tensors (Phi-3's LongRoPE factors).
 
     Raises:
         ModelLoadError: an unsupported architecture, a field that is missing or of the wrong type, or
             metadata that disagrees with the tensors (naming the tensor and both shapes).
     """
     arch = _architecture(meta)
-    m = _Meta(meta, meta["general.architecture"])
+    family = FAMILIES[arch]
+    m = Meta(meta, meta["general.architecture"])
     p = m.prefix
     heads = m.count(f"{p}.attention.head_count")
     kv_heads = m.count(f"{p}.attention.head_count_kv", heads)
     hidden = m.count(f"{p}.embedding_length")
     if heads % kv_heads:
         raise ModelLoadError(f"GGUF metadata: {heads} attention heads do not group over {kv_heads} key/value heads")
-    if (arch == "qwen2" or f"{p}.rope.dimension_count" not in meta) and hidden % heads:
-        raise ModelLoadError(f"GGUF metadata: embedding length {hidden} does not split into {heads} heads")
     cfg = {
-        "model_type": arch, "hidden_size": hidden, "num_hidden_layers": m.count(f"{p}.block_count"),
+        "model_type": family.model_type, "hidden_size": hidden, "num_hidden_layers": m.count(f"{p}.block_count"),
         "intermediate_size": m.count(f"{p}.feed_forward_length"), "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
         "max_position_embeddings": m.count(f"{p}.context_length", 2048),
         "rms_norm_eps": m.number(f"{p}.attention.layer_norm_rms_epsilon", 1e-6),
-        "rope_theta": m.number(f"{p}.rope.freq_base", 10000.0),
         "vocab_size": m.vocab(),
         "tie_word_embeddings": all(i.name != "output.weight" for i in infos),
         "bos_token_id": m.token_id("tokenizer.ggml.bos_token_id"),
         "eos_token_id": m.token_id("tokenizer.ggml.eos_token_id"),
         "pad_token_id": m.token_id("tokenizer.ggml.padding_token_id"),
     }
-    head_dim = hidden // heads
+    if family.config is not None:
+        cfg.update(family.config(m, cfg, _tensor_reader(infos, data)))
+    else:
+        _llama_family(m, arch, cfg, _tensor_reader(infos, data))
+    _check_dims(cfg, cfg.get("head_dim") or hidden // heads, infos)
+    return cfg
+
+
+def _llama_family(m: Meta, arch: str, cfg: dict[str, Any], tensor: TensorReader) -> None:
+    """llama, mistral and qwen2: the head size is the rotated size where the file gives one; the rotation
+    scaled as rope.scaling.* says (linear, yarn) or, for llama and mistral, as rope_freqs holds (llama3)."""
+    hidden, heads, p = cfg["hidden_size"], cfg["num_attention_heads"], m.prefix
+    if (arch == "qwen2" or f"{p}.rope.dimension_count" not in m.meta) and hidden % heads:
+        raise ModelLoadError(f"GGUF metadata: embedding length {hidden} does not split into {heads} heads")
+    theta = m.number(f"{p}.rope.freq_base", 10000.0)
+    rope = rope_scaling(m)
     if arch != "qwen2":
-        head_dim = cfg["head_dim"] = m.count(f"{p}.rope.dimension_count", head_dim)
+        cfg["head_dim"] = m.count(f"{p}.rope.dimension_count", hidden // heads)
+        # llama.cpp's llama graph divides the base frequencies by rope_freqs (qwen2's never reads it).
+        freqs = tensor("rope_freqs.weight")
+        if freqs is not None and rope["rope_type"] != "default":
+            raise ModelLoadError(f"GGUF has both rope_freqs.weight and {p}.rope.scaling.type {rope['rope_type']}; "
+                                 "Hugging Face's rope types do not combine llama3 divisors with another scaling")
+        if freqs is not None:
+            rope = llama3_rope(freqs, theta, cfg["head_dim"])
     else:
         cfg["use_sliding_window"] = False
-    _check_dims(cfg, head_dim, infos)
-    return cfg
+    cfg["rope_parameters"] = {**rope, "rope_theta": theta}
+
+
+def _tensor_reader(infos: list[GgufTensorInfo], data: tuple[mmap.mmap, int] | None) -> TensorReader:
+    by_name = {i.name: i for i in infos}
+
+    def read(name: str) -> np.ndarray | None:
+        info = by_name.get(name)
+        if info is None:
+            return None
+        if data is None:
+            raise ModelLoadError(f"GGUF tensor {name} holds configuration; pass the file's data to read it")
+        return dequantize(info, *data)
+
+    return read
 
 
 def _architecture(meta: dict[str, Any]) -> str:
@@ -302,53 +112,28 @@ def _architecture(meta: dict[str, Any]) -> str:
     return arch
 
 
-class _Meta:
-    """Typed reads of GGUF metadata: each refuses a missing field or a value of the wrong kind, naming the key."""
-
-    def __init__(self, meta: dict[str, Any], prefix: str) -> None:
-        self.meta, self.prefix = meta, prefix
-
-    def count(self, key: str, default: int | None = None) -> int:
-        value = self.meta.get(key, default)
-        if value is None:
-            raise ModelLoadError(f"GGUF metadata lacks {key}, which the {self.prefix} architecture needs")
-        if not _is_int(value) or not 1 <= value <= _MAX_COUNT:
-            raise ModelLoadError(f"GGUF metadata {key} is {str(value)[:80]}; expected one positive integer "
-                                 f"below 2**31")
-        return int(value)
-
-    def number(self, key: str, default: float) -> float:
-        value = self.meta.get(key, default)
-        if not isinstance(value, int | float) or isinstance(value, bool | ArrayCount) or not math.isfinite(value) \
-                or value <= 0:
-            raise ModelLoadError(f"GGUF metadata {key} is {str(value)[:80]}; expected a positive number")
-        return float(value)
-
-    def token_id(self, key: str) -> int | None:
-        value = self.meta.get(key)
-        if value is not None and (not _is_int(value) or not 0 <= value <= _MAX_COUNT):
-            raise ModelLoadError(f"GGUF metadata {key} is {str(value)[:80]}; expected a token id")
-        return value
-
-    def vocab(self) -> int:
-        tokens = self.meta.get("tokenizer.ggml.tokens")
-        if f"{self.prefix}.vocab_size" in self.meta:
-            return self.count(f"{self.prefix}.vocab_size")
-        if isinstance(tokens, ArrayCount) and 1 <= tokens <= _MAX_COUNT:
-            return int(tokens)
-        raise ModelLoadError(f"GGUF metadata has neither {self.prefix}.vocab_size nor a tokenizer.ggml.tokens array")
+def _block_dims(cfg: dict[str, Any], head_dim: int) -> dict[str, tuple[int, ...]]:
+    """Each block tensor's GGUF dimensions (fastest-varying first) as the metadata implies them."""
+    hidden, ff = cfg["hidden_size"], cfg["intermediate_size"]
+    q, kv = cfg["num_attention_heads"] * head_dim, cfg["num_key_value_heads"] * head_dim
+    up = 2 * ff if cfg["model_type"] == "phi3" else ff  # Phi-3's ffn_up holds gate and up
+    dims: dict[str, tuple[int, ...]] = {
+        "attn_q.weight": (hidden, q), "attn_k.weight": (hidden, kv), "attn_v.weight": (hidden, kv),
+        "attn_qkv.weight": (hidden, q + 2 * kv), "attn_output.weight": (q, hidden),
+        "ffn_gate.weight": (hidden, ff), "ffn_up.weight": (hidden, up), "ffn_down.weight": (ff, hidden),
+        "attn_q.bias": (q,), "attn_k.bias": (kv,), "attn_v.bias": (kv,),
+        "attn_q_norm.weight": (head_dim,), "attn_k_norm.weight": (head_dim,)}
+    for norm in ("attn_norm", "ffn_norm", "post_attention_norm", "post_ffw_norm"):
+        dims[f"{norm}.weight"] = (hidden,)
+    return dims
 
 
 def _check_dims(cfg: dict[str, Any], head_dim: int, infos: list[GgufTensorInfo]) -> None:
     """Each known tensor's dimensions against the metadata, and one set of blocks per layer: a file whose
     metadata disagrees with its tensors would otherwise build a model of the metadata's size, or fail late."""
     hidden, ff, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    q, kv = cfg["num_attention_heads"] * head_dim, cfg["num_key_value_heads"] * head_dim
     top = {"token_embd.weight": (hidden, vocab), "output.weight": (hidden, vocab), "output_norm.weight": (hidden,)}
-    block = {"attn_norm.weight": (hidden,), "ffn_norm.weight": (hidden,), "attn_q.weight": (hidden, q),
-             "attn_k.weight": (hidden, kv), "attn_v.weight": (hidden, kv), "attn_output.weight": (q, hidden),
-             "ffn_gate.weight": (hidden, ff), "ffn_up.weight": (hidden, ff), "ffn_down.weight": (ff, hidden),
-             "attn_q.bias": (q,), "attn_k.bias": (kv,), "attn_v.bias": (kv,)}
+    block = _block_dims(cfg, head_dim)
     layers: set[int] = set()
     for info in infos:
         m = re.fullmatch(r"blk\.(\d{1,9})\.(\w+\.(?:weight|bias))", info.name)
@@ -368,6 +153,35 @@ def _check_dims(cfg: dict[str, Any], head_dim: int, infos: list[GgufTensorInfo])
                              + (f"have block {extra[0]}" if extra else f"lack block {missing[0]}"))
 
 
+def _unpermute(w: np.ndarray, n_head: int, name: str) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation (it interleaves rotary halves)."""
+    if w.shape[0] % (2 * n_head):
+        raise ModelLoadError(f"tensor {name}: {w.shape[0]} rows do not split into {n_head} heads of rotary "
+                             "pairs; the GGUF's head counts do not match its weights")
+    dim = w.shape[0] // n_head // 2
+    return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
+
+
+def _hf_name(family: Family, name: str) -> tuple[str | None, str]:
+    """(Hugging Face name or None for a tensor with no weight, the block part or '')."""
+    m = _BLOCK.fullmatch(name)
+    if not m:
+        return TOP_NAMES.get(name), ""
+    part = family.block.get(m.group(2))
+    return (f"model.layers.{int(m.group(1))}.{part}.{m.group(3)}" if part else None), m.group(2)
+
+
+def _fixed(family: Family, cfg: dict[str, Any], hf: str, part: str, w: np.ndarray, name: str) -> np.ndarray:
+    """A tensor as Hugging Face holds it: llama's q/k rows back in order, Gemma's norms without the added 1."""
+    if family.permute and part == "attn_q":
+        return _unpermute(w, cfg["num_attention_heads"], name)
+    if family.permute and part == "attn_k":
+        return _unpermute(w, cfg["num_key_value_heads"], name)
+    if family.norm_shift and hf.endswith("norm.weight"):
+        return w - np.float32(family.norm_shift)
+    return w
+
+
 def gguf_weights(path: Path, meta: dict[str, Any], infos: list[GgufTensorInfo], mm: mmap.mmap,
                  start: int, cfg: dict[str, Any]) -> dict[str, np.ndarray]:
     """Dequantize every tensor to float32 under its Hugging Face name.
@@ -375,23 +189,17 @@ def gguf_weights(path: Path, meta: dict[str, Any], infos: list[GgufTensorInfo], 
     Raises:
         ModelLoadError: a tensor that runs past the end of the file, or of a type or shape that is no weight's.
     """
-    permute = cfg["model_type"] in ("llama", "mistral")
+    family = FAMILIES[_architecture(meta)]
     out: dict[str, np.ndarray] = {}
     for info in infos:
-        m = re.fullmatch(r"blk\.(\d{1,9})\.(\w+)\.(weight|bias)", info.name)
-        if m:
-            part = _LLAMA_BLOCK.get(m.group(2))
-            name = f"model.layers.{int(m.group(1))}.{part}.{m.group(3)}" if part else None
-        else:
-            name = _LLAMA_NAMES.get(info.name)
+        name, part = _hf_name(family, info.name)
+        if name is None and family.not_weights is not None and info.name not in family.not_weights:
+            raise ModelLoadError(f"{path}: GGUF tensor {info.name} has no place in a {family.model_type} model as "
+                                 "this reader maps it; loading without it would change the model")
         if name is None:
-            continue  # e.g. rope_freqs: derived from the config instead
+            continue  # Phi-3's rope factors (read into the config), or what llama's family passes over
         try:
-            w = _dequantize(info, mm, start)
-            if permute and m and m.group(2) == "attn_q":
-                w = _unpermute(w, cfg["num_attention_heads"], info.name)
-            elif permute and m and m.group(2) == "attn_k":
-                w = _unpermute(w, cfg["num_key_value_heads"], info.name)
+            w = _fixed(family, cfg, name, part, dequantize(info, mm, start), info.name)
         except ModelLoadError as exc:
             raise ModelLoadError(f"{path}: {exc}") from None
         if name in out:

@@ -6,21 +6,24 @@ Weights are held once: the PyTorch reference module (built on demand) shares the
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from slm_export.errors import ModelLoadError
-from slm_export.models import checks
+from slm_export.errors import ConfigError, ModelLoadError
+from slm_export.models import checks, decoders, encoders
 from slm_export.models.builtin import BUILTIN_MODELS
+from slm_export.models.hub import HubSource, parse_hub_id, resolve_hub_id
 
 log = logging.getLogger(__name__)
 
-DECODER_TYPES = ("llama", "mistral", "qwen2", "phi3", "gemma", "gpt2")
-ENCODER_TYPES = ("bert",)
+DECODER_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text", "smollm3", "olmo2",
+                 "granite", "phi", "gpt_neox", "opt", "stablelm", "gpt2")
+ENCODER_TYPES = ("bert", "distilbert", "roberta", "xlm-roberta", "mobilebert")
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,7 @@ class LoadedModel:
     tokenizer: Any
     weights: Mapping[str, Any]
     fingerprint: str
+    hub: HubSource | None = None  # the repository and commit when the model came by a hub id
     _module: list[Any] = field(default_factory=list, repr=False, compare=False)
 
     @property
@@ -60,21 +64,27 @@ class LoadedModel:
 
 
 def load_model(ref: str) -> LoadedModel:
-    """Load a built-in name, a GGUF file or a Hugging Face folder.
+    """Load a built-in name, a GGUF file, a Hugging Face folder, or a hub id (``org/name[@revision]``, through the
+    Hub's cache: ``models/hub.py``). An existing path wins over a built-in name and a hub id of that spelling.
 
     Raises:
         ModelLoadError: missing, truncated, corrupt or unsupported model, with which and why.
+        ConfigError: a malformed hub id, or one that is neither cached nor downloadable.
     """
     name = ref
     if ref in BUILTIN_MODELS and not os.path.exists(ref):
         path = BUILTIN_MODELS.get(ref).path()
         name = BUILTIN_MODELS.canonical(ref)
+    elif (hub_id := parse_hub_id(ref)) is not None:
+        source = resolve_hub_id(hub_id)
+        _quiet_transformers()
+        return replace(_load_hf_folder(hub_id.repo_id, Path(source.path)), hub=source)
     else:
         path = Path(ref).expanduser()
         if not path.exists():
             raise ModelLoadError(
                 f"model {ref!r} not found: no such file or folder, and not a built-in model "
-                f"(built-ins: {', '.join(BUILTIN_MODELS.names())})"
+                f"(built-ins: {', '.join(BUILTIN_MODELS.names())}), nor a hub id (org/name[@revision])"
             )
     _quiet_transformers()
     if path.is_file():
@@ -82,6 +92,24 @@ def load_model(ref: str) -> LoadedModel:
             raise ModelLoadError(f"{path}: a model file must be GGUF (.gguf); otherwise pass the model folder")
         return _load_gguf(name, path)
     return _load_hf_folder(name, path)
+
+
+BUILTIN_TYPES = {"smollm2-135m": "llama", "minilm-l6": "bert"}
+
+
+def peek_model_type(ref: str) -> str | None:
+    """The model's ``model_type`` from its config alone (no weights, no tokenizer), so the planner can fit its
+    defaults to the model before any work; None when that cannot be told cheaply (a GGUF file, a hub id not
+    fetched yet, a config that will be refused at load anyway)."""
+    if ref in BUILTIN_MODELS:
+        return BUILTIN_TYPES.get(BUILTIN_MODELS.get(ref).name)
+    config = Path(ref).expanduser() / "config.json"
+    try:
+        raw = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    kind = raw.get("model_type") if isinstance(raw, dict) else None
+    return kind if isinstance(kind, str) else None
 
 
 def _quiet_transformers() -> None:
@@ -136,7 +164,7 @@ def _load_gguf(name: str, path: Path) -> LoadedModel:
     # else is still a damaged file to the user, so it is wrapped and named rather than called internal.
     try:
         meta, infos, mm, start = read_gguf(path)
-        cfg = gguf_config(meta, infos)
+        cfg = gguf_config(meta, infos, (mm, start))
     except ModelLoadError as exc:
         raise _named(exc, path) from None
     except Exception as exc:
@@ -236,6 +264,10 @@ def _hf_config(path: Path) -> tuple[Any, str]:
         raise ModelLoadError(f"{path}/config.json is unreadable: {exc}") from None
     kind = _kind_of(config, path)
     checks.check_config_fields(raw, config, path)
+    try:
+        (decoders if kind == "decoder" else encoders).check_config(config)
+    except ConfigError as exc:
+        raise ModelLoadError(f"{path}: {exc}") from None
     return config, kind
 
 

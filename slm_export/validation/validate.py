@@ -9,6 +9,7 @@ from __future__ import annotations
 import platform
 import resource
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from slm_export.errors import DeviceError
+from slm_export.models.encoders import max_tokens
 from slm_export.options import at_least, check_values, opt, positive, whole_at_least
 from slm_export.runner.job import dist_version, open_runtime
 from slm_export.text import TextSource, token_windows
@@ -174,6 +176,14 @@ def _open_runtime(path: Path, s: ValidationSettings) -> Any:
     return decoder
 
 
+def encoder_feed(session: Any, enc: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The graph's inputs from the tokenizer's output. A tokenizer that returns no token_type_ids (any BPE
+    tokenizer) leaves a graph that takes them the ids the model itself defaults to: zeros."""
+    ids = np.asarray(enc["input_ids"], dtype=np.int64)
+    return {i.name: np.asarray(enc[i.name], dtype=np.int64) if i.name in enc else np.zeros_like(ids)
+            for i in session.get_inputs()}
+
+
 def validate_encoder(model_path: Path, module: Any, tokenizer: Any, text: TextSource,
                      s: ValidationSettings, progress: Any = None) -> dict[str, Any]:
     """Cosine similarity of sentence embeddings, and latency, of an encoder artifact."""
@@ -182,8 +192,10 @@ def validate_encoder(model_path: Path, module: Any, tokenizer: Any, text: TextSo
     host = where_host(Path(model_path))
     session = make_session(model_path, s.threads)
     lines = [ln.strip() for ln in text.text.splitlines() if len(ln.strip()) > 20][:64]
-    enc = tokenizer(lines, padding=True, truncation=True, max_length=128, return_tensors="np")
-    feed = {k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
+    # Sentences cut at 128 tokens, or at what the model's position table serves when that is shorter.
+    enc = tokenizer(lines, padding=True, truncation=True, max_length=min(128, max_tokens(module.config)),
+                    return_tensors="np")
+    feed = encoder_feed(session, enc)
     got = session.run(["sentence_embedding"], feed)[0]
     with torch.no_grad():
         hidden = module(**{k: torch.from_numpy(v) for k, v in feed.items()}).last_hidden_state.numpy()

@@ -87,6 +87,24 @@ def no_hidden_size(src: Path, dst: Path) -> Path:
     return folder
 
 
+def custom_code(src: Path, dst: Path) -> Path:
+    folder = _copy(src, dst)
+    _edit_config(folder, lambda c: c.update(auto_map={"AutoModelForCausalLM": "modeling_x.XForCausalLM"}))
+    return folder
+
+
+def unknown_rope(src: Path, dst: Path) -> Path:
+    folder = _copy(src, dst)
+    _edit_config(folder, lambda c: c.update(rope_scaling={"rope_type": "spiral", "factor": 2.0}))
+    return folder
+
+
+def unknown_activation(src: Path, dst: Path) -> Path:
+    folder = _copy(src, dst)
+    _edit_config(folder, lambda c: c.update(hidden_act="mish"))
+    return folder
+
+
 def not_json(src: Path, dst: Path) -> Path:
     folder = _copy(src, dst)
     (folder / "config.json").write_text('{"model_type": "llama", ')
@@ -132,6 +150,9 @@ def nan_gguf(src: Path, dst: Path) -> Path:
     (wrong_shape, ["tensor model.layers.0.mlp.", "[64, 128]", "[64, 96]", "config.json implies"]),
     (no_hidden_size, ["config.json lacks hidden_size"]),
     (not_json, ["config.json is not readable JSON"]),
+    (custom_code, ["auto_map", "custom model code", "AutoModelForCausalLM"]),
+    (unknown_rope, ["rope_type", "'spiral'"]),
+    (unknown_activation, ["activation 'mish'"]),
     (nan_weight, ["weight model.layers.0.self_attn.v_proj.weight holds 1 NaN or Inf"]),
     (big_tokenizer, ["the tokenizer has 384 tokens", "embedding has 256 rows"]),
     (nan_gguf, ["tiny.gguf", "holds 1 NaN or Inf"]),

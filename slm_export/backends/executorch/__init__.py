@@ -51,6 +51,13 @@ _NOT_DELEGATED = {
     "slice_copy": "slices the rotary tables at input_pos (data-dependent offset) or splits a projection",
     "split_with_sizes": "splits the fused q/k/v and gate/up projections (memory only)",
     "getitem": "picks one output of a split or of a delegate call (no computation)",
+    # the masked attention of windowed or soft-capped layers (torch_decoder.masked_attention)
+    "arange": "cache and query positions for the sliding-window or causal mask (masked attention)",
+    "bitwise_or": "joins the causal and sliding-window conditions of the mask (masked attention)",
+    "ge_scalar": "compares cache positions with the query's for the mask (masked attention)",
+    "lt_scalar": "compares cache positions with the query's for the mask (masked attention)",
+    "to_dim_order_copy": "turns the boolean mask into the additive float mask (masked attention)",
+    "expand_copy": "broadcasts each kv head's cache to its query heads in the masked attention (memory only)",
 }
 
 
@@ -74,6 +81,14 @@ def _why(op: str) -> str:
     if op in ("add", "ge", "le", "sub", "mul"):
         return "integer arithmetic and checks on input_pos and the sequence length"
     return "not an operator or shape the XNNPACK partitioner takes here: runs on ExecuTorch's CPU kernels"
+
+
+def unsupported(spec: Any, max_len: int) -> str | None:
+    """What of a ``DecoderSpec`` the PyTorch rebuild behind this backend cannot build for ``max_len`` positions,
+    in words; None when it builds all of it (``preflight.check_rebuilds`` asks before any work)."""
+    from slm_export.backends.executorch.torch_decoder import unsupported as why
+
+    return why(spec, max_len)
 
 
 class ExecuTorchBackend:

@@ -5,7 +5,11 @@ stage's quantized weights), built as ``forward(tokens[1, S], input_pos[1]) -> lo
 one method serves prefill (S tokens at position 0) and decode (1 token at ``input_pos``). The cache is
 a pair of buffers per layer of ``max_len`` positions, written in place by ExecuTorch's
 ``llama::update_cache`` and read by ``llama::custom_sdpa`` (causal from ``input_pos``, grouped-query
-heads without copies), the kernels ExecuTorch's own LLM runner uses.
+heads without copies), the kernels ExecuTorch's own LLM runner uses. That kernel knows no sliding window and
+no score soft-cap: layers with either read the cache through plain torch ops (``masked_attention``: the
+scores of every cache position, the additive mask of the layer's window), which ExecuTorch lowers as well.
+The block wiring, norms, rotary embedding, embedding and head are ``backends/torch_blocks.py``'s, shared with
+the TVM rebuild.
 
 Quantized linear weights (``QuantizedTensor``: int4 or int8 codes, per-group scales) become torchao
 ``IntxUnpackedToInt8Tensor`` weights with per-token int8 dynamic activations, the pattern the XNNPACK
@@ -21,9 +25,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from slm_export.backends.torch_blocks import Block, DecoderBase, softcap, unsupported_ropes
 from slm_export.calibration.quant import QuantizedTensor, refuse_hot_rows, refuse_signed_scales
 from slm_export.errors import CompileError
+from slm_export.exporters.layers import MASK_VALUE
 from slm_export.models.adapters import DecoderSpec
+from slm_export.models.rope import check_fixed_tables
 
 
 def custom_ops() -> None:
@@ -55,37 +62,22 @@ def _linear_weight(w: np.ndarray | QuantizedTensor) -> Any:
     return torch.nn.Parameter(t, requires_grad=False)
 
 
-def _concat(ws: tuple[Any, ...]) -> Any:
-    if len(ws) == 1:
-        return ws[0]
-    if isinstance(ws[0], QuantizedTensor):
-        return QuantizedTensor.concat(list(ws))
-    return np.concatenate(ws, 0)
-
-
 def build_torch_decoder(spec: DecoderSpec, max_len: int) -> Any:
     """The module (float32 activations, eval mode) for ``spec`` with a ``max_len``-position cache."""
+    # its rotary tables are fixed when built: a rope that changes with the call's length is refused first
+    check_fixed_tables(spec.ropes, max_len, "the ExecuTorch build")
     custom_ops()
     return Decoder(spec, max_len).eval()
 
 
+def unsupported(spec: DecoderSpec, max_len: int) -> str | None:
+    """What of ``spec`` this rebuild cannot build for ``max_len`` positions, in words; None when it builds all
+    of it."""
+    return unsupported_ropes(spec, max_len)
+
+
 def vec(a: Any) -> Any:
     return None if a is None else torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
-
-
-def activation(x: Any, act: str) -> Any:
-    if act == "silu":
-        return F.silu(x)
-    if act == "relu":
-        return F.relu(x)
-    return F.gelu(x, approximate="tanh" if act == "gelu_tanh" else "none")
-
-
-def rotary(x: Any, cos: Any, sin: Any, rd: int, d: int) -> Any:  # x [1, S, H, d]; cos/sin [S, rd] (sin signed)
-    xr, rest = x[..., :rd], x[..., rd:]
-    swapped = torch.cat([xr[..., rd // 2:], xr[..., : rd // 2]], -1)
-    out = xr * cos[None, :, None, :] + swapped * sin[None, :, None, :]
-    return torch.cat([out, rest], -1) if rd < d else out
 
 
 class Linear(torch.nn.Module):
@@ -98,96 +90,81 @@ class Linear(torch.nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-class Norm(torch.nn.Module):
-    def __init__(self, spec: DecoderSpec, weight: Any, bias: Any) -> None:
-        super().__init__()
-        self.register_buffer("weight", vec(np.asarray(weight, np.float32) + spec.norm_offset))
-        self.register_buffer("bias", vec(bias) if bias is not None else None)
-        self.layer_norm, self.eps = spec.norm == "layer", spec.eps
+def masked_attention(q: Any, k_cache: Any, v_cache: Any, mask: Any, scale: float, cap: float | None) -> Any:
+    """q [1, S, heads, d] against the whole cache [1, max_len, kv_heads, d] under the additive ``mask``
+    [S, max_len]; the context [1, S, heads * d]. Query heads are grouped by their kv head, so the cache is
+    read as it is, never repeated."""
+    _, s, nh, d = q.shape
+    kv = k_cache.shape[2]
+    # [1, S, kv, rep, d] -> [1, kv, rep, S, d]: views and one permute (a reshape after the transpose makes
+    # torch.export emit a stride guard on the dynamic length that it then rejects)
+    qg = (q * scale).reshape(1, s, kv, nh // kv, d).permute(0, 2, 3, 1, 4)
+    scores = qg @ k_cache.permute(0, 2, 3, 1)[:, :, None]  # [1, kv, rep, S, max_len]
+    if cap:
+        scores = softcap(scores, cap)
+    ctx = torch.softmax(scores + mask, -1) @ v_cache.transpose(1, 2)[:, :, None]  # [1, kv, rep, S, d]
+    return ctx.permute(0, 3, 1, 2, 4).reshape(1, s, nh * d)
 
-    def forward(self, x: Any) -> Any:
-        if self.layer_norm:
-            return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
-        return x * torch.rsqrt((x * x).mean(-1, keepdim=True) + self.eps) * self.weight
 
-
-class Layer(torch.nn.Module):
+class Layer(Block):
     def __init__(self, spec: DecoderSpec, layer: Any, max_len: int) -> None:
-        super().__init__()
-        kv, d = spec.kv_heads, spec.head_dim
-        self.norm1, self.norm2 = Norm(spec, *layer.norm1), Norm(spec, *layer.norm2)
-        self.qkv = Linear(_concat(layer.qkv), None if layer.qkv_bias is None else np.concatenate(layer.qkv_bias))
-        self.o = Linear(layer.o, layer.o_bias)
-        self.up = Linear(_concat(layer.up), layer.up_bias)
-        self.down = Linear(layer.down, layer.down_bias)
-        self.inter = layer.up[0].shape[0]
-        self.rotation = layer.down_rotation
-        if self.rotation is not None:
-            self.register_buffer("signs", vec(self.rotation[0]))
-            self.register_buffer("block", vec(self.rotation[1]))
+        super().__init__(spec, layer, Linear)
+        _, kv, d = self.heads
         self.register_buffer("k_cache", torch.zeros(1, max_len, kv, d))
         self.register_buffer("v_cache", torch.zeros(1, max_len, kv, d))
-        self.heads = (spec.heads, kv, d, spec.rotary_dim)
-        self.gated, self.act = spec.gated, spec.act
+        if self.window is not None and self.window >= max_len:
+            self.window = None  # a window over the whole cache hides nothing
+        # custom_sdpa is causal from input_pos with no window or soft-cap: the fast path for the other layers
+        self.masked = self.window is not None or bool(self.softcap)
 
-    def forward(self, x: Any, pos: Any, cos: Any, sin: Any) -> Any:
-        s = x.shape[1]
-        x = x + self.o(self.attention(self.norm1(x), pos, cos, sin, s))
-        h = self.up(self.norm2(x))
-        if self.gated:
-            gate, up = h.split([self.inter, self.inter], -1)
-            h = activation(gate, self.act) * up
-        else:
-            h = activation(h, self.act)
-        if self.rotation is not None:
-            n = self.block.shape[0]
-            h = ((h * self.signs).view(1, s, -1, n) @ self.block).view(1, s, -1)
-        return x + self.down(h)
+    def forward(self, x: Any, pos: Any, ropes: dict[int, tuple[Any, Any]], masks: dict[Any, Any]) -> Any:
+        return self.wire(x, lambda h: self.o(self.attention(h, pos, ropes, masks)))
 
-    def attention(self, h: Any, pos: Any, cos: Any, sin: Any, s: Any) -> Any:
+    def attention(self, h: Any, pos: Any, ropes: dict[int, tuple[Any, Any]], masks: dict[Any, Any]) -> Any:
         """The new keys and values written into the cache at ``pos``, and the context [1, S, heads * d]."""
-        nh, kv, d, rd = self.heads
-        q, k, v = self.qkv(h).split([nh * d, kv * d, kv * d], -1)
-        q, k, v = q.view(1, s, nh, d), k.view(1, s, kv, d), v.view(1, s, kv, d)
-        if cos is not None:
-            q, k = rotary(q, cos, sin, rd, d), rotary(k, cos, sin, rd, d)
+        nh, _, d = self.heads
+        s = h.shape[1]
+        q, k, v = self.project(h, ropes)
         torch.ops.llama.update_cache(k, self.k_cache, pos)
         torch.ops.llama.update_cache(v, self.v_cache, pos)
-        y = torch.ops.llama.custom_sdpa(q, self.k_cache, self.v_cache, pos, None, 0.0, True, d ** -0.5)
+        if self.masked:
+            return masked_attention(q, self.k_cache, self.v_cache, masks[self.window], self.scale, self.softcap)
+        y = torch.ops.llama.custom_sdpa(q, self.k_cache, self.v_cache, pos, None, 0.0, True, self.scale)
         return y.reshape(1, s, nh * d)
 
 
-class Decoder(torch.nn.Module):
+class Decoder(DecoderBase):
     def __init__(self, spec: DecoderSpec, max_len: int) -> None:
-        super().__init__()
-        self.max_len = max_len
-        self.embed = torch.nn.Parameter(vec(spec.embed), requires_grad=False)
-        self.register_buffer("pos_embed", vec(spec.pos_embed) if spec.pos_embed is not None else None)
-        if spec.rope_theta is not None:
-            cos, sin = spec.ropes[0].tables(max_len)
-            self.register_buffer("cos", vec(cos))
-            self.register_buffer("sin", vec(sin))
-        else:
-            self.cos = self.sin = None
+        super().__init__(spec, Linear, max_len)
         self.layers = torch.nn.ModuleList([Layer(spec, x, max_len) for x in spec.layers])
-        self.norm = Norm(spec, *spec.final_norm)
-        self.head = Linear(spec.lm_head if spec.lm_head is not None else spec.embed)
-        if spec.lm_head is None:
-            self.head.weight = self.embed  # tied: one tensor in the program
-        self.embed_scale = spec.embed_scale
+        self.mask_windows = sorted({layer.window for layer in self.layers if layer.masked},
+                                   key=lambda w: -1 if w is None else w)
+
+    def masks(self, input_pos: Any, s: Any) -> dict[Any, Any]:
+        """For each window the masked layers use (None: none), the additive mask [S, max_len]: cache position
+        j is visible to new token i when j <= input_pos + i and, with a window W, input_pos + i - j < W."""
+        if not self.mask_windows:
+            return {}
+        distance = (input_pos + torch.arange(s))[:, None] - torch.arange(self.max_len)[None, :]
+        out = {}
+        for window in self.mask_windows:
+            hidden = distance < 0
+            if window is not None:
+                hidden = hidden | (distance >= window)
+            out[window] = hidden.to(torch.float32) * MASK_VALUE
+        return out
 
     def forward(self, tokens: Any, input_pos: Any) -> Any:
         s = tokens.shape[1]
         pos = input_pos[0].item()
         torch._check(pos >= 0)
         torch._check(pos + s <= self.max_len)
-        x = F.embedding(tokens, self.embed)
-        if self.embed_scale != 1.0:
-            x = x * self.embed_scale
+        x = self.embed_tokens(tokens)
         if self.pos_embed is not None:
             x = x + self.pos_embed.narrow(0, pos, s)[None]
-        cos = self.cos.narrow(0, pos, s) if self.cos is not None else None
-        sin = self.sin.narrow(0, pos, s) if self.sin is not None else None
+        ropes = {j: (cos.narrow(0, pos, s)[None, :, None], sin.narrow(0, pos, s)[None, :, None])
+                 for j, (cos, sin) in enumerate(self.rope_tables())}
+        masks = self.masks(input_pos, s)
         for layer in self.layers:
-            x = layer(x, pos, cos, sin)
-        return self.head(self.norm(x))
+            x = layer(x, pos, ropes, masks)
+        return self.logits(x)

@@ -52,6 +52,14 @@ def _compiler_missing() -> str | None:
     return None
 
 
+def unsupported(spec: Any, max_len: int) -> str | None:
+    """What of a ``DecoderSpec`` the PyTorch rebuild behind this backend cannot build for ``max_len`` positions,
+    in words; None when it builds all of it (``preflight.check_rebuilds`` asks before any work)."""
+    from slm_export.backends.tvm.torch_decoder import unsupported as why
+
+    return why(spec, max_len)
+
+
 class TvmBackend:
     name = "tvm"
 

@@ -25,7 +25,16 @@ def exp_f32(x: Any) -> Any:
     return T.Select(x < T.float32(-87.3), T.float32(0), (p * r * r + r + T.float32(1)) * T.reinterpret("float32", bits))
 
 
-def attention_kernel(heads: int, kv_heads: int, head_dim: int, block: int = 32) -> Any:
+def tanh_f32(x: Any) -> Any:
+    """``tanh(x)`` as ``1 - 2 / (exp(2x) + 1)`` on ``exp_f32``: vector lanes, no libm (the aarch64 library
+    needs only libc); saturates to +-1 where ``exp_f32`` clamps."""
+    from tvm.script import tirx as T
+
+    return T.float32(1) - T.float32(2) / (exp_f32(x * T.float32(2)) + T.float32(1))
+
+
+def attention_kernel(heads: int, kv_heads: int, head_dim: int, block: int = 32, scale: float | None = None,
+                     softcap: float | None = None) -> Any:
     """Grouped-query attention, one query row per task: ``q`` ``[b, heads, s, d]``, ``k``/``v`` ``[b, kv_heads,
     t, d]`` (the whole cache), additive ``mask`` ``[b, 1, s, t]`` -> ``[b, s, heads * d]`` (heads side by side,
     what the output projection reads). Softmax runs online over blocks of ``block`` keys (running max and
@@ -36,7 +45,8 @@ def attention_kernel(heads: int, kv_heads: int, head_dim: int, block: int = 32) 
     d = head_dim
     lanes = divisor(d, (8, 4, 2, 1))
     quad = 4  # keys per dot-product group (block is a multiple of it)
-    scores, absorb = _block_scores(heads, kv_heads, d, block, lanes, quad), _block_absorb(heads, kv_heads, d, block)
+    scores = _block_scores(heads, kv_heads, d, block, lanes, quad, scale, softcap)
+    absorb = _block_absorb(heads, kv_heads, d, block)
 
     @T.prim_func(private=True)
     def kernel(qh: T.handle, kh: T.handle, vh: T.handle, mh: T.handle, oh: T.handle) -> None:
@@ -69,12 +79,23 @@ def attention_kernel(heads: int, kv_heads: int, head_dim: int, block: int = 32) 
     return kernel.with_attr("op_pattern", 8).with_attr("slm.kernel", True)
 
 
-def _block_scores(heads: int, kv_heads: int, d: int, block: int, lanes: int, quad: int) -> Any:
-    """Key block ``tb``'s scaled, masked scores of query row (``bi``, ``h``, ``si``) into ``sc`` (keys past
-    the end: -3e38), and their running maximum into ``st[2]``."""
+def _score_map(scale: float, softcap: float | None) -> Any:
+    """The raw dot product -> the score: scaled, and soft-capped where the model asks for it."""
     from tvm.script import tirx as T
 
-    rep, scale = heads // kv_heads, float(d) ** -0.5
+    if not softcap:
+        return lambda x: x * T.float32(scale)
+    return lambda x: tanh_f32(x * T.float32(scale / softcap)) * T.float32(softcap)
+
+
+def _block_scores(heads: int, kv_heads: int, d: int, block: int, lanes: int, quad: int, scale: float | None,
+                  softcap: float | None) -> Any:
+    """Key block ``tb``'s scaled (and soft-capped), masked scores of query row (``bi``, ``h``, ``si``) into
+    ``sc`` (keys past the end: -3e38), and their running maximum into ``st[2]``."""
+    from tvm.script import tirx as T
+
+    rep = heads // kv_heads
+    capped = _score_map(float(d) ** -0.5 if scale is None else float(scale), softcap)
 
     @T.macro
     def scores(q: Any, k: Any, mask: Any, dot: Any, sc: Any, st: Any, bi: Any, h: Any, si: Any, tb: Any,
@@ -94,7 +115,7 @@ def _block_scores(heads: int, kv_heads: int, d: int, block: int, lanes: int, qua
                     sc[jq * quad + u] = T.float32(0)
                     for lane in range(lanes):
                         sc[jq * quad + u] = sc[jq * quad + u] + dot[u, lane]
-                    sc[jq * quad + u] = sc[jq * quad + u] * T.float32(scale) + mask[
+                    sc[jq * quad + u] = capped(sc[jq * quad + u]) + mask[
                         bi, 0, si, tb * block + jq * quad + u]
                     st[2] = T.max(st[2], sc[jq * quad + u])
 

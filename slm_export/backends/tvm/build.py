@@ -126,10 +126,12 @@ def import_relax(spec: DecoderSpec, max_len: int) -> RelaxDecoder:
     # The function's parameters after its user inputs are the lifted weights, named by the export's
     # placeholders: map them back to the module's own tensors rather than trusting an ordering.
     targets = {spec_.arg.name: spec_.target for spec_ in ep.graph_signature.input_specs if spec_.target}
-    state = dict(module.named_parameters())
+    # a tied head's weight is the embedding: the export may name it either way; the params file says "embed"
+    state = dict(module.named_parameters(remove_duplicate=False))
+    first = {id(p): n for n, p in module.named_parameters()}
     func = mod["main"]
     n_in = int(func.attrs["num_input"])
-    names = [targets[v.name] for v in func.params[n_in:]]
+    names = [first[id(state[targets[v.name]])] for v in func.params[n_in:]]
     params = [(n, state[n].detach().numpy()) for n in names]
     mod["main"] = _unify_dims(func.without_attr("params"), dynamic)  # (the importer's copy of the weights: dropped)
     meta = {"format": PARAMS_FORMAT, "model_type": spec.model_type, "layers": n_layers, "kv_heads": kv,

@@ -74,18 +74,21 @@ def torch_ops() -> Any:
     def _(x: Any, codes: Any, scales: Any, zeros: Any, bias: Any, group: int, zero: float, packed: bool) -> Any:
         return x.new_empty((*x.shape[:-1], codes.shape[0]))
 
+    # scale 0: head_dim ** -0.5; softcap 0: none (else scores become softcap * tanh(scores / softcap))
     @torch.library.custom_op(lib + "tvm_attention", mutates_args=(), schema="(Tensor q, Tensor k, Tensor v, "
-                                                                            "Tensor mask) -> Tensor")
-    def tvm_attention(q: Any, k: Any, v: Any, mask: Any) -> Any:
+                             "Tensor mask, float scale=0.0, float softcap=0.0) -> Tensor")
+    def tvm_attention(q: Any, k: Any, v: Any, mask: Any, scale: float = 0.0, softcap: float = 0.0) -> Any:
         b, heads, s, d = q.shape
         kv = k.shape[1]
-        qg = (q * d ** -0.5).reshape(b, kv, heads // kv, s, d)
-        scores = qg @ k.transpose(2, 3)[:, :, None] + mask[:, :, None]
-        ctx = torch.softmax(scores, -1) @ v[:, :, None]  # [b, kv, rep, s, d]
+        qg = (q * (scale or d ** -0.5)).reshape(b, kv, heads // kv, s, d)
+        scores = qg @ k.transpose(2, 3)[:, :, None]
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
+        ctx = torch.softmax(scores + mask[:, :, None], -1) @ v[:, :, None]  # [b, kv, rep, s, d]
         return ctx.permute(0, 3, 1, 2, 4).reshape(b, s, heads * d)
 
     @tvm_attention.register_fake
-    def _(q: Any, k: Any, v: Any, mask: Any) -> Any:
+    def _(q: Any, k: Any, v: Any, mask: Any, scale: float = 0.0, softcap: float = 0.0) -> Any:
         return q.new_empty((q.shape[0], q.shape[2], q.shape[1] * q.shape[3]))
 
     @torch.library.custom_op(lib + "tvm_silu_mul", mutates_args=(), schema="(Tensor h) -> Tensor")
@@ -160,12 +163,13 @@ class _Converters:
     def attention(self, node: Any, importer: Any) -> Any:
         from tvm import relax
 
-        q, k, v, mask = importer.retrieve_args(node)
+        q, k, v, mask, *rest = importer.retrieve_args(node)
+        scale, softcap = (float(a) for a in (*rest, 0.0, 0.0)[:2])
         b, heads, s, d = q.ty.shape.values
-        key = (int(heads), int(k.ty.shape.values[1]), int(d))
+        key = (int(heads), int(k.ty.shape.values[1]), int(d), scale or None, softcap or None)
         if key not in self.funcs:
-            self.funcs[key] = importer.block_builder.add_func(attention_kernel(*key),
-                                                              f"slm_attention_{len(self.funcs)}")
+            self.funcs[key] = importer.block_builder.add_func(
+                attention_kernel(*key[:3], scale=key[3], softcap=key[4]), f"slm_attention_{len(self.funcs)}")
         out = relax.TensorType([b, s, heads * d], "float32")
         return importer.block_builder.emit(relax.call_tir(self.funcs[key], [q, k, v, mask], out))
 
