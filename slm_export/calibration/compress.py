@@ -196,7 +196,10 @@ def assemble(run: CompressRun) -> dict[str, Any]:
     for i, rot in run.rotations.items():
         weights[run.name(i, f"{down}.rotation.signs")] = rot.signs
         weights[run.name(i, f"{down}.rotation.block")] = rot.block
-    if run.cfg.rotate and not run.rotations:
+    if run.cfg.rotate and not run.rotations and down is None:
+        run.notes.append(f"MLP output projection's inputs not rotated: the {run.model.model_type} export has no "
+                         "online rotation for it yet")
+    elif run.cfg.rotate and not run.rotations:
         run.notes.append("down_proj inputs not rotated: no power-of-two block of 16 or more channels divides them")
     if run.rotations:
         b = next(iter(run.rotations.values())).block.shape[0]

@@ -289,18 +289,24 @@ def _opt(cfg: Any, w: Mapping[str, Array]) -> DecoderSpec:
     )
 
 
+def _conv1d(x: Any) -> Any:
+    """A Conv1D weight in the linear layout: float ones are [in, out]; the compress stage's quantized ones are
+    already [out, in] (``ArchTraits.conv1d``)."""
+    return x.T if isinstance(x, np.ndarray) else x
+
+
 def _gpt2(cfg: Any, w: Mapping[str, Array]) -> DecoderSpec:
     h = cfg.n_embd
     pre = "transformer." if "transformer.wte.weight" in w else ""
     layers = []
     for i in range(cfg.n_layer):
         p = f"{pre}h.{i}."
-        qkv, qkv_b = w[p + "attn.c_attn.weight"].T, w[p + "attn.c_attn.bias"]  # Conv1D: [in, out]
+        qkv, qkv_b = _conv1d(w[p + "attn.c_attn.weight"]), w[p + "attn.c_attn.bias"]
         layers.append(DecoderLayer(
             qkv=(qkv[:h], qkv[h:2 * h], qkv[2 * h:]), qkv_bias=(qkv_b[:h], qkv_b[h:2 * h], qkv_b[2 * h:]),
-            o=w[p + "attn.c_proj.weight"].T, o_bias=w[p + "attn.c_proj.bias"],
-            up=(w[p + "mlp.c_fc.weight"].T,), up_bias=w[p + "mlp.c_fc.bias"],
-            down=w[p + "mlp.c_proj.weight"].T, down_bias=w[p + "mlp.c_proj.bias"],
+            o=_conv1d(w[p + "attn.c_proj.weight"]), o_bias=w[p + "attn.c_proj.bias"],
+            up=(_conv1d(w[p + "mlp.c_fc.weight"]),), up_bias=w[p + "mlp.c_fc.bias"],
+            down=_conv1d(w[p + "mlp.c_proj.weight"]), down_bias=w[p + "mlp.c_proj.bias"],
             norm1=(w[p + "ln_1.weight"], w[p + "ln_1.bias"]), norm2=(w[p + "ln_2.weight"], w[p + "ln_2.bias"]),
         ))
     return DecoderSpec(

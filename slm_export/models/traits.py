@@ -45,6 +45,8 @@ class ArchTraits:
     # The projection groups the accuracy budget keeps at int4 or raises to int8 together, named.
     projection_groups: tuple[ScaleGroup, ...] = LLAMA_PROJECTIONS
     # The MLP's output projection: W8A8's online rotation turns its input (exact for any linear: (xR)(WR)^T).
+    # None where the family's adapter (models/decoders.py) reads no ``down_rotation`` yet, so the graph would
+    # lack the online half: Phi-1.5/2 (mlp.fc2), GPT-NeoX (mlp.dense_4h_to_h), OPT (fc2), GPT-2 (mlp.c_proj).
     down_proj: str | None = "mlp.down_proj"
     # The value and output projections: the offline head rotation's pair; None where v is fused with q and k.
     v_proj: str | None = "self_attn.v_proj"
@@ -75,7 +77,7 @@ PHI = ArchTraits(
     # included; fc1 -> fc2 has GELU between them: no fold.
     scale_groups=(("input_layernorm", (*QKV, "mlp.fc1")),),
     projection_groups=(("qkv", QKV), ("o", ("self_attn.dense",)), ("fc", ("mlp.fc1",)), ("down", ("mlp.fc2",))),
-    down_proj="mlp.fc2", o_proj="self_attn.dense", final_norm="model.final_layernorm",
+    down_proj=None, o_proj="self_attn.dense", final_norm="model.final_layernorm",  # mlp.fc2: no down_rotation read
 )
 NEOX_QKV, NEOX_FC = "attention.query_key_value", "mlp.dense_h_to_4h"
 GPT_NEOX = ArchTraits(
@@ -85,7 +87,7 @@ GPT_NEOX = ArchTraits(
     scale_groups=(("input_layernorm", (NEOX_QKV,)), ("post_attention_layernorm", (NEOX_FC,))),
     projection_groups=(("qkv", (NEOX_QKV,)), ("o", ("attention.dense",)), ("fc", (NEOX_FC,)),
                        ("down", ("mlp.dense_4h_to_h",))),
-    down_proj="mlp.dense_4h_to_h", v_proj=None, o_proj="attention.dense", final_norm="gpt_neox.final_layer_norm",
+    down_proj=None, v_proj=None, o_proj="attention.dense", final_norm="gpt_neox.final_layer_norm",  # dense_4h_to_h
     embed="gpt_neox.embed_in.weight",
 )
 OPT_PRE_LN: tuple[ScaleGroup, ...] = (("self_attn_layer_norm", QKV), ("final_layer_norm", ("fc1",)))
@@ -94,7 +96,7 @@ OPT = ArchTraits(
     # and fc2 commutes with a positive scale: fc1's rows and bias take 1/s. ``opt_traits`` adapts it per config.
     layers="model.decoder.layers", scale_groups=(*OPT_PRE_LN, ("fc1", ("fc2",))),
     projection_groups=(("qkv", QKV), ("o", ("self_attn.out_proj",)), ("fc", ("fc1",)), ("down", ("fc2",))),
-    down_proj="fc2", o_proj="self_attn.out_proj", final_norm="model.decoder.final_layer_norm",
+    down_proj=None, o_proj="self_attn.out_proj", final_norm="model.decoder.final_layer_norm",  # fc2
     head_proj="model.decoder.project_out", embed="model.decoder.embed_tokens.weight",
 )
 STABLELM = ArchTraits(scale_groups=LLAMA_SCALE_GROUPS)  # the sequential block; ``stablelm_traits`` per config
@@ -129,7 +131,7 @@ TRAITS: dict[str, ArchTraits] = {
     # budget's twin swaps weights into the Conv1D modules in their own layout: no projection groups yet.
     "gpt2": ArchTraits(layers="transformer.h", conv1d=True, scale_groups=(("ln_1", ("attn.c_attn",)),
                                                                          ("ln_2", ("mlp.c_fc",))),
-                       projection_groups=(), down_proj="mlp.c_proj", v_proj=None, o_proj="attn.c_proj",
+                       projection_groups=(), down_proj=None, v_proj=None, o_proj="attn.c_proj",  # mlp.c_proj
                        final_norm="transformer.ln_f", embed="transformer.wte.weight"),
 }
 

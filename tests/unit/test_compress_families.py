@@ -297,8 +297,12 @@ def test_compress_every_family(name: str, method: str) -> None:
     if method == "w8a8":
         assert all(result.weights[f + ".weight"].act_scale for f in linears)
         down = [k for k in result.weights if k.endswith(".rotation.signs")]
-        assert len(down) == len(decoder_layers(model.torch_module()))
-        assert all(k.startswith(traits.layers) and traits.down_proj in k for k in down)
+        if traits.down_proj:
+            want = [f"{traits.layers}.{i}.{traits.down_proj}" for i in range(len(decoder_layers(model.torch_module())))]
+            assert [k.removesuffix(".rotation.signs") for k in down] == want
+        else:  # the family's export has no online rotation: none is made
+            assert not down
+            assert any("not rotated: the" in n for n in result.notes)
     if method == "awq-gptq":
         assert isinstance(result.weights[traits.lm_head], QuantizedTensor)
         scaled = {n.rsplit(".", 1)[0].split(".", 1 + traits.layers.count(".") + 1)[-1] for n, (c, _) in
