@@ -236,11 +236,13 @@ def _gpt_neox(cfg: Any, w: Mapping[str, Array]) -> DecoderSpec:
     layers = []
     for i in range(cfg.num_hidden_layers):
         p = f"gpt_neox.layers.{i}."
-        qkv = w[p + "attention.query_key_value.weight"].reshape(heads, 3, d, h)
-        qkv_b = w[p + "attention.query_key_value.bias"].reshape(heads, 3, d)
+        # q, k, v interleaved per head: rows [heads, 3, d]; gathered by index, which the compress stage's
+        # quantized tensors support too
+        rows = np.arange(heads * 3 * d).reshape(heads, 3, d)
+        qkv, qkv_b = w[p + "attention.query_key_value.weight"], w[p + "attention.query_key_value.bias"]
         layers.append(DecoderLayer(
-            qkv=tuple(qkv[:, j].reshape(heads * d, h) for j in range(3)),  # type: ignore[arg-type]
-            qkv_bias=tuple(qkv_b[:, j].reshape(heads * d) for j in range(3)),  # type: ignore[arg-type]
+            qkv=tuple(qkv[rows[:, j].reshape(-1)] for j in range(3)),  # type: ignore[arg-type]
+            qkv_bias=tuple(qkv_b[rows[:, j].reshape(-1)] for j in range(3)),  # type: ignore[arg-type]
             o=w[p + "attention.dense.weight"], o_bias=w[p + "attention.dense.bias"],
             up=(w[p + "mlp.dense_h_to_4h.weight"],), up_bias=w[p + "mlp.dense_h_to_4h.bias"],
             down=w[p + "mlp.dense_4h_to_h.weight"], down_bias=w[p + "mlp.dense_4h_to_h.bias"],
