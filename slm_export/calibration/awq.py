@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from slm_export.calibration.quant import QuantizedTensor, check_group, group_params, quantize_codes
+from slm_export.calibration.smoothquant import live_floor
 from slm_export.errors import ConfigError
 
 
@@ -52,7 +53,7 @@ def search_scale(weights: list[torch.Tensor], x: torch.Tensor, x_mean: torch.Ten
     best, best_err = torch.ones_like(x_mean), float("inf")
     for k in range(cfg.grid + 1):
         alpha = k / cfg.grid
-        s = x_mean.clamp_min(1e-4).pow(alpha)
+        s = live_floor(x_mean, 1e-4).pow(alpha)
         s = s / (s.max() * s.min()).sqrt()
         err = ((x @ (fake_quant(W * s, cfg) / s).T - ref) ** 2).mean().item()
         if err < best_err:

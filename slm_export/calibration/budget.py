@@ -21,7 +21,7 @@ import torch
 
 from slm_export.calibration.quant import QuantizedTensor, quantize_rtn
 from slm_export.errors import NonFiniteOutput, ValidationFailed
-from slm_export.models.adapters import ArchTraits, traits_for
+from slm_export.models.traits import ArchTraits, traits_for
 
 
 @dataclass(frozen=True)
@@ -95,10 +95,12 @@ def float_twin(model: Any, weights: dict[str, Any], float_w: dict[str, torch.Ten
 
     from slm_export.models.loader import build_module
 
-    traits = traits_for(model.model_type)
+    traits = traits_for(model.model_type, model.config)
     floats = {k: v for k, v in weights.items() if not isinstance(v, QuantizedTensor)}
-    if traits.lm_head in (channel_scales or {}):
-        floats.pop(traits.final_norm + ".weight", None)
+    producer = traits.head_producer(weights)
+    if traits.lm_head in (channel_scales or {}) and producer is not None:
+        floats.pop(producer[0] + ".weight", None)
+        floats.pop(producer[0] + ".bias", None)
     return build_module(replace(model, weights={**model.weights, **floats, **float_w}, _module=[]))
 
 
@@ -185,7 +187,7 @@ def mixed_precision(model: Any, weights: dict[str, Any], budget_pct: float, cali
     ``channel_scales``: the compress stage's AWQ scales (``weights`` then holds the norms they were
     folded into, and int4 codes of ``W * s``): the int8 groups quantize ``W * s`` too.
     """
-    traits = traits_for(model.model_type)
+    traits = traits_for(model.model_type, model.config)
     units = _units(weights, traits)
     names = [n for members in units.values() for n in members]
     float_w = scaled_floats(model.weights, names, channel_scales)

@@ -27,11 +27,10 @@ from slm_export.calibration.sequential import decoder_layers, sequential_calibra
 from slm_export.calibration.transforms import rotate_down, rotate_heads
 from slm_export.calibration.tune import tune_end_to_end
 from slm_export.errors import ConfigError
-from slm_export.models.adapters import ArchTraits, folding_types, traits_for
+from slm_export.models.traits import ArchTraits, traits_for
 from slm_export.sparsity import prune
 
 __all__ = ["CompressConfig", "CompressResult", "compress"]
-
 
 
 @dataclass(frozen=True)
@@ -92,13 +91,24 @@ def check_supported(model: Any, cfg: CompressConfig) -> ArchTraits:
         raise ConfigError("a quantized plan needs a method (the planner's rules choose one)")
     if model.kind != "decoder":
         raise ConfigError("weight quantization applies to decoders; encoders export in fp32 or fp16")
-    traits = traits_for(model.model_type)
-    if traits.conv1d:
-        raise ConfigError(f"int8/int4 for {model.model_type} (Conv1D layers) is not supported yet; use fp32 or fp16")
-    if cfg.method in FOLDING_METHODS and not traits.folds_scales:
-        raise ConfigError(f"{cfg.method} folds scales into the norms of {', '.join(folding_types())} layers only; "
-                          "use --method gptq, rtn or dynamic")
+    traits = traits_for(model.model_type, model.config)
+    if traits.conv1d and cfg.tune_epochs:
+        raise ConfigError(f"end-to-end tuning of {model.model_type}'s Conv1D layers is not supported yet; "
+                          "leave --tune-epochs at 0")
     return traits
+
+
+def folding_note(cfg: CompressConfig, traits: ArchTraits, model_type: str) -> str | None:
+    """What AWQ or SmoothQuant folded for this architecture (``ArchTraits.scale_groups``): the methods fold only
+    where the float model's function is kept exactly, and round or smooth nothing more elsewhere."""
+    if cfg.method not in FOLDING_METHODS:
+        return None
+    if not traits.folds_scales:
+        return (f"{cfg.method}: no per-channel scales folded: no op in a {model_type} layer feeds only its "
+                "linears (post-norms, fused or Conv1D layouts); the linears are rounded as they are")
+    folds = "; ".join(f"{prev} -> {', '.join(r.rsplit('.', 1)[-1] for r in readers)}"
+                      for prev, readers in traits.scale_groups)
+    return f"{cfg.method}: per-channel scales folded into each layer's {folds}; other linears' inputs unscaled"
 
 
 def start_run(model: Any, cfg: CompressConfig, traits: ArchTraits,
@@ -107,14 +117,38 @@ def start_run(model: Any, cfg: CompressConfig, traits: ArchTraits,
     from slm_export.models.loader import build_module
 
     work = build_module(model)  # a second module over the same tensors: replacing its params is safe
+    transposed = linear_twins(work, traits) if traits.conv1d else set()
     if not cfg.w8a8:  # W8A8 weights are per channel or per tensor: no groups
         for name, lin in linear_names(work).items():
             check_group(lin.in_features, cfg.group_size, name)
-    run = CompressRun(model, cfg, traits, work, dict(work.named_parameters()), progress)
+    run = CompressRun(model, cfg, traits, work, dict(work.named_parameters()), progress, transposed=transposed)
+    note = folding_note(cfg, traits, model.model_type)
+    if note:
+        run.notes.append(note)
     if cfg.rotate:
         run.rotations = rotate_down(work, cfg, rotate_weights=not cfg.needs_data)
         run.head_rotation = rotate_heads(work, model.config, cfg.seed)
     return run
+
+
+def linear_twins(work: nn.Module, traits: ArchTraits) -> set[str]:
+    """Replace each Conv1D in the decoder layers (GPT-2: ``y = x W + b``, W [in, out]) by an nn.Linear over the
+    transposed weight, the same function, so that every quantizer sees the [out, in] layout; returns the weight
+    names transposed (``assemble`` turns their float values back)."""
+    from transformers.pytorch_utils import Conv1D
+
+    names = set()
+    for i, layer in enumerate(decoder_layers(work)):
+        for name, m in list(layer.named_modules()):
+            if not isinstance(m, Conv1D):
+                continue
+            lin = nn.Linear(*m.weight.shape, bias=m.bias is not None, device="meta")
+            lin.weight = nn.Parameter(m.weight.detach().T.contiguous(), requires_grad=False)
+            lin.bias = m.bias
+            parent, _, attr = name.rpartition(".")
+            setattr(layer.get_submodule(parent) if parent else layer, attr, lin)
+            names.add(f"{traits.layers}.{i}.{name}.weight")
+    return names
 
 
 def quantize_without_data(run: CompressRun) -> None:
@@ -155,11 +189,17 @@ def assemble(run: CompressRun) -> dict[str, Any]:
     weights: dict[str, Any] = dict(run.model.weights)
     weights.update(run.changed)
     weights.update(run.quantized)
+    for name in run.transposed:  # float values (pruned only) back into Conv1D's [in, out]; codes stay [out, in]
+        if isinstance(weights[name], torch.Tensor) and weights[name] is not run.model.weights[name]:
+            weights[name] = weights[name].T.contiguous()
     down = run.traits.down_proj
     for i, rot in run.rotations.items():
         weights[run.name(i, f"{down}.rotation.signs")] = rot.signs
         weights[run.name(i, f"{down}.rotation.block")] = rot.block
-    if run.cfg.rotate and not run.rotations:
+    if run.cfg.rotate and not run.rotations and down is None:
+        run.notes.append(f"MLP output projection's inputs not rotated: the {run.model.model_type} export has no "
+                         "online rotation for it yet")
+    elif run.cfg.rotate and not run.rotations:
         run.notes.append("down_proj inputs not rotated: no power-of-two block of 16 or more channels divides them")
     if run.rotations:
         b = next(iter(run.rotations.values())).block.shape[0]

@@ -1,5 +1,6 @@
 """The LM head in the compress stage (``lm_head_bits``): its calibration inputs (the final norm of the quantized
-stack), AWQ's scales folded into that norm, its quantization, and (``lm_head_hot``) the rows kept at int8 too.
+stack), AWQ's scales folded into that norm (or OPT's project_out), its quantization, and (``lm_head_hot``) the
+rows kept at int8 too.
 
 A tied head is quantized as its own tensor; the embedding keeps the float table.
 """
@@ -17,8 +18,8 @@ from slm_export.calibration.gptq import GPTQConfig, gptq_quantize
 from slm_export.calibration.quant import HotRowsTensor, QuantizedTensor, quantize_rtn
 from slm_export.calibration.run import CompressRun, layer_entry
 from slm_export.calibration.sequential import InputStats, submodule
-from slm_export.calibration.transforms import awq_head
-from slm_export.models.adapters import ArchTraits
+from slm_export.calibration.transforms import awq_head, fold_into_norm
+from slm_export.models.traits import ArchTraits
 
 HEAD_SAMPLE_ROWS = 2048  # rows of the head's inputs kept for AWQ's searches
 
@@ -43,18 +44,32 @@ def hot_rows(counts: np.ndarray, fraction: float) -> np.ndarray:
     return np.sort(np.argsort(-counts, kind="stable")[:k]).astype(np.int64)
 
 
+def fold_head_scale(weights: dict[str, Any], producer: tuple[str, bool], s: torch.Tensor, offset: float) -> None:
+    """Divide the output of the head's producer by ``s`` in ``weights``: a linear's rows, or a norm's weight
+    (``fold_into_norm``), and either one's bias."""
+    prefix, linear = producer
+    w = torch.as_tensor(np.asarray(weights[prefix + ".weight"], dtype=np.float32))
+    weights[prefix + ".weight"] = w / s[:, None] if linear else fold_into_norm(w, s, offset)
+    if prefix + ".bias" in weights:
+        weights[prefix + ".bias"] = torch.as_tensor(np.asarray(weights[prefix + ".bias"], dtype=np.float32)) / s
+
+
 def collect_head_inputs(run: CompressRun, hidden: list) -> None:
-    """What the LM head reads over the calibration set (the final norm of the quantized stack's outputs
-    ``hidden``), into ``run.head_stats``; ``lm_head_hot`` also sums the float head's row probabilities."""
+    """What the LM head reads over the calibration set (the quantized stack's outputs ``hidden`` through the
+    final norm and OPT's project_out, where present), into ``run.head_stats``; ``lm_head_hot`` also sums the float
+    head's row probabilities."""
     cfg = run.cfg
-    norm = submodule(run.work, run.traits.final_norm)
-    if not cfg.lm_head_bits or cfg.w8a8 or norm is None:
+    if not cfg.lm_head_bits or cfg.w8a8:
         return
+    tail = [m for m in (submodule(run.work, run.traits.final_norm), submodule(run.work, run.traits.head_proj))
+            if m is not None]
     st = InputStats()
     table = float_head(run.model, run.traits) if cfg.lm_head_hot else None
     with torch.no_grad():
         for h, _ in hidden:
-            x = norm(h)
+            x = h
+            for m in tail:
+                x = m(x)
             st.update(x, cfg.needs_hessian, HEAD_SAMPLE_ROWS)
             if table is not None:
                 run.row_mass.append(probability_mass(x, table))
@@ -82,10 +97,10 @@ def quantize_lm_head(run: CompressRun, weights: dict[str, Any]) -> None:
     cfg, traits = run.cfg, run.traits
     head = float_head(run.model, traits)
     st = run.head_stats
-    norm_key = traits.final_norm + ".weight"
-    if st is not None and st.sample and cfg.method in ("awq", "awq-gptq") and norm_key in weights:
-        head, norm_w, s = awq_head(head, st, cfg, weights[norm_key], traits)
-        weights[norm_key] = norm_w
+    producer = traits.head_producer(weights)
+    if st is not None and st.sample and cfg.method in ("awq", "awq-gptq") and producer is not None:
+        head, s = awq_head(head, st, cfg)
+        fold_head_scale(weights, producer, s, traits.norm_offset)
         run.channel_scales[traits.lm_head] = (s, None)
     q, how = quantize_head(head, cfg, st, cfg.lm_head_bits)
     run.notes.append(f"LM head quantized to int{cfg.lm_head_bits} ({how}, group {cfg.group_size})")

@@ -54,10 +54,11 @@ class QuantizedTensor:
     def size(self) -> int:
         return int(self.codes.size)
 
-    def __getitem__(self, rows: slice) -> QuantizedTensor:
-        """Rows (output channels) of the tensor: a fused q/k/v projection splits this way."""
-        if not isinstance(rows, slice):
-            raise TypeError("QuantizedTensor supports row slices only")
+    def __getitem__(self, rows: slice | np.ndarray) -> QuantizedTensor:
+        """Rows (output channels) of the tensor, a slice or an array of row indices: a fused q/k/v projection
+        splits this way (GPT-NeoX's interleaves q, k and v per head, so its rows are gathered)."""
+        if not isinstance(rows, slice | np.ndarray):
+            raise TypeError("QuantizedTensor supports row slices and row index arrays only")
         zeros = None if self.zeros is None else self.zeros[rows]
         return QuantizedTensor(self.codes[rows], self.scales[rows], zeros, self.bits, self.group, self.act_scale,
                                self.act_dynamic)

@@ -18,7 +18,7 @@ from slm_export.calibration.quant import HotRowsTensor, QuantizedTensor, sqnr_db
 from slm_export.calibration.rotation import Rotation
 from slm_export.calibration.sequential import InputStats
 from slm_export.hessian import output_energy
-from slm_export.models.adapters import ArchTraits
+from slm_export.models.traits import ArchTraits
 from slm_export.sparsity import sparsity_of
 
 # AWQ: how a linear's float weight was rescaled before quantization, ``(cols, rows)`` (``CompressResult``)
@@ -46,6 +46,7 @@ class CompressRun:
     head_stats: InputStats | None = None  # the LM head's input statistics, when calibration ran
     row_mass: list[np.ndarray] = field(default_factory=list)  # --lm-head-hot: the float head's row probability
     notes: list[str] = field(default_factory=list)
+    transposed: set[str] = field(default_factory=set)  # Conv1D weights the work module holds as nn.Linear [out, in]
 
     def layer_prefix(self, layer: int) -> str:
         """The full name of decoder layer ``layer``."""

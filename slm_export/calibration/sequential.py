@@ -1,14 +1,16 @@
 """Sequential, layer-by-layer calibration over a Hugging Face decoder.
 
-The calibration set is embedded once; then each decoder layer is run twice over it: once with hooks
-that collect what the method needs (the Hessian X^T X, activation statistics, a token subsample), and
-once, after its weights are replaced by their quantized values, to produce the next layer's inputs.
+The calibration set is embedded once, and each layer's own keyword arguments (masks, rotary tables) recorded;
+then each decoder layer is run twice over it: once with hooks that collect what the method needs (the Hessian
+X^T X, activation statistics, a token subsample), and once, after its weights are replaced by their quantized
+values, to produce the next layer's inputs.
 Memory stays near one layer's activations for the whole set plus the hidden states.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +20,7 @@ from torch import nn
 
 from slm_export.errors import ConfigError
 from slm_export.hessian import accumulate
-from slm_export.models.adapters import ArchTraits, traits_for
+from slm_export.models.traits import ArchTraits, traits_for
 
 
 class _Stop(Exception):
@@ -68,7 +70,8 @@ class InputStats:
 
 def traits_of(module: nn.Module) -> ArchTraits:
     """The architecture traits of a Hugging Face module (``models.adapters.traits_for`` of its config)."""
-    return traits_for(getattr(getattr(module, "config", None), "model_type", None))  # type: ignore[arg-type]
+    config = getattr(module, "config", None)
+    return traits_for(getattr(config, "model_type", None), config)  # type: ignore[arg-type]
 
 
 def submodule(module: nn.Module, path: str | None) -> nn.Module | None:
@@ -96,31 +99,52 @@ def linear_modules(layer: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
 
 
-def capture_first_layer_inputs(module: nn.Module, batches: list[torch.Tensor]) -> list[tuple[torch.Tensor, dict]]:
-    """(hidden_states, layer kwargs) entering layer 0, one per batch."""
+CACHE_ARGS = ("past_key_values", "past_key_value", "cache", "layer_past", "use_cache")  # calibration keeps no cache
+
+
+def layer_kwargs(layer: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """A layer call's arguments after its hidden states, all by name (GPT-2's blocks take the attention mask
+    by position), less the KV cache and its switch."""
+    params = [p for p in inspect.signature(layer.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    named = {**{p.name: a for p, a in zip(params[1:], args, strict=False)}, **kwargs}
+    return {k: v for k, v in named.items() if k not in CACHE_ARGS}
+
+
+def capture_layer_inputs(module: nn.Module, batches: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[list[dict]]]:
+    """The hidden states entering layer 0, one per batch, and the keyword arguments each layer receives, per
+    layer and batch. Hybrid models give their layers different ones (sliding or full masks, local or global
+    rotary tables), so each layer's own call is recorded: every layer is replaced by a catcher that records
+    its arguments and passes the hidden states through, so no layer computes; the last stops the forward."""
     layers = decoder_layers(module)
-    first = layers[0]
-    captured: list[tuple[torch.Tensor, dict]] = []
+    originals = list(layers)
+    hidden: list[torch.Tensor] = []
+    per_layer: list[list[dict]] = [[] for _ in originals]
 
     class Catcher(nn.Module):
-        def __init__(self) -> None:
+        def __init__(self, i: int) -> None:
             super().__init__()
-            self.inner = first
+            self.i = i
 
-        def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "cache", "use_cache")}
-            captured.append((hidden, kwargs))
-            raise _Stop
+        def forward(self, h: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            if self.i == 0:
+                hidden.append(h)
+            per_layer[self.i].append(layer_kwargs(originals[self.i], args, kwargs))
+            if self.i == len(originals) - 1:
+                raise _Stop
+            return h
 
-    layers[0] = Catcher()
+    for i in range(len(originals)):
+        layers[i] = Catcher(i)
     try:
         with torch.no_grad():
             for ids in batches:
                 with contextlib.suppress(_Stop):
                     module(input_ids=ids, use_cache=False)
     finally:
-        layers[0] = first
-    return captured
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+    return hidden, per_layer
 
 
 def run_layer(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict]]) -> list[tuple[torch.Tensor, dict]]:
@@ -199,8 +223,11 @@ def sequential_calibration(module: nn.Module, batches: list[torch.Tensor], step:
     before the final norm."""
     limit_heap_growth()
     layers = decoder_layers(module)
-    hidden = capture_first_layer_inputs(module, batches)
+    first, per_layer = capture_layer_inputs(module, batches)
+    hidden: list[tuple[torch.Tensor, dict]] = [(h, {}) for h in first]
+    del first
     for i, layer in enumerate(layers):
+        hidden = [(h, kw) for (h, _), kw in zip(hidden, per_layer[i], strict=True)]  # this layer's own kwargs
         stats = collect_stats(layer, hidden, want_hessian)
         step(i, layer, stats, hidden)
         del stats

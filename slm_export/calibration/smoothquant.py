@@ -32,10 +32,18 @@ Rotate = Callable[[torch.Tensor], torch.Tensor]
 ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(0, 21))
 
 
+def live_floor(stat: torch.Tensor, eps: float) -> torch.Tensor:
+    """A per-channel activation statistic floored at 1% of its median (and ``eps``): a channel calibration never
+    saw active (a ReLU unit dead on the calibration text) would otherwise get a scale near zero, and its producer
+    ``1 / s``: thousands of times any activation it does show later, which the rounding of the reader's scaled
+    weights (spread over every channel by a rotation) then multiplies."""
+    return stat.clamp_min(max(eps, 1e-2 * float(stat.median())))
+
+
 def smooth_scales(act_amax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
     """Per input channel ``s``: the linears read ``x / s`` and hold ``W * s``."""
     w_amax = torch.stack([w.abs().amax(0) for w in weights]).amax(0)
-    s = act_amax.clamp_min(1e-5) ** alpha / w_amax.clamp_min(1e-5) ** (1 - alpha)
+    s = live_floor(act_amax, 1e-5) ** alpha / w_amax.clamp_min(1e-5) ** (1 - alpha)
     return s.clamp(1e-4, 1e4)
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -15,7 +14,7 @@ from slm_export.calibration.awq import AWQConfig, search_scale
 from slm_export.calibration.rotation import Rotation, block_size, make_rotation
 from slm_export.calibration.sequential import InputStats, decoder_layers, submodule, traits_of
 from slm_export.calibration.smoothquant import choose_scales
-from slm_export.models.adapters import ArchTraits, traits_for
+from slm_export.models.traits import ArchTraits, traits_for
 
 if TYPE_CHECKING:
     from slm_export.calibration.config import CompressConfig
@@ -45,7 +44,7 @@ def rotate_heads(work: nn.Module, config: Any, seed: int) -> int | None:
     d = getattr(config, "head_dim", None) or config.hidden_size // heads
     if d < 16 or d & (d - 1):
         return None
-    traits = traits_for(config.model_type)
+    traits = traits_for(config.model_type, config)
     for i, layer in enumerate(decoder_layers(work)):
         v_proj, o_proj = submodule(layer, traits.v_proj), submodule(layer, traits.o_proj)
         if v_proj is None or o_proj is None:
@@ -76,23 +75,32 @@ def apply_rotation(down: nn.Module, rot: Rotation, st: InputStats) -> Any:
 
 def input_groups(layer: nn.Module, traits: ArchTraits) -> list[tuple[nn.Module, list[nn.Linear], str]]:
     """(producer, linears reading its output, stats key) for the input-sharing groups of a layer
-    (``ArchTraits.scale_groups``); the producer absorbs 1/s of a per-channel scale given to the linears."""
-    return [(layer.get_submodule(prev), [layer.get_submodule(n) for n in readers], readers[0])  # type: ignore[misc]
-            for prev, readers in traits.scale_groups]
+    (``ArchTraits.scale_groups``); the producer absorbs 1/s of a per-channel scale given to the linears. A norm
+    without a weight (OPT's ``layer_norm_elementwise_affine`` off) has nothing to absorb it: its group is left out."""
+    out = []
+    for prev, readers in traits.scale_groups:
+        producer = layer.get_submodule(prev)
+        if getattr(producer, "weight", None) is not None:
+            out.append((producer, [layer.get_submodule(n) for n in readers], readers[0]))
+    return out  # type: ignore[return-value]
 
 
 def fold_scales(prev: nn.Module, lins: list[nn.Linear], s: torch.Tensor, offset: float) -> None:
-    """The linears read ``x / s`` from now on: multiply their columns by ``s``, divide the producer."""
+    """The linears read ``x / s`` from now on: multiply their columns by ``s``, divide the producer's output (a
+    linear's rows, or a norm's weight, and either one's bias)."""
     for m in lins:
         m.weight = nn.Parameter(m.weight.detach() * s, requires_grad=False)
     if isinstance(prev, nn.Linear):  # fold 1/s into the rows of the producing linear
         prev.weight = nn.Parameter(prev.weight.detach() / s.unsqueeze(1), requires_grad=False)
     else:
         prev.weight = nn.Parameter(fold_into_norm(prev.weight.detach(), s, offset), requires_grad=False)
+    if getattr(prev, "bias", None) is not None:  # a LayerNorm's or a linear's bias is part of the output
+        prev.bias = nn.Parameter(prev.bias.detach() / s, requires_grad=False)
 
 
 def fold_into_norm(weight: torch.Tensor, s: torch.Tensor, offset: float) -> torch.Tensor:
-    """An RMSNorm's weight after its output is divided by ``s``: ``y = norm(x) * (w + offset)``."""
+    """A norm's weight after its output is divided by ``s``: ``y = norm(x) * (w + offset)`` (plus a bias, which
+    the caller divides by ``s``)."""
     return (weight + offset) / s - offset
 
 
@@ -136,16 +144,14 @@ def awq_layer(layer: nn.Module, stats: dict[str, InputStats], cfg: CompressConfi
     return {n: (cols.get(n), rows.get(n)) for n in {*cols, *rows}}
 
 
-def awq_head(w: torch.Tensor, st: InputStats, cfg: CompressConfig, norm_w: Any,
-             traits: ArchTraits) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """AWQ's scale search for the LM head, folded into the final norm (its only reader): the head's columns
-    become ``W * s`` and the norm's weight ``w / s``, so the float model is unchanged. A tied head is its own
-    tensor once quantized, so the embedding table is not touched. Updates ``st`` (sample, Hessian) to the
-    scaled inputs; returns the scaled head, the new norm weight and ``s``."""
+def awq_head(w: torch.Tensor, st: InputStats, cfg: CompressConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """AWQ's scale search for the LM head, whose ``1 / s`` the caller folds into the op producing its input (the
+    final norm, or OPT's project_out; ``ArchTraits.head_producer``): the head's columns become ``W * s``, so the float
+    model is unchanged. A tied head is its own tensor once quantized, so the embedding table is not touched.
+    Updates ``st`` (sample, Hessian) to the scaled inputs; returns the scaled head and ``s``."""
     x = torch.cat(st.sample)
     x = x[:: max(1, x.shape[0] // 512)]  # the head is vocab x hidden: a few hundred tokens rank alpha
     acfg = AWQConfig(cfg.lm_head_bits, cfg.group_size, cfg.symmetric, signed=cfg.signed_scales)
     s = search_scale([w], x, st.abs_mean, acfg)
     st.divide(s)
-    norm = torch.as_tensor(np.asarray(norm_w, dtype=np.float32))
-    return w * s, fold_into_norm(norm, s, traits.norm_offset), s
+    return w * s, s

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from slm_export.calibration.quant import HotRowsTensor, QuantizedTensor
-from slm_export.models.adapters import traits_for
+from slm_export.models.traits import traits_for
 
 # Positions x vocabulary entries of float32 logits per forward micro-batch (about 0.5 GB per copy).
 LOGITS_BUDGET = 1 << 27
@@ -68,12 +68,17 @@ def _centred(q: QuantizedTensor) -> torch.Tensor:
 def dequantized_twin(model: Any, weights: dict[str, Any]) -> nn.Module:
     """The PyTorch model with ``weights`` (the compress stage's) dequantized, on its own copies of every
     tensor: what an exported graph computes. A quantized LM head of a tied model is untied from the
-    embedding, which keeps the float table (the graph's Gather)."""
+    embedding, which keeps the float table (the graph's Gather). Quantized Conv1D weights (GPT-2's layers) are
+    [out, in] (``ArchTraits.conv1d``): transposed back into the module's layout."""
     from slm_export.models.loader import build_module
 
-    head = traits_for(model.model_type).lm_head
+    traits = traits_for(model.model_type, model.config)
+    head = traits.lm_head
     dense = {k: torch.from_numpy(v.dequantize()) if isinstance(v, QuantizedTensor)
              else v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in weights.items()}
+    if traits.conv1d:
+        dense.update({k: dense[k].T.contiguous() for k, v in weights.items()
+                      if isinstance(v, QuantizedTensor) and k.startswith(traits.layers + ".")})
     twin = build_module(replace(model, weights=dense, _module=[]))
     if isinstance(weights.get(head), QuantizedTensor):
         twin.get_submodule(head.rsplit(".", 1)[0]).weight = nn.Parameter(dense[head])

@@ -1,5 +1,5 @@
-"""Architecture adapters: turn a Hugging Face config + weights into one normalised spec, and the traits of each
-decoder architecture that the compress stage reads (``traits_for``).
+"""Architecture adapters: turn a Hugging Face config + weights into one normalised spec. The traits of each
+decoder architecture (``traits_for``) live in ``models/traits.py`` and are re-exported here.
 
 The exporter reads only these specs, so a new architecture is one adapter here, not a new exporter. The
 encoder adapters and their spec live in ``models.encoders``; they are registered here.
@@ -17,84 +17,10 @@ import numpy as np
 from slm_export.errors import ConfigError
 from slm_export.models.encoders import ENCODER_ADAPTERS, EncoderSpec
 from slm_export.models.rope import ROPE_TYPES, Rope, check_rope
+from slm_export.models.traits import TRAITS, ArchTraits, folding_types, traits_for  # noqa: F401  (re-exported)
 from slm_export.registry import Registry
 
 Array = np.ndarray
-
-
-ScaleGroup = tuple[str, tuple[str, ...]]  # (the op producing an input, the linears reading it), paths in a layer
-LLAMA_SCALE_GROUPS: tuple[ScaleGroup, ...] = (
-    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-    ("mlp.up_proj", ("mlp.down_proj",)),
-)
-LLAMA_PROJECTIONS: tuple[ScaleGroup, ...] = (
-    ("qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")), ("o", ("self_attn.o_proj",)),
-    ("gate_up", ("mlp.gate_proj", "mlp.up_proj")), ("down", ("mlp.down_proj",)),
-)
-
-
-@dataclass(frozen=True)
-class ArchTraits:
-    """Facts about a decoder architecture that more than one stage reads, spelt once. Module paths inside a
-    decoder layer unless said otherwise; weight names are Hugging Face's."""
-
-    layers: str = "model.layers"  # the decoder layer list: its module path, and the prefix of its weights' names
-    norm_offset: float = 0.0  # the RMSNorm multiplies by (w + offset): Gemma's (1 + w)
-    embed_scaled: bool = False  # embeddings multiplied by sqrt(hidden) (Gemma)
-    conv1d: bool = False  # linears stored [in, out] as Conv1D (GPT-2): no weight quantization yet
-    # AWQ and SmoothQuant move a per-channel scale from the input of each group's linears into the op producing
-    # it (a norm, or the linear before); empty: this architecture's layers (fused q/k/v, Conv1D) do not fold.
-    scale_groups: tuple[ScaleGroup, ...] = ()
-    # The projection groups the accuracy budget keeps at int4 or raises to int8 together, named.
-    projection_groups: tuple[ScaleGroup, ...] = LLAMA_PROJECTIONS
-    down_proj: str | None = "mlp.down_proj"  # the MLP's output projection: W8A8's online rotation turns its input
-    v_proj: str | None = "self_attn.v_proj"  # the value and output projections: the offline head rotation's pair
-    o_proj: str | None = "self_attn.o_proj"
-    final_norm: str = "model.norm"  # module path from the top: the LM head's only input
-    embed: str = "model.embed_tokens.weight"
-    lm_head: str = "lm_head.weight"
-
-    @property
-    def folds_scales(self) -> bool:
-        return bool(self.scale_groups)
-
-
-LLAMA = ArchTraits(scale_groups=LLAMA_SCALE_GROUPS)
-TRAITS: dict[str, ArchTraits] = {
-    "llama": LLAMA,
-    "mistral": LLAMA,
-    "qwen2": LLAMA,
-    # q/k/v and gate/up fused (qkv_proj, gate_up_proj): no folding; the budget groups only o and down
-    "phi3": ArchTraits(v_proj=None, projection_groups=LLAMA_PROJECTIONS[1:2] + LLAMA_PROJECTIONS[3:]),
-    "gemma": ArchTraits(norm_offset=1.0, embed_scaled=True, scale_groups=LLAMA_SCALE_GROUPS),
-    # Families the exporter reads; which of their norms fold AWQ/SmoothQuant scales is the compress stage's part.
-    "qwen3": ArchTraits(), "smollm3": ArchTraits(), "granite": ArchTraits(), "olmo2": ArchTraits(),
-    "stablelm": ArchTraits(),
-    "gemma2": ArchTraits(norm_offset=1.0, embed_scaled=True),
-    "gemma3_text": ArchTraits(norm_offset=1.0, embed_scaled=True),
-    "phi": ArchTraits(final_norm="model.final_layernorm", down_proj="mlp.fc2", o_proj="self_attn.dense"),
-    "gpt_neox": ArchTraits(layers="gpt_neox.layers", final_norm="gpt_neox.final_layer_norm", v_proj=None,
-                           o_proj="attention.dense", down_proj="mlp.dense_4h_to_h", embed="gpt_neox.embed_in.weight",
-                           lm_head="embed_out.weight", projection_groups=()),
-    "opt": ArchTraits(layers="model.decoder.layers", final_norm="model.decoder.final_layer_norm", down_proj="fc2",
-                      o_proj="self_attn.out_proj", embed="model.decoder.embed_tokens.weight", projection_groups=()),
-    "gpt2": ArchTraits(layers="transformer.h", conv1d=True, projection_groups=(), down_proj="mlp.c_proj",
-                       v_proj=None, o_proj="attn.c_proj", final_norm="transformer.ln_f",
-                       embed="transformer.wte.weight"),
-}
-
-
-def traits_for(model_type: str) -> ArchTraits:
-    """The traits of a decoder architecture (a ``ConfigError`` naming the known ones for any other)."""
-    if model_type not in TRAITS:
-        raise ConfigError(f"no decoder traits for architecture {model_type!r}; known: {', '.join(TRAITS)}")
-    return TRAITS[model_type]
-
-
-def folding_types() -> list[str]:
-    """The architectures whose norms AWQ and SmoothQuant fold scales into."""
-    return [name for name, t in TRAITS.items() if t.folds_scales]
 
 
 def lm_head_of(w: Mapping[str, Any], key: str, tied: bool) -> Any:

@@ -236,11 +236,13 @@ def _gpt_neox(cfg: Any, w: Mapping[str, Array]) -> DecoderSpec:
     layers = []
     for i in range(cfg.num_hidden_layers):
         p = f"gpt_neox.layers.{i}."
-        qkv = w[p + "attention.query_key_value.weight"].reshape(heads, 3, d, h)
-        qkv_b = w[p + "attention.query_key_value.bias"].reshape(heads, 3, d)
+        # q, k, v interleaved per head: rows [heads, 3, d]; gathered by index, which the compress stage's
+        # quantized tensors support too
+        rows = np.arange(heads * 3 * d).reshape(heads, 3, d)
+        qkv, qkv_b = w[p + "attention.query_key_value.weight"], w[p + "attention.query_key_value.bias"]
         layers.append(DecoderLayer(
-            qkv=tuple(qkv[:, j].reshape(heads * d, h) for j in range(3)),  # type: ignore[arg-type]
-            qkv_bias=tuple(qkv_b[:, j].reshape(heads * d) for j in range(3)),  # type: ignore[arg-type]
+            qkv=tuple(qkv[rows[:, j].reshape(-1)] for j in range(3)),  # type: ignore[arg-type]
+            qkv_bias=tuple(qkv_b[rows[:, j].reshape(-1)] for j in range(3)),  # type: ignore[arg-type]
             o=w[p + "attention.dense.weight"], o_bias=w[p + "attention.dense.bias"],
             up=(w[p + "mlp.dense_h_to_4h.weight"],), up_bias=w[p + "mlp.dense_h_to_4h.bias"],
             down=w[p + "mlp.dense_4h_to_h.weight"], down_bias=w[p + "mlp.dense_4h_to_h.bias"],
@@ -289,18 +291,24 @@ def _opt(cfg: Any, w: Mapping[str, Array]) -> DecoderSpec:
     )
 
 
+def _conv1d(x: Any) -> Any:
+    """A Conv1D weight in the linear layout: float ones are [in, out]; the compress stage's quantized ones are
+    already [out, in] (``ArchTraits.conv1d``)."""
+    return x.T if isinstance(x, np.ndarray) else x
+
+
 def _gpt2(cfg: Any, w: Mapping[str, Array]) -> DecoderSpec:
     h = cfg.n_embd
     pre = "transformer." if "transformer.wte.weight" in w else ""
     layers = []
     for i in range(cfg.n_layer):
         p = f"{pre}h.{i}."
-        qkv, qkv_b = w[p + "attn.c_attn.weight"].T, w[p + "attn.c_attn.bias"]  # Conv1D: [in, out]
+        qkv, qkv_b = _conv1d(w[p + "attn.c_attn.weight"]), w[p + "attn.c_attn.bias"]
         layers.append(DecoderLayer(
             qkv=(qkv[:h], qkv[h:2 * h], qkv[2 * h:]), qkv_bias=(qkv_b[:h], qkv_b[h:2 * h], qkv_b[2 * h:]),
-            o=w[p + "attn.c_proj.weight"].T, o_bias=w[p + "attn.c_proj.bias"],
-            up=(w[p + "mlp.c_fc.weight"].T,), up_bias=w[p + "mlp.c_fc.bias"],
-            down=w[p + "mlp.c_proj.weight"].T, down_bias=w[p + "mlp.c_proj.bias"],
+            o=_conv1d(w[p + "attn.c_proj.weight"]), o_bias=w[p + "attn.c_proj.bias"],
+            up=(_conv1d(w[p + "mlp.c_fc.weight"]),), up_bias=w[p + "mlp.c_fc.bias"],
+            down=_conv1d(w[p + "mlp.c_proj.weight"]), down_bias=w[p + "mlp.c_proj.bias"],
             norm1=(w[p + "ln_1.weight"], w[p + "ln_1.bias"]), norm2=(w[p + "ln_2.weight"], w[p + "ln_2.bias"]),
         ))
     return DecoderSpec(
