@@ -58,10 +58,10 @@ def _cell(spec, backend: str, max_len: int) -> str:  # type: ignore[no-untyped-d
     return f"refused: {why}" if why else "yes"
 
 
-def _folds(model_type: str) -> str:
+def _folds(config) -> str:  # type: ignore[no-untyped-def]
     from slm_export.models.adapters import traits_for
 
-    groups = traits_for(model_type).scale_groups
+    groups = traits_for(config.model_type, config).scale_groups
     if not groups:
         return "none (GPTQ is the int4 default)"
     return ", ".join(f"{src} -> {'/'.join(g.rsplit('.', 1)[-1] for g in dst)}" for src, dst in groups)
@@ -81,8 +81,8 @@ def render() -> str:
              "## Families", "",
              "| family (model_type) | examples | AWQ/SmoothQuant fold points (else no fold) |", "|---|---|---|"]
     specs = {name: _spec(name) for name in [*FAMILIES, *VARIANTS]}
-    for name in FAMILIES:
-        lines.append(f"| `{name}` | {EXAMPLES.get(name, '')} | {_folds(name)} |")
+    for name, (config, _) in specs.items():
+        lines.append(f"| `{name}` | {EXAMPLES.get(name, 'a variant of ' + config.model_type)} | {_folds(config)} |")
     lines += ["", "Every family: float32 exact against transformers on the host (logits, greedy decoding through the "
               "KV cache, perplexity within 0.01% on held-out text), and its int4 (RTN and the default method) and "
               "W8A8 host artifacts build and validate (tests/unit/test_families.py).", "",

@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from slm_export import output
-from slm_export.calibration.config import FOLDING_METHODS, W8A8_METHODS, CompressConfig
+from slm_export.calibration.config import W8A8_METHODS, CompressConfig
 from slm_export.errors import ConfigError, UnsupportedByTarget
-from slm_export.models.adapters import TRAITS
 from slm_export.models.hub import parse_hub_id
 from slm_export.models.loader import ENCODER_TYPES, peek_model_type
 from slm_export.options import check_values, given, unread
@@ -104,10 +103,6 @@ def method(d: Draft) -> None:
     if d.precision not in QUANTIZED or d.has("method"):
         return
     d.values["method"] = d.profile.int8_method if d.precision == "int8" else DEFAULT_METHOD[d.precision]
-    if d.method in FOLDING_METHODS and d.model_type in TRAITS and not TRAITS[d.model_type].folds_scales:
-        fallback = "gptq" if d.precision == "int4" else "dynamic"
-        d.notes.append(f"{d.model_type}: no norm this version folds {d.method}'s channel scales into; using {fallback}")
-        d.values["method"] = fallback
 
 
 def int8_weight_only_note(d: Draft) -> None:

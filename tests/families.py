@@ -59,8 +59,8 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
 # Variants of a family: the same model class with a different structure the exporter must follow too.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "opt-350m-style": ("OPTConfig", {**FAMILIES["opt"][1], "word_embed_proj_dim": 32, "do_layer_norm_before": False}),
-    "stablelm-sequential": ("StableLmConfig", {**FAMILIES["stablelm"][1], "use_parallel_residual": False,
-                                               "qk_layernorm": False, "use_qkv_bias": False}),
+    "stablelm-parallel": ("StableLmConfig", {**FAMILIES["stablelm"][1], "use_parallel_residual": True,
+                                             "qk_layernorm": False, "use_qkv_bias": False}),
     "gpt_neox-sequential": ("GPTNeoXConfig", {**FAMILIES["gpt_neox"][1], "use_parallel_residual": False}),
 }
 
