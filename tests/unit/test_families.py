@@ -32,9 +32,9 @@ def family_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {name: make_family_model(name, root / name) for name in ALL}
 
 
-def _plan(graph_ops: str) -> Plan:
+def _plan(graph_ops: str, static: bool = False) -> Plan:
     return Plan(target="host", model="tiny", out="x", precision="fp32", backend="onnxruntime", graph_ops=graph_ops,
-                opset=17, static_shapes=False, max_seq_len=64, validation="host")
+                opset=17, static_shapes=static, max_seq_len=64, validation="host")
 
 
 def test_every_family_has_a_tiny_model() -> None:
@@ -69,6 +69,18 @@ def test_family_matches_transformers(name: str, graph_ops: str, family_models: d
     expect = torch_greedy(model.torch_module(), IDS[0].tolist(), 12)
     got, _ = dec.generate(IDS[0].tolist(), 12)
     assert got == expect
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_family_static_graph_matches_transformers(name: str, family_models: dict[str, Path], tmp_path: Path) -> None:
+    """The fixed-shape graph the FPGA flow compiles (no cache, padded to max_seq_len) holds every family too."""
+    model = load_model(str(family_models[name]))
+    result = OnnxExporter().export(model, _plan("standard", static=True), tmp_path)
+    dec = OnnxDecoder(make_session(result.model_path, threads=1))
+    assert dec.static_len == 64
+    with torch.no_grad():
+        ref = model.torch_module()(torch.from_numpy(IDS)).logits.numpy()
+    np.testing.assert_allclose(dec.logits(IDS), ref, atol=3e-4, rtol=1e-3)
 
 
 QUANT = [("fp32", None), ("int4", "rtn"), ("int4", "awq-gptq"), ("int8", "smoothquant")]
