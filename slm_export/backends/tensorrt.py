@@ -75,7 +75,8 @@ def shape_profile(model_path: Path, max_len: int, opt_past: int | None = None) -
                 opt.append(d.dim_value)
                 hi.append(d.dim_value)
             else:
-                r = ranges.get(d.dim_param, (1, 1, max_len))
+                # windowed layers name their own past length (past_3): it ranges like every past
+                r = ranges.get("past" if d.dim_param.startswith("past") else d.dim_param, (1, 1, max_len))
                 lo.append(r[0])
                 opt.append(r[1])
                 hi.append(r[2])

@@ -93,11 +93,7 @@ def attention(b: GraphBuilder, W: Weights, spec: DecoderSpec, h: str, layer, i: 
         rd = spec.ropes[layer.rope].dim
         q, k = rotary(b, q, rope, rd, d), rotary(b, k, rope, rd, d)
     if cache:
-        past_k = b.input(f"past_key_values.{i}.key", F32, ["batch", kv, "past", d])
-        past_v = b.input(f"past_key_values.{i}.value", F32, ["batch", kv, "past", d])
-        b.op_to("Concat", [past_k, k], [f"present.{i}.key"], axis=2)
-        b.op_to("Concat", [past_v, v], [f"present.{i}.value"], axis=2)
-        k_all, v_all = f"present.{i}.key", f"present.{i}.value"
+        k_all, v_all, mask = _cache(b, spec, k, v, layer, i, mask)
     else:
         k_all, v_all = k, v
     q = b.op("Mul", [q, b.const(np.float32(scale_of(spec)), np.float32)])
@@ -117,6 +113,30 @@ def attention(b: GraphBuilder, W: Weights, spec: DecoderSpec, h: str, layer, i: 
         ctx = b.op("Reshape", [ctx, b.const([0, nh, -1, d])])
     ctx = b.op("Reshape", [b.op("Transpose", [ctx], perm=perm), b.const([0, 0, nh * d])])
     return _out(b, W, ctx, layer, i)
+
+
+def _cache(b: GraphBuilder, spec: DecoderSpec, k: str, v: str, layer, i: int,  # type: ignore[no-untyped-def]
+           mask: str) -> tuple[str, str, str]:
+    """The keys and values attended over (the past, then the new ones) and the mask for them. A windowed
+    layer's cache holds no more than its window: its present keeps the latest ``window`` positions (all a
+    later query can see), so its past is shorter than the other layers', and its mask is the last columns
+    of the full mask, the positions its cache holds."""
+    kv, d = spec.kv_heads, spec.head_dim
+    past_k = b.input(f"past_key_values.{i}.key", F32, ["batch", kv, f"past_{i}" if layer.window else "past", d])
+    past_v = b.input(f"past_key_values.{i}.value", F32, ["batch", kv, f"past_{i}" if layer.window else "past", d])
+    if not layer.window:
+        b.op_to("Concat", [past_k, k], [f"present.{i}.key"], axis=2)
+        b.op_to("Concat", [past_v, v], [f"present.{i}.value"], axis=2)
+        return f"present.{i}.key", f"present.{i}.value", mask
+    k_all = b.op("Concat", [past_k, k], axis=2)
+    v_all = b.op("Concat", [past_v, v], axis=2)
+    big = b.const([np.iinfo(np.int64).max])
+    last = b.const([-int(layer.window)])
+    b.op_to("Slice", [k_all, last, big, b.const([2])], [f"present.{i}.key"])
+    b.op_to("Slice", [v_all, last, big, b.const([2])], [f"present.{i}.value"])
+    held = b.op("Slice", [b.op("Shape", [k_all]), b.const([2]), b.const([3])])
+    mask = b.op("Slice", [mask, b.op("Neg", [held]), big, b.const([3])])
+    return k_all, v_all, mask  # type: ignore[return-value]
 
 
 def softcap(b: GraphBuilder, x: str, cap: float) -> str:

@@ -107,3 +107,24 @@ def test_family_quantized_artifact_builds_and_validates(name: str, precision: st
         assert accuracy["greedy_match"]["value"] is True, accuracy
         assert result.passed
     assert (Path(result.out) / "model.onnx").exists()
+
+
+@pytest.mark.parametrize("name", ["mistral", "qwen2", "gemma2", "gemma3_text"])
+def test_windowed_layers_cache_no_more_than_the_window(name: str, family_models: dict[str, Path],
+                                                       tmp_path: Path) -> None:
+    """The portable graph's windowed layers keep the latest window positions as their present; full layers
+    keep every position (test_family_matches_transformers decodes through these caches)."""
+    from tests.families import WINDOW
+
+    model = load_model(str(family_models[name]))
+    result = OnnxExporter().export(model, _plan("standard"), tmp_path)
+    dec = OnnxDecoder(make_session(result.model_path, threads=1))
+    feed = {"input_ids": IDS, "attention_mask": np.ones_like(IDS), "position_ids": np.arange(IDS.shape[1])[None],
+            **dec._empty_past(1)}
+    names = [o.name for o in dec.session.get_outputs() if o.name.startswith("present.") and o.name.endswith(".key")]
+    lengths = [out.shape[2] for out in dec.session.run(names, feed)]
+    from slm_export.models.adapters import spec_for
+
+    windows = [layer.window for layer in spec_for(model.config, model.weights).layers]
+    assert any(windows)
+    assert lengths == [WINDOW if w else IDS.shape[1] for w in windows]
