@@ -10,7 +10,7 @@ import it, so the two stay free of a cycle. Linear weights keep the Hugging Face
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -155,8 +155,8 @@ def _bert_layers(cfg: Any, w: Mapping[str, Array], p0: str) -> tuple[EncoderLaye
     return tuple(layers)
 
 
-def _bert(cfg: Any, w: Mapping[str, Array]) -> EncoderSpec:
-    pre = _prefix(w, "bert", "embeddings.word_embeddings.weight")
+def _bert(cfg: Any, w: Mapping[str, Array], base: str = "bert") -> EncoderSpec:
+    pre = _prefix(w, base, "embeddings.word_embeddings.weight")
     e = pre + "embeddings."
     return EncoderSpec(
         hidden=cfg.hidden_size, heads=cfg.num_attention_heads, act=_act(cfg, cfg.hidden_act),
@@ -169,16 +169,7 @@ def _bert(cfg: Any, w: Mapping[str, Array]) -> EncoderSpec:
 def _roberta(cfg: Any, w: Mapping[str, Array]) -> EncoderSpec:
     """BERT's layers under ``roberta.``; positions follow the padding rule (transformers'
     ``create_position_ids_from_input_ids``: ids equal to ``pad_token_id`` are padding, whatever the mask says)."""
-    base = "roberta"
-    pre = _prefix(w, base, "embeddings.word_embeddings.weight")
-    e = pre + "embeddings."
-    return EncoderSpec(
-        hidden=cfg.hidden_size, heads=cfg.num_attention_heads, act=_act(cfg, cfg.hidden_act),
-        word=w[e + "word_embeddings.weight"], pos=w[e + "position_embeddings.weight"],
-        token_type=w[e + "token_type_embeddings.weight"],
-        emb_norm=_norm(w, e + "LayerNorm", float(cfg.layer_norm_eps)), layers=_bert_layers(cfg, w, pre),
-        position_padding_idx=int(cfg.pad_token_id),
-    )
+    return replace(_bert(cfg, w, "roberta"), position_padding_idx=int(cfg.pad_token_id))
 
 
 def _distilbert(cfg: Any, w: Mapping[str, Array]) -> EncoderSpec:
