@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from slm_export import goals as goal_rules
+from slm_export.energy import energy_metrics
 
 SCHEMA_VERSION = 1
 OPTIONAL = ("sparsity", "output", "integrity")  # keys present only when the run had them
@@ -99,6 +100,7 @@ def build_report(plan: Any, profile: Any, model: Any, exported: Any, results: li
 
     roof = roofline if roofline is not None else estimate(plan, profile, model, exported)
     metrics = {**metrics, **fractions_of_roofline(profile, roof, metrics)}
+    metrics = {**metrics, **energy_metrics(profile, metrics, roof, model.kind)}
     wanted = goal_rules.choose(model.kind, plan, metrics, goals_file)
     judged, verdict = goal_rules.judge(wanted, metrics)
     folder = Path(exported.model_path).parent

@@ -73,6 +73,11 @@ def headline(r: dict[str, Any]) -> list[tuple[str, str, str]]:
     for name, label, unit in _SPEEDS:
         if name in m:
             rows.append((label, f"{m[name]['value']:.4g} {unit}", _short(m[name]["where"])))
+    for name in ("energy_per_token_j", "energy_per_inference_j"):
+        if name in m:
+            e = m[name]
+            rows.append((f"energy, {e.get('source', 'estimated')}", f"{1000 * e['value']:.4g} m{e['unit']}",
+                         _short(e["where"])))
     for name, metric in m.items():
         if name.startswith("emulated_") and name.endswith("_decode_tokens_per_s_p50"):
             rows.append((f"decode, {name[9:-24]} emulated", f"{metric['value']:.3g} tok/s", _short(metric["where"])))

@@ -101,6 +101,12 @@ def run_job(job: dict[str, Any], base: Path) -> dict[str, Any]:
     out["windows"] = [score_window(decoder.logits(np.asarray([w], np.int64))[0], np.asarray(w, np.int64))
                       for w in job.get("windows", [])]
     ttft, rates = [], []
+    from .power import PowerMeter
+
+    # A device's own runs read its power sensors (the job names its sysfs); an emulator's would read the host's.
+    meter = PowerMeter(job["power_root"]) if job.get("power_root") else None
+    if meter and meter.available:  # the generation runs below, timed: their average power
+        meter.start()
     if job.get("greedy_prompt"):
         out["greedy"], timing = decoder.generate(list(job["greedy_prompt"]), int(job.get("greedy_tokens", 32)))
         if job.get("time_greedy") and timing.decode_s:  # no timed runs of their own: the greedy run's times
@@ -114,6 +120,8 @@ def run_job(job: dict[str, Any], base: Path) -> dict[str, Any]:
             ttft.append(timing.prefill_s * 1000.0)
             if timing.decode_s:
                 rates.append(len(timing.decode_s) / sum(timing.decode_s))
+    if meter and meter.available:
+        out["power"] = meter.stop()
     out.update(ttft_ms=ttft, decode_tokens_per_s=rates, wall_s=time.perf_counter() - t0,
                peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
     return out

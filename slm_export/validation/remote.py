@@ -92,6 +92,9 @@ def remote_validation(runner: Runner, artifact: Path, file: str, module: Any, to
     out = _accuracy(res, ref_scores, host_scores, module, host_dec, prompt, s, where, artifact, versus,
                     versus_label, len(windows))
     out.update(_timing(res, s, where, prompt))
+    power = res.get("power")
+    if power and power.get("watts"):
+        out["power_w"] = _metric(float(power["watts"]), "W", f"{where}: {power['source']}")
     details = {"runner": runner.name, "status": "done", "file": file, "versus": versus, "where": where,
                "environment": res.get("environment", {}), "wall_s": round(wall, 1),
                "load_s": round(res.get("load_s", 0.0), 1), "far_peak_rss_mb": round(res.get("peak_rss_mb", 0.0), 1),

@@ -38,13 +38,14 @@ DEFAULT_WORKDIR = "~/.slm-export-runner"
 
 @dataclass(frozen=True)
 class DeviceUrl:
-    """``ssh://user@host[:port][?workdir=/path&python=python3]``."""
+    """``ssh://user@host[:port][?workdir=/path&python=python3&sysfs=/sys]``."""
 
     user: str | None
     host: str
     port: int
     workdir: str = DEFAULT_WORKDIR
     python: str = "python3"
+    sysfs: str = "/sys"  # where the device's power sensors are read
 
     @staticmethod
     def parse(url: str) -> DeviceUrl:
@@ -62,15 +63,16 @@ class DeviceUrl:
             raise ConfigError(f"--device {url!r}: port must be 1-65535, not {given}")
         port = given or 22
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-        unknown = set(query) - {"workdir", "python"}
+        unknown = set(query) - {"workdir", "python", "sysfs"}
         if unknown:
             raise ConfigError(f"--device {url!r}: unknown option(s) {', '.join(sorted(unknown))} "
-                              "(known: workdir, python)")
+                              "(known: workdir, python, sysfs)")
         host, user = parts.hostname, parts.username
         for what, value in (("host", host), ("user", user or "")):
             if value.startswith("-") or any(c in value for c in " \t\n;'\"`$\\|&<>"):
                 raise ConfigError(f"--device {url!r}: the {what} {value!r} is not a valid name")
-        return DeviceUrl(user, host, port, query.get("workdir", DEFAULT_WORKDIR), query.get("python", "python3"))
+        return DeviceUrl(user, host, port, query.get("workdir", DEFAULT_WORKDIR), query.get("python", "python3"),
+                         query.get("sysfs", "/sys"))
 
     @property
     def target(self) -> str:
@@ -220,7 +222,8 @@ class SshRunner:
         upload_s = time.perf_counter() - t0
         runner_pkg = Path(__file__).resolve().parents[1] / "runner"
         pkg = {f"slm_runner/{p.name}": p.read_bytes() for p in sorted(runner_pkg.glob("*.py"))}
-        pkg["job.json"] = json.dumps({**job, "model": "model-link/" + job["model"]}).encode()
+        pkg["job.json"] = json.dumps({**job, "model": "model-link/" + job["model"],
+                                      "power_root": dev.url.sysfs}).encode()
         q = _remote_path
         limit = int(dev.command_timeout)
         t1 = time.perf_counter()

@@ -6,6 +6,7 @@ whatever the target; the target's own speed appears only as the profile's roofli
 
 from __future__ import annotations
 
+import os
 import platform
 import resource
 import time
@@ -20,6 +21,7 @@ from slm_export.errors import DeviceError
 from slm_export.models.encoders import max_tokens
 from slm_export.options import at_least, check_values, opt, positive, whole_at_least
 from slm_export.runner.job import dist_version, open_runtime
+from slm_export.runner.power import PowerMeter
 from slm_export.text import TextSource, token_windows
 from slm_export.validation.generate import make_session, torch_greedy
 from slm_export.validation.metrics import check_finite, cosine, decoder_accuracy
@@ -47,10 +49,11 @@ class ValidationSettings:
         None, "tokens in each emulated run's accuracy window (default 256 for ONNX Runtime, 128 for TVM: each "
         "emulated token costs about a hundred host tokens)", group=EFFORT, parse=whole_at_least(16),
         check=at_least(16))
+    sysfs: str = "/sys"  # where the host's power sensors are read (tests point it at a fake tree)
     exact_qdq: bool = False  # Q/DQ as float products of the int8 values (the artifact's runtime is not ORT)
     # A device to validate on too (ssh://user@host:port), how to reach it, and how long a run may take there.
-    device: str | None = opt(None, "validate on a device too: ssh://user@host[:port][?workdir=DIR&python=python3]",
-                             group=DEVICE)
+    device: str | None = opt(None, "validate on a device too: "
+                             "ssh://user@host[:port][?workdir=DIR&python=python3&sysfs=/sys]", group=DEVICE)
     identity: str | None = opt(None, "SSH private key (default: your ssh agent and ~/.ssh keys)", group=DEVICE,
                                short="-i")
     known_hosts: str | None = opt(None, "known_hosts file to check the device's key against (default ~/.ssh/)",
@@ -116,10 +119,16 @@ def validate_decoder(model_path: Path, module: Any, tokenizer: Any, text: TextSo
         how = f"greedy, static {dec.static_len}-token graph, no KV cache: each token recomputes the window"
     dec.generate(long_prompt, 2 if dec.static_len else 8)  # warm-up
     ttft, rates = [], []
+    meter = PowerMeter(s.sysfs)
+    if meter.available:
+        meter.start()
     for _ in range(repeats):
         _, timing = dec.generate(long_prompt, decode_tokens)
         ttft.append(timing.prefill_s * 1000)
         rates.append(len(timing.decode_s) / sum(timing.decode_s))
+    power = meter.stop() if meter.available else None
+    if power:
+        out["power_w"] = metric(power["watts"], "W", f"{host}: {power['source']}")
     out["ttft_ms_p50"] = metric(float(np.percentile(ttft, 50)), "ms", host + f", {len(long_prompt)}-token prompt")
     out["ttft_ms_p90"] = metric(float(np.percentile(ttft, 90)), "ms", host + f", {len(long_prompt)}-token prompt")
     out["decode_tokens_per_s_p50"] = metric(float(np.percentile(rates, 50)), "tokens/s",
@@ -220,4 +229,5 @@ def validate_encoder(model_path: Path, module: Any, tokenizer: Any, text: TextSo
         "latency_ms_p50": metric(float(np.percentile(times, 50)), "ms",
                                  host + f", 1 x {one['input_ids'].shape[1]} tokens"),
         "latency_ms_p90": metric(float(np.percentile(times, 90)), "ms", host),
+        "threads": metric(s.threads or os.cpu_count() or 1, "", host),
     }

@@ -209,3 +209,23 @@ def test_hostile_names_do_not_reach_a_shell(sshd: Sshd, tmp_path: Path) -> None:
     assert (hostile / ("x; touch " + str(canary))).is_dir()
     assert not canary.exists()
     assert not list(Path.home().glob("PWNED*"))
+
+
+def test_device_power_sensor_gives_measured_energy(sshd: Sshd, artifact: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A device exposing a Jetson's INA3221 rails (a fake sysfs tree, named by the URL's ``sysfs``): the report's
+    energy per token is the rail's power over the device's measured time per token."""
+    rails = tmp_path / "sys/bus/i2c/drivers/ina3221x/0-0041/iio:device1"
+    rails.mkdir(parents=True)
+    for n, (name, mw) in enumerate({"VDD_IN": 4200, "VDD_SYS_CPU": 1500}.items()):
+        (rails / f"rail_name_{n}").write_text(name + "\n")
+        (rails / f"in_power{n}_input").write_text(f"{mw}\n")
+    args = _dev(sshd, **{"--device": sshd.url() + f"&sysfs={tmp_path / 'sys'}"})
+    assert main(["validate", str(artifact), "--json", "--threads", "1", *args]) == 0
+    m = json.loads(capsys.readouterr().out)["metrics"]
+    assert m["device_power_w"]["value"] == pytest.approx(4.2)
+    assert "VDD_IN" in m["device_power_w"]["where"]
+    assert "measured on device" in m["device_power_w"]["where"]
+    energy = m["energy_per_token_j"]
+    assert energy["source"] == "measured"
+    assert energy["value"] == pytest.approx(4.2 / m["device_decode_tokens_per_s_p50"]["value"])

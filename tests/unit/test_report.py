@@ -96,3 +96,26 @@ def test_an_export_writes_all_three_reports(tmp_path: Path, tiny_models: dict[st
     md = (out / "report.md").read_text().splitlines()
     assert "host decode, estimated" in "\n".join(md[:25])
     assert report["verdict"] in (out / "report.html").read_text()
+    # energy per token in every report, with its source (no power sensor readable here: the nominal figure)
+    energy = report["metrics"]["energy_per_token_j"]
+    assert energy["source"] in ("measured", "estimated")
+    assert energy["value"] > 0
+    rate = report["metrics"]["decode_tokens_per_s_p50"]["value"]
+    if energy["source"] == "estimated":
+        assert energy["value"] == pytest.approx(10.0 / rate)  # nominal 10 W x 1 thread
+    assert any(line.startswith("| energy,") or "energy," in line for line in md[:25])
+
+
+def test_a_skipped_validation_still_estimates_energy_from_the_roofline(tmp_path: Path,
+                                                                     tiny_models: dict[str, Path]) -> None:
+    from slm_export.cli import main
+
+    out = tmp_path / "o"
+    # the default goals are not measured without validation: the run says so (exit 1) and keeps its report
+    assert main(["--target", "rpi4", "--model", str(tiny_models["llama"]), "--precision", "fp32", "--out", str(out),
+                 "--no-validate"]) == 1
+    metrics = json.loads(next(tmp_path.glob("o*/report.json")).read_text())["metrics"]
+    energy = metrics["energy_per_token_j"]
+    assert energy["source"] == "estimated"
+    assert "roofline" in energy["where"]
+    assert "6.1 W" in energy["where"]
