@@ -9,6 +9,7 @@ per-group clipping ratio the same way, and round to nearest.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -45,17 +46,31 @@ def fake_quant(w: torch.Tensor, cfg: AWQConfig, clip: torch.Tensor | float = 1.0
     return ((quantize_codes(g, scale, zero, cfg.bits) - zero) * scale).reshape(out_f, in_f)
 
 
+def output_error(x: torch.Tensor) -> Callable[[torch.Tensor], float]:
+    """The mean squared output error ``mean((x D^T)^2)`` of a weight change ``D`` [out, in], as a function of D.
+
+    Through the sample's Gram matrix ``G = x^T x`` when the sample has more rows than inputs: ``sum((D G) * D)``
+    is the same sum in ``out * in^2`` operations instead of ``tokens * in * out`` (a 2048-row sample over 576
+    inputs: 3.5x fewer for each of the grid's points; G itself is made once)."""
+    n, d = x.shape
+    if n > d:
+        gram = x.T @ x
+        return lambda D: float(((D @ gram) * D).sum()) / (n * D.shape[0])
+    return lambda D: float(((x @ D.T) ** 2).mean())
+
+
 def search_scale(weights: list[torch.Tensor], x: torch.Tensor, x_mean: torch.Tensor, cfg: AWQConfig) -> torch.Tensor:
-    """Best per-input-channel scale for the linears in ``weights`` that all read ``x``."""
+    """Best per-input-channel scale for the linears in ``weights`` that all read ``x``: the least output error
+    of the quantized ``W * s`` (divided back by ``s``) against ``W`` over the sample ``x``."""
     W = torch.cat(weights, 0)
     check_group(W.shape[1], cfg.group)
-    ref = x @ W.T
+    error = output_error(x)
     best, best_err = torch.ones_like(x_mean), float("inf")
     for k in range(cfg.grid + 1):
         alpha = k / cfg.grid
         s = live_floor(x_mean, 1e-4).pow(alpha)
         s = s / (s.max() * s.min()).sqrt()
-        err = ((x @ (fake_quant(W * s, cfg) / s).T - ref) ** 2).mean().item()
+        err = error(fake_quant(W * s, cfg) / s - W)
         if err < best_err:
             best, best_err = s, err
     return best

@@ -101,12 +101,41 @@ class LayerQuantizer:
         if i in run.rotations:
             down = submodule(layer, run.traits.down_proj)
             self.hooks.append(apply_rotation(down, run.rotations[i], stats[run.traits.down_proj]))  # type: ignore[arg-type]
-        for name, lin in layer.named_modules():
-            if isinstance(lin, nn.Linear):
+        for members in self.siblings(layer, stats):
+            if len(members) > 1:
+                self.quantize_joint(i, members, stats[members[0][0]], prepared)
+            else:
+                name, lin = members[0]
                 self.quantize_linear(run.name(i, name), lin, stats[name], prepared)
         self.activations(i, layer, inputs, stats, alphas)
         if run.progress:
             run.progress(f"layer {i + 1}/{len(decoder_layers(run.work))}")
+
+    def siblings(self, layer: nn.Module, stats: dict[str, InputStats]) -> list[list[tuple[str, nn.Linear]]]:
+        """The layer's linears in order, those reading one input (q/k/v, gate/up) together where GPTQ rounds them
+        (``quantize_joint``); one by one otherwise (pruning, round-to-nearest, AWQ's clip search, W8A8)."""
+        cfg = self.run.cfg
+        joint = type(self) is LayerQuantizer and cfg.quantized and cfg.method in ("gptq", "awq-gptq") \
+            and cfg.sparsity is None
+        groups: list[list[tuple[str, nn.Linear]]] = []
+        for name, lin in layer.named_modules():
+            if not isinstance(lin, nn.Linear):
+                continue
+            if joint and groups and stats[groups[-1][0][0]] is stats[name] and stats[name].hessian is not None:
+                groups[-1].append((name, lin))
+            else:
+                groups.append([(name, lin)])
+        return groups
+
+    def quantize_joint(self, i: int, members: list[tuple[str, nn.Linear]], st: InputStats, prepared: Prepared) -> None:
+        """Linears reading one input, rounded by GPTQ as one stacked weight: GPTQ treats rows independently given
+        the shared Hessian, so each gets the codes it would alone, in one column loop instead of one per linear."""
+        weights = [lin.weight.detach() for _, lin in members]
+        q = self.finish(torch.cat(weights), self.run.cfg, st, prepared)
+        start = 0
+        for (name, lin), w in zip(members, weights, strict=True):
+            self.record(self.run.name(i, name), lin, w, q[start:start + w.shape[0]], st)  # type: ignore[index]
+            start += w.shape[0]
 
     def quantize_linear(self, full: str, lin: nn.Linear, st: InputStats, prepared: Prepared) -> None:
         """Prune and quantize one linear; it holds the dequantized weight for the layer's next pass."""
@@ -114,9 +143,13 @@ class LayerQuantizer:
         w = ref = lin.weight.detach()  # after any smoothing or rotation, before pruning
         if cfg.sparsity is not None:
             w = pruned(w, cfg, st, prepared)
-        q = self.finish(w, cfg, st, prepared)
+        self.record(full, lin, ref, self.finish(w, cfg, st, prepared), st)
+
+    def record(self, full: str, lin: nn.Linear, ref: torch.Tensor, q: QuantizedTensor | torch.Tensor,
+               st: InputStats) -> None:
+        """Keep ``q`` as the linear's result, with its report entry; the linear holds its dequantized weight."""
         self.run.quantized[full + ".weight"] = q
-        self.run.report.append(layer_entry(full, ref, q, cfg, st))
+        self.run.report.append(layer_entry(full, ref, q, self.run.cfg, st))
         deq = q.dequantize() if isinstance(q, QuantizedTensor) else q.numpy()
         lin.weight = nn.Parameter(torch.from_numpy(deq), requires_grad=False)
 

@@ -209,13 +209,31 @@ with tempfile.TemporaryDirectory(prefix="slm-fuzz-") as _d:
     TINY_GGUF = write_tiny_gguf(Path(_d) / "tiny.gguf").read_bytes()
 
 
-def _read_all(path: Path) -> None:
-    meta, infos, mm, start = read_gguf(path)
+@contextlib.contextmanager
+def bounded_memory(extra: int = 1 << 30) -> Iterator[None]:
+    """At most ``extra`` more bytes of address space inside: a reader that allocates by a damaged header's
+    numbers raises MemoryError here (a failure naming the example) instead of exhausting the machine (an
+    out-of-memory kill that takes the test worker, and CI with it)."""
+    import resource
+
+    with open("/proc/self/statm") as fh:
+        used = int(fh.read().split()[0]) * resource.getpagesize()
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (used + extra, hard))
     try:
-        cfg = gguf_config(meta, infos)
-        gguf_weights(path, meta, infos, mm, start, cfg)
+        yield
     finally:
-        mm.close()
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def _read_all(path: Path) -> None:
+    with bounded_memory():
+        meta, infos, mm, start = read_gguf(path)
+        try:
+            cfg = gguf_config(meta, infos)
+            gguf_weights(path, meta, infos, mm, start, cfg)
+        finally:
+            mm.close()
 
 
 def test_tiny_gguf_reads(scratch: Path) -> None:
@@ -320,8 +338,9 @@ def _check_st(data: bytes) -> None:
     from safetensors.torch import load
 
     try:
-        entries = parse_header(data, len(data), "fuzz.safetensors")
-        check_float_dtypes(entries, "fuzz.safetensors")
+        with bounded_memory():
+            entries = parse_header(data, len(data), "fuzz.safetensors")
+            check_float_dtypes(entries, "fuzz.safetensors")
     except ModelLoadError:
         return
     tensors = load(data)
