@@ -163,29 +163,35 @@ def _shared_input_pass(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict]]
     """Run ``layer`` over ``inputs`` with hooks on its linear modules, feeding each input to ``update``.
 
     Linears that read the very same tensor (q/k/v, gate/up) share one record (from ``new``), which sees
-    that tensor once.
+    that tensor once. Once every linear has had its input the forward stops: the rest (the last linear's
+    product, the residual add) feeds nothing recorded. Every linear of a decoder layer runs once per call.
     """
     records: dict[str, Any] = {}
     seen: dict[tuple[int, tuple[int, ...]], Any] = {}
     alive: list[torch.Tensor] = []
+    called: set[str] = set()
     hooks = []
-    for name, lin in linear_modules(layer).items():
+    linears = linear_modules(layer)
+    for name, lin in linears.items():
         def hook(mod: nn.Module, args: tuple, name: str = name) -> None:
+            called.add(name)
             x = args[0]
             key = (x.data_ptr(), tuple(x.shape))
             if name not in records:
                 records[name] = seen[key] if key in seen else new()
-            if seen.get(key) is records[name]:
-                return  # a sibling already recorded this very tensor
-            seen[key] = records[name]
-            alive.append(x)  # holding it keeps its address from being reused by a later tensor
-            update(records[name], x)
+            if seen.get(key) is not records[name]:  # else a sibling already recorded this very tensor
+                seen[key] = records[name]
+                alive.append(x)  # holding it keeps its address from being reused by a later tensor
+                update(records[name], x)
+            if len(called) == len(linears):
+                raise _Stop
         hooks.append(lin.register_forward_pre_hook(hook))
     try:
         for hidden, kwargs in inputs:
             seen.clear()
             alive.clear()
-            with torch.no_grad():
+            called.clear()
+            with torch.no_grad(), contextlib.suppress(_Stop):
                 layer(hidden, **kwargs)
     finally:
         for h in hooks:
