@@ -6,6 +6,7 @@ the run's state, and puts the layer's original tensors back once its outputs exi
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -81,6 +82,7 @@ class LayerQuantizer:
     def __init__(self, run: CompressRun) -> None:
         self.run = run
         self.hooks: list[Any] = []  # forward hooks the layer keeps until its outputs exist
+        self.started = time.perf_counter()
 
     def fold(self, i: int, layer: nn.Module, stats: dict[str, InputStats]) -> dict[str, float | None]:
         """Move per-channel scales into the layer before rounding; returns SmoothQuant's alpha per linear."""
@@ -109,7 +111,9 @@ class LayerQuantizer:
                 self.quantize_linear(run.name(i, name), lin, stats[name], prepared)
         self.activations(i, layer, inputs, stats, alphas)
         if run.progress:
-            run.progress(f"layer {i + 1}/{len(decoder_layers(run.work))}")
+            n = len(decoder_layers(run.work))
+            left = (time.perf_counter() - self.started) / (i + 1) * (n - i - 1)  # layers cost alike
+            run.progress(f"layer {i + 1}/{n}" + (f", about {_duration(left)} left" if i + 1 < n else ""))
 
     def siblings(self, layer: nn.Module, stats: dict[str, InputStats]) -> list[list[tuple[str, nn.Linear]]]:
         """The layer's linears in order, those reading one input (q/k/v, gate/up) together where GPTQ rounds them
@@ -184,6 +188,10 @@ class W8A8Layer(LayerQuantizer):
                     alphas: dict[str, float | None]) -> None:
         if self.run.cfg.method == "smoothquant":  # activation ranges of the smoothed, weight-quantized layer
             self.hooks.extend(calibrate_activations(self.run, i, layer, inputs, alphas, stats))
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
 def layer_quantizer(run: CompressRun) -> LayerQuantizer:
