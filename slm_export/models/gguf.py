@@ -44,8 +44,11 @@ def gguf_config(meta: dict[str, Any], infos: list[GgufTensorInfo],
     hidden = m.count(f"{p}.embedding_length")
     if heads % kv_heads:
         raise ModelLoadError(f"GGUF metadata: {heads} attention heads do not group over {kv_heads} key/value heads")
+    blocks = m.count(f"{p}.block_count")
+    if blocks > len(infos):  # before anything sizes a per-layer list by it: each block holds tensors of its own
+        raise ModelLoadError(f"GGUF metadata says {blocks} blocks but the file describes only {len(infos)} tensors")
     cfg = {
-        "model_type": family.model_type, "hidden_size": hidden, "num_hidden_layers": m.count(f"{p}.block_count"),
+        "model_type": family.model_type, "hidden_size": hidden, "num_hidden_layers": blocks,
         "intermediate_size": m.count(f"{p}.feed_forward_length"), "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
         "max_position_embeddings": m.count(f"{p}.context_length", 2048),
@@ -146,11 +149,12 @@ def _check_dims(cfg: dict[str, Any], head_dim: int, infos: list[GgufTensorInfo])
                                  f"{cfg['num_attention_heads']}/{cfg['num_key_value_heads']} of {head_dim})")
     if "token_embd.weight" not in {i.name for i in infos}:
         raise ModelLoadError("GGUF has no token_embd.weight: not a complete model")
-    if layers != set(range(cfg["num_hidden_layers"])):
-        extra = sorted(layers - set(range(cfg["num_hidden_layers"])))[:3]
-        missing = sorted(set(range(cfg["num_hidden_layers"])) - layers)[:3]
-        raise ModelLoadError(f"GGUF metadata says {cfg['num_hidden_layers']} blocks but the tensors "
-                             + (f"have block {extra[0]}" if extra else f"lack block {missing[0]}"))
+    n = cfg["num_hidden_layers"]
+    extra = sorted(i for i in layers if i >= n)
+    if extra or len(layers) != n:  # the numbers below n, distinct, n of them: every block is there
+        missing = next(i for i in range(len(layers) + 1) if i not in layers)
+        raise ModelLoadError(f"GGUF metadata says {n} blocks but the tensors "
+                             + (f"have block {extra[0]}" if extra else f"lack block {missing}"))
 
 
 def _unpermute(w: np.ndarray, n_head: int, name: str) -> np.ndarray:

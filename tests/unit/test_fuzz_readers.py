@@ -286,6 +286,7 @@ def test_gguf_reader_on_the_head_of_the_builtin_file(scratch: Path) -> None:
     ("nan", "holds 1 NaN or Inf"),
     ("dims", "has dimensions"),
     ("count", "cannot read GGUF"),
+    ("blocks", "2130706433 blocks but the file describes only 11 tensors"),
     ("merges", "tokenizer"),
     ("tokenizer", "does not round-trip"),
 ])
@@ -305,6 +306,10 @@ def test_load_gguf_refuses_damaged_files(case: str, expected: str, tmp_path: Pat
             data[at:at + 4] = struct.pack("<I", 48)
         elif case == "count":  # the tensor count -> 2**62
             data[8:16] = struct.pack("<Q", 2**62)
+        elif case == "blocks":  # llama.block_count 1 -> 0x7f000001, a byte flipped: nothing may be sized by it
+            key = b"llama.block_count"
+            at = data.index(key) + len(key) + 4
+            data[at:at + 4] = struct.pack("<I", 0x7F000001)
         f.write_bytes(bytes(data))
     with pytest.raises(ModelLoadError, match=expected) as info:
         load_model(str(f))
