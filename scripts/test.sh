@@ -13,12 +13,19 @@ bash scripts/setup.sh || exit 3
 # Lint first (seconds): ruff's rules include C901 and PLR0915, the package's complexity limits (pyproject.toml).
 .venv/bin/ruff check slm_export tests scripts || exit 1
 workers="${SLM_TEST_WORKERS:-2}"
+# A worker killed mid-file (out of memory) can leave pytest-xdist waiting for it for ever: a bound turns a
+# hang into a failure that says so (the suite takes about half of it on 2 cores).
+limit="${SLM_TEST_TIMEOUT:-3600}"
 if [ "$workers" -gt 0 ] 2>/dev/null; then
-  .venv/bin/python -m pytest -q -n "$workers" --dist loadfile --no-loadscope-reorder "$@"
+  timeout -k 30 "$limit" .venv/bin/python -m pytest -q -n "$workers" --dist loadfile --no-loadscope-reorder "$@"
 else
-  .venv/bin/python -m pytest -q "$@"
+  timeout -k 30 "$limit" .venv/bin/python -m pytest -q "$@"
 fi
 rc=$?
+if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+  echo "the test suite did not finish within ${limit} s (a hung or killed worker?): failing" >&2
+  exit 1
+fi
 if [ "$rc" -eq 5 ]; then
   echo "pytest collected no tests: failing on purpose" >&2
   exit 1
