@@ -48,7 +48,7 @@ for name, w in result.weights.items():
         arrays[name + ".codes"], arrays[name + ".scales"] = w.codes, w.scales
         if w.zeros is not None:
             arrays[name + ".zeros"] = w.zeros
-    elif isinstance(w, torch.Tensor) and name in result.weights and w is not model.weights.get(name):
+    elif isinstance(w, torch.Tensor) and w is not model.weights.get(name):  # a float tensor the stage changed
         arrays[name] = w.detach().float().numpy()
 np.savez(dump, **arrays)
 print(json.dumps({"total_s": total, "layers_s": layers, "method": plan.method, "group": plan.group_size,
