@@ -100,9 +100,10 @@ def build_report(plan: Any, profile: Any, model: Any, exported: Any, results: li
 
     roof = roofline if roofline is not None else estimate(plan, profile, model, exported)
     metrics = {**metrics, **fractions_of_roofline(profile, roof, metrics)}
-    metrics = {**metrics, **energy_metrics(profile, metrics, roof, model.kind)}
     wanted = goal_rules.choose(model.kind, plan, metrics, goals_file)
     judged, verdict = goal_rules.judge(wanted, metrics)
+    # Energy is information beside the goals: an estimate alone (no validation) is no measured run to judge.
+    metrics = {**metrics, **energy_metrics(profile, metrics, roof, model.kind)}
     folder = Path(exported.model_path).parent
     artifact_bytes = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     metrics = {**metrics,
