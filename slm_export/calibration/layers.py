@@ -78,6 +78,9 @@ class LayerQuantizer:
     """The weight-only kind: AWQ's scales folded first where the method asks, then each linear rounded."""
 
     finish = staticmethod(finish_weight_only)
+    # GPTQ may round linears that read one input as one stacked weight (``quantize_joint``); W8A8's per-tensor
+    # power-of-two grids and activation scales are per linear, so its kind says no.
+    stacks_siblings = True
 
     def __init__(self, run: CompressRun) -> None:
         self.run = run
@@ -119,7 +122,7 @@ class LayerQuantizer:
         """The layer's linears in order, those reading one input (q/k/v, gate/up) together where GPTQ rounds them
         (``quantize_joint``); one by one otherwise (pruning, round-to-nearest, AWQ's clip search, W8A8)."""
         cfg = self.run.cfg
-        joint = type(self) is LayerQuantizer and cfg.quantized and cfg.method in ("gptq", "awq-gptq") \
+        joint = self.stacks_siblings and cfg.quantized and cfg.method in ("gptq", "awq-gptq") \
             and cfg.sparsity is None
         groups: list[list[tuple[str, nn.Linear]]] = []
         for name, lin in layer.named_modules():
@@ -178,6 +181,7 @@ class W8A8Layer(LayerQuantizer):
     activation scale observed over the smoothed, weight-quantized layer."""
 
     finish = staticmethod(finish_w8a8)
+    stacks_siblings = False
 
     def fold(self, i: int, layer: nn.Module, stats: dict[str, InputStats]) -> dict[str, float | None]:
         if self.run.cfg.method == "smoothquant":

@@ -33,6 +33,20 @@ def _read_int(path: Path) -> int | None:
         return None
 
 
+def _text(path: Path, default: str) -> str:
+    """A sysfs label, or ``default`` where there is none (or it cannot be read)."""
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return default
+
+
+def _scaled(path: Path, per_watt: float) -> float | None:
+    """A sensor reading in watts: its integer value over ``per_watt`` (mW: 1e3, microwatts: 1e6)."""
+    v = _read_int(path)
+    return None if v is None else v / per_watt
+
+
 def _rapl(root: Path) -> list[tuple[str, Path, int]]:
     """Top-level RAPL domains (packages): name, counter file, wrap range in microjoules."""
     out = []
@@ -42,7 +56,7 @@ def _rapl(root: Path) -> list[tuple[str, Path, int]]:
         counter = d / "energy_uj"
         if _read_int(counter) is None:
             continue
-        name = (d / "name").read_text().strip() if (d / "name").exists() else d.name
+        name = _text(d / "name", d.name)
         out.append((f"{d.name} ({name})", counter, _read_int(d / "max_energy_range_uj") or 0))
     return out
 
@@ -52,44 +66,32 @@ def _ina3221_iio(root: Path) -> list[tuple[str, Callable[[], float | None]]]:
     for dev in sorted((root / "bus/i2c/drivers/ina3221x").glob("*/iio:device*")):
         for p in sorted(dev.glob("in_power*_input")):
             n = p.name[len("in_power"):-len("_input")]
-            label = dev / f"rail_name_{n}"
-            name = label.read_text().strip() if label.exists() else f"{dev.parent.name} channel {n}"
-            rails.append((name, lambda p=p: _mw(p)))
+            name = _text(dev / f"rail_name_{n}", f"{dev.parent.name} channel {n}")
+            rails.append((name, lambda p=p: _scaled(p, 1e3)))
     return rails
-
-
-def _mw(path: Path) -> float | None:
-    v = _read_int(path)
-    return None if v is None else v / 1000.0
 
 
 def _hwmon(root: Path) -> tuple[list[tuple[str, Callable[[], float | None]]], str]:
     """INA3221 rails from hwmon (V x I), else any hwmon power sensor (microwatts)."""
     ina, other = [], []
     for mon in sorted((root / "class/hwmon").glob("hwmon*")):
-        chip = (mon / "name").read_text().strip() if (mon / "name").exists() else mon.name
+        chip = _text(mon / "name", mon.name)
         if chip.startswith("ina3221"):
             for volt in sorted(mon.glob("in*_input")):
                 n = volt.name[2:-len("_input")]
                 curr = mon / f"curr{n}_input"
                 if not curr.exists():
                     continue
-                label = mon / f"in{n}_label"
-                name = label.read_text().strip() if label.exists() else f"{chip} channel {n}"
+                name = _text(mon / f"in{n}_label", f"{chip} channel {n}")
                 ina.append((name, lambda v=volt, c=curr: _vi(v, c)))
         for p in sorted(mon.glob("power*_input")):
-            other.append((f"{chip} {p.name}", lambda p=p: _uw(p)))
+            other.append((f"{chip} {p.name}", lambda p=p: _scaled(p, 1e6)))
     return (ina, "ina3221") if ina else (other, "hwmon")
 
 
 def _vi(volt: Path, curr: Path) -> float | None:
     v, i = _read_int(volt), _read_int(curr)
     return None if v is None or i is None else v * i / 1e6  # mV x mA = microwatts; in watts
-
-
-def _uw(path: Path) -> float | None:
-    v = _read_int(path)
-    return None if v is None else v / 1e6
 
 
 def _pick_rails(rails: list[tuple[str, Callable[[], float | None]]]) -> list[tuple[str, Callable[[], float | None]]]:
