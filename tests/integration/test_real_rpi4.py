@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,14 +17,15 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def rpi4_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def rpi4_artifact(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     out = tmp_path_factory.mktemp("real") / "rpi4"
     # The profile's defaults with a quarter of the calibration tokens (16 x 256, not 64 x 512) and 64-token
     # emulated windows: the suite's time, not the figures (scripts/bench_compress.py and bench_backends.py
     # measure the defaults).
     assert main(["--target", "rpi4", "--model", "smollm2-135m", "--out", str(out), "--threads", THREADS,
                  "--calib-samples", "16", "--calib-seqlen", "256", "--emulate-tokens", "64", *LIGHT]) == 0
-    return out
+    yield out
+    shutil.rmtree(out.parent)  # about a gigabyte: gone once the file's tests are done, not at the suite's end
 
 
 def test_rpi4_default_export(rpi4_artifact: Path) -> None:
