@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,7 +92,8 @@ def run(plan: Plan, profile: TargetProfile, progress: Progress | None = None,
         need = [0]
         try:
             tmp.mkdir(parents=True, exist_ok=False)
-            report = _stages(plan, profile, settings, tmp, progress, need)
+            with torch_threads(settings.threads):
+                report = _stages(plan, profile, settings, tmp, progress, need)
             dest = output.failed_name(out) if report.verdict == "FAIL" and keep_passing else out
             placed = {"folder": str(dest), "replaced": failed_state if dest != out else state,
                       "stale_removed": cleaned, "predicted_bytes": need[0]}
@@ -109,6 +111,24 @@ def run(plan: Plan, profile: TargetProfile, progress: Progress | None = None,
             message += f". The passing artifact in {out} was kept; this run's artifact is in {dest}"
         raise ValidationFailed(message, data)
     return RunResult(data, dest)
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """``--threads`` holds for the whole run, calibration included, not only for validation: on a machine the run
+    shares (a CI runner, two exports side by side), torch's default of one thread per core makes its OpenMP
+    threads wait on each other's descheduled peers, which slowed a calibration five-fold. 0: torch's default."""
+    if threads <= 0:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _fail(exc: BaseException, tmp: Path, out: Path, need: int) -> None:

@@ -9,6 +9,19 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Each of the suite's workers (scripts/test.sh) gets its share of the cores for torch's and OpenMP's pools, in
+# this process and the ones it starts: two workers at torch's default of a thread per core each wait on each
+# other's descheduled threads, several times slower than one thread each (the real-model tests pass the same
+# share as --threads: tests/integration/helpers.py).
+WORKER_THREADS = max(1, (os.cpu_count() or 2) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+os.environ.setdefault("OMP_NUM_THREADS", str(WORKER_THREADS))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _worker_threads() -> None:
+    import torch
+
+    torch.set_num_threads(WORKER_THREADS)
 
 VOCAB = 384
 TINY_DECODERS = ("llama", "mistral", "qwen2", "phi3", "gemma", "gpt2")

@@ -43,7 +43,7 @@ class ValidationSettings:
     decode_tokens: int = opt(64, "tokens decoded in each of the 5 timed runs after the 128-token prompt",
                              group=EFFORT, flag="--timing-tokens", parse=whole_at_least(2), check=at_least(2))
     repeats: int = 5
-    threads: int = opt(0, "ONNX Runtime threads for validation (0: all cores)", group=EFFORT,
+    threads: int = opt(0, "threads for the whole run: calibration, export and validation (0: all cores)", group=EFFORT,
                        parse=whole_at_least(0), check=at_least(0))
     emulate_tokens: int | None = opt(
         None, "tokens in each emulated run's accuracy window (default 256 for ONNX Runtime, 128 for TVM: each "
