@@ -58,7 +58,8 @@ BUILDS: dict[str, tuple[str | None, dict[str, Any]]] = {
                          "lm_head_bits": 8}),
     "gguf-f32": (None, {"precision": "fp32"}),
 }
-LLAMA_TYPES = {"Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
+LLAMA_TYPES = {"Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+               "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0"}
 
 
 def log(msg: str) -> None:
@@ -319,7 +320,7 @@ def part_llamacpp(b: Bench) -> None:
     ours_path = build(b.work, "gguf-int4", b.threads) / "model.gguf"
     f32 = build(b.work, "gguf-f32", b.threads) / "model.gguf"
     files = {"llama.cpp, our Q4_0 (AWQ+GPTQ, Q8_0 head)": ours_path}
-    for kind in LLAMA_TYPES:
+    for kind in ("Q4_0", "Q4_K_M"):
         files[f"llama.cpp, its own {kind} of the F32 GGUF"] = llama_quantize(f32, b.work / f"llama-{kind}.gguf", kind,
                                                                              b.threads)
     for name, path in files.items():

@@ -37,12 +37,15 @@ def bytes_read_per_token(onnx_path: Path) -> int:
 
 
 # ---- ONNX Runtime GenAI --------------------------------------------------------------------------
-def genai_export(work: Path, model: Any, threads: int) -> Path | None:
+def genai_export(work: Path, model: Any, threads: int, folder: str = "genai-int4",
+                 extra: str = "accuracy_level=4") -> Path | None:
+    """GenAI's model builder, int4 for the CPU, on the float model saved beside it; ``extra``: its
+    ``--extra_options`` (the default is its default RTN at accuracy level 4). None when GenAI does not import."""
     try:
         import onnxruntime_genai  # noqa: F401
     except ImportError:
         return None
-    out = work / "genai-int4"
+    out = work / folder
     if not (out / "genai_config.json").is_file():
         hf = work / "hf-float32"
         if not (hf / "config.json").is_file():
@@ -51,7 +54,7 @@ def genai_export(work: Path, model: Any, threads: int) -> Path | None:
         t = time.perf_counter()
         res = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
                               "-p", "int4", "-e", "cpu", "-c", str(work / "genai-cache"),
-                              "--extra_options", "accuracy_level=4"], capture_output=True, text=True)
+                              "--extra_options", *extra.split(",")], capture_output=True, text=True)
         if res.returncode:
             raise SystemExit(f"the GenAI builder failed:\n{res.stderr[-3000:]}")
         print(f"  GenAI builder: {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
