@@ -117,7 +117,7 @@ def run(plan: Plan, profile: TargetProfile, progress: Progress | None = None,
 def torch_threads(threads: int) -> Iterator[None]:
     """``--threads`` holds for the whole run, calibration included, not only for validation: on a machine the run
     shares (a CI runner, two exports side by side), torch's default of one thread per core makes its OpenMP
-    threads wait on each other's descheduled peers, which slowed a calibration five-fold. 0: torch's default."""
+    threads wait on each other's descheduled peers (docs/benchmarks/compress.md). 0: torch's default."""
     if threads <= 0:
         yield
         return

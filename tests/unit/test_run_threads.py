@@ -24,6 +24,7 @@ def test_threads_hold_for_the_compress_stage_and_are_restored(tmp_path: Path, ti
         return real(*args, **kwargs)
 
     monkeypatch.setattr(compress_module, "compress", spy)
+    worker = torch.get_num_threads()  # the suite worker's share (conftest), given back at the end
     torch.set_num_threads(2)
     argv = ["--target", "host", "--model", str(tiny_models["llama"]), "--precision", "int4", "--method", "awq",
             "--calib-samples", "2", "--calib-seqlen", "32", "--no-validate", "--out"]
@@ -32,6 +33,7 @@ def test_threads_hold_for_the_compress_stage_and_are_restored(tmp_path: Path, ti
     assert torch.get_num_threads() == 2  # the caller's setting is given back
     assert main([*argv, str(tmp_path / "default")]) == 0
     assert seen == [1, 2]  # 0 (the default): torch's own setting stands
+    torch.set_num_threads(worker)
 
 
 def test_torch_threads_restores_on_error() -> None:
@@ -44,8 +46,10 @@ def test_torch_threads_restores_on_error() -> None:
             inside.append(torch.get_num_threads())
             raise RuntimeError
 
+    worker = torch.get_num_threads()
     torch.set_num_threads(2)
     with pytest.raises(RuntimeError):
         fail()
     assert inside == [1]
     assert torch.get_num_threads() == 2
+    torch.set_num_threads(worker)
