@@ -193,7 +193,7 @@ def test_host_detection_measures_once_and_caches(tmp_path: Path, monkeypatch: py
     def fail(*args: object, **kwargs: object) -> float:
         raise AssertionError("measured again despite a cached value")
 
-    monkeypatch.setattr(host, "measure_bandwidth_gbs", fail)
+    monkeypatch.setattr(host, "_measure_apart", fail)
     cached["bandwidth_gbs"] = 123.0
     cache.write_text(json.dumps(cached))
     second = detect_host(base_host)
@@ -205,7 +205,7 @@ def test_host_cache_of_another_cpu_is_remeasured(tmp_path: Path, monkeypatch: py
                                                  base_host: TargetProfile) -> None:
     monkeypatch.setenv("SLM_EXPORT_CACHE_DIR", str(tmp_path))
     (tmp_path / "host.json").write_text(json.dumps({"key": "other|999", "bandwidth_gbs": 1.0, "source": "x"}))
-    monkeypatch.setattr(host, "measure_bandwidth_gbs", lambda threads: 42.0)
+    monkeypatch.setattr(host, "_measure_apart", lambda cores: 42.0)
     assert detect_host(base_host).bandwidth_gbs == 42.0
     assert json.loads((tmp_path / "host.json").read_text())["bandwidth_gbs"] == 42.0
 
@@ -224,7 +224,7 @@ def test_host_detection_without_proc_files(tmp_path: Path, monkeypatch: pytest.M
     for name in ("CPUINFO", "MEMINFO", "MAX_FREQ"):
         monkeypatch.setattr(host, name, tmp_path / "missing")
     monkeypatch.setattr(host.platform, "processor", lambda: "")
-    monkeypatch.setattr(host, "measure_bandwidth_gbs", lambda threads: 10.0)
+    monkeypatch.setattr(host, "_measure_apart", lambda cores: 10.0)
     p = detect_host(base_host)
     assert p.cpu.model == "unknown"
     assert p.cpu.freq_ghz == 2.0
