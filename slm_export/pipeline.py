@@ -12,7 +12,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -151,13 +151,17 @@ def _stages(plan: Plan, profile: TargetProfile, settings: ValidationSettings, tm
     from slm_export.models import load_model
 
     stages = Stages(progress)
-    model = stages.run("load", lambda: load_model(plan.model), lambda m: m.weight_bytes)
+    stream = {"on": True, "off": False}.get(plan.stream)
+    model = stages.run("load", lambda: load_model(plan.model, stream), lambda m: m.weight_bytes)
     rebuild_note = preflight.check_rebuilds(model, plan, profile)
     need[0] = preflight.predicted_bytes(model, plan, profile)
     output.check_space(tmp, need[0])
-    notes = [n for n in [rebuild_note, preflight.check_eval_tokens(model, plan, settings)] if n]
+    notes = [n for n in [rebuild_note, preflight.check_eval_tokens(model, plan, settings), _stream_note(model, plan)]
+             if n]
     compressed = _compress(model, plan, stages, progress)
     exported, results, runtime_file = _export_compile(model, plan, profile, tmp, compressed, stages)
+    if compressed is not None:  # the files hold the weights now: validation must not keep a second copy alive
+        compressed = replace(compressed, weights={})
     metrics, runs = _validate(model, plan, profile, settings, tmp, results, runtime_file, stages, progress)
     sparsity = _check_sparsity(exported, plan)
     eval_change = metrics.get("perplexity_change_pct", {}).get("value")
@@ -165,6 +169,13 @@ def _stages(plan: Plan, profile: TargetProfile, settings: ValidationSettings, tm
                         validated_file=runtime_file if plan.validate else None,
                         compression=compression_section(compressed, eval_change), runs=Runs.from_map(runs),
                         sparsity=sparsity, notes=notes)
+
+
+def _stream_note(model: Any, plan: Plan) -> str | None:
+    if plan.stream == "on" and not model.streamed:
+        return ("weights held in memory, not streamed (--stream on): streaming reads safetensors files whose tensor "
+                "names are the module's own; this model's are not (a .bin or GGUF file, or renamed tensors)")
+    return None
 
 
 def _compress(model: Any, plan: Plan, stages: Stages, progress: Progress | None) -> Any:

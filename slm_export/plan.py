@@ -30,6 +30,10 @@ class Plan(CompressConfig):
     validation: str  # "host", "emulator" or "device"
     eval_data: str | None = opt(None, "evaluation text (.txt, or .jsonl with a \"text\" field)")
     validate: bool = True
+    stream: str = opt("auto", "read the weights from the model's files block by block when they are used instead of "
+                      "holding them (safetensors models): on, off, or auto (when their float32 size exceeds an eighth "
+                      "of this machine's memory). Same artifact either way; less memory, more reading",
+                      choices=("auto", "on", "off"))
     emulate: str = "off"  # run the artifact's aarch64 runtime under QEMU too: "on", "auto" (if set up), "off"
     force: bool = opt(False, "replace an --out folder that holds other files (never the current or home folder, nor "
                       "one holding the run's inputs)", switch=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from slm_export.plan import QUANTIZED
 
 # Bytes per weight as stored, scales and zero points included; the embedding table stays float32 in quantized
@@ -29,7 +31,7 @@ def check_inputs(plan: Any) -> None:
 def predicted_bytes(model: Any, plan: Any, profile: Any) -> int:
     """The artifact's size on disk: one copy of the weights in the ONNX graph and one per backend."""
     vocab = getattr(model.config, "vocab_size", None)
-    embed = max((t.numel() for t in model.weights.values() if t.dim() == 2 and t.shape[0] == vocab), default=0)
+    embed = max((int(np.prod(s)) for s in model.shapes().values() if len(s) == 2 and s[0] == vocab), default=0)
     params = model.weight_bytes // 4
     width = STORED_BYTES.get(plan.precision, 4.0)
     one = embed * 4 + (params - embed) * width if plan.precision in QUANTIZED else params * width
@@ -70,8 +72,9 @@ def check_rebuilds(model: Any, plan: Any, profile: Any) -> str | None:
         return None
     from slm_export.errors import ConfigError
     from slm_export.models.adapters import spec_for
+    from slm_export.models.lazy import LazyView
 
-    spec = spec_for(model.config, model.weights)
+    spec = spec_for(model.config, LazyView(model.weights, model.weights) if model.streamed else model.weights)
     refused = {b: why for b, why in ((b, check(spec, plan.max_seq_len)) for b, check in checks.items()) if why}
     if plan.backend in refused:
         raise ConfigError(f"{profile.id}'s backend {plan.backend} cannot build this {spec.model_type} model: "

@@ -27,6 +27,7 @@ from slm_export.calibration.sequential import decoder_layers, sequential_calibra
 from slm_export.calibration.transforms import rotate_down, rotate_heads
 from slm_export.calibration.tune import tune_end_to_end
 from slm_export.errors import ConfigError
+from slm_export.models.lazy import Overlay
 from slm_export.models.traits import ArchTraits, traits_for
 from slm_export.sparsity import prune
 
@@ -114,9 +115,12 @@ def folding_note(cfg: CompressConfig, traits: ArchTraits, model_type: str) -> st
 def start_run(model: Any, cfg: CompressConfig, traits: ArchTraits,
               progress: Callable[[str], None] | None) -> CompressRun:
     """A second module over the model's tensors, its group sizes checked, and the rotations (``rotate``)."""
+    from slm_export.models.lazy import skeleton
     from slm_export.models.loader import build_module
 
-    work = build_module(model)  # a second module over the same tensors: replacing its params is safe
+    # A second module over the same tensors: replacing its params is safe. A streamed model rounded without data
+    # needs none: its linears are read, rounded and dropped one at a time (``quantize_without_data``).
+    work = skeleton(model.config, model.kind) if streams(model, cfg) else build_module(model)
     transposed = linear_twins(work, traits) if traits.conv1d else set()
     if not cfg.w8a8:  # W8A8 weights are per channel or per tensor: no groups
         for name, lin in linear_names(work).items():
@@ -151,17 +155,26 @@ def linear_twins(work: nn.Module, traits: ArchTraits) -> set[str]:
     return names
 
 
+def streams(model: Any, cfg: CompressConfig) -> bool:
+    """Whether the stage reads a streamed model's linears one at a time: rounding without data, nothing rotated
+    (a rotation changes weights outside the linears) and no Conv1D (transposed twins of the module's weights)."""
+    return (model.streamed and not cfg.needs_data and not cfg.rotate and not cfg.tune_epochs
+            and not traits_for(model.model_type, model.config).conv1d)
+
+
 def quantize_without_data(run: CompressRun) -> None:
-    """No data: prune by magnitude, round to nearest, no forward passes."""
+    """No data: prune by magnitude, round to nearest, no forward passes. A streamed model's linears are read one
+    at a time (the work module is a skeleton on the meta device)."""
     cfg = run.cfg
     finish = layer_quantizer(run).finish
+    streamed = streams(run.model, cfg)
     for name, lin in linear_names(run.work).items():
-        w = lin.weight.detach()
+        w = run.model.weights[name + ".weight"] if streamed else lin.weight.detach()
         if cfg.sparsity is not None:
             w = prune(w, cfg.sparsity_config)
         q = finish(w, cfg, None, None)
         run.quantized[name + ".weight"] = q
-        run.report.append(layer_entry(name, lin.weight.detach(), q, cfg, None))
+        run.report.append(layer_entry(name, w, q, cfg, None))
     for name, p in run.work.named_parameters():  # e.g. v_proj's bias, rotated with its weight
         if p is not run.originals[name] and name not in run.quantized:
             run.changed[name] = p.detach()
@@ -186,12 +199,12 @@ def calibration_set(run: CompressRun) -> CalibrationSet:
 
 def assemble(run: CompressRun) -> dict[str, Any]:
     """The model's weights with the run's changed and quantized ones, the rotations' tensors, and their notes."""
-    weights: dict[str, Any] = dict(run.model.weights)
-    weights.update(run.changed)
-    weights.update(run.quantized)
+    changes: dict[str, Any] = {**run.changed, **run.quantized}
     for name in run.transposed:  # float values (pruned only) back into Conv1D's [in, out]; codes stay [out, in]
-        if isinstance(weights[name], torch.Tensor) and weights[name] is not run.model.weights[name]:
-            weights[name] = weights[name].T.contiguous()
+        if isinstance(changes.get(name), torch.Tensor):
+            changes[name] = changes[name].T.contiguous()
+    # A streamed model's own weights stay in its files: the exporter reads the unchanged ones from there.
+    weights: Any = Overlay(run.model.weights, changes) if run.model.streamed else {**run.model.weights, **changes}
     down = run.traits.down_proj
     for i, rot in run.rotations.items():
         weights[run.name(i, f"{down}.rotation.signs")] = rot.signs

@@ -14,6 +14,7 @@ from slm_export.exporters.decoder import build_decoder
 from slm_export.exporters.encoder import build_encoder
 from slm_export.integrity import write_manifest
 from slm_export.models.adapters import DecoderSpec, spec_for
+from slm_export.models.lazy import LazyView
 from slm_export.models.loader import LoadedModel
 from slm_export.plan import Plan
 
@@ -44,8 +45,11 @@ class OnnxExporter:
 
         ``weights`` replaces the model's own (the compress stage's output: quantized tensors included).
         """
+        source = weights if weights is not None else model.weights
+        if model.streamed:  # stand-ins read when the graph writer takes their bytes: one weight held at a time
+            source = LazyView(source, model.weights)
         try:
-            spec = spec_for(model.config, weights if weights is not None else model.weights)
+            spec = spec_for(model.config, source)
         except KeyError as exc:
             raise ExportError(f"{model.path}: weight {exc} missing for {model.model_type}") from None
         if isinstance(spec, DecoderSpec):

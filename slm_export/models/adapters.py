@@ -16,6 +16,7 @@ import numpy as np
 
 from slm_export.errors import ConfigError
 from slm_export.models.encoders import ENCODER_ADAPTERS, EncoderSpec
+from slm_export.models.lazy import is_float_array
 from slm_export.models.rope import ROPE_TYPES, Rope, check_rope
 from slm_export.models.traits import TRAITS, ArchTraits, folding_types, traits_for  # noqa: F401  (re-exported)
 from slm_export.registry import Registry
@@ -29,7 +30,7 @@ def lm_head_of(w: Mapping[str, Any], key: str, tied: bool) -> Any:
     embeddings from the float table and multiplies by the quantized copy. (``spec_for`` gives every float
     weight as an array: anything else here is the compress stage's quantized tensor.)"""
     head = w.get(key)
-    if head is not None and not isinstance(head, np.ndarray):
+    if head is not None and not is_float_array(head):
         return head
     return None if tied else head
 

@@ -146,10 +146,14 @@ def check_finite(weights: Mapping[str, Any], where: Path | str) -> None:
     import numpy as np
 
     seen: set[int] = set()
-    for key, t in weights.items():
+    # A streamed model's tensors are read afresh each time (a freed one's address comes back): each once.
+    unique = getattr(weights, "unique_keys", None)
+    for key in (unique() if unique else weights):
+        t = weights[key]
         if not t.is_floating_point() or t.data_ptr() in seen:
             continue
-        seen.add(t.data_ptr())
+        if not unique:
+            seen.add(t.data_ptr())
         t = t.detach().cpu()
         # numpy: one thread and no dispatch cost per tensor (torch's pool stalls when the cores are shared).
         arr = t.numpy() if t.dtype.itemsize >= 4 else t.float().numpy()

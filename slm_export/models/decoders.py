@@ -15,6 +15,7 @@ import numpy as np
 
 from slm_export.errors import ConfigError
 from slm_export.models.adapters import ADAPTERS, DecoderLayer, DecoderSpec, lm_head_of, rope_of, traits_for
+from slm_export.models.lazy import is_float_array
 
 Array = np.ndarray
 Norm = tuple[Array, Array | None]
@@ -294,7 +295,7 @@ def _opt(cfg: Any, w: Mapping[str, Array]) -> DecoderSpec:
 def _conv1d(x: Any) -> Any:
     """A Conv1D weight in the linear layout: float ones are [in, out]; the compress stage's quantized ones are
     already [out, in] (``ArchTraits.conv1d``)."""
-    return x.T if isinstance(x, np.ndarray) else x
+    return x.T if is_float_array(x) else x
 
 
 def _gpt2(cfg: Any, w: Mapping[str, Array]) -> DecoderSpec:

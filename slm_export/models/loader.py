@@ -18,6 +18,7 @@ from slm_export.errors import ConfigError, ModelLoadError
 from slm_export.models import checks, decoders, encoders
 from slm_export.models.builtin import BUILTIN_MODELS
 from slm_export.models.hub import HubSource, parse_hub_id, resolve_hub_id
+from slm_export.models.lazy import STREAM_SHARE, LazyWeights, lazy_weights, streamed_module, total_memory
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +47,21 @@ class LoadedModel:
         return str(self.config.model_type)
 
     @property
+    def streamed(self) -> bool:
+        """The weights are read from the files at each access (``lazy.py``), not held."""
+        return isinstance(self.weights, LazyWeights)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every weight's shape, without reading a streamed model's tensors."""
+        if isinstance(self.weights, LazyWeights):
+            return {k: self.weights.shape(k) for k in self.weights}
+        return {k: tuple(t.shape) for k, t in self.weights.items()}
+
+    @property
     def weight_bytes(self) -> int:
         """Bytes of float32 weights (tied tensors counted once)."""
+        if isinstance(self.weights, LazyWeights):
+            return self.weights.float32_bytes
         seen: set[int] = set()
         total = 0
         for t in self.weights.values():
@@ -57,15 +71,19 @@ class LoadedModel:
         return total
 
     def torch_module(self) -> Any:
-        """The PyTorch float32 reference, built once, sharing ``weights``' memory."""
+        """The PyTorch float32 reference, built once, sharing ``weights``' memory; for a streamed model, a module
+        whose layers read their weights when they run and drop them after (``streamed_module``)."""
         if not self._module:
-            self._module.append(build_module(self))
+            self._module.append(streamed_module(self) if self.streamed else build_module(self))
         return self._module[0]
 
 
-def load_model(ref: str) -> LoadedModel:
+def load_model(ref: str, stream: bool | None = None) -> LoadedModel:
     """Load a built-in name, a GGUF file, a Hugging Face folder, or a hub id (``org/name[@revision]``, through the
     Hub's cache: ``models/hub.py``). An existing path wins over a built-in name and a hub id of that spelling.
+
+    ``stream``: read a safetensors model's weights from its files at each use instead of holding them
+    (``lazy.py``); None: when its float32 weights exceed ``STREAM_SHARE`` of this machine's memory.
 
     Raises:
         ModelLoadError: missing, truncated, corrupt or unsupported model, with which and why.
@@ -78,7 +96,7 @@ def load_model(ref: str) -> LoadedModel:
     elif (hub_id := parse_hub_id(ref)) is not None:
         source = resolve_hub_id(hub_id)
         _quiet_transformers()
-        return replace(_load_hf_folder(hub_id.repo_id, Path(source.path)), hub=source)
+        return replace(_load_hf_folder(hub_id.repo_id, Path(source.path), stream), hub=source)
     else:
         path = Path(ref).expanduser()
         if not path.exists():
@@ -91,7 +109,7 @@ def load_model(ref: str) -> LoadedModel:
         if path.suffix.lower() != ".gguf":
             raise ModelLoadError(f"{path}: a model file must be GGUF (.gguf); otherwise pass the model folder")
         return _load_gguf(name, path)
-    return _load_hf_folder(name, path)
+    return _load_hf_folder(name, path, stream)
 
 
 BUILTIN_TYPES = {"smollm2-135m": "llama", "minilm-l6": "bert"}
@@ -206,7 +224,7 @@ def _named(exc: ModelLoadError, path: Path) -> ModelLoadError:
     return ModelLoadError(text if str(path) in text else f"{path}: {text}")
 
 
-def _load_hf_folder(name: str, path: Path) -> LoadedModel:
+def _load_hf_folder(name: str, path: Path, stream: bool | None = None) -> LoadedModel:
     import torch
     from transformers import AutoModel, AutoModelForCausalLM
 
@@ -222,6 +240,10 @@ def _load_hf_folder(name: str, path: Path) -> LoadedModel:
         if f.suffix == ".safetensors":
             checks.check_shapes({k: e.shape for k, e in check_safetensors(f).items()}, shapes, f, config)
     auto = AutoModelForCausalLM if kind == "decoder" else AutoModel
+    lazy = lazy_weights(config, kind, weight_files) if stream is not False else None
+    if lazy is not None and (stream or lazy.float32_bytes > STREAM_SHARE * total_memory()):
+        checks.check_finite(lazy, path)
+        return LoadedModel(name, str(path), "hf", kind, config, tokenizer, lazy, _fingerprint(weight_files))
     try:
         module, info = auto.from_pretrained(path, dtype=torch.float32, output_loading_info=True,
                                             ignore_mismatched_sizes=True)
@@ -315,3 +337,4 @@ def build_module(model: LoadedModel) -> Any:
     if missing:
         raise ModelLoadError(f"{model.path}: weights missing for {missing[:5]}")
     return module.eval()
+
