@@ -85,22 +85,27 @@ def write_shape(name: str, folder: Path) -> Path:
     return folder
 
 
-def run_export(model: Path, out: Path, precision: str, validate: bool) -> dict:
-    """`slm-export` in a child process: its exit code, wall time and peak RSS."""
+def run_export(model: Path, out: Path, precision: str, validate: bool, extra: list[str]) -> dict:
+    """`slm-export` in a child process: its exit code, wall time, peak RSS and each stage's peak so far."""
     cmd = [sys.executable, "-m", "slm_export.cli", "--target", "host", "--model", str(model), "--out", str(out),
            "--precision", precision, "--force"]
     if precision == "int4":
         cmd += ["--method", "rtn"]
     if not validate:
         cmd += ["--no-validate"]
+    cmd += extra
     t0 = time.perf_counter()
     log = out.with_name(out.name + ".log")
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak, not the maximum over all children
     proc.returncode = os.waitstatus_to_exitcode(status)
+    report = out / "report.json"
+    stages = json.loads(report.read_text()).get("stages", []) if report.is_file() else []
     return {"rc": proc.returncode, "s": time.perf_counter() - t0, "peak_rss_gb": usage.ru_maxrss / 2**20,
-            "tail": log.read_text().strip().splitlines()[-12:]}
+            "tail": log.read_text().strip().splitlines()[-12:],
+            "stages": ", ".join(f"{x['name']} {x['peak_rss_mb'] / 1024:.1f}" for x in stages
+                                if x.get("status") == "done")}
 
 
 def main() -> None:
@@ -109,18 +114,22 @@ def main() -> None:
     ap.add_argument("--shapes", default="qwen2.5-1.5b")
     ap.add_argument("--precisions", default="fp32,int4")
     ap.add_argument("--no-validate", action="store_true")
+    ap.add_argument("--extra", default="", help="more slm-export arguments, e.g. '--stream on'")
     args = ap.parse_args()
     rows = []
     for shape in args.shapes.split(","):
         folder = write_shape(shape, args.work / shape)
         weights = sum(p.stat().st_size for p in folder.glob("*.safetensors")) * 2  # bf16 -> float32 bytes
         for precision in args.precisions.split(","):
-            r = run_export(folder, args.work / f"{shape}-{precision}", precision, not args.no_validate)
+            r = run_export(folder, args.work / f"{shape}-{precision}", precision, not args.no_validate,
+                           args.extra.split())
             print("\n".join(r["tail"]), file=sys.stderr)
             rows.append((shape, precision, r["rc"], f"{r['s']:.0f}", f"{r['peak_rss_gb']:.1f}",
-                         f"{weights / 2**30:.1f}", f"{r['peak_rss_gb'] * 2**30 / weights:.2f}"))
-    print("| shape | precision | exit | seconds | peak RSS GiB | fp32 weights GiB | peak / weights |")
-    print("|---|---|---|---|---|---|---|")
+                         f"{weights / 2**30:.1f}", f"{r['peak_rss_gb'] * 2**30 / weights:.2f}", r["stages"]))
+    print(f"extra arguments: {args.extra or '(none)'}")
+    print("| shape | precision | exit | seconds | peak RSS GiB | fp32 weights GiB | peak / weights | peak so far after "
+          "each stage, GiB |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(str(x) for x in row) + " |")
 
