@@ -13,6 +13,10 @@ import torch
 
 from slm_export.errors import CompileError, ConfigError
 
+# Tensors larger than this many elements are rounded and measured in blocks of rows: a 128k-row LM head would
+# otherwise make several full-size float32 temporaries at once.
+CHUNK_ELEMS = 1 << 24
+
 
 @dataclass(frozen=True)
 class QuantizedTensor:
@@ -91,6 +95,42 @@ class QuantizedTensor:
         return QuantizedTensor(np.concatenate([p.codes for p in parts], 0),
                                np.concatenate([p.scales for p in parts], 0), zeros, first.bits, first.group,
                                first.act_scale, first.act_dynamic)
+
+    @staticmethod
+    def joined(parts: list[QuantizedTensor]) -> QuantizedTensor:
+        """``concat`` that stacks the arrays only when they are read (``JoinedQuantized``): the exporter holds a
+        fused q/k/v or gate/up for every layer until the graph is written, so eager copies would double the
+        model's codes in memory."""
+        if len(parts) == 1:
+            return parts[0]
+        QuantizedTensor.concat([p[:1] for p in parts])  # the same checks, on one row of each
+        return JoinedQuantized(parts)
+
+
+class JoinedQuantized(QuantizedTensor):
+    """Projections quantized alike, stacked along ``out`` each time an array is read, never stored stacked."""
+
+    def __init__(self, parts: list[QuantizedTensor]) -> None:  # noqa: D107 (not the dataclass's fields)
+        object.__setattr__(self, "_parts", tuple(parts))
+
+    def _cat(self, field: str) -> np.ndarray:
+        return np.concatenate([getattr(p, field) for p in self._parts], 0)
+
+    codes = property(lambda self: self._cat("codes"))  # type: ignore[assignment]
+    scales = property(lambda self: self._cat("scales"))  # type: ignore[assignment]
+    zeros = property(lambda self: None if self._parts[0].zeros is None else self._cat("zeros"))  # type: ignore[assignment]
+    bits = property(lambda self: self._parts[0].bits)  # type: ignore[assignment]
+    group = property(lambda self: self._parts[0].group)  # type: ignore[assignment]
+    act_scale = property(lambda self: self._parts[0].act_scale)  # type: ignore[assignment]
+    act_dynamic = property(lambda self: self._parts[0].act_dynamic)  # type: ignore[assignment]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (sum(p.shape[0] for p in self._parts), self._parts[0].shape[1])
+
+    @property
+    def size(self) -> int:
+        return sum(p.size for p in self._parts)
 
 
 @dataclass(frozen=True)
@@ -218,6 +258,10 @@ def quantize_rtn(w: torch.Tensor | np.ndarray, bits: int, group: int, symmetric:
     w = torch.as_tensor(w, dtype=torch.float32)
     out_f, in_f = w.shape
     check_group(in_f, group)
+    rows = max(1, CHUNK_ELEMS // in_f)
+    if out_f > rows:  # each group is rounded on its own: blocks of rows give the same codes, fewer temporaries
+        return QuantizedTensor.concat([quantize_rtn(w[i:i + rows], bits, group, symmetric, pow2, signed)
+                                       for i in range(0, out_f, rows)])
     g = w.reshape(out_f * in_f // group, group)
     scale, zero = group_params(g, bits, symmetric, pow2=pow2, signed=signed)
     codes = quantize_codes(g, scale, zero, bits)

@@ -14,7 +14,7 @@ from torch import nn
 
 from slm_export.calibration.config import CompressConfig
 from slm_export.calibration.data import CalibrationSet
-from slm_export.calibration.quant import HotRowsTensor, QuantizedTensor, sqnr_db
+from slm_export.calibration.quant import CHUNK_ELEMS, HotRowsTensor, QuantizedTensor, sqnr_db
 from slm_export.calibration.rotation import Rotation
 from slm_export.calibration.sequential import InputStats
 from slm_export.hessian import output_energy
@@ -61,10 +61,15 @@ def layer_entry(name: str, w: torch.Tensor, q: QuantizedTensor | torch.Tensor, c
                 stats: InputStats | None) -> dict[str, Any]:
     """The report's figures for one weight: bits, group, weight SQNR and, over the calibration inputs, output SQNR."""
     ref = w.float().numpy()
-    deq = q.dequantize() if isinstance(q, QuantizedTensor) else q.numpy()
     bits = q.bits if isinstance(q, QuantizedTensor) else 32
+    needs_deq = cfg.sparsity is not None or stats is not None
+    if not needs_deq and type(q) is QuantizedTensor and q.size > CHUNK_ELEMS:
+        deq, weight_sqnr = None, sqnr_by_rows(ref, q)  # a large head or MLP: no full-size float copies
+    else:
+        deq = q.dequantize() if isinstance(q, QuantizedTensor) else q.numpy()
+        weight_sqnr = sqnr32(ref, deq)
     entry = {"layer": name, "method": cfg.method if cfg.quantized else "float", "bits": bits,
-             "group": q.group if isinstance(q, QuantizedTensor) else 0, "weight_sqnr_db": round(sqnr32(ref, deq), 2)}
+             "group": q.group if isinstance(q, QuantizedTensor) else 0, "weight_sqnr_db": round(weight_sqnr, 2)}
     if cfg.w8a8:
         entry["group"] = "tensor" if cfg.pow2_scales else "channel"
     if isinstance(q, HotRowsTensor):
@@ -82,6 +87,17 @@ def layer_entry(name: str, w: torch.Tensor, q: QuantizedTensor | torch.Tensor, c
         ref_out, q_out = x @ torch.from_numpy(ref).T, x @ torch.from_numpy(deq).T
         entry["output_sqnr_db"] = round(sqnr_db(ref_out.numpy(), q_out.numpy()), 2)
     return entry
+
+
+def sqnr_by_rows(ref: np.ndarray, q: QuantizedTensor) -> float:
+    """``sqnr32(ref, q.dequantize())`` summed over blocks of rows, so no full-size float copy is made."""
+    rows = max(1, CHUNK_ELEMS // ref.shape[1])
+    signal = noise = 0.0
+    for i in range(0, ref.shape[0], rows):
+        r = torch.from_numpy(ref[i:i + rows])
+        signal += float((r * r).sum())
+        noise += float(((r - torch.from_numpy(q[i:i + rows].dequantize())) ** 2).sum())
+    return float(10 * np.log10(signal / max(noise, 1e-30)))
 
 
 def sqnr32(ref: np.ndarray, approx: np.ndarray) -> float:

@@ -55,7 +55,7 @@ def linear(b: GraphBuilder, W: Weights, x: str, name: str, weights: tuple, bias:
                      for j, w in enumerate(weights)]
             y = b.op("Concat", parts, axis=-1)
         else:
-            q = QuantizedTensor.concat(list(weights))
+            q = QuantizedTensor.joined(list(weights))
             y = quantized_matmul(W.b, x, q, f"{name}.qmatmul", W.graph_ops, W.accuracy_level)
         if bias is not None:
             y = b.op("Add", [y, W(f"{name}.bias", lambda: np.concatenate(bias, 0))])

@@ -161,3 +161,22 @@ def test_chunked_read_equals_the_stored_tensor(models: dict[str, Path], monkeypa
     stored = load_file(str(files[0]))
     for name, tensor in stored.items():
         assert torch.equal(lazy.read_tensor(index[name]), tensor.float()), name
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_rounding_and_sqnr_by_blocks_of_rows_equal_the_whole(symmetric: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large tensor is rounded and measured in blocks of rows (fewer full-size temporaries): the same codes,
+    scales and zero points, and the same SQNR to float32 rounding."""
+    from slm_export.calibration import quant, run
+
+    w = torch.randn(50, 64, generator=torch.Generator().manual_seed(0))
+    whole = quant.quantize_rtn(w, 4, 32, symmetric)
+    monkeypatch.setattr(quant, "CHUNK_ELEMS", 7 * 64)  # 7 rows a block: the last block is short
+    blocks = quant.quantize_rtn(w, 4, 32, symmetric)
+    assert np.array_equal(whole.codes, blocks.codes)
+    assert np.array_equal(whole.scales, blocks.scales)
+    assert (whole.zeros is None) == (blocks.zeros is None)
+    if whole.zeros is not None:
+        assert np.array_equal(whole.zeros, blocks.zeros)
+    ref = w.numpy()
+    assert run.sqnr_by_rows(ref, whole) == pytest.approx(run.sqnr32(ref, whole.dequantize()), abs=1e-4)
