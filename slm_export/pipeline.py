@@ -159,8 +159,15 @@ def _stages(plan: Plan, profile: TargetProfile, settings: ValidationSettings, tm
     notes = [n for n in [rebuild_note, preflight.check_eval_tokens(model, plan, settings), _stream_note(model, plan)]
              if n]
     compressed = _compress(model, plan, stages, progress)
-    exported, results, runtime_file = _export_compile(model, plan, profile, tmp, compressed, stages)
-    if compressed is not None:  # the files hold the weights now: validation must not keep a second copy alive
+    from slm_export.backends import reads_weights
+
+    exported = stages.run("export", lambda: _export(model, plan, tmp, compressed), lambda e: e.bytes)
+    # Once the files hold the compressed weights, nothing reads them but the backends that rebuild the model
+    # from them: dropped here, ONNX Runtime's compile and validation sessions do not sit beside a second copy.
+    if compressed is not None and not reads_weights(plan, profile):
+        compressed = replace(compressed, weights={})
+    results, runtime_file = _compile(model, plan, profile, exported, compressed, stages)
+    if compressed is not None:
         compressed = replace(compressed, weights={})
     metrics, runs = _validate(model, plan, profile, settings, tmp, results, runtime_file, stages, progress)
     sparsity = _check_sparsity(exported, plan)
@@ -193,18 +200,22 @@ def _compress(model: Any, plan: Plan, stages: Stages, progress: Progress | None)
     return compressed
 
 
-def _export_compile(model: Any, plan: Plan, profile: TargetProfile, tmp: Path, compressed: Any,
-                    stages: Stages) -> tuple[Any, list[Any], str]:
-    from slm_export.backends import CompileJob, compile_all, validated_file
+def _export(model: Any, plan: Plan, tmp: Path, compressed: Any) -> Any:
     from slm_export.exporters.onnx import OnnxExporter
 
-    weights = compressed.weights if compressed else None
-    exported = stages.run("export", lambda: OnnxExporter().export(model, plan, tmp, weights), lambda e: e.bytes)
+    return OnnxExporter().export(model, plan, tmp, compressed.weights if compressed else None)
+
+
+def _compile(model: Any, plan: Plan, profile: TargetProfile, exported: Any, compressed: Any,
+             stages: Stages) -> tuple[list[Any], str]:
+    from slm_export.backends import CompileJob, compile_all, validated_file
+
+    weights = compressed.weights if compressed is not None and compressed.weights else None
     job = CompileJob(plan, profile, exported.model_path, model.kind, model=model, weights=weights)
     results = stages.run("compile", lambda: compile_all(job))
     if results[0].status != "done":
         stages.records[-1].update(status="not run", note=results[0].note)
-    return exported, results, validated_file(results, exported.model_path.name)
+    return results, validated_file(results, exported.model_path.name)
 
 
 def _validate(model: Any, plan: Plan, profile: TargetProfile, settings: ValidationSettings, tmp: Path,

@@ -14,6 +14,8 @@ below. A profile names its backends in order of preference; the plan's backend i
 
 from __future__ import annotations
 
+from typing import Any
+
 from slm_export.backends.base import Availability, Backend, CompileJob, CompileResult
 from slm_export.registry import Registry
 
@@ -70,6 +72,15 @@ def _cannot_rebuild(job: CompileJob, name: str) -> str | None:
 
     weights = job.weights if job.weights is not None else job.model.weights
     return check(spec_for(job.model.config, weights), job.plan.max_seq_len)
+
+
+# Backends that build their files from the model's weights (the compress stage's), not from the ONNX graph.
+WEIGHT_READERS = ("executorch", "tvm", "llamacpp")
+
+
+def reads_weights(plan: Any, profile: Any) -> bool:
+    """Whether any backend of this run builds from the weights, so the compile stage still needs them."""
+    return any(b in WEIGHT_READERS for b in (plan.backend, *profile.backends))
 
 
 def compile_all(job: CompileJob) -> list[CompileResult]:

@@ -180,3 +180,16 @@ def test_rounding_and_sqnr_by_blocks_of_rows_equal_the_whole(symmetric: bool, mo
         assert np.array_equal(whole.zeros, blocks.zeros)
     ref = w.numpy()
     assert run.sqnr_by_rows(ref, whole) == pytest.approx(run.sqnr32(ref, whole.dequantize()), abs=1e-4)
+
+
+def test_compile_keeps_the_weights_only_for_backends_that_rebuild_from_them() -> None:
+    """The host's compile and validation run ONNX Runtime on the written graph: the compressed weights are
+    dropped before them; android's ExecuTorch and TVM's targets rebuild from the weights and keep them."""
+    from slm_export.backends import reads_weights
+    from slm_export.planning import make_plan
+    from slm_export.targets import get_target
+
+    for target, expected in (("host", False), ("android-arm64", True)):
+        profile = get_target(target)
+        plan = make_plan(profile, model="smollm2-135m", out=f"/nonexistent/{target}", precision="int4")
+        assert reads_weights(plan, profile) is expected, target
