@@ -169,12 +169,11 @@ def quantize_without_data(run: CompressRun) -> None:
     finish = layer_quantizer(run).finish
     streamed = streams(run.model, cfg)
     for name, lin in linear_names(run.work).items():
-        w = run.model.weights[name + ".weight"] if streamed else lin.weight.detach()
-        if cfg.sparsity is not None:
-            w = prune(w, cfg.sparsity_config)
+        original = run.model.weights[name + ".weight"] if streamed else lin.weight.detach()
+        w = prune(original, cfg.sparsity_config) if cfg.sparsity is not None else original
         q = finish(w, cfg, None, None)
         run.quantized[name + ".weight"] = q
-        run.report.append(layer_entry(name, w, q, cfg, None))
+        run.report.append(layer_entry(name, original, q, cfg, None))  # error against the weight as it came
     for name, p in run.work.named_parameters():  # e.g. v_proj's bias, rotated with its weight
         if p is not run.originals[name] and name not in run.quantized:
             run.changed[name] = p.detach()

@@ -322,8 +322,10 @@ def streamed_module(model: Any) -> Any:
 
     module = skeleton(model.config, model.kind)
     names = {id(m): n for n, m in module.named_modules()}
-    layers = [m for m in module.modules() if isinstance(m, nn.ModuleList) and len(m) and
-              all(sum(1 for _ in b.parameters()) > 1 for b in m)]
+    lists = [m for m in module.modules() if isinstance(m, nn.ModuleList) and len(m) and
+             all(sum(1 for _ in b.parameters()) > 1 for b in m)]
+    nested = {id(x) for lst in lists for x in lst.modules() if x is not lst}
+    layers = [m for m in lists if id(m) not in nested]  # the decoder's own list, not a list inside a layer
     inside = {id(x) for lst in layers for x in lst.modules()}
     blocks = [b for lst in layers for b in lst] + [
         m for m in module.modules() if id(m) not in inside and any(True for _ in m.parameters(recurse=False))]
