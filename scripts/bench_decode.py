@@ -220,14 +220,20 @@ def ours(out: Path, report: dict[str, Any], prompt: list[int], new: int, threads
     return run, dec, path
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
+def decode_args(ap: argparse.ArgumentParser, windows: int) -> None:
+    """The flags the decode benchmarks share (bench_decode, bench_runtimes, bench_front): threads, prompt and
+    generated tokens, interleaved rounds, evaluation windows and the folder that keeps the artifacts."""
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--windows", type=int, default=8, help="evaluation windows of 512 tokens for perplexity")
+    ap.add_argument("--windows", type=int, default=windows, help="windows of 512 tokens for perplexity (each text)")
     ap.add_argument("--work", type=Path, help="keep (and reuse) the artifacts in this folder")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    decode_args(ap, windows=8)
     ap.add_argument("--calib-samples", type=int, help="calibration samples for the int4 rows (default: the profile's)")
     ap.add_argument("--rows", help="comma-separated subset of this tool's rows (fp32, int8, int4 always; "
                     "'int4 + int8 head', 'int4 + int4 head', 'int4 + float head', 'int4 sym', "

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from bench_decode import cpu_line, eager, export, ours, stream_read_gbs
+from bench_decode import cpu_line, decode_args, eager, export, ours, stream_read_gbs
 from bench_runtimes import build, gguf_runner, llama_quantize
 from decode_peers import GenAIScorer, bytes_read_per_token, genai_export, genai_runner
 
@@ -385,12 +385,7 @@ def judge(f: Front, rates: dict[str, Any], ttft: dict[str, Any]) -> bool:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--prompt", type=int, default=128)
-    ap.add_argument("--new", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--windows", type=int, default=16, help="windows of 512 tokens of each text")
-    ap.add_argument("--work", type=Path, help="keep (and reuse) the artifacts in this folder")
+    decode_args(ap, windows=16)
     ap.add_argument("--forms", help=f"comma-separated subset of: {', '.join(FORMS)}")
     ap.add_argument("--prefill", default="128,512,2048", help="prompt lengths for time to first token ('' skips)")
     ap.add_argument("--other-text", type=Path, help="a text of another domain than Python documentation")

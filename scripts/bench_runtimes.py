@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from bench_decode import cpu_line, ours, prompt_and_windows
+from bench_decode import cpu_line, decode_args, ours, prompt_and_windows
 from decode_peers import GenAIScorer, genai_export, genai_runner
 
 from slm_export.bench import Runner, export_report, in_fresh_process, interleaved_rounds, paired_ratio, print_table
@@ -363,13 +363,8 @@ def report(b: Bench, rates: dict[str, Any]) -> bool:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--prompt", type=int, default=128)
-    ap.add_argument("--new", type=int, default=128)
+    decode_args(ap, windows=8)
     ap.add_argument("--greedy", type=int, default=32, help="tokens of the greedy comparisons")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--windows", type=int, default=8, help="evaluation windows of 512 tokens for perplexity")
-    ap.add_argument("--work", type=Path, help="keep (and reuse) the artifacts in this folder")
     ap.add_argument("--parts", default="a,b,c", help="comma-separated subset of a (GenAI), b (ExecuTorch), c "
                     "(llama.cpp)")
     args = ap.parse_args()
