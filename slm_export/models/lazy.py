@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from slm_export.errors import ModelLoadError
 from slm_export.models.safetensors_check import FLOAT_DTYPES, TensorEntry, read_header
 
 _TORCH_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64", "I64": "int64",
@@ -75,6 +76,18 @@ def read_tensor(s: Stored) -> Any:
     width = n // numel
     step = max(1, CHUNK_BYTES // width)
     buf = bytearray(min(n, step * width))
+    try:
+        _read_into(out, buf, s, dtype, step, width)
+    except OSError as exc:  # the checks at load passed: the file changed or went away since
+        raise ModelLoadError(f"{s.path}: tensor {s.entry.name} cannot be read any more ({exc.strerror or exc}): was "
+                             "the model file changed, truncated or removed during the run?") from None
+    return out.reshape(s.shape)
+
+
+def _read_into(out: Any, buf: bytearray, s: Stored, dtype: Any, step: int, width: int) -> None:
+    import torch
+
+    numel = s.numel
     fd = os.open(s.path, os.O_RDONLY)
     try:
         for first in range(0, numel, step):
@@ -89,7 +102,6 @@ def read_tensor(s: Stored) -> Any:
             out[first:first + count] = torch.frombuffer(view, dtype=dtype)
     finally:
         os.close(fd)
-    return out.reshape(s.shape)
 
 
 class LazyWeights(Mapping[str, Any]):
@@ -277,11 +289,24 @@ class Overlay(Mapping[str, Any]):
 STREAM_SHARE = 0.125
 
 
-def total_memory() -> int:
+# A container's memory limit (cgroup v2, then v1): a CI runner's job may see the host's RAM but get far less.
+CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
+def total_memory(limits: tuple[str, ...] = CGROUP_LIMITS) -> int:
+    """The memory this process may use: the machine's, or its container's limit where that is lower."""
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
-        return 1 << 62
+        total = 1 << 62
+    for path in limits:
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():  # "max" (v2) or a huge number (v1) mean no limit
+            total = min(total, int(text))
+    return total
 
 
 def lazy_weights(config: Any, kind: str, files: list[Path]) -> LazyWeights | None:

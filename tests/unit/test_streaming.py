@@ -193,3 +193,35 @@ def test_compile_keeps_the_weights_only_for_backends_that_rebuild_from_them() ->
         profile = get_target(target)
         plan = make_plan(profile, model="smollm2-135m", out=f"/nonexistent/{target}", precision="int4")
         assert reads_weights(plan, profile) is expected, target
+
+
+def test_auto_streaming_counts_a_containers_memory_limit(tmp_path: Path) -> None:
+    """A CI job in a container sees the host's RAM; its cgroup limit is what it may use."""
+    from slm_export.models.lazy import total_memory
+
+    limit = tmp_path / "memory.max"
+    limit.write_text("max\n")
+    machine = total_memory(())
+    assert total_memory((str(limit),)) == machine
+    limit.write_text(f"{2 << 30}\n")
+    assert total_memory((str(limit), str(tmp_path / "absent"))) == min(machine, 2 << 30)
+
+
+def test_a_model_file_changed_during_the_run_is_named_not_a_traceback(models: dict[str, Path], tmp_path: Path) -> None:
+    """Streaming reads the files again at each use: one truncated after the load's checks is a clear error."""
+    import shutil
+
+    from slm_export.errors import ModelLoadError
+
+    folder = shutil.copytree(models["llama"], tmp_path / "llama")
+    model = load_model(str(folder), True)
+    shard = next(folder.glob("*.safetensors"))
+    with open(shard, "r+b") as fh:
+        fh.truncate(shard.stat().st_size // 2)
+    with pytest.raises(ModelLoadError, match="changed, truncated or removed during the run"):
+        _read_all(model.weights)  # tensors in the file's second half are past the cut
+
+
+def _read_all(weights: LazyWeights) -> None:
+    for name in weights:
+        weights[name]
