@@ -231,6 +231,16 @@ def decode_args(ap: argparse.ArgumentParser, windows: int) -> None:
     ap.add_argument("--work", type=Path, help="keep (and reuse) the artifacts in this folder")
 
 
+def work_folder(args: argparse.Namespace) -> tempfile.TemporaryDirectory | None:  # type: ignore[type-arg]
+    """``--work`` made ready, or a temporary folder in its place (returned, for the caller to clean up)."""
+    tmp = None
+    if args.work is None:
+        tmp = tempfile.TemporaryDirectory()
+        args.work = Path(tmp.name)
+    args.work.mkdir(parents=True, exist_ok=True)
+    return tmp
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     decode_args(ap, windows=8)
@@ -247,11 +257,7 @@ def main() -> int:
     from slm_export.validation.metrics import decoder_accuracy
 
     torch.set_num_threads(args.threads)
-    tmp = None
-    if args.work is None:
-        tmp = tempfile.TemporaryDirectory()
-        args.work = Path(tmp.name)
-    args.work.mkdir(parents=True, exist_ok=True)
+    tmp = work_folder(args)
     int4: dict[str, Any] = {"precision": "int4", **({"method": "rtn"} if args.quick else {})}
     if args.calib_samples and not args.quick:
         int4["calib_samples"] = args.calib_samples

@@ -40,12 +40,11 @@ import json
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from bench_decode import cpu_line, decode_args, eager, export, ours, stream_read_gbs
+from bench_decode import cpu_line, decode_args, eager, export, ours, stream_read_gbs, work_folder
 from bench_runtimes import build, gguf_runner, llama_quantize
 from decode_peers import GenAIScorer, bytes_read_per_token, genai_export, genai_runner
 
@@ -402,11 +401,7 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    tmp = None
-    if args.work is None:
-        tmp = tempfile.TemporaryDirectory()
-        args.work = Path(tmp.name)
-    args.work.mkdir(parents=True, exist_ok=True)
+    tmp = work_folder(args)
     f = Front(args, forms)
     f.add_ours()
     f.add_peers()
