@@ -85,12 +85,12 @@ def write_shape(name: str, folder: Path) -> Path:
     return folder
 
 
-def run_export(model: Path, out: Path, precision: str, validate: bool, extra: list[str]) -> dict:
+def run_export(model: Path, out: Path, precision: str, validate: bool, extra: list[str], method: str = "rtn") -> dict:
     """`slm-export` in a child process: its exit code, wall time, peak RSS and each stage's peak so far."""
     cmd = [sys.executable, "-m", "slm_export.cli", "--target", "host", "--model", str(model), "--out", str(out),
            "--precision", precision, "--force"]
     if precision == "int4":
-        cmd += ["--method", "rtn"]
+        cmd += ["--method", method]
     if not validate:
         cmd += ["--no-validate"]
     cmd += extra
@@ -115,6 +115,8 @@ def main() -> None:
     ap.add_argument("--precisions", default="fp32,int4")
     ap.add_argument("--no-validate", action="store_true")
     ap.add_argument("--extra", default="", help="more slm-export arguments, e.g. '--stream on'")
+    ap.add_argument("--method", default="rtn", help="int4's method (gptq: add '--calib-samples 16 --calib-seqlen "
+                    "256' to --extra to keep the run short)")
     args = ap.parse_args()
     rows = []
     for shape in args.shapes.split(","):
@@ -122,11 +124,11 @@ def main() -> None:
         weights = sum(p.stat().st_size for p in folder.glob("*.safetensors")) * 2  # bf16 -> float32 bytes
         for precision in args.precisions.split(","):
             r = run_export(folder, args.work / f"{shape}-{precision}", precision, not args.no_validate,
-                           args.extra.split())
+                           args.extra.split(), args.method)
             print("\n".join(r["tail"]), file=sys.stderr)
             rows.append((shape, precision, r["rc"], f"{r['s']:.0f}", f"{r['peak_rss_gb']:.1f}",
                          f"{weights / 2**30:.1f}", f"{r['peak_rss_gb'] * 2**30 / weights:.2f}", r["stages"]))
-    print(f"extra arguments: {args.extra or '(none)'}")
+    print(f"int4 method: {args.method}; extra arguments: {args.extra or '(none)'}")
     print("| shape | precision | exit | seconds | peak RSS GiB | fp32 weights GiB | peak / weights | peak so far after "
           "each stage, GiB |")
     print("|---|---|---|---|---|---|---|---|")

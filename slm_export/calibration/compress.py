@@ -115,12 +115,13 @@ def folding_note(cfg: CompressConfig, traits: ArchTraits, model_type: str) -> st
 def start_run(model: Any, cfg: CompressConfig, traits: ArchTraits,
               progress: Callable[[str], None] | None) -> CompressRun:
     """A second module over the model's tensors, its group sizes checked, and the rotations (``rotate``)."""
-    from slm_export.models.lazy import skeleton
+    from slm_export.models.lazy import streamed_module
     from slm_export.models.loader import build_module
 
-    # A second module over the same tensors: replacing its params is safe. A streamed model rounded without data
-    # needs none: its linears are read, rounded and dropped one at a time (``quantize_without_data``).
-    work = skeleton(model.config, model.kind) if streams(model, cfg) else build_module(model)
+    # A second module over the same tensors: replacing its params is safe. A streamed model's is a skeleton whose
+    # decoder layers read their weights when calibrated (``read_layer``) and drop them after; rounding without
+    # data reads, rounds and drops one linear at a time (``quantize_without_data``).
+    work = streamed_module(model, hook_layers=False) if streams(model, cfg) else build_module(model)
     transposed = linear_twins(work, traits) if traits.conv1d else set()
     if not cfg.w8a8:  # W8A8 weights are per channel or per tensor: no groups
         for name, lin in linear_names(work).items():
@@ -156,10 +157,22 @@ def linear_twins(work: nn.Module, traits: ArchTraits) -> set[str]:
 
 
 def streams(model: Any, cfg: CompressConfig) -> bool:
-    """Whether the stage reads a streamed model's linears one at a time: rounding without data, nothing rotated
-    (a rotation changes weights outside the linears) and no Conv1D (transposed twins of the module's weights)."""
-    return (model.streamed and not cfg.needs_data and not cfg.rotate and not cfg.tune_epochs
+    """Whether the stage reads a streamed model one layer at a time: nothing rotated (a rotation changes weights
+    outside the linears), no end-to-end tuning (it runs the whole model at once) and no Conv1D (transposed twins
+    of the module's weights); otherwise the whole float module is built."""
+    return (model.streamed and not cfg.rotate and not cfg.tune_epochs
             and not traits_for(model.model_type, model.config).conv1d)
+
+
+def read_layer(run: CompressRun, i: int, layer: nn.Module) -> None:
+    """Give a streamed model's decoder layer ``i`` its float weights for its calibration step; the quantizer's
+    ``done`` puts the meta ones back, so one layer is held at a time."""
+    for name, _ in list(layer.named_parameters()):
+        full = run.name(i, name)
+        parent, _, attr = name.rpartition(".")
+        p = nn.Parameter(torch.as_tensor(run.model.weights[full]), requires_grad=False)
+        setattr(layer.get_submodule(parent) if parent else layer, attr, p)
+        run.loaded[full] = p
 
 
 def quantize_without_data(run: CompressRun) -> None:
@@ -172,7 +185,7 @@ def quantize_without_data(run: CompressRun) -> None:
         original = run.model.weights[name + ".weight"] if streamed else lin.weight.detach()
         w = prune(original, cfg.sparsity_config) if cfg.sparsity is not None else original
         q = finish(w, cfg, None, None)
-        run.quantized[name + ".weight"] = q
+        run.keep(name + ".weight", q)
         run.report.append(layer_entry(name, original, q, cfg, None))  # error against the weight as it came
     for name, p in run.work.named_parameters():  # e.g. v_proj's bias, rotated with its weight
         if p is not run.originals[name] and name not in run.quantized:
@@ -187,7 +200,8 @@ def calibrate_layers(run: CompressRun) -> None:
     batches = list(torch.from_numpy(run.calib.ids).split(8))
     quantizer = layer_quantizer(run)
     sequential_calibration(run.work, batches, quantizer.step, want_hessian=cfg.needs_hessian, after=quantizer.done,
-                           final=partial(collect_head_inputs, run))
+                           final=partial(collect_head_inputs, run),
+                           before=partial(read_layer, run) if streams(run.model, cfg) else None)
 
 
 def calibration_set(run: CompressRun) -> CalibrationSet:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from slm_export.calibration.quant import QuantizedTensor, check_group, group_params, search_group_clip
+from slm_export.calibration.quant import CHUNK_ELEMS, QuantizedTensor, check_group, group_params, search_group_clip
 from slm_export.errors import ConfigError
 from slm_export.hessian import PreparedHessian, prepare
 
@@ -59,6 +59,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian,
     instead of each group's min-max scale.
     """
     prep = hessian if isinstance(hessian, PreparedHessian) else prepare_hessian(hessian, cfg)
+    if weight.shape[0] > max(1, CHUNK_ELEMS // max(weight.shape[1], 1)):
+        return _by_rows(weight, prep, cfg, keep, scale)
     W = weight.detach().float().clone()
     out_f, in_f = W.shape
     group = in_f if cfg.group <= 0 else cfg.group
@@ -110,3 +112,17 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian,
     codes = codes[:, inv]
     return QuantizedTensor(codes.to(torch.uint8).numpy(), scale.numpy().astype("float32"),
                            None if cfg.symmetric else zero.to(torch.uint8).numpy(), cfg.bits, group)
+
+
+def _by_rows(weight: torch.Tensor, prep: PreparedHessian, cfg: GPTQConfig, keep: torch.Tensor | None,
+             scale: torch.Tensor | None) -> QuantizedTensor:
+    """``gptq_quantize`` by blocks of rows. Rows are rounded independently given the Hessian (their group scales
+    too), so the codes are the same, with working copies of one block instead of several of a whole LM head."""
+    rows = max(1, CHUNK_ELEMS // weight.shape[1])
+
+    def part(i: int) -> QuantizedTensor:
+        sl = slice(i, i + rows)
+        grid = scale if scale is None or scale.shape[0] == 1 else scale[sl]  # one grid for all, or per row
+        return gptq_quantize(weight[sl], prep, cfg, None if keep is None else keep[sl], grid)
+
+    return QuantizedTensor.concat([part(i) for i in range(0, weight.shape[0], rows)])

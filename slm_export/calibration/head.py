@@ -15,7 +15,7 @@ import torch
 from slm_export.calibration.awq import AWQConfig, awq_quantize
 from slm_export.calibration.config import CompressConfig
 from slm_export.calibration.gptq import GPTQConfig, gptq_quantize
-from slm_export.calibration.quant import HotRowsTensor, QuantizedTensor, quantize_rtn
+from slm_export.calibration.quant import HotRowsTensor, PackedQuantized, QuantizedTensor, quantize_rtn
 from slm_export.calibration.run import CompressRun, layer_entry
 from slm_export.calibration.sequential import InputStats, submodule
 from slm_export.calibration.transforms import awq_head, fold_into_norm
@@ -106,7 +106,7 @@ def quantize_lm_head(run: CompressRun, weights: dict[str, Any]) -> None:
     run.notes.append(f"LM head quantized to int{cfg.lm_head_bits} ({how}, group {cfg.group_size})")
     if cfg.lm_head_hot and run.calib is not None:
         q = _with_hot_rows(run, head, q, st)
-    weights[traits.lm_head] = q
+    weights[traits.lm_head] = PackedQuantized.of(q) if run.model.streamed else q  # as ``CompressRun.keep``
     run.report.append(layer_entry(traits.lm_head.removesuffix(".weight"), head, q, cfg, st))
 
 

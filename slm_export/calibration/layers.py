@@ -155,7 +155,7 @@ class LayerQuantizer:
     def record(self, full: str, lin: nn.Linear, ref: torch.Tensor, q: QuantizedTensor | torch.Tensor,
                st: InputStats) -> None:
         """Keep ``q`` as the linear's result, with its report entry; the linear holds its dequantized weight."""
-        self.run.quantized[full + ".weight"] = q
+        self.run.keep(full + ".weight", q)
         self.run.report.append(layer_entry(full, ref, q, self.run.cfg, st))
         deq = q.dequantize() if isinstance(q, QuantizedTensor) else q.numpy()
         lin.weight = nn.Parameter(torch.from_numpy(deq), requires_grad=False)
@@ -166,7 +166,8 @@ class LayerQuantizer:
         run = self.run
         for name, p in layer.named_parameters():
             full = run.name(i, name)
-            if p is not run.originals[full] and full not in run.quantized:
+            as_read = run.loaded.pop(full, run.originals[full])  # a streamed layer's: as read for this step
+            if p is not as_read and full not in run.quantized:
                 run.changed[full] = p.detach()
         for name, _ in list(layer.named_parameters()):
             parent = layer.get_submodule(name.rpartition(".")[0]) if "." in name else layer

@@ -82,7 +82,11 @@ class QuantizedTensor:
     def storage_bytes(self) -> int:
         """Bytes as stored for the runtime: packed codes, fp32 scales, packed zero points."""
         zeros = 0 if self.zeros is None else self.zeros.size * self.bits // 8
-        return self.codes.size * self.bits // 8 + self.scales.size * 4 + zeros
+        return self.size * self.bits // 8 + self.scales.size * 4 + zeros
+
+    def nibbles(self) -> np.ndarray | None:
+        """The codes as held two to a byte (``PackedQuantized``), or None when they are held one to a byte."""
+        return None
 
     @staticmethod
     def concat(parts: list[QuantizedTensor]) -> QuantizedTensor:
@@ -131,6 +135,58 @@ class JoinedQuantized(QuantizedTensor):
     @property
     def size(self) -> int:
         return sum(p.size for p in self._parts)
+
+    def nibbles(self) -> np.ndarray | None:
+        parts = [p.nibbles() for p in self._parts]
+        return None if any(p is None for p in parts) else np.concatenate(parts, 0)  # type: ignore[arg-type]
+
+
+class PackedQuantized(QuantizedTensor):
+    """A tensor of at most 4 bits holding its codes two to a byte (low nibble first along ``in``: MatMulNBits'
+    order), unpacked each time ``codes`` is read. A streamed model's compress results are held until the graph is
+    written, and at a byte per code a 3B model's codes alone would take 3 GB."""
+
+    def __init__(self, q: QuantizedTensor, nibbles: np.ndarray | None = None) -> None:  # noqa: D107
+        if nibbles is None:
+            codes = q.codes
+            nibbles = np.ascontiguousarray(codes[:, 0::2] | (codes[:, 1::2] << 4))
+        object.__setattr__(self, "_nibbles", nibbles)
+        for name in ("scales", "zeros", "bits", "group", "act_scale", "act_dynamic"):
+            object.__setattr__(self, name, getattr(q, name))
+
+    @staticmethod
+    def of(q: QuantizedTensor) -> QuantizedTensor:
+        """``q`` packed where its codes fit a nibble and pair up along ``in``; ``q`` itself otherwise."""
+        if type(q) is not QuantizedTensor or q.bits > 4 or q.shape[1] % 2:
+            return q
+        return PackedQuantized(q)
+
+    @property  # type: ignore[override]
+    def codes(self) -> np.ndarray:
+        nib = self._nibbles
+        out = np.empty((nib.shape[0], nib.shape[1] * 2), np.uint8)
+        np.bitwise_and(nib, 15, out=out[:, 0::2])
+        np.right_shift(nib, 4, out=out[:, 1::2])
+        return out
+
+    def nibbles(self) -> np.ndarray | None:
+        return self._nibbles
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self._nibbles.shape[0], self._nibbles.shape[1] * 2)
+
+    @property
+    def size(self) -> int:
+        return int(self._nibbles.size * 2)
+
+    def __getitem__(self, rows: slice | np.ndarray) -> QuantizedTensor:
+        if not isinstance(rows, slice | np.ndarray):
+            raise TypeError("QuantizedTensor supports row slices and row index arrays only")
+        zeros = None if self.zeros is None else self.zeros[rows]
+        part = QuantizedTensor(self._nibbles[:0], self.scales[rows], zeros, self.bits, self.group, self.act_scale,
+                               self.act_dynamic)
+        return PackedQuantized(part, self._nibbles[rows])
 
 
 @dataclass(frozen=True)

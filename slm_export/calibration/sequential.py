@@ -222,11 +222,12 @@ LayerStep = Callable[[int, nn.Module, dict[str, InputStats], list[tuple[torch.Te
 
 def sequential_calibration(module: nn.Module, batches: list[torch.Tensor], step: LayerStep, want_hessian: bool,
                            after: Callable[[int, nn.Module], None] | None = None,
-                           final: Callable[[list[tuple[torch.Tensor, dict]]], None] | None = None) -> None:
-    """For each layer: collect stats, let ``step`` quantize it (replacing weights), recompute outputs
-    from the quantized layer, then ``after`` (which may restore the layer: it is not run again).
-    ``final`` gets the last (quantized) layer's outputs over the calibration set: the LM head's inputs
-    before the final norm."""
+                           final: Callable[[list[tuple[torch.Tensor, dict]]], None] | None = None,
+                           before: Callable[[int, nn.Module], None] | None = None) -> None:
+    """For each layer: ``before`` (a streamed model's layer reads its weights), collect stats, let ``step``
+    quantize it (replacing weights), recompute outputs from the quantized layer, then ``after`` (which may
+    restore the layer: it is not run again). ``final`` gets the last (quantized) layer's outputs over the
+    calibration set: the LM head's inputs before the final norm."""
     limit_heap_growth()
     layers = decoder_layers(module)
     first, per_layer = capture_layer_inputs(module, batches)
@@ -234,6 +235,8 @@ def sequential_calibration(module: nn.Module, batches: list[torch.Tensor], step:
     del first
     for i, layer in enumerate(layers):
         hidden = [(h, kw) for (h, _), kw in zip(hidden, per_layer[i], strict=True)]  # this layer's own kwargs
+        if before:
+            before(i, layer)
         stats = collect_stats(layer, hidden, want_hessian)
         step(i, layer, stats, hidden)
         del stats

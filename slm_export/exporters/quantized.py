@@ -24,6 +24,9 @@ from slm_export.exporters.graph import GraphBuilder
 def pack_codes(q: QuantizedTensor) -> np.ndarray:
     """[N, K] codes -> [N, K/group, group*bits/8] bytes, low nibble first."""
     n, k = q.shape
+    held = q.nibbles() if q.bits == 4 else None  # already in this layout: no unpacking and repacking
+    if held is not None:
+        return np.ascontiguousarray(held.reshape(n, k // q.group, -1))
     codes = q.codes
     if q.bits == 4:
         codes = codes[:, 0::2] | (codes[:, 1::2] << 4)

@@ -337,11 +337,13 @@ def skeleton(config: Any, kind: str) -> Any:
         return auto.from_config(config).eval()
 
 
-def streamed_module(model: Any) -> Any:
+def streamed_module(model: Any, hook_layers: bool = True) -> Any:
     """The PyTorch reference of a streamed model: its parameters stay on the meta device except while their
     block runs. Each decoder layer, and each other module owning parameters (embeddings, final norm, head),
     reads its weights just before its forward and drops them after, so a forward holds one block's float32
-    weights at a time, whatever the model's size; the price is reading the weights again at every forward."""
+    weights at a time, whatever the model's size; the price is reading the weights again at every forward.
+    Without ``hook_layers`` the decoder layers stay on the meta device for their caller to fill (the sequential
+    calibration runs each layer several times over the weights it rounds)."""
     import torch
     from torch import nn
 
@@ -352,7 +354,7 @@ def streamed_module(model: Any) -> Any:
     nested = {id(x) for lst in lists for x in lst.modules() if x is not lst}
     layers = [m for m in lists if id(m) not in nested]  # the decoder's own list, not a list inside a layer
     inside = {id(x) for lst in layers for x in lst.modules()}
-    blocks = [b for lst in layers for b in lst] + [
+    blocks = [b for lst in layers if hook_layers for b in lst] + [
         m for m in module.modules() if id(m) not in inside and any(True for _ in m.parameters(recurse=False))]
 
     def params(block: nn.Module) -> list[tuple[nn.Module, str, str]]:

@@ -225,3 +225,110 @@ def test_a_model_file_changed_during_the_run_is_named_not_a_traceback(models: di
 def _read_all(weights: LazyWeights) -> None:
     for name in weights:
         weights[name]
+
+
+def test_packed_codes_read_as_the_codes_they_hold() -> None:
+    """Int4 codes held two to a byte give back the same codes, rows, fused stacks and graph bytes."""
+    from slm_export.calibration.quant import PackedQuantized, QuantizedTensor, quantize_rtn
+    from slm_export.exporters.quantized import pack_codes
+
+    w = torch.randn(12, 64, generator=torch.Generator().manual_seed(1))
+    q = quantize_rtn(w, 4, 32, False)
+    p = PackedQuantized.of(q)
+    assert isinstance(p, PackedQuantized)
+    assert p.nibbles().nbytes == q.codes.nbytes // 2
+    assert np.array_equal(p.codes, q.codes)
+    assert p.shape == q.shape
+    assert p.size == q.size
+    assert np.array_equal(p.dequantize(), q.dequantize())
+    assert p.storage_bytes() == q.storage_bytes()
+    rows = np.array([0, 5, 11])
+    assert np.array_equal(p[2:7].codes, q[2:7].codes)
+    assert np.array_equal(p[rows].zeros, q[rows].zeros)
+    assert np.array_equal(pack_codes(p), pack_codes(q))
+    joined = QuantizedTensor.joined([p[:4], p[4:]])
+    assert np.array_equal(pack_codes(joined), pack_codes(q))
+    assert joined.nibbles() is not None
+    assert PackedQuantized.of(quantize_rtn(w, 8, 32, True)).nibbles() is None  # int8 stays a byte a code
+
+
+def test_gptq_by_blocks_of_rows_equals_the_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GPTQ rounds rows independently given the Hessian: a large tensor (an LM head) done in blocks of rows gets the
+    same codes and scales, also with a sparsity mask and a fixed grid."""
+    from slm_export.calibration import gptq
+    from slm_export.hessian import accumulate
+
+    g = torch.Generator().manual_seed(2)
+    w, x = torch.randn(40, 64, generator=g), torch.randn(256, 64, generator=g)
+    h = accumulate(None, x)
+    keep = torch.rand(40, 64, generator=g) > 0.3
+    cases = [(gptq.GPTQConfig(4, 32, True, signed=True), None, None),
+             (gptq.GPTQConfig(4, 32, False), keep, None),
+             (gptq.GPTQConfig(8, 64, True), None, torch.tensor([[0.05]]))]
+    whole = [gptq.gptq_quantize(w, h, c, k, s) for c, k, s in cases]
+    monkeypatch.setattr(gptq, "CHUNK_ELEMS", 9 * 64)  # 9 rows a block: the last one short
+    for (c, k, s), ref in zip(cases, whole, strict=True):
+        got = gptq.gptq_quantize(w, h, c, k, s)
+        assert np.array_equal(got.codes, ref.codes), c
+        assert np.array_equal(got.scales, ref.scales), c
+
+
+@pytest.mark.parametrize("stats_kind", ["hessian", "sample", "none"])
+def test_layer_figures_by_blocks_of_rows_equal_the_whole(stats_kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large weight's report entry (weight and output SQNR, sparsity; a hot-row head's int8 rows included) is
+    summed over blocks of rows: the same figures as over the whole tensor."""
+    from slm_export.calibration import quant, run
+    from slm_export.calibration.config import CompressConfig
+    from slm_export.calibration.sequential import InputStats
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(50, 64, generator=g)
+    w[w.abs() < 0.3] = 0
+    st = None if stats_kind == "none" else InputStats()
+    if st is not None:
+        st.update(torch.randn(300, 64, generator=g), stats_kind == "hessian", 128)
+        st = st.finish()
+    base = quant.quantize_rtn(w, 4, 32, True)
+    rows = np.array([3, 20, 49])
+    hot = quant.HotRowsTensor(base.codes, base.scales, None, 4, 32, rows=rows, hot=quant.quantize_rtn(w[rows], 8, 32,
+                                                                                                        True))
+    cfg = CompressConfig("int4", "gptq", 32, sparsity="unstructured", sparsity_ratio=0.3)
+    for q in (base, hot):
+        whole = run.layer_entry("x", w, q, cfg, st)
+        monkeypatch.setattr(run, "CHUNK_ELEMS", 7 * 64)
+        blocks = run.layer_entry("x", w, q, cfg, st)
+        monkeypatch.undo()
+        assert whole.keys() == blocks.keys()
+        for key, value in whole.items():  # SQNR figures are rounded to 0.01 dB: a sum's last bit may flip one
+            assert blocks[key] == (value if key == "sparsity" else pytest.approx(value, abs=0.011)), key
+
+
+def test_streamed_calibration_holds_one_layer_and_packs_its_codes(models: dict[str, Path],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Calibrating a streamed model reads each decoder layer when its step runs and drops it after: during a step
+    only that layer's parameters are real; its int4 results are held two codes to a byte, equal to the held run's."""
+    from slm_export.calibration import layers
+    from slm_export.calibration.compress import compress
+    from slm_export.calibration.config import CompressConfig
+    from slm_export.calibration.quant import PackedQuantized
+
+    cfg = CompressConfig("int4", "awq-gptq", 32, calib_samples=2, calib_seqlen=32, lm_head_bits=4)
+    held = compress(load_model(str(models["llama"]), False), cfg).weights
+    seen: list[tuple[int, int]] = []
+    step = layers.LayerQuantizer.step
+
+    def spy(self: layers.LayerQuantizer, i: int, layer: torch.nn.Module, *args: object) -> None:
+        seen.append((sum(1 for p in self.run.work.parameters() if p.device.type != "meta"),
+                     sum(1 for _ in layer.parameters())))
+        step(self, i, layer, *args)
+
+    monkeypatch.setattr(layers.LayerQuantizer, "step", spy)
+    streamed = compress(load_model(str(models["llama"]), True), cfg).weights
+    assert len(seen) > 1
+    assert all(real == per_layer for real, per_layer in seen), seen
+    packed = [k for k, v in streamed.items() if isinstance(v, PackedQuantized)]
+    assert "lm_head.weight" in packed
+    assert len(packed) == sum(1 for v in held.values() if hasattr(v, "codes"))
+    for name in packed:
+        assert np.array_equal(streamed[name].codes, held[name].codes), name
+        assert np.array_equal(streamed[name].scales, held[name].scales), name
