@@ -23,6 +23,7 @@ from pathlib import Path
 
 from slm_export.backends.base import Availability, CompileJob, CompileResult
 from slm_export.backends.genai import write_genai_files
+from slm_export.backends.shared_data import share_weights
 from slm_export.errors import CompileError, DeviceError
 
 INSTALL = "pip install onnxruntime"
@@ -72,6 +73,9 @@ class OnnxRuntimeBackend:
                                         out.name + ".data")
             so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         so.optimized_model_filepath = str(out)
+        # Prepacked weights are the session's own layout, never written to the file: packing them here only
+        # held a second copy of a float model's weights while it was optimized.
+        so.add_session_config_entry("session.disable_prepacking", "1")
         try:
             ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
         except Exception as exc:
@@ -86,11 +90,17 @@ class OnnxRuntimeBackend:
             note = (f"ORT format for {job.profile.cpu.model} (onnxruntime {ort.__version__}, {level}); "
                     f"{config.name} lists the operators for ORT's reduced build")
         else:
+            shared, own_data = 0, False
             if (out.parent / (out.name + ".data")).exists():
+                shared, own_data = share_weights(src, out)
+            if own_data:
                 files.append(out.name + ".data")
             note = (f"offline-optimized ONNX for {job.profile.cpu.model} (onnxruntime {ort.__version__}, all "
                     f"graph optimizations{'' if not disabled else ' except NCHWc'}): load it with graph "
                     "optimizations disabled")
+            if shared:
+                note += (f"; it reads the {shared / 1e6:.1f} MB of weights it shares with {src.name} from "
+                         f"{src.name}.data (stored once)")
         details = {"optimized_bytes": sum(os.path.getsize(out.parent / f) for f in files)}
         # ONNX Runtime GenAI's generator loads the folder as it is when its config sits beside the file
         genai_files, genai_note = write_genai_files(job, out)
