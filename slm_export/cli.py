@@ -42,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     # Every plan option's flag, help, choices and type come from its one declaration (plan.py, calibration/config.py)
     add_arguments({"": e, COMPRESSION: e.add_argument_group(COMPRESSION), SPARSITY: e.add_argument_group(SPARSITY)},
                   Plan)
-    e.add_argument("--dry-run", action="store_true", help="print the plan and stop")
+    e.add_argument("--dry-run", action="store_true", help="print the plan and its predicted peak memory, and stop "
+                   "(exit 3 when that exceeds this machine's)")
     e.add_argument("--no-validate", action="store_true", help="skip validation")
     em = e.add_mutually_exclusive_group()
     em.add_argument("--emulate", dest="emulate", action="store_const", const="on",
@@ -207,10 +208,9 @@ def _export(args: argparse.Namespace) -> int:
     for note in plan.notes:
         if note.startswith(IGNORED):
             _error("warning: " + note[len(IGNORED):])
-    if args.dry_run:
-        print(json.dumps({"plan": plan.to_dict(), "target": profile.id}, indent=2))
-        return 0
     settings = _settings(args)
+    if args.dry_run:
+        return _dry_run(plan, profile, settings)
     progress, close = _progress()
     try:
         result = run(plan, profile, progress, settings)
@@ -218,6 +218,24 @@ def _export(args: argparse.Namespace) -> int:
         if close:
             close()
     return _finish(result.report, args.json, out, args.junit)
+
+
+def _dry_run(plan: Any, profile: Any, settings: Any) -> int:
+    """Print the plan and its predicted peak memory (the model's shapes read, not its weights, when it streams);
+    exit 3 when that peak exceeds this machine's memory."""
+    from slm_export.errors import OutOfMemory
+    from slm_export.memory import check_fits, predict
+    from slm_export.models import load_model
+    from slm_export.models.lazy import total_memory
+
+    model = load_model(plan.model, {"on": True, "off": False}.get(plan.stream))
+    prediction = predict(model, plan, settings)
+    print(json.dumps({"plan": plan.to_dict(), "target": profile.id,
+                      "memory": {**prediction.to_dict(), "machine_mb": round(total_memory() / 2**20)}}, indent=2))
+    problem = check_fits(prediction, total_memory())
+    if problem:
+        raise OutOfMemory(problem)
+    return 0
 
 
 def _validate(args: argparse.Namespace) -> int:

@@ -46,6 +46,12 @@ class DeviceError(SlmExportError):
     exit_code = 3
 
 
+class OutOfMemory(SlmExportError):
+    """The plan's predicted peak memory exceeds this machine's (``memory.py``): refused before the work."""
+
+    exit_code = 3
+
+
 class DiskFull(SlmExportError):
     """The disk holding the output folder cannot take the artifact (predicted up front, or ENOSPC mid-run)."""
 

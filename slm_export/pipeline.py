@@ -16,8 +16,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from slm_export import output, preflight
-from slm_export.errors import DiskFull, ExportError, SlmExportError, ValidationFailed
+from slm_export import memory, output, preflight
+from slm_export.errors import DiskFull, ExportError, OutOfMemory, SlmExportError, ValidationFailed
+from slm_export.models.lazy import total_memory
 from slm_export.plan import Plan
 from slm_export.planning import IGNORED, make_plan
 from slm_export.report import Report, Runs, build_report, compression_section, failed_message, write_report
@@ -153,6 +154,10 @@ def _stages(plan: Plan, profile: TargetProfile, settings: ValidationSettings, tm
     stages = Stages(progress)
     stream = {"on": True, "off": False}.get(plan.stream)
     model = stages.run("load", lambda: load_model(plan.model, stream), lambda m: m.weight_bytes)
+    prediction = memory.predict(model, plan, settings)
+    problem = memory.check_fits(prediction, total_memory())
+    if problem:
+        raise OutOfMemory(problem)
     rebuild_note = preflight.check_rebuilds(model, plan, profile)
     need[0] = preflight.predicted_bytes(model, plan, profile)
     output.check_space(tmp, need[0])
@@ -175,7 +180,7 @@ def _stages(plan: Plan, profile: TargetProfile, settings: ValidationSettings, tm
     return build_report(plan, profile, model, exported, results, metrics, stages.records, settings.goals_file,
                         validated_file=runtime_file if plan.validate else None,
                         compression=compression_section(compressed, eval_change), runs=Runs.from_map(runs),
-                        sparsity=sparsity, notes=notes)
+                        sparsity=sparsity, notes=notes, memory=prediction.to_dict())
 
 
 def _stream_note(model: Any, plan: Plan) -> str | None:

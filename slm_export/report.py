@@ -94,8 +94,10 @@ def build_report(plan: Any, profile: Any, model: Any, exported: Any, results: li
                  stages: list[dict[str, Any]], goals_file: str | None = None, *, validated_file: str | None = None,
                  compression: dict[str, Any] | None = None, runs: Runs | None = None,
                  sparsity: dict[str, Any] | None = None, notes: list[str] | None = None,
-                 roofline: dict[str, Any] | None = None, backends: list[dict[str, Any]] | None = None) -> Report:
-    """The report of a run (or of ``validate``, which passes the sections it keeps from the export)."""
+                 roofline: dict[str, Any] | None = None, backends: list[dict[str, Any]] | None = None,
+                 memory: dict[str, Any] | None = None) -> Report:
+    """The report of a run (or of ``validate``, which passes the sections it keeps from the export); ``memory``:
+    the peak predicted before the load (``memory.Prediction.to_dict``)."""
     from slm_export.validation.validate import peak_rss_mb
 
     roof = roofline if roofline is not None else estimate(plan, profile, model, exported)
@@ -110,6 +112,12 @@ def build_report(plan: Any, profile: Any, model: Any, exported: Any, results: li
                "artifact_bytes": {"value": artifact_bytes, "unit": "bytes", "where": "artifact folder"},
                "peak_rss_mb": {"value": peak_rss_mb(), "unit": "MB",
                                "where": "measured on host: whole run (load, export, validation) in one process"}}
+    if memory is not None:
+        stages_mb = ", ".join(f"{k} {v}" for k, v in memory["stages_mb"].items())
+        metrics["predicted_peak_rss_mb"] = {"value": memory["peak_mb"], "unit": "MB",
+                                            "where": f"predicted before the load from the model's shapes and the "
+                                                     f"plan ({'streamed' if memory['streamed'] else 'held'}; "
+                                                     f"stages, MB: {stages_mb})"}
     runs = runs or Runs()
     compiled = results[0] if results else None
     return Report(
