@@ -3,8 +3,9 @@ earlier run's artifact can stand in for it, and the export itself as a worker ru
 
 A cell's inputs are the content of its model's files, the resolved target profile, the resolved options (the
 plan without its folder, and the validation settings without the thread count, which changes timings, not
-the artifact), the content of the text and goals files the options name, and the tool's version. Their hash
-is written into the artifact (``matrix-cell.json``) before it is sealed, so ``integrity.verify`` covers it.
+the artifact), the content of the text and goals files the options name, and the versions of the tool and of
+the libraries that write the artifact (torch, transformers, ONNX, ONNX Runtime). Their hash is written into
+the artifact (``matrix-cell.json``) before it is sealed, so ``integrity.verify`` covers it.
 """
 
 from __future__ import annotations
@@ -87,14 +88,16 @@ def _provisional(cell: Cell, target: str) -> str:
 
 def inputs_of(plan: Any, profile: Any, settings: Any, model: str) -> dict[str, str]:
     """The hash of each kind of input; equal hashes mean the export would be the same run."""
-    from slm_export import __version__
+    from slm_export.report import versions
 
+    # the tool and the libraries that write the artifact, as the report records them (not this machine's name)
+    tool = {k: v for k, v in versions().items() if k not in ("python", "machine")}
     options = {k: v for k, v in plan.to_dict().items() if k not in ("out", "notes", "force")}
     kept = {k: v for k, v in asdict(settings).items() if k not in UNHASHED_SETTINGS}
     files = {name: content_hash(p) for name in ("eval_data", "calib_data", "goals_file")
              if isinstance(p := options.get(name, kept.get(name)), str) and Path(p).exists()}
     return {"model": model, "profile": _json_hash(profile.to_dict()), "options": _json_hash([options, kept]),
-            "files": _json_hash(files), "tool": __version__}
+            "files": _json_hash(files), "tool": _json_hash(tool)}
 
 
 def _json_hash(data: Any) -> str:

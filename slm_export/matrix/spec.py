@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from slm_export.calibration.config import METHODS, PRECISIONS
 from slm_export.errors import ConfigError
 from slm_export.options import Option, declared, whole_number
 
@@ -100,7 +101,7 @@ def read_matrix(path: str | Path) -> MatrixSpec:
     keys = option_keys()
     models = _models(data.get("models"), base, path)
     targets = [_target(t, base) for t in _strings(data, "targets", path)]
-    precisions = _strings(data, "precisions", path)
+    precisions = _chosen(_strings(data, "precisions", path), PRECISIONS, "precisions", path)
     methods = _methods(data.get("methods"), precisions, path)
     shared = _options(data.get("options", {}), keys, base, f"{path} [options]")
     overrides = _overrides(data.get("override", []), keys, base, path)
@@ -184,8 +185,17 @@ def _methods(value: Any, precisions: list[str], path: Path) -> dict[str, list[st
                           "(methods = { int4 = [\"rtn\", \"gptq\"], int8 = [\"smoothquant\"] })")
     out: dict[str, list[str | None]] = {p: [None] for p in precisions}
     for p, names in table.items():
-        out[p] = list(_strings({"methods": names}, "methods", path))
+        out[p] = list(_chosen(_strings({"methods": names}, "methods", path), METHODS, "methods", path))
     return out
+
+
+def _chosen(values: list[str], allowed: tuple[str, ...], key: str, path: Path) -> list[str]:
+    for v in values:
+        if v not in allowed:
+            near = difflib.get_close_matches(v, allowed, n=1)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            raise ConfigError(f"{path}: {key}: unknown value {v!r}; {hint}known: {', '.join(allowed)}")
+    return values
 
 
 def _options(table: Any, keys: dict[str, Key], base: Path, where: str) -> dict[str, tuple[Key, Any]]:
