@@ -8,7 +8,7 @@ folders. Sequential: each cell's export with every core (``--threads`` = the mac
 ``run_matrix``, cells side by side with a fair share of the cores each. Prints both walls and their ratio
 (the issue's target: at most 1.2), and what the Ray side spent before and around its cells.
 
-Usage: python scripts/bench_matrix.py [--work DIR] [--rounds 1]
+Usage: python scripts/bench_matrix.py [--work DIR] [--rounds 1] [--seq-threads 0]
 """
 
 from __future__ import annotations
@@ -40,14 +40,14 @@ timing-tokens = 16
 """
 
 
-def sequential(matrix: str, out: str) -> dict[str, Any]:
-    """Every cell in this process, in order, each with all the cores."""
+def sequential(matrix: str, out: str, threads: int) -> dict[str, Any]:
+    """Every cell in this process, in order, each with ``threads`` threads (0: all the cores)."""
     from slm_export.matrix import plan_matrix
     from slm_export.matrix.cells import run_cell
     from slm_export.matrix.cluster import machine_cpus
 
     _, _, jobs = plan_matrix(matrix, out)
-    cpus = machine_cpus()
+    cpus = threads or machine_cpus()
     rows = [run_cell(replace(job, settings=replace(job.settings, threads=cpus))) for job in jobs]
     return {"cells": [(r["cell"], r["status"], r["seconds"]) for r in rows]}
 
@@ -88,6 +88,7 @@ def timed(fn: Any, *args: Any) -> tuple[float, Any]:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", help="folder for the models and outputs (default: a temporary one)")
+    ap.add_argument("--seq-threads", type=int, default=0, help="threads of each sequential cell (default 0: all cores)")
     ap.add_argument("--rounds", type=int, default=1, help="sequential then Ray, this many times; medians reported")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -99,7 +100,7 @@ def main() -> int:
         matrix.write_text(MATRIX.format(models=", ".join(json.dumps(str(m)) for m in models)))
         seq, ray_, cells = [], [], None
         for i in range(args.rounds):
-            s, got = timed(sequential, str(matrix), str(work / f"seq-{i}"))
+            s, got = timed(sequential, str(matrix), str(work / f"seq-{i}"), args.seq_threads)
             r, rgot = timed(on_ray, str(matrix), str(work / f"ray-{i}"))
             seq.append(s)
             ray_.append(r)
@@ -110,7 +111,8 @@ def main() -> int:
     s, r = statistics.median(seq), statistics.median(ray_)
     print(f"cells: {len(cells[0])} ({', '.join(c[0] for c in cells[0])})")
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at the end")
-    print(f"sequential (one process, {len(cells[0])} cells, all cores each): cell seconds "
+    each = f"{args.seq_threads} thread(s)" if args.seq_threads else "all cores"
+    print(f"sequential (one process, {len(cells[0])} cells, {each} each): cell seconds "
           f"{[c[2] for c in cells[0]]}")
     print(f"ray cells (side by side, first per worker includes its imports): cell seconds {[c[2] for c in cells[1]]}")
     print(f"ray {start['ray']}: local cluster start {start['init_s']:.1f} s, first task on a new worker "
