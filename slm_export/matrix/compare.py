@@ -147,7 +147,7 @@ def scatter(chart_id: str, rows: list[dict[str, Any]], x_key: str, x_label: str,
     y0, y1 = _span(ys)
 
     def px(x: float) -> float:
-        return left + (x - x0) / (x1 - x0) * (w - left - 20)
+        return left + (x - x0) / (x1 - x0) * (w - left - 130)  # room for the last point's label
 
     def py(y: float) -> float:
         return h - bottom - (y - y0) / (y1 - y0) * (h - bottom - 20)
@@ -168,6 +168,8 @@ def scatter(chart_id: str, rows: list[dict[str, Any]], x_key: str, x_label: str,
         dot = (f"<circle class={cls} cx={px(x):.1f} cy={py(y):.1f} r=5><title>{escape(r['cell'])}: {fmt(x)} "
                f"{escape(x_label)}, {fmt(y)}% perplexity change{' (Pareto front)' if i in front else ''}</title>"
                "</circle>")
+        short = "-".join(x for x in (Path(r["model"]).name, r["precision"], r.get("method")) if x)
+        dot += f"<text x={px(x) + 7:.1f} y={py(y) - 6:.1f}>{escape(short)}</text>"
         out.append(f"<a href='{escape(r['report'])}'>{dot}</a>" if r.get("report") else dot)
     out.append("</svg>")
     return "".join(out)
