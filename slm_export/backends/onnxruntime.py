@@ -90,17 +90,10 @@ class OnnxRuntimeBackend:
             note = (f"ORT format for {job.profile.cpu.model} (onnxruntime {ort.__version__}, {level}); "
                     f"{config.name} lists the operators for ORT's reduced build")
         else:
-            shared, own_data = 0, False
-            if (out.parent / (out.name + ".data")).exists():
-                shared, own_data = share_weights(src, out)
-            if own_data:
-                files.append(out.name + ".data")
             note = (f"offline-optimized ONNX for {job.profile.cpu.model} (onnxruntime {ort.__version__}, all "
                     f"graph optimizations{'' if not disabled else ' except NCHWc'}): load it with graph "
                     "optimizations disabled")
-            if shared:
-                note += (f"; it reads the {shared / 1e6:.1f} MB of weights it shares with {src.name} from "
-                         f"{src.name}.data (stored once)")
+            note += _share(src, out, files)
         details = {"optimized_bytes": sum(os.path.getsize(out.parent / f) for f in files)}
         # ONNX Runtime GenAI's generator loads the folder as it is when its config sits beside the file
         genai_files, genai_note = write_genai_files(job, out)
@@ -110,6 +103,18 @@ class OnnxRuntimeBackend:
         else:
             details["genai"] = genai_note
         return CompileResult(self.name, "done", note, tuple(files), runtime_model=out.name, details=details)
+
+
+def _share(src: Path, out: Path, files: list[str]) -> str:
+    """Point the optimized graph's copies of ``src``'s weights at ``src``'s data file (``shared_data.py``); its own
+    data file joins ``files`` when some tensors are its own. Returns the note's clause."""
+    shared, own_data = share_weights(src, out) if (out.parent / (out.name + ".data")).exists() else (0, False)
+    if own_data:
+        files.append(out.name + ".data")
+    if not shared:
+        return ""
+    return (f"; it reads the {shared / 1e6:.1f} MB of weights it shares with {src.name} from {src.name}.data "
+            "(stored once)")
 
 
 def _required_ops(ort_model: Path) -> str:

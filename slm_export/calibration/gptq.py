@@ -54,12 +54,10 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian,
                   keep: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> QuantizedTensor:
     """Quantize ``weight`` [out, in] given the Hessian (sum of x^T x over its calibration inputs).
 
-    ``keep`` (bool [out, in]) marks weights a sparsity step kept: the others stay exactly zero.
-    ``scale`` ([out, in / group], symmetric only): a fixed grid (e.g. one power of two for the tensor)
-    instead of each group's min-max scale.
-    """
+    ``keep`` (bool [out, in]) marks weights a sparsity step kept: the others stay exactly zero. ``scale`` ([out,
+    in / group], symmetric only): a fixed grid (e.g. one power of two for the tensor), not each group's min-max."""
     prep = hessian if isinstance(hessian, PreparedHessian) else prepare_hessian(hessian, cfg)
-    if weight.shape[0] > max(1, CHUNK_ELEMS // max(weight.shape[1], 1)):
+    if weight.shape[0] > max(1, CHUNK_ELEMS // max(weight.shape[1], 1)):  # a large tensor: by blocks of rows
         return _by_rows(weight, prep, cfg, keep, scale)
     W = weight.detach().float().clone()
     out_f, in_f = W.shape
