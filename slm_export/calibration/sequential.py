@@ -243,7 +243,7 @@ def sequential_calibration(module: nn.Module, batches: list[torch.Tensor], step:
         hidden = run_layer(layer, hidden)
         if after:
             after(i, layer)
-        _trim_heap()
+        trim_heap()
     if final:
         final(hidden)
 
@@ -266,7 +266,7 @@ def limit_heap_growth() -> None:
         pass
 
 
-def _trim_heap() -> None:
+def trim_heap() -> None:
     """Give freed heap pages back to the OS: the per-layer temporaries otherwise fragment glibc's heap
     and resident memory creeps up layer after layer."""
     try:

@@ -40,8 +40,24 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
+# Positions compared at a time: the float64 log-probabilities of a whole 512-token window over a 150k vocabulary
+# would be several temporaries of 600 MB each, beside the runtime's session.
+COMPARE_ROWS = 64
+
+
 def compare_logits(ref: np.ndarray, art: np.ndarray, targets: np.ndarray) -> dict[str, float]:
-    """Sums over one window of [seq, vocab] logits: NLL of each, top-1 agreement, KL(ref || art)."""
+    """Sums over one window of [seq, vocab] logits: NLL of each, top-1 agreement, KL(ref || art); by blocks of
+    ``COMPARE_ROWS`` positions (each sum is over positions)."""
+    total: dict[str, float] = {}
+    for i in range(0, len(targets), COMPARE_ROWS):
+        rows = slice(i, i + COMPARE_ROWS)
+        part = _compare_rows(ref[rows], art[rows], targets[rows])
+        for k, v in part.items():
+            total[k] = max(total.get(k, 0.0), v) if k == "max_abs" else total.get(k, 0.0) + v
+    return total
+
+
+def _compare_rows(ref: np.ndarray, art: np.ndarray, targets: np.ndarray) -> dict[str, float]:
     lr, la = log_softmax(ref), log_softmax(art)
     idx = np.arange(len(targets))
     kl = (np.exp(lr) * (lr - la)).sum(-1)
