@@ -44,6 +44,7 @@ class Shapes:
     vocab: int
     head: int  # the LM head's elements (the embedding's when tied)
     max_in: int  # the widest input of a linear (its Hessian is max_in ** 2)
+    tied: bool  # the head is the embedding's table (a quantized head is then a second tensor)
 
 
 def model_shapes(model: Any) -> Shapes:
@@ -65,7 +66,7 @@ def model_shapes(model: Any) -> Shapes:
     return Shapes(model.weight_bytes // 4, linears, max(layers.values(), default=0),
                   max((_numel(s) for s in shapes.values()), default=0), hidden,
                   int(getattr(cfg, "intermediate_size", 0) or 4 * hidden), int(getattr(cfg, "vocab_size", 0) or 0),
-                  _numel(shapes.get(traits.lm_head, (0,))) or embed, max_in)
+                  _numel(shapes.get(traits.lm_head, (0,))) or embed, max_in, traits.lm_head not in shapes)
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -115,7 +116,9 @@ def predict(model: Any, plan: Any, settings: Any) -> Prediction:
         stages["compress"] = BASELINE + held + int(results) + _compress_work(s, plan)
     written = min(s.largest, CHUNK) * 4 * 2
     stages["export"] = BASELINE + held + int(results) + written
-    graph = int(results) + (s.weights - s.linears) * 4 if quantized else s.weights * 4
+    own_head = quantized and plan.lm_head_bits and not s.tied  # its float table is then not in the graph
+    floats = s.weights - s.linears - (s.head if own_head else 0)  # embeddings, norms (and a float head)
+    graph = int(results) + floats * 4 if quantized else s.weights * 4
     stages["compile"] = BASELINE + held + min(s.largest * 4, graph)
     if plan.validate:
         stages["validate"] = BASELINE + held + _validate_work(s, settings, graph, quantized, streamed)
