@@ -175,10 +175,10 @@ def _stages(plan: Plan, profile: TargetProfile, settings: ValidationSettings, tm
     # Once the files hold the compressed weights, nothing reads them but the backends that rebuild the model
     # from them: dropped here, ONNX Runtime's compile and validation sessions do not sit beside a second copy.
     if compressed is not None and not reads_weights(plan, profile):
-        compressed = replace(compressed, weights={})
+        compressed = _dropped(compressed)
     results, runtime_file = _compile(model, plan, profile, exported, compressed, stages)
     if compressed is not None:
-        compressed = replace(compressed, weights={})
+        compressed = _dropped(compressed)
     metrics, runs = _validate(model, plan, profile, settings, tmp, results, runtime_file, stages, progress)
     sparsity = _check_sparsity(exported, plan)
     eval_change = metrics.get("perplexity_change_pct", {}).get("value")
@@ -186,6 +186,21 @@ def _stages(plan: Plan, profile: TargetProfile, settings: ValidationSettings, tm
                         validated_file=runtime_file if plan.validate else None,
                         compression=compression_section(compressed, eval_change), runs=Runs.from_map(runs),
                         sparsity=sparsity, notes=notes, memory=prediction.to_dict())
+
+
+def _dropped(compressed: Any) -> Any:
+    """``compressed`` without its weights, their memory given back to the system: the many small code arrays
+    live in the allocator's heap, which otherwise stays resident under the runtime's session."""
+    import gc
+
+    from slm_export.calibration.sequential import trim_heap
+
+    if not compressed.weights:
+        return compressed
+    compressed = replace(compressed, weights={})
+    gc.collect()
+    trim_heap()
+    return compressed
 
 
 def _stream_note(model: Any, plan: Plan) -> str | None:
