@@ -23,10 +23,14 @@ from typing import Any
 from slm_export.models.traits import traits_for
 
 MIB = 1 << 20
-# The interpreter with torch, ONNX Runtime, transformers and onnx imported, plus the allocators' slack.
-BASELINE = 450 * MIB
-# ONNX Runtime's CPU session over a float32 graph: the prepacked MatMul weights are a padded copy of them.
-PREPACKED_FLOAT = 1.12
+# The interpreter with torch, ONNX Runtime, transformers and onnx imported, the tokenizer and the module skeleton,
+# plus the allocators' slack (measured: 0.42 to 0.63 GiB after a streamed load).
+BASELINE = 500 * MIB
+# ONNX Runtime's CPU session, per byte of the graph's weights: float32 MatMul weights prepacked into padded panels
+# (1.06 measured), MatMulNBits' int4 blocks repacked for int8 compute with per-block sums, and the embedding
+# table's mapped pages (1.24 measured on an 8B-shaped int4 graph).
+SESSION_FLOAT = 1.06
+SESSION_QUANTIZED = 1.24
 # Tensors this large are rounded, measured and written by blocks of rows (``calibration.quant.CHUNK_ELEMS``).
 CHUNK = 1 << 24
 
@@ -48,25 +52,36 @@ class Shapes:
 
 
 def model_shapes(model: Any) -> Shapes:
-    traits = traits_for(model.model_type, model.config)
     shapes = model.shapes()
+    if model.kind == "decoder":
+        traits = traits_for(model.model_type, model.config)
+        prefix, embed_name, head_name = traits.layers + ".", traits.embed, traits.lm_head
+    else:  # an encoder: its layers are the numbered blocks wherever they sit; no head to quantize
+        prefix, embed_name, head_name = "", "", ""
     layers: dict[str, int] = {}
     linears = max_in = 0
     for name, shape in shapes.items():
         n = _numel(shape)
-        if name.startswith(traits.layers + "."):
-            index = name[len(traits.layers) + 1:].split(".", 1)[0]
+        index = _layer_index(name, prefix)
+        if index is not None:
             layers[index] = layers.get(index, 0) + n
             if len(shape) == 2:
                 linears += n
                 max_in = max(max_in, shape[1])
     cfg = model.config
-    hidden = int(getattr(cfg, "hidden_size", 0) or getattr(cfg, "n_embd", 0) or 0)
-    embed = _numel(shapes.get(traits.embed, (0,)))
+    hidden = int(getattr(cfg, "hidden_size", 0) or getattr(cfg, "n_embd", 0) or getattr(cfg, "dim", 0) or 0)
+    embed = _numel(shapes.get(embed_name, (0,)))
     return Shapes(model.weight_bytes // 4, linears, max(layers.values(), default=0),
                   max((_numel(s) for s in shapes.values()), default=0), hidden,
                   int(getattr(cfg, "intermediate_size", 0) or 4 * hidden), int(getattr(cfg, "vocab_size", 0) or 0),
-                  _numel(shapes.get(traits.lm_head, (0,))) or embed, max_in, traits.lm_head not in shapes)
+                  _numel(shapes.get(head_name, (0,))) or embed, max_in, head_name not in shapes)
+
+
+def _layer_index(name: str, prefix: str) -> str | None:
+    """The decoder layer a weight belongs to (under ``prefix``); an encoder's: the first number in its name."""
+    if prefix:
+        return name[len(prefix):].split(".", 1)[0] if name.startswith(prefix) else None
+    return next((part for part in name.split(".") if part.isdigit()), None)
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -111,7 +126,7 @@ def predict(model: Any, plan: Any, settings: Any) -> Prediction:
         results = s.linears * stored_bytes(plan, streamed)
         if plan.lm_head_bits:
             results += s.head * (0.5 + 4.0 / plan.group_size if streamed else 1 + 4.0 / plan.group_size)
-    stages = {"load": BASELINE + held}
+    stages = {"load": BASELINE + held + s.largest * 6}  # the finiteness check reads the largest tensor in float
     if quantized or plan.sparsity:
         stages["compress"] = BASELINE + held + int(results) + _compress_work(s, plan)
     written = min(s.largest, CHUNK) * 4 * 2
@@ -127,7 +142,7 @@ def predict(model: Any, plan: Any, settings: Any) -> Prediction:
 
 def _compress_work(s: Shapes, plan: Any) -> int:
     """The compress stage's largest transient beside its results."""
-    rounding = min(s.largest, CHUNK) * 4 * 4 + s.largest * 4  # a tensor read in float, rounded by row blocks
+    rounding = min(s.largest, CHUNK) * 4 * 3 + s.largest * 4 * 2  # read in float, rounded by blocks, joined
     if plan.method in (None, "rtn") and not plan.sparsity:
         return rounding
     tokens = plan.calib_samples * plan.calib_seqlen
@@ -142,7 +157,7 @@ def _validate_work(s: Shapes, settings: Any, graph: int, quantized: bool, stream
     """Validation's worst moment: the session and the logits, and (held) the reference; a streamed reference's
     block, head and logits alone (it never runs beside the session)."""
     logits = settings.window_len * s.vocab * 4
-    session = int(graph * (1.0 if quantized else PREPACKED_FLOAT)) + logits * 3
+    session = int(graph * (SESSION_QUANTIZED if quantized else SESSION_FLOAT)) + logits * 3
     if not streamed:
         return session + logits
     reference = s.layer * 4 + s.head * 4 + logits * 3

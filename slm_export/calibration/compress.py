@@ -23,7 +23,7 @@ from slm_export.calibration.head import collect_head_inputs, quantize_lm_head
 from slm_export.calibration.layers import layer_quantizer
 from slm_export.calibration.quant import check_group
 from slm_export.calibration.run import ChannelScales, CompressRun, bits_per_weight, layer_entry
-from slm_export.calibration.sequential import decoder_layers, sequential_calibration, traits_of
+from slm_export.calibration.sequential import decoder_layers, sequential_calibration, traits_of, trim_heap
 from slm_export.calibration.transforms import rotate_down, rotate_heads
 from slm_export.calibration.tune import tune_end_to_end
 from slm_export.errors import ConfigError
@@ -187,6 +187,9 @@ def quantize_without_data(run: CompressRun) -> None:
         q = finish(w, cfg, None, None)
         run.keep(name + ".weight", q)
         run.report.append(layer_entry(name, original, q, cfg, None))  # error against the weight as it came
+        if streamed:  # the rounding's freed temporaries sit between the kept codes: give their pages back
+            del original, w, q
+            trim_heap()
     for name, p in run.work.named_parameters():  # e.g. v_proj's bias, rotated with its weight
         if p is not run.originals[name] and name not in run.quantized:
             run.changed[name] = p.detach()

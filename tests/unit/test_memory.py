@@ -92,3 +92,11 @@ def test_streaming_and_packing_lower_the_prediction(tiny_models: dict[str, Path]
     shapes = memory.model_shapes(streamed)
     assert shapes.weights * 4 == streamed.weight_bytes
     assert 0 < shapes.layer < shapes.linears <= shapes.weights
+
+
+def test_an_encoder_is_predicted_too(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    model = load_model(str(tiny_models["bert"]))
+    shapes = memory.model_shapes(model)
+    assert 0 < shapes.layer < shapes.linears < shapes.weights
+    prediction = memory.predict(model, _plan(tiny_models["bert"], tmp_path, "fp32"), ValidationSettings())
+    assert prediction.peak >= memory.BASELINE + model.weight_bytes
