@@ -9,6 +9,7 @@ each reading and filling one ``CompressRun`` (``run.py``).
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -172,7 +173,7 @@ def read_layer(run: CompressRun, i: int, layer: nn.Module) -> None:
         parent, _, attr = name.rpartition(".")
         p = nn.Parameter(torch.as_tensor(run.model.weights[full]), requires_grad=False)
         setattr(layer.get_submodule(parent) if parent else layer, attr, p)
-        run.loaded[full] = p
+        run.loaded[full] = weakref.ref(p)
 
 
 def quantize_without_data(run: CompressRun) -> None:

@@ -13,9 +13,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from slm_export.calibration.quant import CHUNK_ELEMS, QuantizedTensor, check_group, group_params, search_group_clip
+from slm_export.calibration.quant import QuantizedTensor, check_group, group_params, search_group_clip
 from slm_export.errors import ConfigError
 from slm_export.hessian import PreparedHessian, prepare
+
+# Weights rounded at a time, as blocks of rows: each block's working copies (the weight, its float codes, the
+# range search's temporaries) stay small beside a layer's Hessians, and the codes are the same (rows are independent).
+ROW_BLOCK_ELEMS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian,
     ``keep`` (bool [out, in]) marks weights a sparsity step kept: the others stay exactly zero. ``scale`` ([out,
     in / group], symmetric only): a fixed grid (e.g. one power of two for the tensor), not each group's min-max."""
     prep = hessian if isinstance(hessian, PreparedHessian) else prepare_hessian(hessian, cfg)
-    if weight.shape[0] > max(1, CHUNK_ELEMS // max(weight.shape[1], 1)):  # a large tensor: by blocks of rows
+    if weight.shape[0] > max(1, ROW_BLOCK_ELEMS // max(weight.shape[1], 1)):  # a large tensor: by blocks of rows
         return _by_rows(weight, prep, cfg, keep, scale)
     W = weight.detach().float().clone()
     out_f, in_f = W.shape
@@ -116,7 +120,7 @@ def _by_rows(weight: torch.Tensor, prep: PreparedHessian, cfg: GPTQConfig, keep:
              scale: torch.Tensor | None) -> QuantizedTensor:
     """``gptq_quantize`` by blocks of rows. Rows are rounded independently given the Hessian (their group scales
     too), so the codes are the same, with working copies of one block instead of several of a whole LM head."""
-    rows = max(1, CHUNK_ELEMS // weight.shape[1])
+    rows = max(1, ROW_BLOCK_ELEMS // weight.shape[1])
 
     def part(i: int) -> QuantizedTensor:
         sl = slice(i, i + rows)

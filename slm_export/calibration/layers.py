@@ -166,7 +166,8 @@ class LayerQuantizer:
         run = self.run
         for name, p in layer.named_parameters():
             full = run.name(i, name)
-            as_read = run.loaded.pop(full, run.originals[full])  # a streamed layer's: as read for this step
+            read = run.loaded.pop(full, None)  # a streamed layer's parameter as read for this step
+            as_read = run.originals[full] if read is None else read()  # None once freed: it was replaced
             if p is not as_read and full not in run.quantized:
                 run.changed[full] = p.detach()
         for name, _ in list(layer.named_parameters()):

@@ -4,6 +4,7 @@ the report."""
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,8 +48,9 @@ class CompressRun:
     row_mass: list[np.ndarray] = field(default_factory=list)  # --lm-head-hot: the float head's row probability
     notes: list[str] = field(default_factory=list)
     transposed: set[str] = field(default_factory=set)  # Conv1D weights the work module holds as nn.Linear [out, in]
-    # A streamed model's layer parameters as read for calibration (``work`` holds meta ones between layers)
-    loaded: dict[str, nn.Parameter] = field(default_factory=dict)
+    # A streamed model's layer parameters as read for calibration (``work`` holds meta ones between layers), weakly:
+    # a rounded linear's float weight is freed once its dequantized one replaces it, not held to the layer's end.
+    loaded: dict[str, weakref.ref] = field(default_factory=dict)
 
     def keep(self, name: str, q: Any) -> None:
         """Hold ``q`` as weight ``name``'s result; a streamed model's int4 codes two to a byte (they are held until

@@ -266,7 +266,7 @@ def test_gptq_by_blocks_of_rows_equals_the_whole(monkeypatch: pytest.MonkeyPatch
              (gptq.GPTQConfig(4, 32, False), keep, None),
              (gptq.GPTQConfig(8, 64, True), None, torch.tensor([[0.05]]))]
     whole = [gptq.gptq_quantize(w, h, c, k, s) for c, k, s in cases]
-    monkeypatch.setattr(gptq, "CHUNK_ELEMS", 9 * 64)  # 9 rows a block: the last one short
+    monkeypatch.setattr(gptq, "ROW_BLOCK_ELEMS", 9 * 64)  # 9 rows a block: the last one short
     for (c, k, s), ref in zip(cases, whole, strict=True):
         got = gptq.gptq_quantize(w, h, c, k, s)
         assert np.array_equal(got.codes, ref.codes), c
