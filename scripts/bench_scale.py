@@ -33,6 +33,10 @@ SHAPES = {
                      "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
                      "rope_theta": 500000.0},
+    "llama-3-8b": {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 4096,
+                   "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+                   "num_key_value_heads": 8, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
+                   "tie_word_embeddings": False, "hidden_act": "silu", "rope_theta": 500000.0},
 }
 SHARD_BYTES = 2 << 30
 
