@@ -96,3 +96,15 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
     """Host-profile measurements are cached per session, outside the user's home."""
     cache = tmp_path_factory.getbasetemp() / "slm-cache"
     monkeypatch.setenv("SLM_EXPORT_CACHE_DIR", str(cache))
+
+
+def run_cli(argv: list, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """``slm-export ARGV`` in-process: its exit code (argparse's own exit 2 included) and everything it printed."""
+    from slm_export.cli import main
+
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from slm_export.cli import main
 from slm_export.matrix.compare import pareto
 from slm_export.matrix.spec import read_matrix
+from tests.conftest import run_cli as _run
 
 FAST = """
 [options]
@@ -21,14 +21,6 @@ eval-windows = 1
 timing-tokens = 4
 """
 
-
-def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
 
 
 @pytest.fixture(scope="module")

@@ -9,17 +9,11 @@ from pathlib import Path
 import pytest
 
 from slm_export import memory
-from slm_export.cli import main
 from slm_export.models import load_model
 from slm_export.planning import make_plan
 from slm_export.targets import get_target
 from slm_export.validation.validate import ValidationSettings
-
-
-def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    code = main(argv)
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
+from tests.conftest import run_cli as _run
 
 
 def _plan(model: Path, tmp: Path, precision: str, **options: object) -> object:

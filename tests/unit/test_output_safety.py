@@ -17,17 +17,10 @@ from hypothesis import strategies as st
 
 from slm_export.cli import main
 from slm_export.errors import ConfigError, IntegrityError
+from tests.conftest import run_cli as _run
 
 QUICK = ["--target", "host", "--precision", "fp32", "--eval-windows", "1", "--timing-tokens", "4", "--threads", "1"]
 
-
-def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
 
 
 @pytest.fixture(scope="module")
